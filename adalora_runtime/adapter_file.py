@@ -1,0 +1,176 @@
+"""The native compact adapter file: one safetensors file whose header metadata holds the JSON manifest.
+
+Tensors: `layers.<module path>.{P,lam,Q}` at each module's kept rank (modules at rank 0 have none),
+`head.<name>` for a classification head. Metadata key "adalora": format version, base identity,
+module shapes and ranks, init_r, lora_alpha, task type, labels, provenance, and the sha256 of the
+tensor data (verified on load).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from adalora_runtime.adapter import TASK_TYPES, Adapter, AdapterLayer
+from adalora_runtime.atomic import atomic_file
+
+FORMAT = "adalora-native"
+FORMAT_VERSION = 1
+FILE_NAME = "adapter.safetensors"
+METADATA_KEY = "adalora"
+
+
+class AdapterFormatError(ValueError):
+    """An adapter file is malformed or inconsistent; the message names the file and the problem."""
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """Digest of names, dtypes, shapes and bytes, in sorted name order (independent of file layout)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def adapter_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path / FILE_NAME if path.is_dir() else path
+
+
+def to_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path, layer in adapter.layers.items():
+        for name in ("P", "lam", "Q"):
+            tensors[f"layers.{path}.{name}"] = getattr(layer, name).detach().cpu().contiguous()
+    for name, t in adapter.head.items():
+        tensors[f"head.{name}"] = t.detach().cpu().contiguous()
+    return tensors
+
+
+def manifest(adapter: Adapter, tensors: dict[str, torch.Tensor]) -> dict:
+    ranks = adapter.ranks()
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "base": adapter.base,
+        "mode": adapter.mode,
+        "task_type": adapter.task_type,
+        "init_r": adapter.init_r,
+        "lora_alpha": adapter.lora_alpha,
+        "modules": {p: {"in": s[0], "out": s[1], "rank": ranks[p]} for p, s in adapter.shapes.items()},
+        "labels": adapter.labels,
+        "info": adapter.info,
+        "num_params": adapter.num_params(),
+        "tensors_sha256": tensors_sha256(tensors),
+    }
+
+
+def save_adapter(adapter: Adapter, out: str | os.PathLike) -> Path:
+    """Write DIR/adapter.safetensors atomically (temp file, fsync, rename); returns the file path."""
+    validate(adapter, source=str(out))
+    target = Path(out) / FILE_NAME if not str(out).endswith(".safetensors") else Path(out)
+    tensors = to_tensors(adapter)
+    meta = {METADATA_KEY: json.dumps(manifest(adapter, tensors), sort_keys=True)}
+    with atomic_file(target) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return target
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The JSON manifest alone (no tensor data read)."""
+    file = adapter_file(path)
+    if not file.is_file():
+        raise AdapterFormatError(f"{file}: no such adapter file")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise AdapterFormatError(f"{file}: not a readable safetensors file ({e})") from e
+    if raw is None:
+        raise AdapterFormatError(f"{file}: no '{METADATA_KEY}' manifest in the safetensors header (not a native adapter)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise AdapterFormatError(f"{file}: manifest is not valid JSON ({e})") from e
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise AdapterFormatError(
+            f"{file}: format {meta.get('format')!r} v{meta.get('format_version')} is not {FORMAT!r} v{FORMAT_VERSION}"
+        )
+    return meta
+
+
+def load_adapter(path: str | os.PathLike, verify: bool = True) -> Adapter:
+    """Read and validate a native adapter (DIR or the .safetensors file itself)."""
+    file = adapter_file(path)
+    meta = read_manifest(file)
+    with safe_open(str(file), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if verify and tensors_sha256(tensors) != meta["tensors_sha256"]:
+        raise AdapterFormatError(f"{file}: tensor data does not match its sha256 (file corrupted or edited)")
+    try:
+        adapter = from_tensors(meta, tensors)
+    except KeyError as e:
+        raise AdapterFormatError(f"{file}: manifest lacks field {e}") from e
+    validate(adapter, source=str(file))
+    return adapter
+
+
+def from_tensors(meta: dict, tensors: dict[str, torch.Tensor]) -> Adapter:
+    modules = meta["modules"]
+    layers, head, seen = {}, {}, set()
+    for path, m in modules.items():
+        if m["rank"] == 0:
+            continue
+        keys = [f"layers.{path}.{n}" for n in ("P", "lam", "Q")]
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            raise AdapterFormatError(f"module {path} has rank {m['rank']} but tensors {missing} are missing")
+        layers[path] = AdapterLayer(*(tensors[k] for k in keys))
+        seen.update(keys)
+    for key, t in tensors.items():
+        if key.startswith("head."):
+            head[key[len("head."):]] = t
+            seen.add(key)
+    extra = sorted(set(tensors) - seen)
+    if extra:
+        raise AdapterFormatError(f"tensors {extra[:5]} belong to no module listed in the manifest")
+    return Adapter(
+        base=meta["base"], shapes={p: (m["in"], m["out"]) for p, m in modules.items()}, layers=layers,
+        init_r=int(meta["init_r"]), lora_alpha=float(meta["lora_alpha"]), mode=meta.get("mode", "adalora"),
+        task_type=meta["task_type"], labels=meta.get("labels"), head=head, info=meta.get("info", {}),
+    )
+
+
+def validate(adapter: Adapter, source: str) -> None:
+    """Shapes consistent with the declared modules, ranks as declared, values finite."""
+    if adapter.task_type not in TASK_TYPES:
+        raise AdapterFormatError(f"{source}: task_type {adapter.task_type!r} is not one of {TASK_TYPES}")
+    if adapter.init_r < 1 or adapter.lora_alpha <= 0:
+        raise AdapterFormatError(f"{source}: need init_r >= 1 and lora_alpha > 0")
+    for path, layer in adapter.layers.items():
+        if path not in adapter.shapes:
+            raise AdapterFormatError(f"{source}: layer {path} is not among the adapted modules")
+        in_f, out_f = adapter.shapes[path]
+        r = layer.rank
+        expected = {"P": (out_f, r), "lam": (r,), "Q": (r, in_f)}
+        for name, shape in expected.items():
+            t = getattr(layer, name)
+            if tuple(t.shape) != shape:
+                raise AdapterFormatError(f"{source}: {path}.{name} has shape {tuple(t.shape)}, expected {shape}")
+            if not t.is_floating_point():
+                raise AdapterFormatError(f"{source}: {path}.{name} has dtype {t.dtype}, expected a float type")
+            if not torch.isfinite(t).all():
+                raise AdapterFormatError(f"{source}: {path}.{name} holds NaN or inf values")
+    for name, t in adapter.head.items():
+        if not torch.isfinite(t).all():
+            raise AdapterFormatError(f"{source}: head tensor {name} holds NaN or inf values")
+    if adapter.task_type == "seq-cls" and not adapter.labels:
+        raise AdapterFormatError(f"{source}: a seq-cls adapter needs its label names")
