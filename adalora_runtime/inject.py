@@ -30,7 +30,12 @@ def matches(path: str, target: str) -> bool:
 
 
 def adaptable_paths(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, ADAPTABLE) and name]
+    """Linear / Conv1D module paths; an already adapted layer counts once (not its inner .base)."""
+    adapted = [name for name, module in model.named_modules() if isinstance(module, SVDLinear)]
+    return [
+        name for name, module in model.named_modules()
+        if name and (isinstance(module, SVDLinear) or (isinstance(module, ADAPTABLE) and name.rpartition(".")[0] not in adapted))
+    ]
 
 
 def resolve_targets(model: nn.Module, targets: tuple[str, ...], exclude: tuple[str, ...] = HEAD_NAMES) -> list[str]:
