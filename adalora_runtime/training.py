@@ -152,7 +152,7 @@ def train(
         sched.step()
         budget = allocator.step(step) if allocator is not None else None
         opt.zero_grad(set_to_none=True)
-        log = StepLog(step, loss.item(), float(reg), budget, time.perf_counter() - t_step)
+        log = StepLog(step, loss.item(), float(reg.detach()), budget, time.perf_counter() - t_step)
         result.history.append(log)
         if on_step is not None:
             on_step(log, allocator)
