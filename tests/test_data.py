@@ -137,7 +137,8 @@ def test_evaluate_matches_naive_reference():
     for e in lm:  # one example at a time, no padding
         prompt = tok(e.text)["input_ids"]
         ids = prompt + (tok(e.completion, add_special_tokens=False)["input_ids"] if e.completion else []) + [tok.eos_token_id]
-        logits = model(input_ids=torch.tensor([ids])).logits[0]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
         first = len(prompt) if e.completion else 1
         for t in range(first, len(ids)):
             nll -= float(torch.log_softmax(logits[t - 1], -1)[ids[t]])
