@@ -175,8 +175,7 @@ def save_checkpoint(directory: Path, next_step: int, adapters: AdapterSet, opt, 
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
         "allocator": allocator.state_dict() if allocator is not None else None,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].copy(),
-                "python": random.getstate()[1]},
+        "rng": _rng_state(),
     }
     target = directory / CHECKPOINT_NAME
     with atomic_file(target) as tmp:
@@ -202,8 +201,23 @@ def load_checkpoint(directory: Path, adapters: AdapterSet, opt, sched, allocator
         if state["allocator"] is None:
             raise TrainingError(f"{path} was written by a lora-mode run; cannot resume in adalora mode")
         allocator.load_state_dict(state["allocator"])
-    torch.set_rng_state(state["rng"]["torch"])
+    _set_rng_state(state["rng"])
     return int(state["next_step"])
+
+
+def _rng_state() -> dict:
+    """torch, numpy and python RNG states in types torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
+
+
+def _set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 def steps_for_epochs(n_examples: int, batch_size: int, epochs: float, world_size: int = 1) -> int:
