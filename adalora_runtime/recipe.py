@@ -9,6 +9,7 @@ of every global batch, and only rank 0 writes.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import statistics
@@ -24,7 +25,7 @@ from adalora_runtime.adapter import base_identity
 from adalora_runtime.adapter_file import save_adapter
 from adalora_runtime.allocator import RankAllocator
 from adalora_runtime.atomic import write_text_atomic
-from adalora_runtime.config import AdaLoraConfig, schedule_from_fractions
+from adalora_runtime.config import INITS, MODES, AdaLoraConfig, schedule_from_fractions
 from adalora_runtime.inject import AdapterSet, inject_adapters
 from adalora_runtime.report import format_rank_table, plot_rank_heatmap, table_dict
 from adalora_runtime.training import (
@@ -110,6 +111,10 @@ class TrainSpec:
         for name in ("eval_every", "checkpoint_every", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise SpecError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.mode not in MODES:
+            raise SpecError(f"mode={self.mode!r} is not one of {MODES}")
+        if self.init not in INITS:
+            raise SpecError(f"init={self.init!r} is not one of {INITS}")
         if self.dtype not in DTYPES:
             raise SpecError(f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
         if self.labels is not None and self.task != "seq-cls":
@@ -215,8 +220,11 @@ def prepare(spec: TrainSpec) -> Prepared:
             raise data_mod.DataError(f"{spec.data}: a classifier needs at least 2 labels, found {labels}")
     total = spec.total_steps or steps_for_epochs(len(train_examples), spec.batch_size, spec.epochs, world)
     config = spec.adalora_config(total)
-    args = TrainArgs(total_steps=total, lr=spec.lr, warmup_steps=spec.warmup_steps, seed=spec.seed,
-                     checkpoint_every=spec.checkpoint_every, checkpoint_dir=spec.out)
+    try:
+        args = TrainArgs(total_steps=total, lr=spec.lr, warmup_steps=spec.warmup_steps, seed=spec.seed,
+                         checkpoint_every=spec.checkpoint_every, checkpoint_dir=spec.out)
+    except ValueError as e:
+        raise SpecError(str(e)) from e
     if spec.resume and not (Path(spec.out) / CHECKPOINT_NAME).is_file():
         raise SpecError(f"--resume: no checkpoint at {Path(spec.out) / CHECKPOINT_NAME}")
     if not spec.resume and Path(spec.out).exists() and any(Path(spec.out).iterdir()):
@@ -363,8 +371,6 @@ def write_outputs(prep: Prepared, result: TrainResult, report: dict) -> None:
 
 
 def _json(report: dict) -> str:
-    import json
-
     return json.dumps(report, indent=2, sort_keys=True, default=str) + "\n"
 
 

@@ -58,13 +58,12 @@ def table_dict(ranks: dict[str, int]) -> dict[str, dict[str, int]]:
 def format_rank_table(ranks: dict[str, int]) -> str:
     """Plain-text table: one row per layer, one column per module kind, with row totals."""
     layers, kinds, matrix = rank_table(ranks)
-    width = max([len(k) for k in kinds] + [5])
-    header = "layer".ljust(7) + "".join(k.rjust(width + 1) for k in kinds) + "total".rjust(width + 1)
-    lines = [header]
+    widths = [max(len(k), 3) + 2 for k in kinds]
+    lines = ["layer".ljust(7) + "".join(k.rjust(w) for k, w in zip(kinds, widths)) + "total".rjust(7)]
     for layer, row in zip(layers, matrix):
-        cells = "".join(("-" if r is None else str(r)).rjust(width + 1) for r in row)
+        cells = "".join(("-" if r is None else str(r)).rjust(w) for r, w in zip(row, widths))
         name = "other" if layer == NO_LAYER else str(layer)
-        lines.append(name.ljust(7) + cells + str(sum(r or 0 for r in row)).rjust(width + 1))
+        lines.append(name.ljust(7) + cells + str(sum(r or 0 for r in row)).rjust(7))
     lines.append(f"total rank {sum(ranks.values())} over {len(ranks)} modules")
     return "\n".join(lines)
 

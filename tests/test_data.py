@@ -1,6 +1,5 @@
 """Data loading cases, batches as a pure sharded function of the step, evaluation vs a naive reference."""
 
-import json
 import math
 
 import pytest

@@ -213,3 +213,35 @@ def test_existing_nonempty_out_is_refused_and_untouched(tmp_path, bert_dir):
                  "--total-steps", "5"])
     assert rc == 2
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+RANK_TABLE_CASES = [
+    # (name, ranks, layers, kinds, matrix)
+    ("llama", {"model.layers.0.self_attn.q_proj": 3, "model.layers.0.mlp.down_proj": 1,
+               "model.layers.1.self_attn.q_proj": 0, "model.layers.1.mlp.down_proj": 5},
+     [0, 1], ["q_proj", "down_proj"], [[3, 1], [0, 5]]),
+    ("bert", {"bert.encoder.layer.0.attention.self.query": 2, "bert.encoder.layer.0.attention.output.dense": 4,
+              "bert.encoder.layer.0.output.dense": 1, "bert.encoder.layer.2.intermediate.dense": 6},
+     [0, 2], ["query", "attention.output.dense", "output.dense", "intermediate.dense"],
+     [[2, 4, 1, None], [None, None, None, 6]]),
+    ("no-layer", {"proj": 2, "h.1.c_attn": 3}, [-1, 1], ["proj", "c_attn"], [[2, None], [None, 3]]),
+]
+
+
+@pytest.mark.parametrize("name,ranks,layers,kinds,matrix", RANK_TABLE_CASES, ids=[c[0] for c in RANK_TABLE_CASES])
+def test_rank_table(tmp_path, name, ranks, layers, kinds, matrix):
+    from adalora_runtime.report import format_rank_table, plot_rank_heatmap, rank_table
+
+    assert rank_table(ranks) == (layers, kinds, matrix)
+    text = format_rank_table(ranks)
+    assert all(k in text for k in kinds) and f"total rank {sum(ranks.values())}" in text
+    plot_rank_heatmap(ranks, tmp_path / "r.png", name)
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_warmup_too_long_is_a_clean_error(tmp_path, capsys, bert_dir):
+    data = write_jsonl(tmp_path / "train.jsonl", cls_rows(8))
+    rc = _train(["--base-model", str(bert_dir), "--task", "seq-cls", "--data", str(data), "--out",
+                 str(tmp_path / "out"), "--total-steps", "5", "--warmup-steps", "9"])
+    assert rc == 2 and "warmup_steps=9" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
