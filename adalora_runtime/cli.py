@@ -18,6 +18,7 @@ COMMANDS = (
     "adalora_runtime.commands.inspect",
     "adalora_runtime.commands.convert",
     "adalora_runtime.commands.demo",
+    "tools.merge_cli",
 )
 # Errors whose message is the whole story for the user: printed without a traceback, exit 2.
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, AdapterFormatError, FileNotFoundError)
