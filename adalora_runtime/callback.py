@@ -22,6 +22,7 @@ from adalora_runtime.allocator import RankAllocator
 from adalora_runtime.config import ConfigError
 from adalora_runtime.inject import AdapterSet
 from adalora_runtime.regularizer import orth_penalty
+from adalora_runtime.training import param_groups
 
 
 class AdaLoraCallback(TrainerCallback):
@@ -47,7 +48,8 @@ class AdaLoraCallback(TrainerCallback):
 
 
 class AdaLoraTrainerMixin:
-    """Adds orth_reg_weight * orth_penalty(adapters) to the training loss, in the open.
+    """Adds orth_reg_weight * orth_penalty(adapters) to the training loss, in the open, and optimizes
+    only the adapters with lam at its own learning rate (training.param_groups), as training.train does.
 
     Use as `class MyTrainer(AdaLoraTrainerMixin, Trainer)` and pass `adalora_adapters=`.
     """
@@ -55,6 +57,15 @@ class AdaLoraTrainerMixin:
     def __init__(self, *args, adalora_adapters: AdapterSet, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.adalora_adapters = adalora_adapters
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            groups = param_groups(self.adalora_adapters, self.args.learning_rate, self.args.weight_decay)
+            optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+            kwargs.pop("lr", None)
+            kwargs.pop("weight_decay", None)
+            self.optimizer = optimizer_cls(groups, **kwargs)
+        return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,

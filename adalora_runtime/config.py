@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass
 
 MODES = ("adalora", "lora")
+DEFAULT_LAMBDA_LR_SCALE = 10.0
+"""lam learns this much faster than P and Q by default; docs/METHOD.md shows why and what it changes."""
 INITS = ("orthogonal", "peft")
 
 
@@ -53,8 +55,8 @@ class AdaLoraConfig:
     init: str = "orthogonal"
     """'orthogonal': P and Q start with orthonormal columns / rows (see docs/METHOD.md);
     'peft': N(0, 0.02) as PEFT does."""
-    lambda_lr_scale: float = 1.0
-    """Learning-rate multiplier for lam (a training-loop hint; the library never reads it)."""
+    lambda_lr_scale: float = DEFAULT_LAMBDA_LR_SCALE
+    """Learning-rate multiplier for lam, read by training.make_optimizer (1.0 = PEFT's single lr)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -25,7 +25,7 @@ from adalora_runtime.adapter import base_identity
 from adalora_runtime.adapter_file import save_adapter
 from adalora_runtime.allocator import RankAllocator
 from adalora_runtime.atomic import write_text_atomic
-from adalora_runtime.config import INITS, MODES, AdaLoraConfig, schedule_from_fractions
+from adalora_runtime.config import DEFAULT_LAMBDA_LR_SCALE, INITS, MODES, AdaLoraConfig, schedule_from_fractions
 from adalora_runtime.inject import AdapterSet, inject_adapters
 from adalora_runtime.report import format_rank_table, plot_rank_heatmap, table_dict
 from adalora_runtime.training import (
@@ -79,7 +79,7 @@ class TrainSpec:
     beta1: float = 0.85
     beta2: float = 0.85
     init: str = "orthogonal"
-    lambda_lr_scale: float = 1.0
+    lambda_lr_scale: float = DEFAULT_LAMBDA_LR_SCALE
     dropout: float = 0.0
     warmup_steps: int = 0
     device: str = "auto"

@@ -82,15 +82,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_optimizer(adapters: AdapterSet, args: TrainArgs) -> torch.optim.Optimizer:
-    """AdamW over P, Q and the head at lr; lam at lr * lambda_lr_scale, without weight decay."""
+def param_groups(adapters: AdapterSet, lr: float, weight_decay: float) -> list[dict]:
+    """P, Q and the head at lr; lam at lr * lambda_lr_scale, without weight decay."""
     lam_ids = {id(p) for p in adapters.lambda_parameters()}
     others = [p for p in adapters.trainable_parameters() if id(p) not in lam_ids]
-    groups = [{"params": others, "lr": args.lr, "weight_decay": args.weight_decay}]
+    groups = [{"params": others, "lr": lr, "weight_decay": weight_decay}]
     if lam_ids:
-        groups.append({"params": adapters.lambda_parameters(), "lr": args.lr * adapters.config.lambda_lr_scale,
+        groups.append({"params": adapters.lambda_parameters(), "lr": lr * adapters.config.lambda_lr_scale,
                        "weight_decay": 0.0})
-    return torch.optim.AdamW(groups)
+    return groups
+
+
+def make_optimizer(adapters: AdapterSet, args: TrainArgs) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(adapters, args.lr, args.weight_decay))
 
 
 def make_scheduler(opt: torch.optim.Optimizer, args: TrainArgs) -> torch.optim.lr_scheduler.LambdaLR:

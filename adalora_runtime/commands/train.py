@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from adalora_runtime.config import DEFAULT_LAMBDA_LR_SCALE
 from adalora_runtime.data import DataError
 from adalora_runtime.recipe import REPORT_NAME, SpecError, TrainSpec, print_summary, run_train
 from adalora_runtime.training import TrainingError
@@ -38,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, default=8.0)
     p.add_argument("--orth-reg-weight", type=float, default=0.5)
     p.add_argument("--init", choices=("orthogonal", "peft"), default="orthogonal")
-    p.add_argument("--lambda-lr-scale", type=float, default=1.0)
+    p.add_argument("--lambda-lr-scale", type=float, default=DEFAULT_LAMBDA_LR_SCALE,
+                   help=f"lr multiplier for lambda (default {DEFAULT_LAMBDA_LR_SCALE:g}; 1 = PEFT's single lr)")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="base weights")
