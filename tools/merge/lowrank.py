@@ -1,0 +1,109 @@
+"""Low-rank merging: the exact weighted sum as a concatenation of factors, and its re-compression to a
+global parameter budget by singular value, never forming a dense (out, in) delta.
+
+Every input's scale (lora_alpha / init_r) and merge weight is folded into its lam, so the merged
+factors reproduce sum_i w_i * delta_i with scale 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adalora_runtime.adapter import Adapter, AdapterLayer
+from adalora_runtime.allocator import keep_mask
+from adalora_runtime.delta import delta_weight
+
+WORK_DTYPE = torch.float64
+"""QR/SVD of the small stacked factors run in float64 (cheap at these ranks); outputs are float32."""
+
+
+@dataclass
+class Spectrum:
+    """Thin SVD of one layer's merged update: delta = U diag(s) Vh. U (out, k), s (k,) descending, Vh (k, in)."""
+
+    U: torch.Tensor
+    s: torch.Tensor
+    Vh: torch.Tensor
+
+
+def union_shapes(adapters: list[Adapter]) -> dict[str, tuple[int, int]]:
+    """Every module adapted by any input, in first-seen order (a module missing from an input is zero there)."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for adapter in adapters:
+        for path, shape in adapter.shapes.items():
+            shapes.setdefault(path, tuple(shape))
+    return shapes
+
+
+def folded_factors(adapter: Adapter, path: str, weight: float) -> AdapterLayer | None:
+    """The input's factors with `weight * scale` folded into lam; None where the module has rank 0."""
+    layer = adapter.layers.get(path)
+    if layer is None:
+        return None
+    return AdapterLayer(layer.P, layer.lam * (adapter.scale * weight), layer.Q)
+
+
+def concat_layer(adapters: list[Adapter], weights: list[float], path: str) -> AdapterLayer | None:
+    """Exact weighted sum of one module as stacked factors: P (out, R), lam (R,), Q (R, in), R = sum of ranks."""
+    parts = [f for a, w in zip(adapters, weights) if (f := folded_factors(a, path, w)) is not None]
+    if not parts:
+        return None
+    return AdapterLayer(
+        P=torch.cat([p.P.float() for p in parts], dim=1).contiguous(),
+        lam=torch.cat([p.lam.float() for p in parts]).contiguous(),
+        Q=torch.cat([p.Q.float() for p in parts], dim=0).contiguous(),
+    )
+
+
+def spectrum_of_factors(layer: AdapterLayer) -> Spectrum:
+    """SVD of P diag(lam) Q from QR of P and of Q^T and an SVD of the small core; no (out, in) matrix."""
+    P, lam, Q = (t.to(WORK_DTYPE) for t in (layer.P, layer.lam, layer.Q))
+    Qp, Rp = torch.linalg.qr(P)  # (out, k1), (k1, R)
+    Qq, Rq = torch.linalg.qr(Q.T)  # (in, k2), (k2, R)
+    core = delta_weight(Rp, lam, Rq.T, 1.0)  # (k1, k2): delta = Qp core Qq^T
+    U, s, Vh = torch.linalg.svd(core, full_matrices=False)
+    return Spectrum(U=Qp @ U, s=s, Vh=Vh @ Qq.T)
+
+
+def spectrum_of_dense(delta: torch.Tensor) -> Spectrum:
+    """Exact thin SVD of one dense (out, in) update (the dense merge methods' result)."""
+    U, s, Vh = torch.linalg.svd(delta.to(WORK_DTYPE), full_matrices=False)
+    return Spectrum(U=U, s=s, Vh=Vh)
+
+
+def numerical_rank(spectrum: Spectrum) -> int:
+    """Singular values above max(out, in) * eps * s_max (numpy's matrix_rank rule, float32 eps)."""
+    if spectrum.s.numel() == 0:
+        return 0
+    out_f, in_f = spectrum.U.shape[0], spectrum.Vh.shape[1]
+    tol = float(spectrum.s.max()) * max(out_f, in_f) * torch.finfo(torch.float32).eps
+    return int((spectrum.s > tol).sum())
+
+
+def select(spectra: dict[str, Spectrum], budget: int | None) -> dict[str, AdapterLayer]:
+    """Keep the globally largest singular values whose triplets (in + out + 1 params each) fit `budget`.
+
+    budget None keeps every numerically nonzero singular value (the exact merge). Returns AdaLoRA-shaped
+    layers: P orthonormal columns (out, r), lam = singular values, Q orthonormal rows (r, in).
+    """
+    kept = {path: numerical_rank(sp) for path, sp in spectra.items()}
+    if budget is not None and any(kept.values()):
+        paths = [p for p in spectra if kept[p]]
+        scores = torch.cat([spectra[p].s[:kept[p]].float() for p in paths])
+        costs = torch.cat([torch.full((kept[p],), float(spectra[p].U.shape[0] + spectra[p].Vh.shape[1] + 1))
+                           for p in paths])
+        mask = keep_mask(scores, costs, budget)
+        offset = 0
+        for p in paths:
+            n = kept[p]
+            kept[p] = int(mask[offset:offset + n].sum())  # a prefix: the spectrum is sorted descending
+            offset += n
+    layers = {}
+    for path, sp in spectra.items():
+        r = kept[path]
+        if r:
+            layers[path] = AdapterLayer(P=sp.U[:, :r].float().contiguous(), lam=sp.s[:r].float().contiguous(),
+                                        Q=sp.Vh[:r].float().contiguous())
+    return layers

@@ -1,0 +1,119 @@
+"""Load, check, merge and write: the steps behind `adalora merge`, usable from Python.
+
+Checks run before any tensor work: one weight per input, parameters valid for the method, the same base
+identity, the same (in, out) for modules adapted by several inputs, finite factors, a common task type.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from adalora_runtime.adapter import Adapter
+from adalora_runtime.adapter_file import load_adapter, save_adapter, tensors_sha256, to_tensors
+from tools.merge.lowrank import union_shapes
+from tools.merge.strategies import MergeError, MergeParams, get_strategy
+
+
+def _loader():
+    """adalora_runtime.peft_interop.load_any (native or PEFT) once it exists, else the native loader."""
+    try:
+        from adalora_runtime.peft_interop import load_any
+    except ModuleNotFoundError as e:
+        if e.name != "adalora_runtime.peft_interop":
+            raise
+        return load_adapter
+    return load_any
+
+
+def load_inputs(paths: list[str | os.PathLike]) -> list[Adapter]:
+    load = _loader()
+    adapters = []
+    for path in paths:
+        if not Path(path).exists():
+            raise MergeError(f"input adapter {path}: no such file or folder")
+        adapters.append(load(path))
+    return adapters
+
+
+def check_inputs(adapters: list[Adapter], names: list[str]) -> None:
+    """Same base, same shapes for shared modules, finite factors, one task type; errors name adapter and module."""
+    if not adapters:
+        raise MergeError("give at least one adapter to merge")
+    ref, ref_name = adapters[0], names[0]
+    for adapter, name in zip(adapters, names):
+        if adapter.base.get("config_sha256") != ref.base.get("config_sha256"):
+            raise MergeError(
+                f"{name} belongs to base {adapter.base.get('name')!r} (config {str(adapter.base.get('config_sha256'))[:12]}) "
+                f"but {ref_name} to {ref.base.get('name')!r} (config {str(ref.base.get('config_sha256'))[:12]}): "
+                "merge only adapters of the same base model")
+        if adapter.task_type != ref.task_type:
+            raise MergeError(f"{name} is a {adapter.task_type!r} adapter but {ref_name} is {ref.task_type!r}: "
+                             "merge adapters of one task type")
+    seen: dict[str, tuple[tuple[int, int], str]] = {}
+    for adapter, name in zip(adapters, names):
+        for path, shape in adapter.shapes.items():
+            shape = tuple(shape)
+            if path in seen and seen[path][0] != shape:
+                raise MergeError(f"module {path}: {name} has (in, out)={shape}, {seen[path][1]} has {seen[path][0]}")
+            seen.setdefault(path, (shape, name))
+        for path, layer in adapter.layers.items():
+            for factor in ("P", "lam", "Q"):
+                if not torch.isfinite(getattr(layer, factor)).all():
+                    raise MergeError(f"{name}: module {path} factor {factor} holds NaN or inf values")
+
+
+def _output_rank(layers: dict) -> int:
+    return max([layer.rank for layer in layers.values()] + [1])
+
+
+def merge_adapters(adapters: list[Adapter], method: str, params: MergeParams, names: list[str] | None = None,
+                   head_from: int | None = None) -> Adapter:
+    """The merged adapter (scale 1: init_r = lora_alpha = its largest rank), with provenance in info["merge"].
+
+    head_from: 1-based index of the input whose classification head and labels the result carries;
+    None carries no head (each task keeps its own head).
+    """
+    names = names or [f"input {i + 1}" for i in range(len(adapters))]
+    strategy = get_strategy(method)
+    strategy.validate(params, len(adapters))
+    if head_from is not None and not 1 <= head_from <= len(adapters):
+        raise MergeError(f"--head-from {head_from} must be between 1 and {len(adapters)} (the input's position)")
+    check_inputs(adapters, names)
+    layers = strategy.layers(adapters, params)
+    r = _output_rank(layers)
+    head_source = adapters[head_from - 1] if head_from is not None else None
+    labels = (head_source or adapters[0]).labels
+    info = {"merge": {
+        "method": method, "params": params.to_dict(),
+        "inputs": [{"name": n, "sha256": tensors_sha256(to_tensors(a)), "base": a.base, "task_type": a.task_type,
+                    "num_params": a.num_params()} for a, n in zip(adapters, names)],
+        "head_from": head_from,
+        "head": (f"head of input {head_from}" if head_from else
+                 "none: attach each task's own head (labels are input 1's)" if adapters[0].head else "none"),
+    }}
+    return Adapter(base=dict(adapters[0].base), shapes=union_shapes(adapters), layers=layers, init_r=r,
+                   lora_alpha=float(r), mode="adalora", task_type=adapters[0].task_type, labels=labels,
+                   head=dict(head_source.head) if head_source is not None else {}, info=info)
+
+
+def check_output(out: str | os.PathLike, inputs: list[str | os.PathLike]) -> None:
+    out_path = Path(out).resolve()
+    for path in inputs:
+        p = Path(path).resolve()
+        if out_path == p or out_path == p.parent and p.is_file():
+            raise MergeError(f"--out {out} is an input ({path}): inputs are never modified, choose a new folder")
+
+
+def merge_files(paths: list[str | os.PathLike], out: str | os.PathLike, method: str, params: MergeParams,
+                head_from: int | None = None) -> Path:
+    """Load the inputs, merge, write OUT/adapter.safetensors atomically; nothing is written on error."""
+    check_output(out, paths)
+    get_strategy(method).validate(params, len(paths))
+    adapters = load_inputs(paths)
+    merged = merge_adapters(adapters, method, params, names=[str(p) for p in paths], head_from=head_from)
+    for entry, path in zip(merged.info["merge"]["inputs"], paths):
+        entry["path"] = str(Path(path).resolve())
+    return save_adapter(merged, out)

@@ -1,0 +1,181 @@
+"""Merge methods as small strategy objects in a registry; each validates its parameters before any tensor work.
+
+A strategy maps inputs (adapters, already checked compatible) and MergeParams to merged AdaLoRA-shaped
+layers with scale 1: {module path: AdapterLayer}.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+from adalora_runtime.adapter import Adapter, AdapterLayer
+from tools.merge import dense
+from tools.merge.lowrank import concat_layer, select, spectrum_of_dense, spectrum_of_factors, union_shapes
+
+
+class MergeError(ValueError):
+    """Inputs or parameters of a merge are invalid; the message names the adapter, module or option to change."""
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    """Parameters of one merge. None means "not given" (each method says which ones it uses)."""
+
+    weights: tuple[float, ...]
+    """One weight per input, in input order."""
+    lambda_: float | None = None
+    """Global multiplier of the merged update (task arithmetic's lambda; default 1)."""
+    budget: int | None = None
+    """Total adapter parameters of the result, r * (in + out + 1) summed over layers; None = exact rank."""
+    density: float | None = None
+    """Fraction of each update's entries kept, in (0, 1] (TIES / DARE / magnitude pruning)."""
+    majority: str | None = None
+    """Sign election of TIES: 'total' (sign of the sum, default) or 'frequency' (most common sign)."""
+    seed: int | None = None
+    """Seed of DARE's random drops (default 0)."""
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.lambda_ is None else self.lambda_
+
+    def given(self) -> set[str]:
+        return {f.name for f in fields(self) if f.name != "weights" and getattr(self, f.name) is not None}
+
+    def to_dict(self) -> dict:
+        return {"weights": list(self.weights), **{name: getattr(self, name) for name in sorted(self.given())}}
+
+
+OPTION = {"lambda_": "--lambda", "budget": "--budget", "density": "--density", "majority": "--majority",
+          "seed": "--seed"}
+
+
+class Strategy:
+    """Base: common checks; subclasses set `name`, `accepts`, `requires` and implement `layers`."""
+
+    name = ""
+    accepts: frozenset[str] = frozenset()
+    requires: frozenset[str] = frozenset()
+
+    def validate(self, params: MergeParams, n_inputs: int) -> None:
+        if len(params.weights) != n_inputs:
+            raise MergeError(f"--weights has {len(params.weights)} value(s) for {n_inputs} adapter(s): give one per adapter")
+        if not all(math.isfinite(w) for w in params.weights):
+            raise MergeError(f"--weights {list(params.weights)} must all be finite numbers")
+        unused = sorted(OPTION[n] for n in params.given() - self.accepts)
+        if unused:
+            raise MergeError(f"method {self.name!r} does not use {', '.join(unused)}; "
+                             f"it takes: {', '.join(sorted(OPTION[n] for n in self.accepts)) or 'only --weights'}")
+        missing = sorted(OPTION[n] for n in self.requires - params.given())
+        if missing:
+            raise MergeError(f"method {self.name!r} needs {', '.join(missing)}")
+        if params.lambda_ is not None and not math.isfinite(params.lambda_):
+            raise MergeError(f"--lambda {params.lambda_} must be a finite number")
+        if params.budget is not None and params.budget < 1:
+            raise MergeError(f"--budget {params.budget} must be a positive number of parameters")
+        if params.density is not None and not 0.0 < params.density <= 1.0:
+            raise MergeError(f"--density {params.density} must be in (0, 1] (the fraction of entries kept)")
+        if params.majority is not None and params.majority not in dense.MAJORITY:
+            raise MergeError(f"--majority {params.majority!r} must be one of {dense.MAJORITY}")
+
+    def layers(self, adapters: list[Adapter], params: MergeParams) -> dict[str, AdapterLayer]:
+        raise NotImplementedError
+
+
+def _scaled_weights(params: MergeParams) -> list[float]:
+    return [w * params.scale for w in params.weights]
+
+
+class Linear(Strategy):
+    """Exact weighted sum as concatenated factors (rank = sum of ranks); no dense delta."""
+
+    name = "linear"
+
+    def layers(self, adapters, params):
+        merged = {p: concat_layer(adapters, _scaled_weights(params), p) for p in union_shapes(adapters)}
+        return {p: layer for p, layer in merged.items() if layer is not None}
+
+
+class TaskArithmetic(Linear):
+    """lambda * sum_i w_i delta_i, exact, as concatenated factors."""
+
+    name = "task_arithmetic"
+    accepts = frozenset({"lambda_"})
+
+
+class SVD(Strategy):
+    """The exact weighted sum re-compressed to a global parameter budget by singular value (QR + small SVD)."""
+
+    name = "svd"
+    accepts = frozenset({"lambda_", "budget"})
+
+    def layers(self, adapters, params):
+        spectra = {}
+        for path in union_shapes(adapters):
+            layer = concat_layer(adapters, _scaled_weights(params), path)
+            if layer is not None:
+                spectra[path] = spectrum_of_factors(layer)
+        return select(spectra, params.budget)
+
+
+class DenseStrategy(Strategy):
+    """A method on each layer's dense updates, one layer at a time, then exact SVD and the global budget."""
+
+    accepts = frozenset({"lambda_", "budget", "density"})
+    requires = frozenset({"density"})
+
+    def combine(self, stacked: torch.Tensor, params: MergeParams, path: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def layers(self, adapters, params):
+        spectra = {}
+        for path, (in_f, out_f) in union_shapes(adapters).items():
+            stacked = torch.stack([a.delta(path).float() if path in a.shapes else torch.zeros(out_f, in_f)
+                                   for a in adapters])  # (n, out, in), input scales applied by Adapter.delta
+            spectra[path] = spectrum_of_dense(self.combine(stacked, params, path) * params.scale)
+        return select(spectra, params.budget)
+
+
+class Ties(DenseStrategy):
+    name = "ties"
+    accepts = DenseStrategy.accepts | {"majority"}
+
+    def combine(self, stacked, params, path):
+        return dense.ties(stacked, list(params.weights), params.density, params.majority or "total")
+
+
+class DareLinear(DenseStrategy):
+    name = "dare_linear"
+    accepts = DenseStrategy.accepts | {"seed"}
+
+    def combine(self, stacked, params, path):
+        gen = dense.layer_generator(params.seed or 0, path)
+        return dense.dare_linear(stacked, list(params.weights), params.density, gen)
+
+
+class DareTies(DenseStrategy):
+    name = "dare_ties"
+    accepts = DenseStrategy.accepts | {"seed", "majority"}
+
+    def combine(self, stacked, params, path):
+        gen = dense.layer_generator(params.seed or 0, path)
+        return dense.dare_ties(stacked, list(params.weights), params.density, params.majority or "total", gen)
+
+
+class MagnitudePrune(DenseStrategy):
+    name = "magnitude_prune"
+
+    def combine(self, stacked, params, path):
+        return dense.magnitude_prune(stacked, list(params.weights), params.density)
+
+
+METHODS: dict[str, Strategy] = {s.name: s for s in (Linear(), TaskArithmetic(), SVD(), Ties(), DareLinear(),
+                                                      DareTies(), MagnitudePrune())}
+
+
+def get_strategy(method: str) -> Strategy:
+    if method not in METHODS:
+        raise MergeError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[method]

@@ -1,0 +1,47 @@
+"""`adalora merge`: merge adapters of one base into one adapter, or into a full model folder (--into-base)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tools.merge import METHODS, MergeError, MergeParams, get_strategy, merge_into_base
+from tools.merge.pipeline import check_output, load_inputs, merge_adapters, merge_files
+
+NAME = "merge"
+HELP = "merge adapters: OUT/adapter.safetensors, or with --into-base a full model folder"
+USER_ERRORS = (MergeError,)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapters", nargs="+", help="adapter folders or files (native; PEFT once peft_interop exists)")
+    p.add_argument("--weights", nargs="+", type=float, required=True, help="one weight per adapter, e.g. 0.7 0.3")
+    p.add_argument("--method", default="linear", help=f"one of {', '.join(METHODS)} (default linear)")
+    p.add_argument("--out", required=True, help="output folder (replaced atomically; never an input)")
+    p.add_argument("--budget", type=int, help="svd / ties / dare / magnitude: total adapter params of the result")
+    p.add_argument("--density", type=float, help="ties / dare / magnitude_prune: fraction of entries kept, (0, 1]")
+    p.add_argument("--majority", help="ties / dare_ties sign election: total (default) or frequency")
+    p.add_argument("--seed", type=int, help="dare_linear / dare_ties: seed of the random drops (default 0)")
+    p.add_argument("--lambda", dest="lambda_", type=float, help="global multiplier of the merged update (default 1)")
+    p.add_argument("--head-from", type=int,
+                   help="carry the classification head of input K (1-based); default: no head")
+    p.add_argument("--into-base", action="store_true", help="write the base model with the merge added in")
+    p.add_argument("--base-model", help="base model folder (safetensors + config + tokenizer), for --into-base")
+
+
+def run(args: argparse.Namespace) -> int:
+    params = MergeParams(weights=tuple(args.weights), lambda_=args.lambda_, budget=args.budget,
+                         density=args.density, majority=args.majority, seed=args.seed)
+    get_strategy(args.method).validate(params, len(args.adapters))
+    if args.into_base != (args.base_model is not None):
+        raise MergeError("--into-base and --base-model DIR go together")
+    if not args.into_base:
+        target = merge_files(args.adapters, args.out, args.method, params, head_from=args.head_from)
+        print(f"wrote {target}")
+        return 0
+    check_output(args.out, args.adapters)
+    adapters = load_inputs(args.adapters)
+    merged = merge_adapters(adapters, args.method, params, names=list(args.adapters), head_from=args.head_from)
+    out = merge_into_base(merged, Path(args.base_model), Path(args.out))
+    print(f"wrote {out} ({merged.num_params()} merged adapter params, ranks summed {sum(merged.ranks().values())})")
+    return 0
