@@ -1,0 +1,115 @@
+"""`adalora inspect`: what an adapter (native or PEFT) holds, as text or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from adalora_runtime import peft_interop
+from adalora_runtime.adapter import Adapter
+from adalora_runtime.adapter_file import tensors_sha256, to_tensors
+
+NAME = "inspect"
+HELP = "Show an adapter's base, task, mode, ranks per layer, sizes and tensor sha256 (native or PEFT)."
+USER_ERRORS = (peft_interop.InteropError,)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("adapter", help="adapter directory (native or PEFT) or native .safetensors file")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--base-model", default=None, help="base model folder (PEFT: computes the base identity)")
+
+
+def split_path(path: str) -> tuple[str, str]:
+    """(layer index, module path after it) from a module path; ('-', path) when it has no index."""
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if re.fullmatch(r"\d+", part):
+            return part, ".".join(parts[i + 1:])
+    return "-", path
+
+
+def short_kinds(kinds: list[str]) -> dict[str, str]:
+    """Each kind shortened to its shortest dotted suffix that is still unique among `kinds`."""
+    out = {}
+    for kind in kinds:
+        parts = kind.split(".")
+        for n in range(1, len(parts) + 1):
+            short = ".".join(parts[-n:])
+            if sum(1 for k in kinds if k == short or k.endswith("." + short)) == 1:
+                break
+        out[kind] = short
+    return out
+
+
+def rank_table(ranks: dict[str, int]) -> tuple[list[str], list[tuple[str, list[int | None]]]]:
+    """(column kinds, rows of (layer index, rank per kind or None)) in model order."""
+    split = {path: split_path(path) for path in ranks}
+    full_kinds = list(dict.fromkeys(kind for _, kind in split.values()))
+    names = short_kinds(full_kinds)
+    cells: dict[str, dict[str, int]] = {}
+    for path, (index, kind) in split.items():
+        cells.setdefault(index, {})[names[kind]] = ranks[path]
+    columns = [names[k] for k in full_kinds]
+    return columns, [(index, [row.get(c) for c in columns]) for index, row in cells.items()]
+
+
+def describe(adapter: Adapter, fmt: str, path: Path) -> dict:
+    files = [path] if path.is_file() else [f for f in path.iterdir() if f.is_file()]
+    columns, rows = rank_table(adapter.ranks())
+    return {
+        "path": str(path),
+        "format": fmt,
+        "base": adapter.base,
+        "task_type": adapter.task_type,
+        "mode": adapter.mode,
+        "init_r": adapter.init_r,
+        "lora_alpha": adapter.lora_alpha,
+        "scale": adapter.scale,
+        "modules": len(adapter.shapes),
+        "total_rank": sum(adapter.ranks().values()),
+        "ranks": adapter.ranks(),
+        "rank_table": {"columns": columns, "rows": {index: cells for index, cells in rows}},
+        "num_params": adapter.num_params(),
+        "head_params": adapter.head_params(),
+        "bytes_on_disk": sum(f.stat().st_size for f in files),
+        "tensors_sha256": tensors_sha256(to_tensors(adapter)),
+        "labels": adapter.labels,
+    }
+
+
+def format_text(d: dict) -> str:
+    columns, rows = d["rank_table"]["columns"], d["rank_table"]["rows"]
+    width = max([5, *(len(c) for c in columns)])
+    sha = d["base"].get("config_sha256")
+    lines = [
+        f"adapter      {d['path']} ({d['format']})",
+        f"base         {d['base'].get('name')} ({d['base'].get('model_type')}, config sha256 "
+        f"{sha[:16] if sha else 'unknown: pass --base-model'})",
+        f"task / mode  {d['task_type']} / {d['mode']}",
+        f"init_r       {d['init_r']}   lora_alpha {d['lora_alpha']:g}   scale {d['scale']:.6g}",
+        f"ranks        {d['total_rank']} over {d['modules']} modules",
+        "",
+        "layer " + " ".join(c.rjust(width) for c in columns),
+    ]
+    for index, cells in rows.items():
+        lines.append(index.rjust(5) + " " + " ".join(("." if c is None else str(c)).rjust(width) for c in cells))
+    lines += [
+        "",
+        f"params       {d['num_params']:,} adapter + {d['head_params']:,} head",
+        f"on disk      {d['bytes_on_disk']:,} bytes",
+        f"sha256       {d['tensors_sha256']}",
+        f"labels       {', '.join(d['labels']) if d['labels'] else '-'}",
+    ]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    path = Path(args.adapter)
+    fmt = peft_interop.detect_format(path)
+    adapter = peft_interop.load_any(path, base_model_dir=args.base_model, require_base=False)
+    d = describe(adapter, fmt, path)
+    print(json.dumps(d, indent=2, sort_keys=True) if args.json else format_text(d))
+    return 0
