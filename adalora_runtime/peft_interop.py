@@ -159,13 +159,14 @@ def _split_keys(state: dict[str, torch.Tensor], parts: tuple[str, ...], head_nam
     """{path: {part: tensor}} for adapter tensors and {name.param: tensor} for the head."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     head: dict[str, torch.Tensor] = {}
+    for key in state:  # name an unsupported variant before any other complaint about its keys
+        for marker, what in UNSUPPORTED_KEYS.items():
+            if f".{marker}" in f".{key}":
+                raise InteropError(f"key {key!r} belongs to {what}, which cannot be represented in the SVD form")
     for key, t in state.items():
         if not key.startswith(PREFIX):
             raise InteropError(f"key {key!r} does not start with {PREFIX!r}: not a PEFT adapter state dict")
         rest = key[len(PREFIX):]
-        for marker, what in UNSUPPORTED_KEYS.items():
-            if f".{marker}" in f".{rest}":
-                raise InteropError(f"key {key!r} belongs to {what}, which cannot be represented in the SVD form")
         part = next((p for p in parts if rest.endswith("." + p)), None)
         if part is not None:
             modules.setdefault(rest[: -len(part) - 1], {})[part] = t
