@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--density", type=float, help="ties / dare / magnitude_prune: fraction of entries kept, (0, 1]")
     p.add_argument("--majority", help="ties / dare_ties sign election: total (default) or frequency")
     p.add_argument("--seed", type=int, help="dare_linear / dare_ties: seed of the random drops (default 0)")
-    p.add_argument("--lambda", dest="lambda_", type=float, help="global multiplier of the merged update (default 1)")
+    p.add_argument("--lambda", dest="lambda_", type=float, metavar="L", help="global multiplier of the merged update (default 1)")
     p.add_argument("--head-from", type=int,
                    help="carry the classification head of input K (1-based); default: no head")
     p.add_argument("--into-base", action="store_true", help="write the base model with the merge added in")
