@@ -325,8 +325,9 @@ def build_report(prep: Prepared, result: TrainResult, eval_metrics: dict | None)
         target = allocator.target_budget
     else:
         ranks = {p: layer.rank for p, layer in adapters.layers.items()}
-        costs = adapters.triplet_costs()
-        reached = {"ranks": ranks, "triplets": sum(ranks.values()), "params": sum(ranks[p] * costs[p] for p in ranks)}
+        costs = adapters.triplet_costs()  # lam is frozen at 1 in lora mode: r * (in + out) are trained
+        reached = {"ranks": ranks, "triplets": sum(ranks.values()),
+                   "params": sum(ranks[p] * (costs[p] - 1) for p in ranks)}
         unit, target = "triplets", reached["triplets"]
     history = result.history
     return {
