@@ -47,7 +47,7 @@ ERRORS = [  # (extra arguments, words in the message)
     (["--weights", "1", "1", "--method", "mean"], "unknown merge method 'mean'"),
     (["--weights", "1", "1", "--method", "ties", "--density", "0"], "--density 0.0 must be in (0, 1]"),
     (["--weights", "1", "1", "--method", "linear", "--budget", "10"], "does not use --budget"),
-    (["--weights", "1", "1", "--into-base"], "--into-base and --base-model DIR go together"),
+    (["--weights", "1", "1", "--into-base"], "--into-base needs --base-model DIR"),
     (["--weights", "1", "1", "--head-from", "3"], "--head-from 3 must be between 1 and 2"),
 ]
 
@@ -68,3 +68,29 @@ def test_cli_mismatched_base_and_missing_input(tmp_path, saved, capsys):
     assert main(["merge", paths[0], str(root / "nope"), "--weights", "1", "1", "--out", str(tmp_path / "m")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_merge_reads_peft_lora_input_with_base_model(tmp_path, saved, capsys):
+    """A folder trained by PEFT merges with a native adapter; PEFT's own get_delta_weight is the reference."""
+    from peft import LoraConfig, get_peft_model
+
+    root, adapters, paths = saved
+    torch.manual_seed(3)
+    config = LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj", "down_proj"], init_lora_weights=False,
+                        task_type="CAUSAL_LM")
+    peft_model = get_peft_model(tiny_llama(), config)
+    peft_model.save_pretrained(tmp_path / "peft")
+    peft_deltas = {name.removeprefix("base_model.model."): module.get_delta_weight("default").detach()
+                   for name, module in peft_model.named_modules() if hasattr(module, "get_delta_weight")}
+
+    args = ["merge", paths[0], str(tmp_path / "peft"), "--weights", "0.5", "2", "--out", str(tmp_path / "m")]
+    assert main(args) == 2  # without the base folder a PEFT adapter has no base identity
+    assert "pass --base-model DIR" in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+    assert main(args + ["--base-model", str(root / "base")]) == 0
+    merged = load_adapter(tmp_path / "m")
+    assert set(peft_deltas) <= set(merged.shapes)
+    for path in merged.shapes:
+        expected = 0.5 * adapters[0].delta(path) if path in adapters[0].shapes else 0.0
+        expected = expected + 2 * peft_deltas[path] if path in peft_deltas else expected
+        assert close(merged.delta(path), expected, 1e-5), path

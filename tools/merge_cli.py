@@ -14,7 +14,7 @@ USER_ERRORS = (MergeError,)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("adapters", nargs="+", help="adapter folders or files (native; PEFT once peft_interop exists)")
+    p.add_argument("adapters", nargs="+", help="adapter folders or files (native, or PEFT AdaLoRA/LoRA folders)")
     p.add_argument("--weights", nargs="+", type=float, required=True, help="one weight per adapter, e.g. 0.7 0.3")
     p.add_argument("--method", default="linear", help=f"one of {', '.join(METHODS)} (default linear)")
     p.add_argument("--out", required=True, help="output folder (replaced atomically; never an input)")
@@ -26,21 +26,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-from", type=int,
                    help="carry the classification head of input K (1-based); default: no head")
     p.add_argument("--into-base", action="store_true", help="write the base model with the merge added in")
-    p.add_argument("--base-model", help="base model folder (safetensors + config + tokenizer), for --into-base")
+    p.add_argument("--base-model", help="base model folder (safetensors + config + tokenizer): required by --into-base; "
+                   "also identifies the base of PEFT inputs not written by adalora")
 
 
 def run(args: argparse.Namespace) -> int:
     params = MergeParams(weights=tuple(args.weights), lambda_=args.lambda_, budget=args.budget,
                          density=args.density, majority=args.majority, seed=args.seed)
     get_strategy(args.method).validate(params, len(args.adapters))
-    if args.into_base != (args.base_model is not None):
-        raise MergeError("--into-base and --base-model DIR go together")
+    if args.into_base and args.base_model is None:
+        raise MergeError("--into-base needs --base-model DIR (the model the merge is added into)")
     if not args.into_base:
-        target = merge_files(args.adapters, args.out, args.method, params, head_from=args.head_from)
+        target = merge_files(args.adapters, args.out, args.method, params, head_from=args.head_from,
+                             base_model_dir=args.base_model)
         print(f"wrote {target}")
         return 0
     check_output(args.out, args.adapters)
-    adapters = load_inputs(args.adapters)
+    adapters = load_inputs(args.adapters, args.base_model)
     merged = merge_adapters(adapters, args.method, params, names=list(args.adapters), head_from=args.head_from)
     out = merge_into_base(merged, Path(args.base_model), Path(args.out))
     print(f"wrote {out} ({merged.num_params()} merged adapter params, ranks summed {sum(merged.ranks().values())})")

@@ -12,29 +12,19 @@ from pathlib import Path
 import torch
 
 from adalora_runtime.adapter import Adapter
-from adalora_runtime.adapter_file import load_adapter, save_adapter, tensors_sha256, to_tensors
+from adalora_runtime.peft_interop import load_any
+from adalora_runtime.adapter_file import save_adapter, tensors_sha256, to_tensors
 from tools.merge.lowrank import union_shapes
 from tools.merge.strategies import MergeError, MergeParams, get_strategy
 
 
-def _loader():
-    """adalora_runtime.peft_interop.load_any (native or PEFT) once it exists, else the native loader."""
-    try:
-        from adalora_runtime.peft_interop import load_any
-    except ModuleNotFoundError as e:
-        if e.name != "adalora_runtime.peft_interop":
-            raise
-        return load_adapter
-    return load_any
-
-
-def load_inputs(paths: list[str | os.PathLike]) -> list[Adapter]:
-    load = _loader()
+def load_inputs(paths: list[str | os.PathLike], base_model_dir: str | os.PathLike | None = None) -> list[Adapter]:
+    """Native or PEFT inputs; a PEFT folder not written by us needs base_model_dir for its base identity."""
     adapters = []
     for path in paths:
         if not Path(path).exists():
             raise MergeError(f"input adapter {path}: no such file or folder")
-        adapters.append(load(path))
+        adapters.append(load_any(path, base_model_dir=base_model_dir))
     return adapters
 
 
@@ -108,11 +98,11 @@ def check_output(out: str | os.PathLike, inputs: list[str | os.PathLike]) -> Non
 
 
 def merge_files(paths: list[str | os.PathLike], out: str | os.PathLike, method: str, params: MergeParams,
-                head_from: int | None = None) -> Path:
+                head_from: int | None = None, base_model_dir: str | os.PathLike | None = None) -> Path:
     """Load the inputs, merge, write OUT/adapter.safetensors atomically; nothing is written on error."""
     check_output(out, paths)
     get_strategy(method).validate(params, len(paths))
-    adapters = load_inputs(paths)
+    adapters = load_inputs(paths, base_model_dir)
     merged = merge_adapters(adapters, method, params, names=[str(p) for p in paths], head_from=head_from)
     for entry, path in zip(merged.info["merge"]["inputs"], paths):
         entry["path"] = str(Path(path).resolve())
