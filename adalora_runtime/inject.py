@@ -192,6 +192,9 @@ def attach_adapter(model: nn.Module, adapter: Adapter, dropout: float = 0.0) -> 
         for name, module in adapters.head.items():
             for pname, p in module.named_parameters():
                 key = f"{name}.{pname}"
+                if not adapter.head:
+                    raise ConfigError(f"this {adapter.task_type} adapter carries no classification head (a merge "
+                                      "keeps one only with --head-from K)")
                 if key not in adapter.head:
                     raise ConfigError(f"adapter has no head tensor {key!r}")
                 if adapter.head[key].shape != p.shape:

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from adalora_runtime.adapter_file import save_adapter
-from adalora_runtime.config import AdaLoraConfig
+from adalora_runtime.config import AdaLoraConfig, ConfigError
 from adalora_runtime.inject import attach_adapter, inject_adapters
 from tests.conftest import tiny_bert, tiny_llama
 from tools.merge import MergeError, MergeParams, merge_adapters, merge_files, merge_into_base
@@ -325,3 +325,12 @@ def test_into_base_seq_cls_head(tmp_path):
     with pytest.raises(MergeError, match="config"):
         merge_into_base(merged, tmp_path / "llama", tmp_path / "full4")
     assert not (tmp_path / "full3").exists() and not (tmp_path / "full4").exists()
+
+
+def test_headless_seq_cls_merge_says_how_to_keep_a_head():
+    base = tiny_bert(num_labels=2)
+    a = random_adapter(base, 1, targets=("query",), task_type="seq-cls", labels=["x", "y"])
+    merged = merge_adapters([a, a], "linear", MergeParams(weights=(0.5, 0.5)))
+    assert merged.head == {}
+    with pytest.raises(ConfigError, match="carries no classification head .* --head-from K"):
+        attach_adapter(tiny_bert(num_labels=2), merged)
