@@ -1,0 +1,100 @@
+"""AdapterEngine: one frozen base model serving many loaded adapters in one batch.
+
+    engine = AdapterEngine(model, EngineConfig(max_slots=8))
+    engine.load("support", adapter)
+    with engine.batch(engine.context(["support", None, {"support": 0.5, "legal": 0.5}], tokens_per_row=T)):
+        logits = model(input_ids).logits  # row 0 with 'support', row 1 the base, row 2 a 50/50 mix
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from adalora_runtime.adapter import Adapter, base_identity
+from adalora_runtime.engine.config import EngineConfig
+from adalora_runtime.engine.errors import BatchError
+from adalora_runtime.engine.multi_linear import BatchContext, ContextHolder, install_multi_linear
+from adalora_runtime.engine.slots import AdapterSlots, Route, SlotBank
+from adalora_runtime.inject import resolve_targets
+from adalora_runtime.layers import linear_dims
+
+Request = str | Mapping[str, float] | None
+"""What one row runs: an adapter id, a weighted mixture {id: weight}, or None for the base model."""
+
+
+class AdapterEngine:
+    """Installs MultiAdapterLinear into `model` (in place, once) and owns its slots and batch context."""
+
+    def __init__(self, model: nn.Module, config: EngineConfig = EngineConfig()) -> None:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        weight = next(model.parameters())
+        self.model, self.config = model, config
+        self.device, self.dtype = weight.device, weight.dtype
+        paths = resolve_targets(model, config.target_modules)
+        banks = {path: SlotBank(*linear_dims(model.get_submodule(path)), config.max_slots, self.device, self.dtype)
+                 for path in paths}
+        self.slots = AdapterSlots(banks, base_identity(model), config.max_slots)
+        self.holder = ContextHolder()
+        self.layers = install_multi_linear(model, banks, self.holder)
+
+    def load(self, adapter_id: str, adapter: Adapter) -> int:
+        return self.slots.load(adapter_id, adapter)
+
+    def unload(self, adapter_id: str) -> None:
+        self.slots.unload(adapter_id)
+
+    def _route(self, request: Request, row: int) -> Route | None:
+        if request is None:
+            return None
+        if isinstance(request, str):
+            return ((self.slots.slot(request), 1.0),)
+        if not request:
+            raise BatchError(f"row {row}: an empty mixture; name at least one adapter id, or None for the base model")
+        for adapter_id, weight in request.items():
+            if not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise BatchError(f"row {row}: weight of {adapter_id!r} must be a finite number, got {weight!r}")
+        return tuple(sorted((self.slots.slot(a), float(w)) for a, w in request.items()))
+
+    def context(self, requests: Sequence[Request], tokens_per_row: int, strategy: str = "auto") -> BatchContext:
+        """Routing for a (rows, tokens_per_row) batch in which row b runs requests[b] on every token."""
+        if tokens_per_row < 1:
+            raise BatchError(f"tokens_per_row must be at least 1, got {tokens_per_row}")
+        routes: dict[Route, int] = {}
+        row_groups = []
+        for row, request in enumerate(requests):
+            route = self._route(request, row)
+            row_groups.append(-1 if route is None else routes.setdefault(route, len(routes)))
+        groups = torch.tensor(row_groups, dtype=torch.long, device=self.device).repeat_interleave(tokens_per_row)
+        return BatchContext(groups=groups, routes=tuple(routes), strategy=strategy)
+
+    def context_from_slots(self, slots: torch.Tensor, strategy: str = "auto") -> BatchContext:
+        """Routing from raw per-token slot indices (any shape, flattened in order; -1 = base model)."""
+        flat = slots.reshape(-1).to(device=self.device, dtype=torch.long)
+        if flat.numel() and int(flat.min()) < -1:
+            raise BatchError(f"slot indices must be -1 (base) or a loaded slot, got {int(flat.min())}")
+        present = [int(s) for s in torch.unique(flat) if int(s) >= 0]
+        for s in present:
+            if s >= self.slots.max_slots or not self.slots.occupied(s):
+                raise BatchError(f"token slot index {s} holds no adapter (loaded: {self.slots.loaded()}); use -1 for the base")
+        lookup = torch.full((self.slots.max_slots + 1,), -1, dtype=torch.long, device=self.device)
+        for g, s in enumerate(present):
+            lookup[s] = g
+        groups = lookup[flat]  # -1 indexes the last entry, which stays -1
+        return BatchContext(groups=groups, routes=tuple(((s, 1.0),) for s in present), strategy=strategy)
+
+    @contextmanager
+    def batch(self, context: BatchContext) -> Iterator[BatchContext]:
+        """Run the model's forwards inside this block with `context`'s routing; base only outside it."""
+        if self.holder.current is not None:
+            raise BatchError("a batch context is already active on this engine; finish that forward first")
+        self.holder.current = context
+        try:
+            yield context
+        finally:
+            self.holder.current = None

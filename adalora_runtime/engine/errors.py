@@ -1,0 +1,25 @@
+"""Engine errors, one class per thing a caller can do about it (the gRPC layer maps each to one status)."""
+
+
+class EngineError(ValueError):
+    """Base class: the request or adapter cannot be served as given; the message says what to change."""
+
+
+class AdapterNotFound(EngineError):
+    """An adapter id that is not loaded (NOT_FOUND)."""
+
+
+class AdapterExists(EngineError):
+    """An adapter id that is already loaded (ALREADY_EXISTS)."""
+
+
+class SlotsFull(EngineError):
+    """Every slot holds an adapter (RESOURCE_EXHAUSTED)."""
+
+
+class AdapterMismatch(EngineError):
+    """An adapter trained on another base, or for modules this engine does not serve (FAILED_PRECONDITION)."""
+
+
+class BatchError(EngineError):
+    """A batch context that does not fit the batch or the loaded slots (INVALID_ARGUMENT)."""

@@ -1,0 +1,144 @@
+"""Adapter slots: per adapted layer, compact factors of each loaded adapter at its own rank.
+
+Storage per (layer, slot) is `Factors(A, B)` with A (r, in) = Q * lam[:, None] * scale and B (out, r) = P,
+where r is that adapter's kept rank in that layer (0 for a layer it does not adapt: zero-width tensors).
+Lambda and scale are folded into A once, at load, in float32, then cast to the model's dtype and device;
+nothing is padded to a common rank. Loading or unloading writes only the adapter's own slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from adalora_runtime.adapter import Adapter
+from adalora_runtime.engine.apply import Factors
+from adalora_runtime.engine.errors import AdapterExists, AdapterMismatch, AdapterNotFound, SlotsFull
+
+Route = tuple[tuple[int, float], ...]
+"""What one group of tokens runs: (slot, weight) pairs; ((s, 1.0),) is adapter s alone."""
+
+
+def fold(adapter: Adapter, path: str, in_f: int, out_f: int, device: torch.device, dtype: torch.dtype) -> Factors:
+    """The adapter's factors of one module with lam and scale folded into A; rank 0 -> zero-width."""
+    layer = adapter.layers.get(path)
+    if layer is None:
+        return Factors(torch.zeros(0, in_f, device=device, dtype=dtype), torch.zeros(out_f, 0, device=device, dtype=dtype))
+    A = layer.Q.float() * (layer.lam.float() * adapter.scale)[:, None]  # (r, in)
+    return Factors(A.to(device=device, dtype=dtype).contiguous(), layer.P.to(device=device, dtype=dtype).contiguous())
+
+
+def check_adapter(adapter: Adapter, identity: dict, shapes: Mapping[str, tuple[int, int]]) -> None:
+    """Raise AdapterMismatch unless `adapter` was trained on this base and adapts only served modules of
+    the same (in, out); the message names the module."""
+    if adapter.base.get("config_sha256") != identity["config_sha256"]:
+        raise AdapterMismatch(
+            f"adapter was trained on base {adapter.base.get('name')!r} (config "
+            f"{str(adapter.base.get('config_sha256'))[:12]}), this engine serves {identity['name']!r} (config "
+            f"{identity['config_sha256'][:12]}); load it into an engine over its own base model")
+    for path, (in_f, out_f) in adapter.shapes.items():
+        if path not in shapes:
+            raise AdapterMismatch(f"adapter adapts module {path!r}, which this engine does not serve; create the "
+                                  f"engine with target_modules that include {path.split('.')[-1]!r}")
+        if tuple(shapes[path]) != (in_f, out_f):
+            raise AdapterMismatch(f"module {path!r}: adapter expects (in, out)=({in_f}, {out_f}), the base has "
+                                  f"{tuple(shapes[path])}")
+
+
+class SlotBank:
+    """One adapted layer's slots: `max_slots` entries of folded factors, each at its adapter's rank."""
+
+    def __init__(self, in_features: int, out_features: int, max_slots: int, device: torch.device, dtype: torch.dtype):
+        self.in_features, self.out_features = in_features, out_features
+        self.device, self.dtype = device, dtype
+        self._slots: list[Factors | None] = [None] * max_slots
+
+    def set(self, slot: int, factors: Factors) -> None:
+        self._slots[slot] = factors
+
+    def clear(self, slot: int) -> None:
+        self._slots[slot] = None
+
+    def get(self, slot: int) -> Factors:
+        factors = self._slots[slot]
+        if factors is None:
+            raise AdapterNotFound(f"slot {slot} is empty")
+        return factors
+
+    def rank(self, slot: int) -> int:
+        return self.get(slot).rank
+
+    def nbytes(self, slot: int) -> int:
+        A, B = self.get(slot)
+        return A.numel() * A.element_size() + B.numel() * B.element_size()
+
+    def route(self, route: Route) -> Factors:
+        """Folded factors of one group: an adapter's own, or a mixture's concatenated with weights in A
+        (sum_k w_k B_k A_k exactly, at rank sum_k r_k; zero-width when every member has rank 0 here)."""
+        parts = [(w, self.get(s)) for s, w in route]
+        parts = [(w, f) for w, f in parts if f.rank > 0] or parts[:1]
+        if len(parts) == 1 and parts[0][0] == 1.0:
+            return parts[0][1]
+        A = torch.cat([f.A * w for w, f in parts], dim=0)  # (sum r, in)
+        B = torch.cat([f.B for _, f in parts], dim=1)  # (out, sum r)
+        return Factors(A, B)
+
+
+class AdapterSlots:
+    """Registry of loaded adapters over every served layer: id -> slot index, bytes per adapter."""
+
+    def __init__(self, banks: dict[str, SlotBank], identity: dict, max_slots: int):
+        self.banks = banks
+        self.identity = identity
+        self.max_slots = max_slots
+        self._ids: dict[str, int] = {}
+        self._adapters: dict[str, Adapter] = {}
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {path: (bank.in_features, bank.out_features) for path, bank in self.banks.items()}
+
+    def load(self, adapter_id: str, adapter: Adapter) -> int:
+        """Fold the adapter's factors into the lowest free slot of every bank; returns the slot index."""
+        if adapter_id in self._ids:
+            raise AdapterExists(f"adapter {adapter_id!r} is already loaded (slot {self._ids[adapter_id]}); "
+                                f"unload it first or choose another id")
+        free = [s for s in range(self.max_slots) if s not in self._ids.values()]
+        if not free:
+            raise SlotsFull(f"all {self.max_slots} adapter slots are in use ({sorted(self._ids)}); unload one or "
+                            f"create the engine with a larger EngineConfig.max_slots")
+        check_adapter(adapter, self.identity, self.shapes)
+        slot = free[0]
+        for path, bank in self.banks.items():
+            bank.set(slot, fold(adapter, path, bank.in_features, bank.out_features, bank.device, bank.dtype))
+        self._ids[adapter_id] = slot
+        self._adapters[adapter_id] = adapter
+        return slot
+
+    def unload(self, adapter_id: str) -> None:
+        slot = self.slot(adapter_id)
+        for bank in self.banks.values():
+            bank.clear(slot)
+        del self._ids[adapter_id], self._adapters[adapter_id]
+
+    def slot(self, adapter_id: str) -> int:
+        if adapter_id not in self._ids:
+            raise AdapterNotFound(f"adapter {adapter_id!r} is not loaded (loaded: {sorted(self._ids)})")
+        return self._ids[adapter_id]
+
+    def adapter(self, adapter_id: str) -> Adapter:
+        self.slot(adapter_id)
+        return self._adapters[adapter_id]
+
+    def loaded(self) -> dict[str, int]:
+        """adapter id -> slot index."""
+        return dict(self._ids)
+
+    def occupied(self, slot: int) -> bool:
+        return slot in self._ids.values()
+
+    def nbytes(self, adapter_id: str) -> int:
+        """Device bytes the adapter's slot holds, over every layer."""
+        slot = self.slot(adapter_id)
+        return sum(bank.nbytes(slot) for bank in self.banks.values())

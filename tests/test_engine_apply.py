@@ -1,0 +1,110 @@
+"""Every batched-apply strategy against a naive per-token loop of `apply_delta`, by dtype; the cost model."""
+
+import pytest
+import torch
+
+from adalora_runtime.delta import apply_delta
+from adalora_runtime.engine.apply import STRATEGIES, CostModel, Factors, batched_apply, choose_strategy
+from adalora_runtime.engine.slots import SlotBank
+
+IN, OUT = 24, 20
+
+# name: (tokens, ranks of the batch's groups, fraction of tokens on the base model (-1))
+CASES = {
+    "decode_mixed_with_rank0": (8, [3, 0, 5, 1], 0.25),
+    "prefill_three_adapters": (64, [4, 4, 2], 0.1),
+    "single_adapter": (5, [6], 0.0),
+    "every_group_rank0": (6, [0, 0], 0.3),
+    "all_tokens_base": (6, [2, 3], 1.0),
+    "one_token": (1, [2, 7], 0.0),
+    "many_groups": (40, [0, 8, 1, 3, 7, 2, 0, 5, 4, 6, 1, 2], 0.2),
+}
+# dtype: (atol, rtol) against a float64 reference of the same (unrounded) factors
+TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
+
+
+def make_case(name: str, seed: int = 0):
+    """Random x, per-token groups (some -1) and per-group (P, lam, Q, scale) in float64."""
+    tokens, ranks, base_fraction = CASES[name]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, IN, generator=gen, dtype=torch.float64)
+    groups = torch.randint(0, len(ranks), (tokens,), generator=gen)
+    groups[torch.rand(tokens, generator=gen) < base_fraction] = -1
+    adapters = [(torch.randn(OUT, r, generator=gen, dtype=torch.float64) * 0.3,
+                 torch.randn(r, generator=gen, dtype=torch.float64),
+                 torch.randn(r, IN, generator=gen, dtype=torch.float64) * 0.3,
+                 float(torch.rand((), generator=gen)) * 2 + 0.5) for r in ranks]
+    return x, groups, adapters
+
+
+def naive(x, groups, adapters):
+    """Reference: token by token, its own adapter through the one delta formula."""
+    out = torch.zeros(x.shape[0], OUT, dtype=torch.float64)
+    for i in range(x.shape[0]):
+        if groups[i] >= 0:
+            P, lam, Q, scale = adapters[groups[i]]
+            out[i] = apply_delta(x[i], P, lam, Q, scale)
+    return out
+
+
+def folded(adapters, dtype):
+    return [Factors((Q * lam[:, None] * scale).to(dtype), P.to(dtype)) for P, lam, Q, scale in adapters]
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("strategy", [*STRATEGIES, "auto"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_strategy_matches_per_token_loop(case, strategy, dtype):
+    x, groups, adapters = make_case(case)
+    delta = batched_apply(x.to(dtype), groups, folded(adapters, dtype), strategy)
+    expected = naive(x, groups, adapters)
+    if delta is None:  # no group has a nonzero rank
+        assert not expected.any()
+        return
+    assert delta.dtype == dtype and delta.shape == (x.shape[0], OUT)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(delta.double(), expected, atol=atol, rtol=rtol)
+    assert not delta[groups == -1].any()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_strategies_called_directly_agree(case):
+    """The strategy functions themselves (not batched_apply's rank-0 shortcut) on every case."""
+    x, groups, adapters = make_case(case, seed=1)
+    factors = folded(adapters, torch.float32)
+    expected = naive(x, groups, adapters).float()
+    for name, fn in STRATEGIES.items():
+        torch.testing.assert_close(fn(x.float(), groups, factors), expected, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_mixture_route_equals_weighted_sum_of_members():
+    """A bank route {(s, w)} is the exact weighted sum of its members' deltas, at the summed rank."""
+    x, _, adapters = make_case("decode_mixed_with_rank0")
+    bank = SlotBank(IN, OUT, max_slots=4, device=torch.device("cpu"), dtype=torch.float64)
+    for slot, f in enumerate(folded(adapters, torch.float64)):
+        bank.set(slot, f)
+    route = ((0, 0.7), (1, 2.0), (2, -0.3))  # slot 1 has rank 0 here
+    mixed = bank.route(route)
+    assert mixed.rank == 3 + 5
+    expected = sum(w * apply_delta(x, *adapters[s]) for s, w in route)
+    torch.testing.assert_close(batched_apply(x, torch.zeros(x.shape[0], dtype=torch.long), [mixed]), expected)
+
+
+# (tokens, distinct, sum_rank, max_rank) -> expected choice under the default cost model
+CHOICES = [
+    ((8, 1, 8, 8), "group"),  # one adapter: no mask, no padding
+    ((8, 8, 64, 12), "packed"),  # decode, several adapters: launch-bound
+    ((256, 8, 64, 12), "packed"),
+    ((4096, 8, 64, 12), "group"),  # long prefill: packed would multiply every token by every column
+    ((16, 16, 512, 12), "padded"),  # decode over many adapters: the summed rank is large, the max is not
+]
+
+
+@pytest.mark.parametrize("args,expected", CHOICES, ids=[c[1] + str(c[0]) for c in CHOICES])
+def test_cost_model_choice(args, expected):
+    assert choose_strategy(*args) == expected
+
+
+def test_cost_model_is_a_parameter():
+    free_launches = CostModel(launch=0.0)
+    assert choose_strategy(8, 8, 64, 12, free_launches) == "group"
