@@ -17,8 +17,8 @@ from torch import nn
 
 from adalora_runtime.adapter import Adapter, base_identity
 from adalora_runtime.engine.config import EngineConfig
-from adalora_runtime.engine.errors import BatchError
-from adalora_runtime.engine.multi_linear import BatchContext, ContextHolder, install_multi_linear
+from adalora_runtime.engine.errors import BatchError, EngineError
+from adalora_runtime.engine.multi_linear import BatchContext, ContextHolder, MultiAdapterLinear, install_multi_linear
 from adalora_runtime.engine.slots import AdapterSlots, Route, SlotBank
 from adalora_runtime.inject import resolve_targets
 from adalora_runtime.layers import linear_dims
@@ -33,6 +33,8 @@ class AdapterEngine:
     def __init__(self, model: nn.Module, config: EngineConfig = EngineConfig()) -> None:
         for p in model.parameters():
             p.requires_grad_(False)
+        if any(isinstance(m, MultiAdapterLinear) for m in model.modules()):
+            raise EngineError("this model already serves adapters: create one engine per model (over a fresh copy)")
         weight = next(model.parameters())
         self.model, self.config = model, config
         self.device, self.dtype = weight.device, weight.dtype

@@ -13,7 +13,7 @@ from torch import nn
 
 from adalora_runtime.engine.apply import batched_apply
 from adalora_runtime.engine.config import check_strategy
-from adalora_runtime.engine.errors import BatchError
+from adalora_runtime.engine.errors import BatchError, EngineError
 from adalora_runtime.engine.slots import Route, SlotBank
 from adalora_runtime.inject import _set_submodule
 from adalora_runtime.layers import linear_dims
@@ -78,9 +78,9 @@ def install_multi_linear(model: nn.Module, banks: dict[str, SlotBank], holder: C
     for path, bank in banks.items():
         base = model.get_submodule(path)
         if isinstance(base, MultiAdapterLinear):
-            raise BatchError(f"{path} already serves adapters: create one engine per model")
+            raise EngineError(f"{path} already serves adapters: create one engine per model")
         if linear_dims(base) != (bank.in_features, bank.out_features):
-            raise BatchError(f"{path}: bank is (in, out)=({bank.in_features}, {bank.out_features}), module is {linear_dims(base)}")
+            raise EngineError(f"{path}: bank is (in, out)=({bank.in_features}, {bank.out_features}), module is {linear_dims(base)}")
         wrappers[path] = MultiAdapterLinear(base, bank, holder)
         _set_submodule(model, path, wrappers[path])
     return wrappers
