@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adalora_runtime.config import ConfigError
+from adalora_runtime.engine.apply import STRATEGIES as APPLY_STRATEGIES
 
-STRATEGIES = ("auto", "group", "packed", "padded")
+STRATEGIES = ("auto", *APPLY_STRATEGIES)
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from adalora_runtime.adapter import Adapter, base_identity
 from adalora_runtime.delta import delta_weight
 from adalora_runtime.engine.slots import check_adapter
 from adalora_runtime.layers import ADAPTABLE, linear_dims
-from transformers.pytorch_utils import Conv1D
 
 
 def _merged(original: torch.Tensor, delta: torch.Tensor, module: nn.Module) -> torch.Tensor:

@@ -31,24 +31,27 @@ class AdapterEngine:
     """Installs MultiAdapterLinear into `model` (in place, once) and owns its slots and batch context."""
 
     def __init__(self, model: nn.Module, config: EngineConfig = EngineConfig()) -> None:
-        for p in model.parameters():
-            p.requires_grad_(False)
         if any(isinstance(m, MultiAdapterLinear) for m in model.modules()):
             raise EngineError("this model already serves adapters: create one engine per model (over a fresh copy)")
-        weight = next(model.parameters())
+        for p in model.parameters():
+            p.requires_grad_(False)
         self.model, self.config = model, config
-        self.device, self.dtype = weight.device, weight.dtype
-        paths = resolve_targets(model, config.target_modules)
-        banks = {path: SlotBank(*linear_dims(model.get_submodule(path)), config.max_slots, self.device, self.dtype)
-                 for path in paths}
+        self.device = next(model.parameters()).device
+        banks = {path: self._bank(model.get_submodule(path)) for path in resolve_targets(model, config.target_modules)}
         self.slots = AdapterSlots(banks, base_identity(model), config.max_slots)
         self.holder = ContextHolder()
         self.layers = install_multi_linear(model, banks, self.holder)
 
+    def _bank(self, module: nn.Module) -> SlotBank:
+        """Slots on the module's own device and in its weight's dtype."""
+        return SlotBank(*linear_dims(module), self.config.max_slots, module.weight.device, module.weight.dtype)
+
     def load(self, adapter_id: str, adapter: Adapter) -> int:
+        """Fold `adapter` into a free slot of every served layer; returns its slot index."""
         return self.slots.load(adapter_id, adapter)
 
     def unload(self, adapter_id: str) -> None:
+        """Free the adapter's slot; other slots are not touched."""
         self.slots.unload(adapter_id)
 
     def _route(self, request: Request, row: int) -> Route | None:

@@ -94,6 +94,7 @@ class AdapterSlots:
         self.max_slots = max_slots
         self._ids: dict[str, int] = {}
         self._adapters: dict[str, Adapter] = {}
+        """The loaded host-side adapters (head, labels and task type for the serving layers above)."""
 
     @property
     def shapes(self) -> dict[str, tuple[int, int]]:
