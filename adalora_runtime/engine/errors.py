@@ -23,3 +23,7 @@ class AdapterMismatch(EngineError):
 
 class BatchError(EngineError):
     """A batch context that does not fit the batch or the loaded slots (INVALID_ARGUMENT)."""
+
+
+class InvalidRequest(EngineError):
+    """A generation request or sampling parameter out of range (INVALID_ARGUMENT)."""

@@ -1,0 +1,133 @@
+"""Per-request sampling: a validated `SamplingParams` and pure transforms on one row of logits.
+
+Order (as in transformers' generate): repetition penalty, then, unless greedy, temperature, top-k,
+top-p, and a draw from the request's own torch.Generator, so a seeded request draws the same numbers
+whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from adalora_runtime.engine.errors import InvalidRequest
+
+Stop = str | tuple[int, ...]
+"""A stop sequence: token ids, or a string matched in the decoded completion (needs a tokenizer)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens and when it stops."""
+
+    max_new_tokens: int = 16
+    """Upper bound on generated tokens (finish reason 'length' when reached)."""
+    temperature: float = 1.0
+    """Logits are divided by it; 0 = greedy (argmax, no draw)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 = no limit."""
+    top_p: float = 1.0
+    """Keep the smallest set of most likely tokens whose probability reaches top_p; 1 = no limit."""
+    repetition_penalty: float = 1.0
+    """Logits of tokens already in the prompt or completion: divided by it if positive, else multiplied."""
+    stop: tuple[Stop, ...] = ()
+    """Stop sequences; the completion ends (reason 'stop') with the first one it contains, kept in the output."""
+    seed: int | None = None
+    """Seed of this request's own generator; None = a fresh random seed."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InvalidRequest(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not _finite(self.temperature) or self.temperature < 0:
+            raise InvalidRequest(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidRequest(f"top_k must be an integer >= 0 (0 = no limit), got {self.top_k!r}")
+        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1] (1 = no limit), got {self.top_p!r}")
+        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise InvalidRequest(f"repetition_penalty must be > 0 (1 = none), got {self.repetition_penalty!r}")
+        if isinstance(self.stop, (str, list)) or not isinstance(self.stop, tuple):
+            raise InvalidRequest(f"stop must be a tuple of stop sequences, got {self.stop!r}; write ({self.stop!r},)")
+        object.__setattr__(self, "stop", tuple(_stop(s, i) for i, s in enumerate(self.stop)))
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise InvalidRequest(f"seed must be a non-negative integer or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return tuple(s for s in self.stop if isinstance(s, str))
+
+    def stop_ids(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(s for s in self.stop if not isinstance(s, str))
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _stop(s: object, i: int) -> Stop:
+    if isinstance(s, str):
+        if not s:
+            raise InvalidRequest(f"stop[{i}] is an empty string; remove it or give at least one character")
+        return s
+    if not isinstance(s, (tuple, list)) or not s:
+        raise InvalidRequest(f"stop[{i}] must be a non-empty string or a non-empty sequence of token ids, got {s!r}")
+    if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in s):
+        raise InvalidRequest(f"stop[{i}] token ids must be non-negative integers, got {list(s)!r}")
+    return tuple(s)
+
+
+def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits (V,), seen (S,) token ids -> (V,) with each seen token's logit pushed towards less likely."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    picked = logits[seen]  # (S,)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return logits.scatter(0, seen, picked)
+
+
+def temperature(logits: torch.Tensor, t: float) -> torch.Tensor:
+    """(V,) -> (V,); t > 0."""
+    return logits if t == 1.0 else logits / t
+
+
+def top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """(V,) -> (V,) with -inf below the k-th largest logit (ties with it kept); k = 0 keeps all."""
+    if k == 0 or k >= logits.shape[0]:
+        return logits
+    kth = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """(V,) -> (V,) keeping the most likely tokens until their probability reaches p (at least one)."""
+    if p >= 1.0:
+        return logits
+    probs, order = torch.softmax(logits, dim=-1).sort(descending=True)  # (V,), (V,)
+    mass_before = probs.cumsum(0) - probs  # (V,) probability of the more likely tokens
+    drop = torch.zeros_like(logits, dtype=torch.bool).scatter(0, order, mass_before >= p)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_token(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One row: logits (V,) float, seen (S,) ids of prompt + completion -> the chosen token id."""
+    logits = repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    if params.greedy:
+        return int(logits.argmax())
+    logits = top_p(top_k(temperature(logits, params.temperature), params.top_k), params.top_p)
+    probs = torch.softmax(logits, dim=-1).to(generator.device)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def request_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator of one request: seeded, or from fresh OS entropy."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
