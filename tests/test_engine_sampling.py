@@ -74,7 +74,8 @@ def test_greedy_is_argmax_after_penalty_and_seeded_draws_repeat():
     greedy = SamplingParams(temperature=0, repetition_penalty=1e6)
     assert next_token(logits, seen, greedy, request_generator(0)) == int(naive_penalty(logits, seen, 1e6).argmax())
     params = SamplingParams(temperature=1.5, top_k=10, top_p=0.9, seed=4)
-    draws = [[next_token(logits, seen, params, g) for _ in range(20)] for g in (request_generator(4), request_generator(4))]
+    draws = [[next_token(logits, seen, params, g) for _ in range(20)]
+             for g in (request_generator(4), request_generator(4))]
     assert draws[0] == draws[1] and len(set(draws[0])) > 1
     allowed = torch.isfinite(top_p(top_k(temperature(logits, 1.5), 10), 0.9)).nonzero().flatten().tolist()
     assert set(draws[0]) <= set(allowed)

@@ -1,0 +1,89 @@
+"""The running batch's KV cache: one left-padded transformers DynamicCache plus its padding mask.
+
+Rows leave by `select` (keep some rows, then drop padding columns no kept row needs) and join by
+`concat` (left-pad the shorter cache to the longer, stack rows). A row's real tokens always end at the
+last column, so one decode forward appends one column for every row; padding columns are masked out
+of attention (mask 0), and each row carries its own next position id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class BatchKV:
+    cache: DynamicCache
+    """Per layer keys and values of shape (B, H, L, D); only full-attention DynamicLayers."""
+    mask: torch.Tensor
+    """(B, L) long: 1 where the column holds a real token of that row, 0 for left padding."""
+    positions: torch.Tensor
+    """(B,) long: position id of each row's next token (= its real tokens so far)."""
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+    def decode_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """attention_mask (B, L + 1) and position_ids (B, 1) for a forward of one new token per row."""
+        ones = torch.ones_like(self.mask[:, :1])
+        return torch.cat([self.mask, ones], dim=1), self.positions[:, None]
+
+    def advance(self) -> None:
+        """After a decode forward appended one column (the new token of every row)."""
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.positions = self.positions + 1
+
+
+def prefill_inputs(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded input_ids (n, P), attention_mask (n, P) and position_ids (n, P) of n prompts."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # (n, P) 0 on padding and on each row's first token
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def _layers(kv: BatchKV):
+    return kv.cache.layers
+
+
+def select(kv: BatchKV, rows: list[int]) -> BatchKV | None:
+    """The cache of `rows` only (in that order), without padding columns that none of them uses."""
+    if not rows:
+        return None
+    index = torch.tensor(rows, dtype=torch.long, device=kv.mask.device)
+    mask = kv.mask[index]  # (b, L)
+    used = mask.any(dim=0)  # (L,)
+    start = int(used.nonzero()[0]) if used.any() else mask.shape[1]
+    for layer in _layers(kv):
+        layer.keys = layer.keys[index, :, start:]
+        layer.values = layer.values[index, :, start:]
+    return BatchKV(kv.cache, mask[:, start:], kv.positions[index])
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def concat(a: BatchKV | None, b: BatchKV) -> BatchKV:
+    """Rows of `a` then rows of `b`, both left-padded to the longer cache; `a` None = `b` alone."""
+    if a is None:
+        return b
+    width = max(a.mask.shape[1], b.mask.shape[1])
+    for la, lb in zip(_layers(a), _layers(b), strict=True):
+        la.keys = torch.cat([_left_pad(la.keys, width, 2), _left_pad(lb.keys, width, 2)], dim=0)  # (Ba + Bb, H, L, D)
+        la.values = torch.cat([_left_pad(la.values, width, 2), _left_pad(lb.values, width, 2)], dim=0)
+    mask = torch.cat([_left_pad(a.mask, width, 1), _left_pad(b.mask, width, 1)], dim=0)  # (Ba + Bb, L)
+    return BatchKV(a.cache, mask, torch.cat([a.positions, b.positions]))

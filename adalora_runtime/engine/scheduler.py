@@ -1,0 +1,268 @@
+"""Iteration-level (continuous) batching of generation requests over an AdapterEngine's causal LM.
+
+    gen = Generator(engine, GeneratorConfig(max_batch_size=8))
+    handle = gen.submit(GenerationRequest(prompt=[1, 5, 9], adapter="support", params=SamplingParams(temperature=0)))
+    while gen.has_work():
+        gen.step()
+    handle.result  # GenerationResult(token_ids=[...], finish_reason='length', ...)
+
+Each `step()`: (1) admits waiting requests up to max_batch_size and prefills them in one left-padded
+forward, which also gives their first token; (2) one decode forward of one token for every running row,
+each row with its own adapter through the engine's routing context; (3) samples per row; (4) retires
+rows that finished (eos, stop sequence, max_new_tokens) so the others go on without them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from adalora_runtime.config import ConfigError
+from adalora_runtime.engine.config import check_strategy
+from adalora_runtime.engine.engine import AdapterEngine, Request
+from adalora_runtime.engine.errors import EngineError, InvalidRequest
+from adalora_runtime.engine.kv import BatchKV, concat, prefill_inputs, select
+from adalora_runtime.engine.sampling import SamplingParams, next_token, request_generator
+
+FINISH_REASONS = ("length", "stop", "eos")
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Batching limits and stopping rules shared by every request of one Generator."""
+
+    max_batch_size: int = 8
+    """Rows decoded together; further requests wait until a row retires."""
+    eos_token_ids: tuple[int, ...] | None = None
+    """Tokens that end a completion (reason 'eos'); None = the model's generation_config eos ids, () = none."""
+    strategy: str = "auto"
+    """Batched-apply strategy of the adapters ('auto' = the engine's cost model)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_batch_size, bool) or not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
+            raise ConfigError(f"max_batch_size must be a positive integer, got {self.max_batch_size!r}")
+        if self.eos_token_ids is not None and (not isinstance(self.eos_token_ids, tuple) or any(
+                isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.eos_token_ids)):
+            raise ConfigError(f"eos_token_ids must be a tuple of token ids (or None for the model's), "
+                              f"got {self.eos_token_ids!r}")
+        check_strategy(self.strategy)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: Sequence[int]
+    """Token ids of the prompt (at least one)."""
+    adapter: Request = None
+    """An adapter id, a weighted mixture {id: weight}, or None for the base model."""
+    params: SamplingParams = SamplingParams()
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    token_ids: list[int]
+    """Generated ids (a stop sequence or eos token that ended it included)."""
+    finish_reason: str
+    """'length', 'stop' or 'eos'."""
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Handle:
+    """What submit() returns: tokens so far, and the result once finished."""
+
+    request_id: int
+    request: GenerationRequest
+    tokens: list[int] = field(default_factory=list)
+    result: GenerationResult | None = None
+    error: BaseException | None = None
+    on_token: Callable[[int], None] | None = None
+    on_finish: Callable[[Handle], None] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.error is not None
+
+
+@dataclass
+class _Row:
+    """A running request: its handle, its own generator, prompt + completion ids (for penalties and stops)."""
+
+    handle: Handle
+    generator: torch.Generator
+    seen: list[int]
+
+
+class Generator:
+    """Continuous batching over `engine.model` (a transformers causal LM with full-attention layers)."""
+
+    def __init__(self, engine: AdapterEngine, config: GeneratorConfig = GeneratorConfig(), tokenizer=None) -> None:
+        model = engine.model
+        layers = DynamicCache(config=model.config).layers
+        if any(type(layer) is not DynamicLayer for layer in layers):
+            raise EngineError(f"{type(model).__name__} has sliding-window or other non-full-attention cache layers, "
+                              f"which this generator's left-padded batch cache does not handle")
+        self.engine, self.config, self.tokenizer = engine, config, tokenizer
+        eos = config.eos_token_ids
+        if eos is None:
+            eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+            eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+        self.eos = frozenset(eos)
+        self.vocab = model.config.get_text_config(decoder=True).vocab_size
+        self.max_positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._waiting: deque[Handle] = deque()
+        self._rows: list[_Row] = []
+        self._kv: BatchKV | None = None
+        self._pending: torch.Tensor | None = None
+        """(B,) long: each running row's last sampled token, not yet in the cache."""
+
+    # ---- requests -------------------------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, on_token: Callable[[int], None] | None = None,
+               on_finish: Callable[[Handle], None] | None = None) -> Handle:
+        """Validate `request` and queue it; `on_token(id)` runs for each generated token, `on_finish(handle)`
+        once at the end (both on the thread that calls step())."""
+        self._check(request)
+        handle = Handle(next(self._ids), request, on_token=on_token, on_finish=on_finish)
+        with self._lock:
+            self._waiting.append(handle)
+        return handle
+
+    def _check(self, request: GenerationRequest) -> None:
+        if not isinstance(request, GenerationRequest):
+            raise InvalidRequest(f"submit a GenerationRequest, got {type(request).__name__}")
+        if not isinstance(request.params, SamplingParams):
+            raise InvalidRequest(f"params must be SamplingParams, got {type(request.params).__name__}")
+        prompt = request.prompt
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence) or len(prompt) == 0:
+            raise InvalidRequest("prompt must be a non-empty sequence of token ids; tokenize text first")
+        bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab]
+        if bad:
+            raise InvalidRequest(f"prompt token ids must be integers in [0, {self.vocab}), got {bad[:5]!r}")
+        total = len(prompt) + request.params.max_new_tokens
+        if self.max_positions is not None and total > self.max_positions:
+            raise InvalidRequest(f"prompt ({len(prompt)} tokens) + max_new_tokens ({request.params.max_new_tokens}) "
+                                 f"= {total} exceeds the model's {self.max_positions} positions; shorten one of them")
+        if request.params.stop_strings() and self.tokenizer is None:
+            raise InvalidRequest(f"stop strings {request.params.stop_strings()!r} need a tokenizer: create the "
+                                 f"Generator with tokenizer=..., or give stop sequences as token ids")
+        self.engine.context([request.adapter], tokens_per_row=1)  # raises AdapterNotFound / BatchError
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self._rows)
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    # ---- one iteration --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> list[Handle]:
+        """Admit + prefill waiting requests, decode one token for every running row; returns finished handles."""
+        finished = self._admit()
+        if self._rows:
+            logits = self._decode()  # (B, V)
+            finished += self._sample_and_retire(logits)
+        return finished
+
+    def _admit(self) -> list[Handle]:
+        with self._lock:
+            free = self.config.max_batch_size - len(self._rows)
+            new = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        if not new:
+            return []
+        rows = [_Row(h, request_generator(h.request.params.seed), list(h.request.prompt)) for h in new]
+        ids, mask, positions = prefill_inputs([r.seen for r in rows], self.engine.device)  # (n, P) each
+        cache = DynamicCache(config=self.engine.model.config)
+        context = self.engine.context([h.request.adapter for h in new], ids.shape[1], self.config.strategy)
+        with self.engine.batch(context):
+            out = self.engine.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        kv = BatchKV(out.past_key_values, mask, mask.sum(dim=1))
+        first = len(self._rows)
+        self._rows += rows
+        self._kv = concat(self._kv, kv)
+        return self._sample_and_retire(out.logits[:, -1], first)
+
+    def _decode(self) -> torch.Tensor:
+        attention_mask, position_ids = self._kv.decode_inputs()  # (B, L + 1), (B, 1)
+        context = self.engine.context([r.handle.request.adapter for r in self._rows], 1, self.config.strategy)
+        with self.engine.batch(context):
+            out = self.engine.model(input_ids=self._pending[:, None], attention_mask=attention_mask,
+                                    position_ids=position_ids, past_key_values=self._kv.cache, use_cache=True)
+        self._kv.advance()
+        return out.logits[:, -1]
+
+    def _sample_and_retire(self, logits: torch.Tensor, first: int = 0) -> list[Handle]:
+        """Sample rows first.. from logits (B - first, V); drop finished rows from rows, cache and pending."""
+        tokens = []
+        for row, row_logits in zip(self._rows[first:], logits, strict=True):
+            seen = torch.tensor(row.seen, dtype=torch.long, device=row_logits.device)
+            tokens.append(next_token(row_logits, seen, row.handle.request.params, row.generator))
+        new = torch.tensor(tokens, dtype=torch.long, device=self.engine.device)
+        self._pending = new if first == 0 or self._pending is None else torch.cat([self._pending, new])
+        finished, keep = [], list(range(first))
+        for index, (row, token) in enumerate(zip(self._rows[first:], tokens), start=first):
+            reason = self._emit(row, token)
+            if reason is None:
+                keep.append(index)
+            else:
+                finished.append(self._finish(row.handle, reason))
+        if len(keep) < len(self._rows):
+            self._rows = [self._rows[i] for i in keep]
+            self._kv = select(self._kv, keep)
+            self._pending = self._pending[keep] if keep else None
+        return finished
+
+    def _emit(self, row: _Row, token: int) -> str | None:
+        """Record one token; returns the finish reason if it ends the completion."""
+        row.seen.append(token)
+        row.handle.tokens.append(token)
+        if row.handle.on_token is not None:
+            row.handle.on_token(token)
+        if token in self.eos:
+            return "eos"
+        if self._stopped(row.handle.tokens, row.handle.request.params):
+            return "stop"
+        if len(row.handle.tokens) >= row.handle.request.params.max_new_tokens:
+            return "length"
+        return None
+
+    def _stopped(self, completion: list[int], params: SamplingParams) -> bool:
+        for ids in params.stop_ids():
+            if len(completion) >= len(ids) and tuple(completion[-len(ids):]) == ids:
+                return True
+        for text in params.stop_strings():
+            # the stop string would end inside the newest token: it starts at most len(text) tokens back
+            # (a token decodes to at least one character, byte fragments aside)
+            if text in self.tokenizer.decode(completion[-(len(text) + 1):]):
+                return True
+        return False
+
+    def _finish(self, handle: Handle, reason: str) -> Handle:
+        handle.result = GenerationResult(list(handle.tokens), reason, len(handle.request.prompt), len(handle.tokens))
+        if handle.on_finish is not None:
+            handle.on_finish(handle)
+        return handle
+
+    def fail_all(self, error: BaseException) -> list[Handle]:
+        """End every waiting and running request with `error` (after a step raised); the batch starts empty."""
+        with self._lock:
+            handles = [*(r.handle for r in self._rows), *self._waiting]
+            self._waiting.clear()
+        self._rows, self._kv, self._pending = [], None, None
+        for handle in handles:
+            handle.error = error
+            if handle.on_finish is not None:
+                handle.on_finish(handle)
+        return handles

@@ -1,0 +1,93 @@
+"""Async driver: a Generator's step loop on one background thread, tokens streamed to asyncio callers.
+
+    driver = AsyncDriver(generator)
+    stream = driver.stream(GenerationRequest(prompt=ids, adapter="support"))
+    async for token in stream:
+        ...
+    stream.result  # GenerationResult (finish reason, token counts)
+    driver.close()
+
+The model only ever runs on the driver's thread; asyncio code only submits and awaits. Tokens cross over
+with loop.call_soon_threadsafe, so each stream sees its tokens in order, then its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from adalora_runtime.engine.errors import EngineError
+from adalora_runtime.engine.scheduler import GenerationRequest, GenerationResult, Generator, Handle
+
+_END = object()
+
+
+class TokenStream:
+    """Async iterator over one request's generated token ids; `.result` once it is exhausted."""
+
+    def __init__(self, handle_queue: asyncio.Queue, handle: Handle) -> None:
+        self._queue = handle_queue
+        self.handle = handle
+
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> int:
+        item = await self._queue.get()
+        if item is _END:
+            self._queue.put_nowait(_END)  # stay exhausted
+            if self.handle.error is not None:
+                raise self.handle.error
+            raise StopAsyncIteration
+        return item
+
+    @property
+    def result(self) -> GenerationResult | None:
+        return self.handle.result
+
+
+class AsyncDriver:
+    """Owns the thread that calls `generator.step()` while any request waits or runs."""
+
+    def __init__(self, generator: Generator) -> None:
+        self.generator = generator
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="adalora-generate", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._closed:
+            if not self.generator.has_work():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                self.generator.step()
+            except Exception as error:  # every request in flight gets the error; the loop goes on
+                self.generator.fail_all(error)
+
+    def stream(self, request: GenerationRequest) -> TokenStream:
+        """Submit `request` (validation errors raise here) and stream its tokens; call from a running event loop."""
+        if self._closed:
+            raise EngineError("this driver is closed; create a new AsyncDriver")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        handle = self.generator.submit(request,
+                                       on_token=lambda t: loop.call_soon_threadsafe(queue.put_nowait, t),
+                                       on_finish=lambda h: loop.call_soon_threadsafe(queue.put_nowait, _END))
+        self._wake.set()
+        return TokenStream(queue, handle)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """The whole completion at once."""
+        stream = self.stream(request)
+        async for _ in stream:
+            pass
+        return stream.result
+
+    def close(self, timeout: float | None = 5.0) -> None:
+        """Stop the loop after the step in progress (requests still in flight are not finished)."""
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout)
