@@ -18,6 +18,7 @@ from torch import nn
 from adalora_runtime.adapter import Adapter, base_identity
 from adalora_runtime.engine.config import EngineConfig
 from adalora_runtime.engine.errors import BatchError, EngineError
+from adalora_runtime.engine.heads import Head, HeadBank
 from adalora_runtime.engine.multi_linear import BatchContext, ContextHolder, MultiAdapterLinear, install_multi_linear
 from adalora_runtime.engine.slots import AdapterSlots, Route, SlotBank
 from adalora_runtime.inject import resolve_targets
@@ -39,6 +40,8 @@ class AdapterEngine:
         self.device = next(model.parameters()).device
         banks = {path: self._bank(model.get_submodule(path)) for path in resolve_targets(model, config.target_modules)}
         self.slots = AdapterSlots(banks, base_identity(model), config.max_slots)
+        hidden_size = getattr(getattr(model, "config", None), "hidden_size", None)
+        self.heads = HeadBank(config.max_slots, hidden_size, self.device, next(model.parameters()).dtype)
         self.holder = ContextHolder()
         self.layers = install_multi_linear(model, banks, self.holder)
 
@@ -47,12 +50,26 @@ class AdapterEngine:
         return SlotBank(*linear_dims(module), self.config.max_slots, module.weight.device, module.weight.dtype)
 
     def load(self, adapter_id: str, adapter: Adapter) -> int:
-        """Fold `adapter` into a free slot of every served layer; returns its slot index."""
-        return self.slots.load(adapter_id, adapter)
+        """Fold `adapter` into a free slot of every served layer, and keep its classification head (if any)
+        beside that slot; returns the slot index. A head that cannot be served loads nothing."""
+        head = self.heads.prepare(adapter)
+        slot = self.slots.load(adapter_id, adapter)
+        self.heads.set(slot, head)
+        return slot
 
     def unload(self, adapter_id: str) -> None:
-        """Free the adapter's slot; other slots are not touched."""
+        """Free the adapter's slot and drop its head; other slots are not touched."""
+        slot = self.slots.slot(adapter_id)
         self.slots.unload(adapter_id)
+        self.heads.clear(slot)
+
+    def head(self, adapter_id: str) -> Head | None:
+        """The loaded adapter's classification head on the model's device, or None when it has none."""
+        return self.heads.get(self.slots.slot(adapter_id))
+
+    def nbytes(self, adapter_id: str) -> int:
+        """Device bytes the adapter holds: its factors in every layer plus its head."""
+        return self.slots.nbytes(adapter_id) + self.heads.nbytes(self.slots.slot(adapter_id))
 
     def _route(self, request: Request, row: int) -> Route | None:
         if request is None:
