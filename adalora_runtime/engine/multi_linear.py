@@ -1,17 +1,21 @@
 """MultiAdapterLinear: a frozen linear layer plus the batched apply of many adapters' slots.
 
 The per-token routing comes from an explicit `BatchContext` held by a `ContextHolder` that the engine
-owns and every wrapper of one model shares; with no context set, the layer is the base layer.
+owns and every wrapper of one model shares; with no context set, the layer is the base layer. The context
+also keeps each layer's plan (its prepared factors for this batch), built on the layer's first call and
+reused by later forwards with the same context until a slot of its routes is written (load / unload).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import nn
 
-from adalora_runtime.engine.apply import batched_apply
+from adalora_runtime.engine.apply import Plan, Routing, make_plan
 from adalora_runtime.engine.config import check_strategy
 from adalora_runtime.engine.errors import BatchError, EngineError
 from adalora_runtime.engine.slots import Route, SlotBank
@@ -28,7 +32,10 @@ class BatchContext:
     """(N,) long on the model's device, values in [-1, len(routes))."""
     routes: tuple[Route, ...]
     strategy: str = "auto"
-    """'auto' (the cost model decides per layer call) or one of 'group', 'packed', 'padded'."""
+    """'auto' (the cost model decides per layer) or one of 'group', 'packed', 'padded'."""
+    _plans: dict[SlotBank, tuple[tuple[int, ...], Plan | None]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
+    """bank -> (its versions of `slots` when the plan was built, the plan); filled lazily by `plan`."""
 
     def __post_init__(self) -> None:
         check_strategy(self.strategy)
@@ -39,6 +46,29 @@ class BatchContext:
     def tokens(self) -> int:
         return self.groups.shape[0]
 
+    @cached_property
+    def routing(self) -> Routing:
+        return Routing(self.groups, len(self.routes))
+
+    @cached_property
+    def slots(self) -> tuple[int, ...]:
+        """Every slot the routes read, once each."""
+        return tuple(dict.fromkeys(s for route in self.routes for s, _ in route))
+
+    def plan(self, bank: SlotBank) -> Plan | None:
+        """The layer's prepared factors for this batch; rebuilt only when a slot of the routes was written
+        since (an adapter loaded or unloaded there). None: no route has a nonzero rank in this layer."""
+        versions = bank.versions(self.slots)
+        cached = self._plans.get(bank)
+        if cached is None or cached[0] != versions:
+            cached = (versions, make_plan(self.routing, [bank.route(r) for r in self.routes], self.strategy))
+            self._plans[bank] = cached
+        return cached[1]
+
+    def chosen_strategies(self) -> Counter[str]:
+        """How many layers run each strategy under the plans built so far (what 'auto' picked)."""
+        return Counter(plan.strategy for _, plan in self._plans.values() if plan is not None)
+
 
 class ContextHolder:
     """The one mutable cell the wrappers of a model read: the batch being run, or None (base only)."""
@@ -48,7 +78,8 @@ class ContextHolder:
 
 
 class MultiAdapterLinear(nn.Module):
-    """y = base(x) + batched_apply(x, context.groups, [bank.route(r) for r in context.routes])."""
+    """y = base(x) + batched_apply(x, context.groups, [bank.route(r) for r in context.routes]), through the
+    context's cached plan for this layer."""
 
     def __init__(self, base: nn.Module, bank: SlotBank, holder: ContextHolder) -> None:
         super().__init__()
@@ -65,11 +96,10 @@ class MultiAdapterLinear(nn.Module):
         if flat.shape[0] != context.tokens:
             raise BatchError(f"the batch context routes {context.tokens} tokens but this layer got input of shape "
                              f"{tuple(x.shape)} ({flat.shape[0]} tokens); build the context for this batch's shape")
-        factors = [self.bank.route(route) for route in context.routes]
-        delta = batched_apply(flat, context.groups, factors, context.strategy)  # (N, out) or None
-        if delta is None:
+        plan = context.plan(self.bank)
+        if plan is None:
             return y
-        return y + delta.view(y.shape).to(y.dtype)
+        return y + plan(flat).view(y.shape).to(y.dtype)  # (N, out) -> y's shape
 
 
 def install_multi_linear(model: nn.Module, banks: dict[str, SlotBank], holder: ContextHolder) -> dict[str, MultiAdapterLinear]:

@@ -28,6 +28,7 @@ from adalora_runtime.engine.config import check_strategy
 from adalora_runtime.engine.engine import AdapterEngine, Request
 from adalora_runtime.engine.errors import EngineError, InvalidRequest
 from adalora_runtime.engine.kv import BatchKV, concat, prefill_inputs, select
+from adalora_runtime.engine.multi_linear import BatchContext
 from adalora_runtime.engine.sampling import SamplingParams, next_token, request_generator
 
 FINISH_REASONS = ("length", "stop", "eos")
@@ -123,6 +124,9 @@ class Generator:
         self._kv: BatchKV | None = None
         self._pending: torch.Tensor | None = None
         """(B,) long: each running row's last sampled token, not yet in the cache."""
+        self._decode_context: tuple[tuple, BatchContext] | None = None
+        """(key, context) of the last decode step: reused, with the layers' plans it holds, while the key
+        (the running requests in order, and the engine's load/unload count) stays the same."""
 
     # ---- requests -------------------------------------------------------------------------------------------
 
@@ -194,9 +198,18 @@ class Generator:
         self._kv = concat(self._kv, kv)
         return self._sample_and_retire(out.logits[:, -1], first)
 
+    def _decode_routing(self) -> BatchContext:
+        """The decode context of the running rows: the previous step's while neither the rows nor the loaded
+        adapters changed, so each layer's plan is built once per batch composition."""
+        key = (tuple(r.handle.request_id for r in self._rows), self.engine.slots.version)
+        if self._decode_context is None or self._decode_context[0] != key:
+            context = self.engine.context([r.handle.request.adapter for r in self._rows], 1, self.config.strategy)
+            self._decode_context = (key, context)
+        return self._decode_context[1]
+
     def _decode(self) -> torch.Tensor:
         attention_mask, position_ids = self._kv.decode_inputs()  # (B, L + 1), (B, 1)
-        context = self.engine.context([r.handle.request.adapter for r in self._rows], 1, self.config.strategy)
+        context = self._decode_routing()
         with self.engine.batch(context):
             out = self.engine.model(input_ids=self._pending[:, None], attention_mask=attention_mask,
                                     position_ids=position_ids, past_key_values=self._kv.cache, use_cache=True)
@@ -207,8 +220,12 @@ class Generator:
         """Sample rows first.. from logits (B - first, V); drop finished rows from rows, cache and pending."""
         tokens = []
         for row, row_logits in zip(self._rows[first:], logits, strict=True):
-            seen = torch.tensor(row.seen, dtype=torch.long, device=row_logits.device)
-            tokens.append(next_token(row_logits, seen, row.handle.request.params, row.generator))
+            params = row.handle.request.params
+            if params.repetition_penalty == 1.0:  # nothing reads the history: skip its host-to-device copy
+                seen = torch.empty(0, dtype=torch.long, device=row_logits.device)
+            else:
+                seen = torch.tensor(row.seen, dtype=torch.long, device=row_logits.device)
+            tokens.append(next_token(row_logits, seen, params, row.generator))
         new = torch.tensor(tokens, dtype=torch.long, device=self.engine.device)
         self._pending = new if first == 0 or self._pending is None else torch.cat([self._pending, new])
         finished, keep = [], list(range(first))
@@ -260,7 +277,7 @@ class Generator:
         with self._lock:
             handles = [*(r.handle for r in self._rows), *self._waiting]
             self._waiting.clear()
-        self._rows, self._kv, self._pending = [], None, None
+        self._rows, self._kv, self._pending, self._decode_context = [], None, None, None
         for handle in handles:
             handle.error = error
             if handle.on_finish is not None:

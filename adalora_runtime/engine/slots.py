@@ -53,12 +53,20 @@ class SlotBank:
         self.in_features, self.out_features = in_features, out_features
         self.device, self.dtype = device, dtype
         self._slots: list[Factors | None] = [None] * max_slots
+        self._versions = [0] * max_slots
+        """Bumped on every write of a slot, so a plan built from it can tell it is stale."""
 
     def set(self, slot: int, factors: Factors) -> None:
         self._slots[slot] = factors
+        self._versions[slot] += 1
 
     def clear(self, slot: int) -> None:
         self._slots[slot] = None
+        self._versions[slot] += 1
+
+    def versions(self, slots: tuple[int, ...]) -> tuple[int, ...]:
+        """The write count of each of `slots`: equal tuples mean their factors did not change."""
+        return tuple(self._versions[s] for s in slots)
 
     def get(self, slot: int) -> Factors:
         factors = self._slots[slot]
@@ -95,6 +103,8 @@ class AdapterSlots:
         self._ids: dict[str, int] = {}
         self._adapters: dict[str, Adapter] = {}
         """The loaded host-side adapters (head, labels and task type for the serving layers above)."""
+        self.version = 0
+        """Bumped on every load and unload: a routing built from adapter ids is stale once it changes."""
 
     @property
     def shapes(self) -> dict[str, tuple[int, int]]:
@@ -115,6 +125,7 @@ class AdapterSlots:
             bank.set(slot, fold(adapter, path, bank.in_features, bank.out_features, bank.device, bank.dtype))
         self._ids[adapter_id] = slot
         self._adapters[adapter_id] = adapter
+        self.version += 1
         return slot
 
     def unload(self, adapter_id: str) -> None:
@@ -122,6 +133,7 @@ class AdapterSlots:
         for bank in self.banks.values():
             bank.clear(slot)
         del self._ids[adapter_id], self._adapters[adapter_id]
+        self.version += 1
 
     def slot(self, adapter_id: str) -> int:
         if adapter_id not in self._ids:

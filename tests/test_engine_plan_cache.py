@@ -1,0 +1,144 @@
+"""Per-layer plans cached in a BatchContext: a reused context gives the same bits as a fresh one, builds each
+layer's plan once, and rebuilds it after a load / unload in its routes (the new adapter's output is used);
+the Generator reuses one decode context while its running rows and the loaded adapters stay the same."""
+
+import copy
+
+import pytest
+import torch
+
+from adalora_runtime.engine import AdapterEngine, EngineConfig
+from adalora_runtime.engine.apply import Routing
+from adalora_runtime.engine.errors import AdapterNotFound
+from adalora_runtime.engine.sampling import SamplingParams
+from adalora_runtime.engine.scheduler import GenerationRequest, Generator, GeneratorConfig
+from tests.conftest import tiny_llama
+from tests.test_merge import random_adapter
+
+T = 4
+ROWS = ["a", None, "b", {"a": 0.5, "b": -0.7}, "a"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    base = tiny_llama()
+    adapters = {"a": random_adapter(base, 1, init_r=4), "b": random_adapter(base, 2, init_r=6),
+                "c": random_adapter(base, 3, init_r=3)}
+    return base, adapters
+
+
+def engine_with(setup, names=("a", "b")):
+    base, adapters = setup
+    engine = AdapterEngine(copy.deepcopy(base), EngineConfig(max_slots=4))
+    for name in names:
+        engine.load(name, adapters[name])
+    return engine
+
+
+def ids_for(rows):
+    return (torch.arange(len(rows) * T).view(len(rows), T) * 5) % 60 + 2
+
+
+@torch.no_grad()
+def forward(engine, context, ids):
+    with engine.batch(context):
+        return engine.model(input_ids=ids).logits
+
+
+def test_routing_rows_are_each_groups_tokens():
+    groups = torch.tensor([2, -1, 0, 2, 0, -1, 1, 2])
+    rows = Routing(groups, 4).rows
+    assert len(rows) == 4
+    for g, r in enumerate(rows):
+        assert torch.equal(r, (groups == g).nonzero().squeeze(1))
+
+
+@pytest.mark.parametrize("strategy", ["auto", "group", "packed", "padded"])
+def test_reused_context_equals_fresh_context(setup, strategy):
+    engine = engine_with(setup)
+    ids = ids_for(ROWS)
+    context = engine.context(ROWS, T, strategy)
+    first = forward(engine, context, ids)
+    plans = {bank: plan for bank, (_, plan) in context._plans.items()}
+    assert len(plans) == len(engine.layers)
+    second = forward(engine, context, ids)  # every layer through its cached plan
+    assert all(context._plans[bank][1] is plan for bank, plan in plans.items())
+    fresh = forward(engine, engine.context(ROWS, T, strategy), ids)
+    assert torch.equal(first, second) and torch.equal(second, fresh)
+    if strategy != "auto":
+        assert set(context.chosen_strategies()) == {strategy}
+
+
+@pytest.mark.parametrize("strategy", ["auto", "group", "packed", "padded"])
+def test_unload_then_load_into_the_same_slot_uses_the_new_adapter(setup, strategy):
+    engine = engine_with(setup)
+    ids = ids_for(ROWS)
+    context = engine.context(ROWS, T, strategy)
+    before = forward(engine, context, ids)
+    slot = engine.slots.slot("b")
+    engine.unload("b")
+    assert engine.load("c", setup[1]["c"]) == slot  # the routes now read c wherever they read b
+    after = forward(engine, context, ids)
+    rows_c = [{"a": 0.5, "c": -0.7} if isinstance(r, dict) else ("c" if r == "b" else r) for r in ROWS]
+    expected = forward(engine, engine.context(rows_c, T, strategy), ids)
+    torch.testing.assert_close(after, expected, atol=1e-6, rtol=1e-6)
+    changed = [i for i, r in enumerate(ROWS) if r == "b" or isinstance(r, dict)]
+    unchanged = [i for i in range(len(ROWS)) if i not in changed]
+    assert (after[changed] - before[changed]).abs().amax() > 1e-3  # b's rows and the mix now run c
+    torch.testing.assert_close(after[unchanged], before[unchanged], atol=1e-6, rtol=1e-6)
+
+
+def test_unload_alone_makes_the_cached_context_refuse(setup):
+    engine = engine_with(setup)
+    context = engine.context(["b"], T)
+    forward(engine, context, ids_for(["b"]))
+    engine.unload("b")
+    with pytest.raises(AdapterNotFound, match="is empty"):
+        forward(engine, context, ids_for(["b"]))
+
+
+def test_load_into_another_slot_keeps_the_plans(setup):
+    engine = engine_with(setup, names=("a",))
+    context = engine.context(["a"], T)
+    forward(engine, context, ids_for(["a"]))
+    plans = {bank: plan for bank, (_, plan) in context._plans.items()}
+    engine.load("b", setup[1]["b"])
+    forward(engine, context, ids_for(["a"]))
+    assert all(context._plans[bank][1] is plan for bank, plan in plans.items())
+
+
+def counting_contexts(engine):
+    """Wrap engine.context to count how many routing contexts the generator builds."""
+    calls = []
+    build = engine.context
+
+    def context(requests, tokens_per_row, strategy="auto"):
+        calls.append((len(requests), tokens_per_row))
+        return build(requests, tokens_per_row, strategy)
+
+    engine.context = context
+    return calls
+
+
+def test_generator_builds_one_decode_context_per_batch_composition(setup):
+    engine = engine_with(setup)
+    gen = Generator(engine, GeneratorConfig(max_batch_size=4, eos_token_ids=()))
+    greedy = lambda n: SamplingParams(max_new_tokens=n, temperature=0)  # noqa: E731
+    first = [gen.submit(GenerationRequest([3, 4, 5], a, greedy(10))) for a in ("a", "b")]
+    calls = counting_contexts(engine)  # after submit, which builds a one-row context to validate
+    for _ in range(3):
+        gen.step()  # step 1: prefill + decode (one new decode context), then two more decodes reuse it
+    assert calls == [(2, 3), (2, 1)]
+    gen.submit(GenerationRequest([7, 8], None, greedy(2)))  # a row joins: a new composition
+    calls.clear()
+    gen.step()
+    gen.step()
+    # the join's prefill, a decode of 3 rows; the joined row then finishes (2 tokens): a decode of 2 rows
+    assert calls == [(1, 2), (3, 1), (2, 1)]
+    engine.load("c", setup[1]["c"])  # any load / unload re-resolves the running rows' adapter ids
+    calls.clear()
+    gen.step()
+    assert calls == [(2, 1)]
+    while gen.has_work():
+        gen.step()
+    assert all(len(h.result.token_ids) == 10 for h in first)
