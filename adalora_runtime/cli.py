@@ -19,6 +19,9 @@ COMMANDS = (
     "adalora_runtime.commands.convert",
     "adalora_runtime.commands.demo",
     "tools.merge_cli",
+    "server.commands.serve",
+    "server.commands.generate",
+    "server.commands.classify",
 )
 # Errors whose message is the whole story for the user: printed without a traceback, exit 2.
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, AdapterFormatError, FileNotFoundError)

@@ -1,0 +1,101 @@
+"""The gRPC server: create_server() builds and binds it (tests bind port 0), serve() runs it until SIGTERM.
+
+    server, port = await create_server(config)
+    await server.start()                                    # health: NOT_SERVING
+    await server.attach(await asyncio.to_thread(Backend.open, config))   # health: SERVING
+    ...
+    await server.stop(grace=10)                             # health: NOT_SERVING, then in-flight RPCs finish
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from server.backend import Backend
+from server.config import ServerConfig
+from server.gen.adalora.v1 import adalora_pb2 as pb
+from server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc
+from server.servicer import AdaLoraServicer
+
+log = logging.getLogger("adalora.server")
+
+SERVICE = pb.DESCRIPTOR.services_by_name["AdaLora"].full_name
+"""'adalora.v1.AdaLora': the health service reports it and '' (the whole server) alike."""
+
+
+@dataclass
+class Server:
+    """A bound adalora.v1 server with its health service."""
+
+    grpc: grpc.aio.Server
+    servicer: AdaLoraServicer
+    health: health.aio.HealthServicer
+
+    async def _set_health(self, status: int) -> None:
+        for service in ("", SERVICE):
+            await self.health.set(service, status)
+
+    async def start(self) -> None:
+        await self.grpc.start()
+
+    async def attach(self, backend: Backend) -> None:
+        """Serve with `backend` (its model and preloaded adapters ready): health turns SERVING."""
+        self.servicer.backend = backend
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None) -> None:
+        """Drain: health NOT_SERVING and new requests refused (UNAVAILABLE) at once; requests in flight get
+        `grace` seconds to finish, then are cancelled; the generation thread ends last."""
+        self.servicer.draining = True
+        await self.health.enter_graceful_shutdown()
+        await self.grpc.stop(grace)
+        if self.servicer.backend is not None:
+            self.servicer.backend.close()
+
+
+async def create_server(config: ServerConfig) -> tuple[Server, int]:
+    """Build the server and bind config.host:config.port (0 = any free port); returns it (not started, health
+    NOT_SERVING) and the bound port. Call from a running event loop."""
+    options = [("grpc.max_receive_message_length", config.max_message_bytes),
+               ("grpc.max_send_message_length", config.max_message_bytes)]
+    server = grpc.aio.server(options=options)
+    servicer = AdaLoraServicer(config)
+    pb_grpc.add_AdaLoraServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = f"{config.host}:{config.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise OSError(f"cannot listen on {address} ({e}); pick another --port or --host") from e
+    wrapped = Server(server, servicer, health_servicer)
+    await wrapped._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    return wrapped, port
+
+
+async def serve(config: ServerConfig) -> None:
+    """Listen at once (health NOT_SERVING), load the base model and preloaded adapters, turn SERVING, and run
+    until SIGTERM or SIGINT, then drain for config.grace_s seconds."""
+    server, port = await create_server(config)
+    await server.start()
+    log.info("listening on %s:%d; loading %s", config.host, port, config.base_model)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        loading = asyncio.ensure_future(asyncio.to_thread(Backend.open, config))
+        await asyncio.wait([loading, asyncio.ensure_future(stopping.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if loading.done():
+            await server.attach(loading.result())
+            log.info("serving %s on port %d (adapters: %s)", config.base_model, port, ", ".join(config.preload) or "-")
+            await stopping.wait()
+        log.info("draining for up to %gs", config.grace_s)
+    finally:
+        await server.stop(config.grace_s)

@@ -1,0 +1,401 @@
+"""The serving runtime behind the gRPC servicer: one base model, its AdapterEngine, a Generator (causal LM)
+or an EncoderRunner (encoder), and the adapter store. Domain objects in and out; no protobuf here.
+
+Threads: the model only runs under `lock`, on the generation driver's thread (one step at a time) or on a
+worker thread (encoder forwards, adapter slot writes), so an adapter load never lands inside a forward.
+Everything else (bookkeeping of loaded adapters and requests in flight) runs on the asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from adalora_runtime.engine import (AdapterEngine, AsyncDriver, Classification, EncoderRunner, EngineConfig,
+                                    GenerationRequest, Generator, GeneratorConfig, SamplingParams, TokenStream)
+from adalora_runtime.engine.engine import Request
+from adalora_runtime.engine.errors import AdapterExists, AdapterNotFound, InvalidRequest
+from adalora_runtime.engine.slots import check_adapter
+from adalora_runtime.recipe import DTYPES
+from server.config import ServerConfig
+from server.errors import AdapterInUse, StoreError, WrongModelKind
+from server.store import AdapterStore, StoredAdapter, check_id
+
+T = TypeVar("T")
+
+MODEL_CLASSES = {"causal-lm": AutoModelForCausalLM, "encoder": AutoModelForSequenceClassification}
+"""How a base model folder is loaded, by kind: a causal LM generates, anything else is served as an encoder."""
+
+
+def model_kind(config) -> str:
+    """'causal-lm' when the folder's architectures name a *ForCausalLM class, else 'encoder'."""
+    architectures = getattr(config, "architectures", None) or []
+    return "causal-lm" if any(a.endswith("ForCausalLM") for a in architectures) else "encoder"
+
+
+# ---- domain requests and answers ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GenerateCall:
+    prompt: str | tuple[int, ...]
+    """Text (tokenized here) or token ids."""
+    adapter: Request
+    params: SamplingParams
+    """max_new_tokens already resolved against the server's default and cap."""
+
+
+@dataclass(frozen=True)
+class EncodeCall:
+    inputs: tuple[str, ...] | tuple[tuple[int, ...], ...]
+    """Texts or token id rows (not a mix)."""
+    adapter: Request
+    normalize: bool = False
+    """Embed only: L2-normalize each embedding."""
+
+
+@dataclass(frozen=True)
+class Timings:
+    queue_ms: float
+    """Until the engine step that admitted the request began."""
+    first_token_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """One generated token and the text it added (empty while a character is incomplete)."""
+
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The end of a generation: the whole completion, why it ended, counts and timings."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class AdapterView:
+    """What the admin RPCs report about one adapter."""
+
+    id: str
+    residency: str
+    """'device' (loaded) or 'disk' (only in the store)."""
+    format: str
+    """'native', 'peft', or '' when the folder could not be read (listing only)."""
+    stored: StoredAdapter | None
+    """None for a store-only entry of a listing (the folder was not read)."""
+    device_bytes: int = 0
+
+
+def adapter_ids(request: Request) -> set[str]:
+    if request is None:
+        return set()
+    return {request} if isinstance(request, str) else set(request)
+
+
+# ---- generation driver hook -------------------------------------------------------------------------------
+
+class SerialGenerator:
+    """The Generator as AsyncDriver drives it, plus two things: each step holds the backend's model lock (an
+    adapter load waits for the step in progress), and the start of the step that admitted each request is
+    kept, by id() of its GenerationRequest, for its queue time."""
+
+    def __init__(self, generator: Generator, lock: threading.Lock) -> None:
+        self.generator, self.lock = generator, lock
+        self.step_started = time.perf_counter()
+        self.admitted: dict[int, float] = {}
+
+    def submit(self, request: GenerationRequest, on_token: Callable[[int], None] | None = None, on_finish=None):
+        key = id(request)
+
+        def token(t: int) -> None:  # on the driver thread, inside the step
+            self.admitted.setdefault(key, self.step_started)
+            if on_token is not None:
+                on_token(t)
+
+        return self.generator.submit(request, on_token=token, on_finish=on_finish)
+
+    def has_work(self) -> bool:
+        return self.generator.has_work()
+
+    def step(self):
+        with self.lock:
+            self.step_started = time.perf_counter()
+            return self.generator.step()
+
+    def fail_all(self, error: BaseException):
+        return self.generator.fail_all(error)
+
+
+# ---- the backend --------------------------------------------------------------------------------------------
+
+def load_base(config: ServerConfig) -> tuple[torch.nn.Module, object | None]:
+    """(model in eval mode on config.device, tokenizer or None) from the base model folder."""
+    folder = Path(config.base_model)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--base-model {folder}: not a model folder (no config.json); run `adalora prepare` "
+                                f"or pass a transformers model folder")
+    kind = model_kind(AutoConfig.from_pretrained(folder, local_files_only=True))
+    model = MODEL_CLASSES[kind].from_pretrained(folder, local_files_only=True, dtype=DTYPES[config.dtype])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError):  # no tokenizer files: the server takes token ids only
+        tokenizer = None
+    return model.to(config.device).eval(), tokenizer
+
+
+class Backend:
+    """One base model serving the store's adapters; create with Backend.open(config) (slow: reads the model)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, config: ServerConfig, store: AdapterStore) -> None:
+        self.config, self.tokenizer, self.store = config, tokenizer, store
+        self.kind = model_kind(model.config)
+        self.engine = AdapterEngine(model, EngineConfig(max_slots=config.max_slots))
+        self.lock = threading.Lock()
+        self.loaded: dict[str, StoredAdapter] = {}
+        self.inflight: Counter[str] = Counter()
+        """Adapter id -> generation requests in flight that run with it (unload waits for 0)."""
+        self._leaving: set[str] = set()
+        """Ids being unloaded or replaced: new requests for them are refused until that is done."""
+        self._admin = asyncio.Lock()
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        self.serial: SerialGenerator | None = None
+        self.driver: AsyncDriver | None = None
+        self.runner: EncoderRunner | None = None
+        if self.kind == "causal-lm":
+            generator = Generator(self.engine, GeneratorConfig(max_batch_size=config.max_batch_size), tokenizer)
+            self.serial = SerialGenerator(generator, self.lock)
+            self.driver = AsyncDriver(self.serial)
+        else:
+            limit = min(config.max_prompt_tokens, self.max_positions or config.max_prompt_tokens)
+            self.runner = EncoderRunner(self.engine, tokenizer, max_length=limit)
+
+    @classmethod
+    def open(cls, config: ServerConfig) -> Backend:
+        """Read the base model and load config.preload from the store (blocking: run it off the event loop)."""
+        store = AdapterStore(config.adapter_dir, config.base_model)
+        model, tokenizer = load_base(config)
+        backend = cls(model, tokenizer, config, store)
+        for adapter_id in config.preload:
+            stored = store.read(check_id(adapter_id))
+            backend.engine.load(adapter_id, stored.adapter)
+            backend.loaded[adapter_id] = stored
+        return backend
+
+    def close(self) -> None:
+        if self.driver is not None:
+            self.driver.close()
+
+    def _locked(self, fn: Callable[..., T], *args) -> T:
+        with self.lock:
+            return fn(*args)
+
+    def _require(self, kind: str, rpc: str) -> None:
+        if self.kind != kind:
+            other = {"causal-lm": "Generate / GenerateStream", "encoder": "Classify / Embed"}[self.kind]
+            article = {"causal-lm": "a", "encoder": "an"}
+            raise WrongModelKind(f"{rpc} needs {article[kind]} {kind} base model, but this server serves "
+                                 f"{article[self.kind]} {self.kind} base "
+                                 f"({self.config.base_model}); use {other}")
+
+    def _check_not_leaving(self, request: Request) -> None:
+        leaving = sorted(adapter_ids(request) & self._leaving)
+        if leaving:
+            raise AdapterNotFound(f"adapter {leaving[0]!r} is being unloaded or replaced; retry once LoadAdapter "
+                                  f"or UnloadAdapter for it has returned")
+
+    # ---- generation -----------------------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt: str | tuple[int, ...]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequest(f"this server has no tokenizer (none in {self.config.base_model}); send the "
+                                     f"prompt as token_ids")
+            ids = list(self.tokenizer(prompt)["input_ids"])
+        else:
+            ids = list(prompt)
+        if len(ids) > self.config.max_prompt_tokens:
+            raise InvalidRequest(f"the prompt has {len(ids)} tokens, over this server's limit of "
+                                 f"{self.config.max_prompt_tokens} (--max-prompt-tokens); shorten it")
+        return ids
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return "" if self.tokenizer is None else self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    async def generate(self, call: GenerateCall) -> AsyncIterator[TokenDelta | Completion]:
+        """Yields a TokenDelta per generated token, then one Completion. Every refusal raises before the
+        first yield. A consumer that stops early leaves the request to finish in the background."""
+        received = time.perf_counter()
+        self._require("causal-lm", "Generate")
+        request = GenerationRequest(self._prompt_ids(call.prompt), call.adapter, call.params)
+        self._check_not_leaving(call.adapter)
+        stream = self.driver.stream(request)  # validation errors raise here
+        ids = adapter_ids(call.adapter)
+        self.inflight.update(ids)
+        done = False
+        try:
+            tokens: list[int] = []
+            text, first = "", None
+            async for token in stream:
+                first = first or time.perf_counter()
+                tokens.append(token)
+                full = self.decode(tokens)
+                delta = ""
+                if full.startswith(text) and not full.endswith("\ufffd"):
+                    delta, text = full[len(text):], full
+                yield TokenDelta(token, delta)
+            end = time.perf_counter()
+            result = stream.result
+            admitted = self.serial.admitted.get(id(request), received)
+            ms = lambda t: (t - received) * 1e3  # noqa: E731
+            done = True
+            yield Completion(self.decode(tokens), tokens, result.finish_reason, result.prompt_tokens,
+                             result.completion_tokens, Timings(ms(admitted), ms(first or end), ms(end)))
+        finally:
+            if done or stream.handle.done:
+                self._release(request, ids)
+            else:
+                asyncio.ensure_future(self._finish_in_background(stream, request, ids))
+
+    async def _finish_in_background(self, stream: TokenStream, request: GenerationRequest, ids: set[str]) -> None:
+        """A request whose caller went away still runs until it finishes (cancellation is not implemented),
+        so its adapters stay in use until then."""
+        try:
+            async for _ in stream:
+                pass
+        except Exception:  # noqa: BLE001 - nobody is left to tell
+            pass
+        finally:
+            self._release(request, ids)
+
+    def _release(self, request: GenerationRequest, ids: set[str]) -> None:
+        self.serial.admitted.pop(id(request), None)
+        self.inflight.subtract(ids)
+        for adapter_id in ids:
+            if self.inflight[adapter_id] <= 0:
+                del self.inflight[adapter_id]
+
+    # ---- encoder --------------------------------------------------------------------------------------------
+
+    def _encoder_inputs(self, call: EncodeCall) -> list:
+        if len(call.inputs) > self.config.max_inputs:
+            raise InvalidRequest(f"{len(call.inputs)} inputs, over this server's limit of {self.config.max_inputs} "
+                                 f"per request; split them into several requests")
+        limit = self.runner.max_length
+        long = [i for i, x in enumerate(call.inputs) if not isinstance(x, str) and len(x) > limit]
+        if long:
+            raise InvalidRequest(f"inputs {long[:5]} have more than {limit} token ids (this server's limit for "
+                                 f"this base); shorten them")
+        return [x if isinstance(x, str) else list(x) for x in call.inputs]
+
+    async def classify(self, call: EncodeCall) -> list[Classification]:
+        self._require("encoder", "Classify")
+        inputs = self._encoder_inputs(call)
+        self._check_not_leaving(call.adapter)
+        return await asyncio.to_thread(self._locked, self.runner.classify, inputs, [call.adapter] * len(inputs))
+
+    async def embed(self, call: EncodeCall) -> torch.Tensor:
+        """(N, hidden) float32 on the CPU."""
+        self._require("encoder", "Embed")
+        inputs = self._encoder_inputs(call)
+        self._check_not_leaving(call.adapter)
+        out = await asyncio.to_thread(self._locked, self.runner.embed, inputs, [call.adapter] * len(inputs),
+                                      call.normalize)
+        return out.cpu()
+
+    # ---- adapters -------------------------------------------------------------------------------------------
+
+    def _start_leaving(self, adapter_id: str) -> None:
+        busy = self.inflight.get(adapter_id, 0)
+        if busy:
+            raise AdapterInUse(f"adapter {adapter_id!r} has {busy} generation request(s) in flight; retry once "
+                               f"they have finished")
+        self._leaving.add(adapter_id)
+
+    def _swap(self, adapter_id: str, stored: StoredAdapter, replace: bool) -> None:
+        """Under the lock: unload the old version (when replacing) and load the new one."""
+        if replace:
+            self.engine.unload(adapter_id)
+            del self.loaded[adapter_id]
+        self.engine.load(adapter_id, stored.adapter)
+        self.loaded[adapter_id] = stored
+
+    async def load_adapter(self, adapter_id: str, reload: bool = False) -> tuple[AdapterView, bool, float]:
+        """(the loaded adapter, whether this version was already loaded, milliseconds spent)."""
+        async with self._admin:
+            start = time.perf_counter()
+            check_id(adapter_id)
+            current = self.loaded.get(adapter_id)
+            version = await asyncio.to_thread(self.store.version, adapter_id)
+            if current is not None and current.version == version:
+                return self.view(adapter_id), True, 0.0
+            if current is not None and not reload:
+                raise AdapterExists(f"adapter {adapter_id!r} is loaded at version {current.version[:12]}, and the "
+                                    f"store now holds version {version[:12]}; pass reload=true to replace it")
+            stored = await asyncio.to_thread(self.store.read, adapter_id)
+            slots = self.engine.slots
+            check_adapter(stored.adapter, slots.identity, slots.shapes)  # before the old version is dropped
+            if current is not None:
+                self._start_leaving(adapter_id)
+            try:
+                await asyncio.to_thread(self._locked, self._swap, adapter_id, stored, current is not None)
+            finally:
+                self._leaving.discard(adapter_id)
+            return self.view(adapter_id), False, (time.perf_counter() - start) * 1e3
+
+    async def unload_adapter(self, adapter_id: str) -> int:
+        """Device bytes freed."""
+        async with self._admin:
+            check_id(adapter_id)
+            if adapter_id not in self.loaded:
+                raise AdapterNotFound(f"adapter {adapter_id!r} is not loaded (loaded: {sorted(self.loaded)})")
+            freed = self.engine.nbytes(adapter_id)
+            self._start_leaving(adapter_id)
+            try:
+                await asyncio.to_thread(self._locked, self.engine.unload, adapter_id)
+                del self.loaded[adapter_id]
+            finally:
+                self._leaving.discard(adapter_id)
+            return freed
+
+    def view(self, adapter_id: str) -> AdapterView:
+        stored = self.loaded[adapter_id]
+        return AdapterView(adapter_id, "device", stored.format, stored, self.engine.nbytes(adapter_id))
+
+    async def get_adapter(self, adapter_id: str) -> AdapterView:
+        check_id(adapter_id)
+        if adapter_id in self.loaded:
+            return self.view(adapter_id)
+        stored = await asyncio.to_thread(self.store.read, adapter_id)
+        return AdapterView(adapter_id, "disk", stored.format, stored)
+
+    def list_adapters(self, include_store: bool = False) -> list[AdapterView]:
+        views = [self.view(adapter_id) for adapter_id in sorted(self.loaded)]
+        if include_store:
+            for adapter_id in self.store.ids():
+                if adapter_id not in self.loaded:
+                    views.append(AdapterView(adapter_id, "disk", self._format_or_blank(adapter_id), None))
+        return views
+
+    def _format_or_blank(self, adapter_id: str) -> str:
+        try:
+            return self.store.format(adapter_id)
+        except StoreError:  # an unreadable folder is listed with no format
+            return ""

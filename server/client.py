@@ -1,0 +1,102 @@
+"""A small blocking client of adalora.v1.
+
+    with AdaLoraClient("localhost:50051") as client:
+        client.load_adapter("support")
+        reply = client.generate("Hello", adapter="support", max_new_tokens=32, temperature=0)
+        print(reply.text)
+
+Errors arrive as grpc.RpcError with .code() and .details().
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.gen.adalora.v1 import adalora_pb2 as pb
+from server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc
+
+Adapter = str | Mapping[str, float] | None
+Prompt = str | Sequence[int]
+
+
+def selection(adapter: Adapter) -> pb.AdapterSelection:
+    if adapter is None:
+        return pb.AdapterSelection()
+    if isinstance(adapter, str):
+        return pb.AdapterSelection(id=adapter)
+    return pb.AdapterSelection(mix=pb.AdapterMix(adapters=[pb.WeightedAdapter(id=k, weight=w)
+                                                            for k, w in adapter.items()]))
+
+
+def generate_request(prompt: Prompt, adapter: Adapter = None, max_new_tokens: int = 0,
+                     temperature: float | None = None, top_k: int = 0, top_p: float | None = None,
+                     repetition_penalty: float | None = None, seed: int | None = None,
+                     stop: Sequence[str | Sequence[int]] = ()) -> pb.GenerateRequest:
+    params = pb.SamplingParams(max_new_tokens=max_new_tokens, top_k=top_k, temperature=temperature, top_p=top_p,
+                               repetition_penalty=repetition_penalty, seed=seed,
+                               stop=[pb.StopSequence(text=s) if isinstance(s, str)
+                                     else pb.StopSequence(token_ids=pb.TokenIds(ids=s)) for s in stop])
+    request = pb.GenerateRequest(adapter=selection(adapter), params=params)
+    if isinstance(prompt, str):
+        request.text = prompt
+    else:
+        request.token_ids.ids.extend(prompt)
+    return request
+
+
+def encoder_inputs(inputs: Sequence[Prompt]) -> list[pb.EncoderInput]:
+    return [pb.EncoderInput(text=x) if isinstance(x, str) else pb.EncoderInput(token_ids=pb.TokenIds(ids=x))
+            for x in inputs]
+
+
+class AdaLoraClient:
+    """One channel to a server; every method is one RPC."""
+
+    def __init__(self, target: str, timeout: float | None = 60.0) -> None:
+        self.channel = grpc.insecure_channel(target)
+        self.stub = pb_grpc.AdaLoraStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.timeout = timeout
+
+    def __enter__(self) -> AdaLoraClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def generate(self, prompt: Prompt, adapter: Adapter = None, **params) -> pb.GenerateResponse:
+        return self.stub.Generate(generate_request(prompt, adapter, **params), timeout=self.timeout)
+
+    def generate_stream(self, prompt: Prompt, adapter: Adapter = None, **params) -> Iterator[pb.GenerateStreamResponse]:
+        return self.stub.GenerateStream(generate_request(prompt, adapter, **params), timeout=self.timeout)
+
+    def classify(self, inputs: Sequence[Prompt], adapter: Adapter) -> pb.ClassifyResponse:
+        return self.stub.Classify(pb.ClassifyRequest(adapter=selection(adapter), inputs=encoder_inputs(inputs)),
+                                  timeout=self.timeout)
+
+    def embed(self, inputs: Sequence[Prompt], adapter: Adapter = None, normalize: bool = False) -> pb.EmbedResponse:
+        return self.stub.Embed(pb.EmbedRequest(adapter=selection(adapter), inputs=encoder_inputs(inputs),
+                                               normalize=normalize), timeout=self.timeout)
+
+    def load_adapter(self, adapter_id: str, reload: bool = False) -> pb.LoadAdapterResponse:
+        return self.stub.LoadAdapter(pb.LoadAdapterRequest(id=adapter_id, reload=reload), timeout=self.timeout)
+
+    def unload_adapter(self, adapter_id: str) -> pb.UnloadAdapterResponse:
+        return self.stub.UnloadAdapter(pb.UnloadAdapterRequest(id=adapter_id), timeout=self.timeout)
+
+    def list_adapters(self, include_store: bool = False) -> pb.ListAdaptersResponse:
+        return self.stub.ListAdapters(pb.ListAdaptersRequest(include_store=include_store), timeout=self.timeout)
+
+    def get_adapter(self, adapter_id: str) -> pb.AdapterInfo:
+        return self.stub.GetAdapter(pb.GetAdapterRequest(id=adapter_id), timeout=self.timeout).adapter
+
+    def health(self, service: str = "") -> str:
+        """'SERVING', 'NOT_SERVING', ... of the standard grpc.health.v1 service."""
+        reply = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

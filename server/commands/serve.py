@@ -1,0 +1,48 @@
+"""`adalora serve`: one base model, the adapters of --adapter-dir, served over gRPC (adalora.v1)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from adalora_runtime.peft_interop import InteropError
+from server.app import serve
+from server.config import ServerConfig
+from server.errors import StoreError
+
+NAME = "serve"
+HELP = "serve a base model and its adapters over gRPC (adalora.v1, grpc.health.v1); SIGTERM drains"
+USER_ERRORS = (StoreError, InteropError, OSError)
+DEFAULTS = ServerConfig(base_model="", adapter_dir="")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-model", required=True, help="base model folder (config.json, safetensors, tokenizer)")
+    p.add_argument("--adapter-dir", required=True, help="adapter store: one folder per adapter id (native or PEFT)")
+    p.add_argument("--preload", nargs="*", default=[], metavar="ID", help="adapter ids loaded before SERVING")
+    p.add_argument("--host", default=DEFAULTS.host, help=f"address to listen on (default {DEFAULTS.host}; no auth yet)")
+    p.add_argument("--port", type=int, default=DEFAULTS.port, help=f"port (default {DEFAULTS.port}; 0 = any free)")
+    p.add_argument("--device", default=DEFAULTS.device, help="torch device, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--dtype", default=DEFAULTS.dtype, help="float32, bfloat16 or float16")
+    p.add_argument("--max-batch-size", type=int, default=DEFAULTS.max_batch_size, help="generation rows per step")
+    p.add_argument("--max-slots", type=int, default=DEFAULTS.max_slots, help="adapters loaded at once")
+    p.add_argument("--max-prompt-tokens", type=int, default=DEFAULTS.max_prompt_tokens, help="longest prompt accepted")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens,
+                   help="cap on a request's max_new_tokens")
+    p.add_argument("--grace", type=float, default=DEFAULTS.grace_s, help="seconds in-flight requests get on SIGTERM")
+
+
+def config_from(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(base_model=args.base_model, adapter_dir=args.adapter_dir, preload=tuple(args.preload),
+                        host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+                        max_batch_size=args.max_batch_size, max_slots=args.max_slots,
+                        max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+                        default_max_new_tokens=min(DEFAULTS.default_max_new_tokens, args.max_new_tokens),
+                        grace_s=args.grace)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(serve(config_from(args)))
+    return 0

@@ -1,0 +1,65 @@
+"""The server's one typed config, validated once; every limit a request is checked against lives here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adalora_runtime.config import ConfigError
+from adalora_runtime.recipe import DTYPES
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What `adalora serve` runs and the limits it enforces before any work starts."""
+
+    base_model: str
+    """Folder of the base model (config.json + safetensors, and a tokenizer for text prompts)."""
+    adapter_dir: str
+    """The adapter store: one folder per adapter id (native or PEFT format)."""
+    preload: tuple[str, ...] = ()
+    """Adapter ids loaded before the server reports SERVING."""
+    host: str = "127.0.0.1"
+    """Address to listen on (no auth or TLS yet: keep it on loopback or a private network)."""
+    port: int = 50051
+    """Port to listen on; 0 = any free port (create_server returns the one bound)."""
+    device: str = "cpu"
+    """torch device of the model and the adapter slots, e.g. 'cuda' or 'cuda:1'."""
+    dtype: str = "float32"
+    """Model and slot dtype: float32, bfloat16 or float16."""
+    max_batch_size: int = 8
+    """Generation rows decoded together; further requests wait for a free row."""
+    max_slots: int = 16
+    """Adapters loaded at once; LoadAdapter past it is RESOURCE_EXHAUSTED."""
+    max_prompt_tokens: int = 2048
+    """Longest prompt accepted, in tokens."""
+    max_new_tokens: int = 1024
+    """Largest max_new_tokens a request may ask for."""
+    default_max_new_tokens: int = 64
+    """max_new_tokens of a request that leaves it 0."""
+    max_inputs: int = 64
+    """Most inputs in one Classify or Embed request."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest request or response message; a larger one is refused by gRPC (RESOURCE_EXHAUSTED)."""
+    grace_s: float = 10.0
+    """On SIGTERM: seconds in-flight requests get to finish before they are cancelled."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.preload, str) or not isinstance(self.preload, tuple):
+            raise ConfigError(f"preload must be a tuple of adapter ids, got {self.preload!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [0, 65535] (0 = any free port), got {self.port!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        for name in ("max_batch_size", "max_slots", "max_prompt_tokens", "max_new_tokens", "default_max_new_tokens",
+                     "max_inputs", "max_message_bytes"):
+            _positive_int(name, getattr(self, name))
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ConfigError(f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds max_new_tokens "
+                              f"({self.max_new_tokens}); lower the default or raise the cap")
+        if not isinstance(self.grace_s, (int, float)) or self.grace_s < 0:
+            raise ConfigError(f"grace_s must be >= 0 seconds, got {self.grace_s!r}")

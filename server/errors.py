@@ -1,0 +1,54 @@
+"""Errors of the serving layer and the one table that maps every error a request can meet to a status code."""
+
+from __future__ import annotations
+
+import grpc
+
+from adalora_runtime.adapter_file import AdapterFormatError
+from adalora_runtime.config import ConfigError
+from adalora_runtime.engine.errors import (AdapterExists, AdapterMismatch, AdapterNotFound, BatchError,
+                                           InvalidRequest, SlotsFull)
+
+
+class ServerError(Exception):
+    """Base class of the serving layer's own errors; the message says what the caller can do."""
+
+
+class NotReady(ServerError):
+    """The base model is still loading, or the server is shutting down (UNAVAILABLE)."""
+
+
+class AdapterInUse(ServerError):
+    """Unloading or replacing an adapter that requests in flight still run with (FAILED_PRECONDITION)."""
+
+
+class StoreError(ServerError):
+    """An adapter folder in the store that cannot be read or served (FAILED_PRECONDITION)."""
+
+
+class WrongModelKind(ServerError):
+    """Generate on an encoder base, or Classify / Embed on a decoder base (FAILED_PRECONDITION)."""
+
+
+STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (BatchError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
+    (AdapterExists, grpc.StatusCode.ALREADY_EXISTS),
+    (SlotsFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (AdapterMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+    (AdapterInUse, grpc.StatusCode.FAILED_PRECONDITION),
+    (StoreError, grpc.StatusCode.FAILED_PRECONDITION),
+    (AdapterFormatError, grpc.StatusCode.FAILED_PRECONDITION),
+    (WrongModelKind, grpc.StatusCode.FAILED_PRECONDITION),
+    (NotReady, grpc.StatusCode.UNAVAILABLE),
+)
+"""First matching class wins; an error of no listed class is a server bug (INTERNAL)."""
+
+
+def status_of(error: BaseException) -> grpc.StatusCode:
+    for cls, code in STATUS:
+        if isinstance(error, cls):
+            return code
+    return grpc.StatusCode.INTERNAL

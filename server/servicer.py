@@ -1,0 +1,117 @@
+"""The adalora.v1.AdaLora servicer: each RPC is convert.from_pb -> Backend -> convert.to_pb, and every error
+leaves through `abort_with`, which picks its status code from server.errors.STATUS."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from contextlib import aclosing
+
+import grpc
+
+from server import convert
+from server.backend import Backend, Completion, TokenDelta
+from server.config import ServerConfig
+from server.errors import NotReady, status_of
+from server.gen.adalora.v1 import adalora_pb2 as pb
+from server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc
+
+log = logging.getLogger("adalora.server")
+
+
+async def abort_with(context: grpc.aio.ServicerContext, error: Exception) -> None:
+    """End the RPC with the status of `error` and its message; an unexpected error is logged with its
+    traceback here and reaches the client as INTERNAL without one."""
+    code = status_of(error)
+    message = str(error)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("internal error", exc_info=error)
+        message = f"internal server error ({type(error).__name__}); the server log has the details"
+    await context.abort(code, message)
+
+
+def unary(method):
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except Exception as error:  # noqa: BLE001 - every error becomes a status
+            await abort_with(context, error)
+    return wrapper
+
+
+def streaming(method):
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            async for message in method(self, request, context):
+                yield message
+        except Exception as error:  # noqa: BLE001 - every error becomes a status
+            await abort_with(context, error)
+    return wrapper
+
+
+class AdaLoraServicer(pb_grpc.AdaLoraServicer):
+    """Answers UNAVAILABLE until a Backend is attached and once draining starts."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.backend: Backend | None = None
+        self.draining = False
+
+    def _ready(self) -> Backend:
+        if self.draining:
+            raise NotReady("the server is shutting down; retry on another replica or after it restarts")
+        if self.backend is None:
+            raise NotReady("the base model is still loading; retry when health reports SERVING")
+        return self.backend
+
+    @unary
+    async def Generate(self, request, context):
+        backend = self._ready()
+        call = convert.generate_from_pb(request, self.config)
+        async with aclosing(backend.generate(call)) as events:
+            async for event in events:
+                if isinstance(event, Completion):
+                    return convert.completion_to_pb(event)
+
+    @streaming
+    async def GenerateStream(self, request, context):
+        backend = self._ready()
+        call = convert.generate_from_pb(request, self.config)
+        streamed = ""
+        async with aclosing(backend.generate(call)) as events:
+            async for event in events:
+                yield convert.stream_to_pb(event, streamed)
+                if isinstance(event, TokenDelta):
+                    streamed += event.text
+
+    @unary
+    async def Classify(self, request, context):
+        results = await self._ready().classify(convert.encode_from_pb(request))
+        return pb.ClassifyResponse(results=[convert.classification_to_pb(r) for r in results])
+
+    @unary
+    async def Embed(self, request, context):
+        embeddings = await self._ready().embed(convert.encode_from_pb(request, normalize=request.normalize))
+        return convert.embeddings_to_pb(embeddings)
+
+    @unary
+    async def LoadAdapter(self, request, context):
+        view, already, ms = await self._ready().load_adapter(request.id, reload=request.reload)
+        return pb.LoadAdapterResponse(adapter=convert.adapter_to_pb(view), already_loaded=already, load_ms=ms)
+
+    @unary
+    async def UnloadAdapter(self, request, context):
+        return pb.UnloadAdapterResponse(freed_bytes=await self._ready().unload_adapter(request.id))
+
+    @unary
+    async def ListAdapters(self, request, context):
+        backend = self._ready()
+        views = backend.list_adapters(request.include_store)
+        return pb.ListAdaptersResponse(adapters=[convert.adapter_to_pb(v) for v in views],
+                                       max_slots=backend.config.max_slots)
+
+    @unary
+    async def GetAdapter(self, request, context):
+        return pb.GetAdapterResponse(adapter=convert.adapter_to_pb(await self._ready().get_adapter(request.id)))

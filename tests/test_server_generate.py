@@ -1,0 +1,121 @@
+"""Generate / GenerateStream over gRPC on a tiny random Llama with 9 adapters (8 native, 1 PEFT): concurrent
+requests for different adapters, mixes and the base each equal the in-process Generator running that request
+alone; streaming equals unary; every request-side refusal has its status code."""
+
+import grpc
+import pytest
+
+from adalora_runtime.engine import GenerationRequest, Generator, GeneratorConfig, SamplingParams
+from adalora_runtime.peft_interop import save_peft
+from server.client import generate_request
+from server.config import ServerConfig
+from server.gen.adalora.v1 import adalora_pb2 as pb
+from tests.server_setup import ServerThread, reference_engine, status_of, word_tokenizer, write_base, write_store
+from tests.test_engine_generate import varied_llama
+from tests.test_merge import random_adapter
+
+IDS = [f"ad-{i}" for i in range(8)]
+MIX = {"ad-1": 0.5, "ad-6": 0.7}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    base, tokenizer = varied_llama(), word_tokenizer()
+    adapters = {adapter_id: random_adapter(base, 10 + i, init_r=2 + i % 3) for i, adapter_id in enumerate(IDS)}
+    adapters["peft.one"] = random_adapter(base, 99, targets=("q_proj", "v_proj"))
+    store = {**adapters, "peft.one": lambda folder: save_peft(adapters["peft.one"], folder)}
+    config = ServerConfig(base_model=str(write_base(base, root / "base", tokenizer)),
+                          adapter_dir=str(write_store(root / "adapters", store)), preload=tuple(adapters), port=0,
+                          max_batch_size=4, max_slots=12, max_prompt_tokens=20, max_new_tokens=24,
+                          default_max_new_tokens=6)
+    server = ServerThread(config)
+    yield server, base, adapters, tokenizer
+    server.stop()
+
+
+def reference(setup, prompt_ids, adapter, params: SamplingParams) -> tuple[list[int], str]:
+    """The same request alone on an in-process Generator over the same base and adapters."""
+    _, base, adapters, tokenizer = setup
+    generator = Generator(reference_engine(base, adapters), GeneratorConfig(max_batch_size=1))
+    handle = generator.submit(GenerationRequest(prompt_ids, adapter, params))
+    while generator.has_work():
+        generator.step()
+    return handle.result.token_ids, tokenizer.decode(handle.result.token_ids, skip_special_tokens=True)
+
+
+CASES = [  # (prompt: text or ids, adapter, pb sampling kwargs, SamplingParams of the reference)
+    *[("w5 w9 w13 w7", adapter_id, {"max_new_tokens": 8, "temperature": 0}, SamplingParams(8, temperature=0))
+      for adapter_id in IDS],
+    ([7, 8, 9], "peft.one", {"max_new_tokens": 10, "temperature": 0}, SamplingParams(10, temperature=0)),
+    ([11, 30, 5, 6, 40], MIX, {"max_new_tokens": 7, "temperature": 0}, SamplingParams(7, temperature=0)),
+    ("w20 w21", None, {"max_new_tokens": 5, "temperature": 0}, SamplingParams(5, temperature=0)),
+    ("w33 w34 w35", "ad-3", {"max_new_tokens": 9, "temperature": 0.9, "top_k": 20, "seed": 7},
+     SamplingParams(9, temperature=0.9, top_k=20, seed=7)),
+    ([12, 13], "ad-5", {"temperature": 0.7, "top_p": 0.8, "seed": 3, "repetition_penalty": 1.3},
+     SamplingParams(6, temperature=0.7, top_p=0.8, seed=3, repetition_penalty=1.3)),  # server default 6 tokens
+    ("w9 w10", "ad-2", {"max_new_tokens": 20, "temperature": 0, "stop": ["w9 w9"]},  # no stop met: runs to length
+     None),
+]
+
+
+def test_concurrent_requests_equal_the_in_process_generator(setup):
+    server, *_ = setup
+    tokenizer = setup[3]
+    futures = [server.client.stub.Generate.future(generate_request(prompt, adapter, **kwargs), timeout=60)
+               for prompt, adapter, kwargs, _ in CASES]
+    for (prompt, adapter, kwargs, params), future in zip(CASES, futures):
+        reply = future.result()
+        if params is None:
+            continue
+        ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else prompt
+        tokens, text = reference(setup, ids, adapter, params)
+        assert list(reply.token_ids) == tokens, (prompt, adapter)
+        assert reply.text == text
+        assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(ids), len(tokens))
+        t = reply.timings
+        assert 0 <= t.queue_ms <= t.first_token_ms <= t.total_ms
+
+
+def test_stream_equals_unary(setup):
+    server, *_ = setup
+    for prompt, adapter, kwargs, _ in CASES[::3]:
+        unary = server.client.generate(prompt, adapter, **kwargs)
+        messages = list(server.client.generate_stream(prompt, adapter, **kwargs))
+        *tokens, last = messages
+        assert all(len(m.token_ids) == 1 and m.finish_reason == 0 for m in tokens)
+        assert [m.token_ids[0] for m in tokens] == list(unary.token_ids)
+        assert "".join(m.text for m in messages) == unary.text
+        assert (last.finish_reason, last.usage) == (unary.finish_reason, unary.usage) and not last.token_ids
+
+
+BAD = [  # (request kwargs, status, a fragment of the message)
+    ({"prompt": "", "adapter": "ad-0"}, grpc.StatusCode.INVALID_ARGUMENT, "prompt text is empty"),
+    ({"prompt": [1, 2], "adapter": "ad-0", "max_new_tokens": 25}, grpc.StatusCode.INVALID_ARGUMENT, "cap of 24"),
+    ({"prompt": [1, 2], "adapter": "ad-0", "temperature": -1.0}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    ({"prompt": [1, 64], "adapter": "ad-0"}, grpc.StatusCode.INVALID_ARGUMENT, "[0, 64)"),
+    ({"prompt": list(range(5, 26)), "adapter": "ad-0"}, grpc.StatusCode.INVALID_ARGUMENT, "limit of 20"),
+    ({"prompt": [1, 2], "adapter": "../etc"}, grpc.StatusCode.INVALID_ARGUMENT, "must match"),
+    ({"prompt": [1, 2], "adapter": {"ad-0": float("nan")}}, grpc.StatusCode.INVALID_ARGUMENT, "finite"),
+    ({"prompt": [1, 2], "adapter": "nope"}, grpc.StatusCode.NOT_FOUND, "'nope' is not loaded"),
+    ({"prompt": [1, 2], "adapter": {"ad-0": 1.0, "gone": 0.5}}, grpc.StatusCode.NOT_FOUND, "'gone'"),
+]
+
+
+@pytest.mark.parametrize("kwargs,code,fragment", BAD, ids=[f"{c.name}-{i}" for i, (_, c, _) in enumerate(BAD)])
+def test_request_refusals(setup, kwargs, code, fragment):
+    server, *_ = setup
+    kwargs = dict(kwargs)
+    prompt, adapter = kwargs.pop("prompt"), kwargs.pop("adapter")
+    for method in (server.client.stub.Generate, lambda r, **kw: list(server.client.stub.GenerateStream(r, **kw))):
+        got, details = status_of(lambda: method(generate_request(prompt, adapter, **kwargs), timeout=30))
+        assert got == code and fragment in details, details
+
+
+def test_no_prompt_and_encoder_rpcs_on_a_decoder(setup):
+    server, *_ = setup
+    code, details = status_of(lambda: server.client.stub.Generate(pb.GenerateRequest(), timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "no prompt" in details
+    code, details = status_of(lambda: server.client.classify(["w5"], "ad-0"))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "Classify needs an encoder" in details
+    assert status_of(lambda: server.client.embed(["w5"]))[0] == grpc.StatusCode.FAILED_PRECONDITION
