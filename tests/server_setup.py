@@ -86,8 +86,8 @@ class ServerThread:
         return f"127.0.0.1:{self.port}"
 
     def stop(self, grace: float = 0) -> None:
-        self.client.close()
         self.call(self.server.stop(grace))
+        self.client.close()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
 

@@ -1,0 +1,156 @@
+"""Adapter lifecycle over gRPC (load from the store, idempotent reload, replace, unload, describe) with the status
+code of every refusal, and health transitions (NOT_SERVING until the base model is attached, and on drain)."""
+
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from adalora_runtime.adapter_file import save_adapter, tensors_sha256, to_tensors
+from server.config import ServerConfig
+from server.gen.adalora.v1 import adalora_pb2 as pb
+from tests.conftest import tiny_llama_config
+from tests.server_setup import ServerThread, status_of, word_tokenizer, write_base, write_store
+from tests.test_engine_generate import varied_llama
+from tests.test_merge import random_adapter
+from transformers import LlamaForCausalLM
+
+OK = grpc.StatusCode.OK
+
+
+@pytest.fixture
+def setup(tmp_path):
+    base = varied_llama()
+    config = tiny_llama_config()
+    config.num_hidden_layers = 3  # another base: same module shapes, other identity
+    alien = random_adapter(LlamaForCausalLM(config), 5)
+    adapters = {"a": random_adapter(base, 1), "b": random_adapter(base, 2), "c": random_adapter(base, 3)}
+    store = write_store(tmp_path / "adapters", {**adapters, "alien": alien})
+    (store / "broken").mkdir()
+    (store / "broken" / "adapter.safetensors").write_bytes(b"not a safetensors file")
+    config = ServerConfig(base_model=str(write_base(base, tmp_path / "base", word_tokenizer())), adapter_dir=str(store),
+                          port=0, max_slots=2, max_new_tokens=64)
+    return config, base, adapters
+
+
+def test_load_is_idempotent_replace_needs_reload_and_slots_run_out(setup):
+    config, base, adapters = setup
+    server = ServerThread(config)
+    try:
+        client = server.client
+        first = client.load_adapter("a")
+        assert not first.already_loaded and first.adapter.residency == pb.RESIDENCY_DEVICE
+        again = client.load_adapter("a")
+        assert again.already_loaded and again.adapter.version == first.adapter.version and again.load_ms == 0
+        before = client.generate([5, 6, 7], "a", max_new_tokens=6, temperature=0).token_ids
+
+        save_adapter(adapters["c"], config.adapter_dir + "/a")  # a new version of 'a' in the store
+        code, details = status_of(lambda: client.load_adapter("a"))
+        assert code == grpc.StatusCode.ALREADY_EXISTS and "reload=true" in details
+        replaced = client.load_adapter("a", reload=True)
+        assert replaced.adapter.version != first.adapter.version and not replaced.already_loaded
+        client.load_adapter("c")
+        assert client.generate([5, 6, 7], "a", max_new_tokens=6, temperature=0).token_ids == \
+            client.generate([5, 6, 7], "c", max_new_tokens=6, temperature=0).token_ids != before
+
+        code, details = status_of(lambda: client.load_adapter("b"))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "unload one" in details
+        assert client.unload_adapter("c").freed_bytes > 0
+        assert client.load_adapter("b").adapter.id == "b"
+    finally:
+        server.stop()
+
+
+REFUSED = [("missing", grpc.StatusCode.NOT_FOUND, "not in the store"),
+           ("Bad/Id", grpc.StatusCode.INVALID_ARGUMENT, "must match"),
+           ("..", grpc.StatusCode.INVALID_ARGUMENT, "must match"),
+           ("alien", grpc.StatusCode.FAILED_PRECONDITION, "load it into an engine over its own base"),
+           ("broken", grpc.StatusCode.FAILED_PRECONDITION, "cannot be read")]
+
+
+def test_refused_loads_change_nothing(setup):
+    config, *_ = setup
+    server = ServerThread(config)
+    try:
+        server.client.load_adapter("a")
+        for adapter_id, code, fragment in REFUSED:
+            got, details = status_of(lambda: server.client.load_adapter(adapter_id))
+            assert got == code and fragment in details, (adapter_id, details)
+        assert [a.id for a in server.client.list_adapters().adapters] == ["a"]
+        code, details = status_of(lambda: server.client.unload_adapter("b"))
+        assert code == grpc.StatusCode.NOT_FOUND and "not loaded" in details
+    finally:
+        server.stop()
+
+
+def test_unload_refused_while_requests_are_in_flight(setup):
+    config, *_ = setup
+    server = ServerThread(config)
+    try:
+        server.client.load_adapter("a")
+        with server.backend.lock:  # no engine step can run: the request stays in flight
+            stream = server.client.generate_stream([5, 6], "a", max_new_tokens=20, temperature=0)
+            deadline = time.monotonic() + 10
+            while "a" not in server.backend.inflight and time.monotonic() < deadline:
+                time.sleep(0.01)
+            code, details = status_of(lambda: server.client.unload_adapter("a"))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "in flight" in details
+        assert list(stream)[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
+        server.client.unload_adapter("a")
+        assert server.client.list_adapters().adapters == []
+    finally:
+        server.stop()
+
+
+def test_describe_and_list(setup):
+    config, base, adapters = setup
+    server = ServerThread(config)
+    try:
+        server.client.load_adapter("b")
+        info = server.client.get_adapter("b")
+        adapter = adapters["b"]
+        assert {r.module: r.rank for r in info.ranks} == adapter.ranks()
+        assert info.sha256 == tensors_sha256(to_tensors(adapter)) and len(info.version) == 64
+        assert (info.format, info.task_type, info.num_params, info.init_r) == \
+            ("native", "causal-lm", adapter.num_params(), adapter.init_r)
+        assert info.device_bytes == server.backend.engine.nbytes("b") > 0
+        on_disk = server.client.get_adapter("c")
+        assert on_disk.residency == pb.RESIDENCY_DISK and on_disk.device_bytes == 0 and on_disk.sha256
+        listing = server.client.list_adapters(include_store=True)
+        assert [(a.id, a.residency, a.format) for a in listing.adapters] == [
+            ("b", pb.RESIDENCY_DEVICE, "native"), ("a", pb.RESIDENCY_DISK, "native"),
+            ("alien", pb.RESIDENCY_DISK, "native"), ("broken", pb.RESIDENCY_DISK, ""),
+            ("c", pb.RESIDENCY_DISK, "native")]
+        assert listing.max_slots == 2
+    finally:
+        server.stop()
+
+
+def test_health_not_serving_until_attached_and_on_drain(setup):
+    config, *_ = setup
+    server = ServerThread(config, attach=False)
+    try:
+        assert server.client.health() == server.client.health("adalora.v1.AdaLora") == "NOT_SERVING"
+        code, details = status_of(lambda: server.client.generate([5], "a"))
+        assert code == grpc.StatusCode.UNAVAILABLE and "still loading" in details
+        watch = server.client.health_stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        server.attach()
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        assert server.client.health() == "SERVING"
+        statuses = []
+        reader = threading.Thread(target=lambda: statuses.extend(m.status for m in _until_closed(watch)))
+        reader.start()
+    finally:
+        server.stop(grace=1)
+    reader.join(10)
+    assert statuses[:1] == [health_pb2.HealthCheckResponse.NOT_SERVING]
+
+
+def _until_closed(stream):
+    try:
+        yield from stream
+    except grpc.RpcError:
+        return
