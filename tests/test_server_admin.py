@@ -7,6 +7,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+from transformers import LlamaForCausalLM
 
 from adalora_runtime.adapter_file import save_adapter, tensors_sha256, to_tensors
 from server.config import ServerConfig
@@ -15,7 +16,6 @@ from tests.conftest import tiny_llama_config
 from tests.server_setup import ServerThread, status_of, word_tokenizer, write_base, write_store
 from tests.test_engine_generate import varied_llama
 from tests.test_merge import random_adapter
-from transformers import LlamaForCausalLM
 
 OK = grpc.StatusCode.OK
 
