@@ -13,6 +13,7 @@ Each method gets its best lr from a grid on seed 0, then runs --seeds seeds at t
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -25,7 +26,7 @@ import torch  # noqa: E402
 from _common import fmt_mean_std, markdown_table, mean_std, quick_assets, write_json  # noqa: E402
 from adalora_runtime import assets  # noqa: E402
 from adalora_runtime import data as data_mod  # noqa: E402
-from adalora_runtime.config import schedule_from_fractions  # noqa: E402
+from adalora_runtime.config import DEFAULT_LAMBDA_LR_SCALE, schedule_from_fractions  # noqa: E402
 from adalora_runtime.inject import DEFAULT_TARGETS  # noqa: E402
 from adalora_runtime.recipe import TrainSpec, load_base, resolve_device, run_train  # noqa: E402
 from adalora_runtime.training import TrainArgs, make_scheduler, seed_everything, steps_for_epochs  # noqa: E402
@@ -57,7 +58,7 @@ def spec_for(method: str, model: str, train: str, eval_path: str, out: str, lr: 
 def run_ours(spec: TrainSpec) -> dict:
     report = run_train(spec)
     return {"accuracy": report["eval"]["accuracy"], "adapter_params": report["adapter_params"],
-            "steps": report["steps"], "seconds": report["seconds"]}
+            "steps": report["steps"], "seconds": report["seconds"], "out": spec.out}
 
 
 def peft_kept_params(model: torch.nn.Module) -> int:
@@ -131,6 +132,10 @@ def bench_dataset(name: str, model: str, train: str, eval_path: str, args: argpa
         runs = [grid[best_lr]] + [run_one(method, spec_for(method, model, train, eval_path, fresh_out(), best_lr, s, args))
                                   for s in range(1, args.seeds)]
         accs = [r["accuracy"] for r in runs]
+        if args.keep_adapters and method == "adalora":
+            keep = Path(args.keep_adapters) / name
+            shutil.rmtree(keep, ignore_errors=True)
+            shutil.copytree(grid[best_lr]["out"], keep)
         out[method] = {"best_lr": best_lr, "lr_grid_seed0": {str(lr): r["accuracy"] for lr, r in grid.items()},
                        "accuracies": accs, "mean": mean_std(accs)[0], "std": mean_std(accs)[1],
                        "adapter_params": runs[0]["adapter_params"], "steps": runs[0]["steps"]}
@@ -162,7 +167,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-train", type=int, default=None, help="use only the first N training rows")
     p.add_argument("--lora-alpha", type=float, default=8.0)
     p.add_argument("--init", choices=("orthogonal", "peft"), default="orthogonal", help="ablation: our P/Q init")
-    p.add_argument("--lambda-lr-scale", type=float, default=1.0, help="ablation: lr multiplier of our lam")
+    p.add_argument("--lambda-lr-scale", type=float, default=DEFAULT_LAMBDA_LR_SCALE,
+                   help=f"ablation: lr multiplier of our lam (default {DEFAULT_LAMBDA_LR_SCALE:g}, the product default)")
+    p.add_argument("--keep-adapters", default=None,
+                   help="copy each dataset's AdaLoRA adapter (seed 0, best lr) to DIR/<dataset> (for merge_quality)")
     p.add_argument("--device", default="auto")
     p.add_argument("--cache", default=None, help="asset cache (default $ADALORA_CACHE or ~/.cache/adalora)")
     p.add_argument("--name", default=None, help="results file name (default train_quality[_quick])")
