@@ -298,6 +298,37 @@ def test_into_base_equals_unmerged_adapter(tmp_path, inputs):
     assert sorted(p.name for p in (tmp_path / "full").iterdir()) == sorted(p.name for p in (tmp_path / "base").iterdir())
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_into_base_streamed_shards_equal_a_naive_rewrite(tmp_path, inputs, dtype):
+    """Every output tensor equals load_file(input) with the delta added in the input's dtype; untouched
+    tensors are bit-identical, and the shard metadata survives."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tiny_llama().to(dtype).save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    merged = merge_adapters(inputs, "linear", MergeParams(weights=WEIGHTS))
+    merge_into_base(merged, tmp_path / "base", tmp_path / "full")
+    for shard in sorted((tmp_path / "base").glob("*.safetensors")):
+        before, after = load_file(shard), load_file(tmp_path / "full" / shard.name)
+        assert list(after) == list(before)
+        for key, t in before.items():
+            path = key.removesuffix(".weight")
+            expected = (t.float() + merged.delta(path)).to(dtype) if path in merged.layers else t
+            assert after[key].dtype == dtype and torch.equal(after[key], expected), key
+        with safe_open(str(shard), "pt") as a, safe_open(str(tmp_path / "full" / shard.name), "pt") as b:
+            assert a.metadata() == b.metadata()
+
+
+def test_into_base_refuses_a_truncated_shard(tmp_path, inputs):
+    tiny_llama().save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    shard = sorted((tmp_path / "base").glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-16])
+    merged = merge_adapters(inputs, "linear", MergeParams(weights=WEIGHTS))
+    with pytest.raises(MergeError, match="truncated"):
+        merge_into_base(merged, tmp_path / "base", tmp_path / "full")
+    assert not (tmp_path / "full").exists()
+
 def bert_logits(model, adapter=None):
     model = copy.deepcopy(model)
     if adapter is not None:

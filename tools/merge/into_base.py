@@ -1,13 +1,16 @@
 """Write a base model folder with a merged adapter added into its weights, one safetensors shard at a time.
 
-Peak memory is about one shard plus one layer's dense update: each shard is read with safe_open,
-its adapted weights get W + delta (Conv1D stores (in, out): delta transposed), it is written into a
-temporary folder and released. Config, tokenizer and index files are copied. The folder appears
+Peak memory is about one tensor plus its dense update, whatever the shard size: each shard is read
+tensor by tensor (plain reads, no memory map), an adapted weight gets W + delta (Conv1D stores (in, out): delta
+transposed), and its bytes are streamed into the output shard behind a header computed up front (the
+same names, dtypes, shapes and metadata as the input shard), then released. Config, tokenizer and index files are copied. The folder appears
 atomically (adalora_runtime.atomic.atomic_dir), after every check passed.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -15,7 +18,6 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers.pytorch_utils import Conv1D
 
 from adalora_runtime.adapter import Adapter, base_identity
@@ -38,9 +40,12 @@ def _shard_index(shards: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
     """tensor name -> (shard, shape), read from the headers only."""
     index = {}
     for shard in shards:
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
-                index[key] = (shard, tuple(f.get_slice(key).get_shape()))
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                for key in f.keys():
+                    index[key] = (shard, tuple(f.get_slice(key).get_shape()))
+        except Exception as e:  # safetensors raises its own SafetensorError for damaged files
+            raise MergeError(f"{shard}: not a readable safetensors file (truncated or damaged): {e}") from e
     return index
 
 
@@ -100,15 +105,72 @@ def merge_into_base(adapter: Adapter, base_dir: str | os.PathLike, out: str | os
 
 
 def _merge_shard(adapter: Adapter, shard: Path, target: Path, weights: dict, heads: dict) -> None:
-    with safe_open(str(shard), framework="pt") as f:
-        metadata = f.metadata()
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    for key, t in tensors.items():
-        if key in weights:
-            path, transposed = weights[key]
-            delta = adapter.delta(path)  # (out, in), the one delta formula
-            tensors[key] = (t.float() + (delta.T if transposed else delta)).to(t.dtype).contiguous()
-        elif key in heads:
-            tensors[key] = adapter.head[heads[key]].to(t.dtype).contiguous()
-    save_file(tensors, str(target), metadata=metadata)
-    del tensors
+    """Stream one shard: read a tensor, add its delta (or swap in the head), write its bytes, release it.
+
+    Plain reads instead of a memory map, so that the pages of tensors already written are not kept
+    resident for the rest of the shard."""
+    with open(shard, "rb") as src, open(target, "wb") as out:
+        entries, data_start = _read_header(src, shard)
+        keys = sorted((k for k in entries if k != "__metadata__"), key=lambda k: entries[k]["data_offsets"][0])
+        specs = {key: (entries[key]["dtype"], entries[key]["shape"]) for key in keys}
+        header = _header(specs, keys, entries.get("__metadata__"))
+        out.write(len(header).to_bytes(8, "little"))
+        out.write(header)
+        for key in keys:
+            t = _read_tensor(src, entries[key], data_start, key)
+            if key in weights:
+                path, transposed = weights[key]
+                delta = adapter.delta(path)  # (out, in), the one delta formula
+                t = (t.float() + (delta.T if transposed else delta)).to(t.dtype)
+            elif key in heads:
+                t = adapter.head[heads[key]].to(t.dtype)
+            out.write(_raw_bytes(t))
+            del t
+        out.flush()
+        os.fsync(out.fileno())
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_ITEM_BYTES = {name: torch.empty(0, dtype=dtype).element_size() for name, dtype in _DTYPES.items()}
+
+
+def _read_header(src, shard: Path) -> tuple[dict, int]:
+    """(header entries, byte offset where tensor data starts) of an open safetensors file."""
+    size = int.from_bytes(src.read(8), "little")
+    try:
+        entries = json.loads(src.read(size))
+    except ValueError as e:
+        raise MergeError(f"{shard}: not a safetensors file (unreadable header)") from e
+    return entries, 8 + size
+
+
+def _read_tensor(src, entry: dict, data_start: int, key: str) -> torch.Tensor:
+    if entry["dtype"] not in _DTYPES:
+        raise MergeError(f"tensor {key}: dtype {entry['dtype']} is not supported by --into-base")
+    start, end = entry["data_offsets"]
+    src.seek(data_start + start)
+    buffer = bytearray(end - start)
+    if src.readinto(buffer) != len(buffer):
+        raise MergeError(f"tensor {key}: the shard is truncated")
+    flat = torch.frombuffer(buffer, dtype=_DTYPES[entry["dtype"]]) if buffer else torch.empty(0, dtype=_DTYPES[entry["dtype"]])
+    return flat.reshape(entry["shape"])
+
+
+def _header(specs: dict[str, tuple[str, list[int]]], keys: list[str], metadata: dict | None) -> bytes:
+    """The safetensors JSON header for `keys` laid out in that order, padded to 8 bytes as the format asks."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for key in keys:
+        dtype, shape = specs[key]
+        size = _ITEM_BYTES[dtype] * math.prod(shape)
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes, row-major and little-endian (safetensors' layout), without a Python bytes copy."""
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
