@@ -3,7 +3,8 @@
 Adapters are generated (per-layer ranks random in 0..init_r=12 on all 7 llama projections, random
 factors) from the prepared base's config; the dense route forms every delta, sums them and runs a full
 torch.linalg.svd per layer (as PEFT's add_weighted_adapter does). Each route runs in a fresh subprocess;
-peak memory = ru_maxrss after the route minus ru_maxrss after loading the inputs. --into-base peak RSS is
+peak memory = ru_maxrss after the route minus ru_maxrss after loading the inputs and a tiny warm-up of
+the same library calls (so one-time library loading is charged to neither route). --into-base peak RSS is
 compared with the model's size on disk. --quick uses a tiny random llama (seconds).
 
     python benchmarks/merge_cost.py [--quick]   # markdown table; JSON in benchmarks/results/
@@ -66,6 +67,15 @@ def make_adapters(config, folder: Path) -> list[Path]:
     return out
 
 
+def warm_up() -> None:
+    """Touch every library path both routes use (matmul, QR, SVD) on tiny inputs, so that one-time library
+    loading and workspace setup land before the baseline and are not charged to either route."""
+    a = torch.randn(64, 32)
+    torch.linalg.qr(a)
+    torch.linalg.svd(a, full_matrices=False)
+    (a @ a.T).sum()
+
+
 def route(name: str, folder: Path, base_model: str | None) -> dict:
     """Runs inside a fresh subprocess: one route, its time and peak RSS above the loaded inputs."""
     torch.set_num_threads(1)
@@ -73,6 +83,7 @@ def route(name: str, folder: Path, base_model: str | None) -> dict:
     adapters = [load_adapter(p) for p in sorted(folder.glob("a*"))]
     weights = [1.0 / len(adapters)] * len(adapters)
     budget = sum(a.num_params() for a in adapters) // len(adapters)  # one input's size
+    warm_up()
     baseline = rss_mb()
     t0 = time.perf_counter()
     if name == "svd":
