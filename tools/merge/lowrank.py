@@ -73,37 +73,41 @@ def spectrum_of_dense(delta: torch.Tensor) -> Spectrum:
     return Spectrum(U=U, s=s, Vh=Vh)
 
 
-def numerical_rank(spectrum: Spectrum) -> int:
+def numerical_rank(s: torch.Tensor, out_f: int, in_f: int) -> int:
     """Singular values above max(out, in) * eps * s_max (numpy's matrix_rank rule, float32 eps)."""
-    if spectrum.s.numel() == 0:
+    if s.numel() == 0:
         return 0
-    out_f, in_f = spectrum.U.shape[0], spectrum.Vh.shape[1]
-    tol = float(spectrum.s.max()) * max(out_f, in_f) * torch.finfo(torch.float32).eps
-    return int((spectrum.s > tol).sum())
+    tol = float(s.max()) * max(out_f, in_f) * torch.finfo(torch.float32).eps
+    return int((s > tol).sum())
 
 
-def select(spectra: dict[str, Spectrum], budget: int | None) -> dict[str, AdapterLayer]:
-    """Keep the globally largest singular values whose triplets (in + out + 1 params each) fit `budget`.
+def kept_ranks(singular: dict[str, tuple[torch.Tensor, int, int]], budget: int | None) -> dict[str, int]:
+    """Per layer, how many leading singular values to keep: the globally largest whose triplets
+    (in + out + 1 params each) fit `budget`; budget None keeps every numerically nonzero one (exact).
 
-    budget None keeps every numerically nonzero singular value (the exact merge). Returns AdaLoRA-shaped
-    layers: P orthonormal columns (out, r), lam = singular values, Q orthonormal rows (r, in).
-    """
-    kept = {path: numerical_rank(sp) for path, sp in spectra.items()}
+    singular: path -> (s (k,) descending, out, in)."""
+    kept = {path: numerical_rank(s, out_f, in_f) for path, (s, out_f, in_f) in singular.items()}
     if budget is not None and any(kept.values()):
-        paths = [p for p in spectra if kept[p]]
-        scores = torch.cat([spectra[p].s[:kept[p]].float() for p in paths])
-        costs = torch.cat([torch.full((kept[p],), float(spectra[p].U.shape[0] + spectra[p].Vh.shape[1] + 1))
-                           for p in paths])
+        paths = [p for p in singular if kept[p]]
+        scores = torch.cat([singular[p][0][:kept[p]].float() for p in paths])
+        costs = torch.cat([torch.full((kept[p],), float(singular[p][1] + singular[p][2] + 1)) for p in paths])
         mask = keep_mask(scores, costs, budget)
         offset = 0
         for p in paths:
             n = kept[p]
             kept[p] = int(mask[offset:offset + n].sum())  # a prefix: the spectrum is sorted descending
             offset += n
-    layers = {}
-    for path, sp in spectra.items():
-        r = kept[path]
-        if r:
-            layers[path] = AdapterLayer(P=sp.U[:, :r].float().contiguous(), lam=sp.s[:r].float().contiguous(),
-                                        Q=sp.Vh[:r].float().contiguous())
-    return layers
+    return kept
+
+
+def truncate(spectrum: Spectrum, r: int) -> AdapterLayer:
+    """AdaLoRA-shaped layer of the top r triplets: P orthonormal columns (out, r), lam = singular values,
+    Q orthonormal rows (r, in)."""
+    return AdapterLayer(P=spectrum.U[:, :r].float().contiguous(), lam=spectrum.s[:r].float().contiguous(),
+                        Q=spectrum.Vh[:r].float().contiguous())
+
+
+def select(spectra: dict[str, Spectrum], budget: int | None) -> dict[str, AdapterLayer]:
+    """kept_ranks over spectra held in memory, then truncate each (the dense methods' single pass)."""
+    kept = kept_ranks({p: (sp.s, sp.U.shape[0], sp.Vh.shape[1]) for p, sp in spectra.items()}, budget)
+    return {path: truncate(sp, kept[path]) for path, sp in spectra.items() if kept[path]}

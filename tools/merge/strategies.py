@@ -13,7 +13,8 @@ import torch
 
 from adalora_runtime.adapter import Adapter, AdapterLayer
 from tools.merge import dense
-from tools.merge.lowrank import concat_layer, select, spectrum_of_dense, spectrum_of_factors, union_shapes
+from tools.merge.lowrank import (concat_layer, kept_ranks, select, spectrum_of_dense, spectrum_of_factors, truncate,
+                                 union_shapes)
 
 
 class MergeError(ValueError):
@@ -112,12 +113,17 @@ class SVD(Strategy):
     accepts = frozenset({"lambda_", "budget"})
 
     def layers(self, adapters, params):
-        spectra = {}
-        for path in union_shapes(adapters):
-            layer = concat_layer(adapters, _scaled_weights(params), path)
+        """Two passes so that only one layer's spectrum is alive at a time: singular values of every layer,
+        the global selection, then each layer's spectrum again (same inputs, same ops) truncated."""
+        weights = _scaled_weights(params)
+        singular = {}
+        for path, (in_f, out_f) in union_shapes(adapters).items():
+            layer = concat_layer(adapters, weights, path)
             if layer is not None:
-                spectra[path] = spectrum_of_factors(layer)
-        return select(spectra, params.budget)
+                singular[path] = (spectrum_of_factors(layer).s, out_f, in_f)
+        kept = kept_ranks(singular, params.budget)
+        return {path: truncate(spectrum_of_factors(concat_layer(adapters, weights, path)), r)
+                for path, r in kept.items() if r}
 
 
 class DenseStrategy(Strategy):
