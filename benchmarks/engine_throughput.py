@@ -26,7 +26,8 @@ Generator, steps 2.. (the first step prefills and decodes once: prefill = its ti
 step); in `generate`, the time between the streamer's second call and its last.
 
     python benchmarks/engine_throughput.py --quick        # tiny random llama, seconds
-    python benchmarks/engine_throughput.py [--device cuda] [--threads N] [--repeats 3]
+    python benchmarks/engine_throughput.py [--device cuda] [--threads N] [--repeats 3] [--batches 8 16]
+                                           [--new-tokens 64] [--no-peft]
 """
 
 from __future__ import annotations
@@ -392,13 +393,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per configuration (default 3; quick 2)")
     ap.add_argument("--no-peft", action="store_true", help="skip the PEFT configurations")
+    ap.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 8 16; quick 8 16)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="tokens generated per request (default 64; quick 6)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
-    args.batches = (8, 16)
-    args.prompt_len, args.new_tokens = (8, 6) if args.quick else (32, 64)
+    args.batches = tuple(args.batches or (8, 16))
+    args.prompt_len = 8 if args.quick else 32
+    args.new_tokens = args.new_tokens or (6 if args.quick else 64)
+    if min(args.batches) < 1 or args.new_tokens < 2:
+        raise SystemExit("--batches must be >= 1 and --new-tokens >= 2 (decode is timed from the second token)")
     args.repeats = args.repeats or (2 if args.quick else 3)
     started = time.perf_counter()
     setup = build(args, device, dtype)

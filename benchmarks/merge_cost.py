@@ -1,11 +1,20 @@
 """Cost of merging 8 AdaLoRA adapters of SmolLM2-135M: our `svd` path vs the dense route, and --into-base.
 
 Adapters are generated (per-layer ranks random in 0..init_r=12 on all 7 llama projections, random
-factors) from the prepared base's config; the dense route forms every delta, sums them and runs a full
-torch.linalg.svd per layer (as PEFT's add_weighted_adapter does). Each route runs in a fresh subprocess;
-peak memory = ru_maxrss after the route minus ru_maxrss after loading the inputs and a tiny warm-up of
-the same library calls (so one-time library loading is charged to neither route). --into-base peak RSS is
-compared with the model's size on disk. --quick uses a tiny random llama (seconds).
+factors) from the prepared base's config. Both routes produce an output of the same size (the budget:
+one input's parameter count): ours by the global singular-value selection, the dense route PEFT's way
+(add_weighted_adapter with svd: per layer form every delta, sum, full torch.linalg.svd, keep one fixed
+rank everywhere, the rank that fits the budget).
+
+Each route runs in a fresh subprocess; peak memory = ru_maxrss after the route minus ru_maxrss after
+loading the inputs and a tiny warm-up of the same library calls (so one-time library loading is charged
+to neither route). The subprocesses run with MALLOC_MMAP_THRESHOLD_=65536 so that glibc returns every
+freed large block at once: without it the dense route's peak swung between 88 and 495 MB from run to
+run (heap fragmentation, not live tensors). --into-base peak RSS is compared with the model's size.
+
+The model-level ratio depends on the layer size (ours works in (out + in) x rank, the dense route in
+out x in), so the same two routes also run on one layer of a larger shape (--layer-shape, default
+TinyLlama-1.1B's MLP, 5632 x 2048) with the same 8 inputs. --quick uses a tiny random llama (seconds).
 
     python benchmarks/merge_cost.py [--quick]   # markdown table; JSON in benchmarks/results/
 """
@@ -14,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -48,32 +58,61 @@ def base_config(quick: bool):
     return AutoConfig.from_pretrained(model_path("smollm2-135m"))
 
 
-def make_adapters(config, folder: Path) -> list[Path]:
+def model_shapes(config) -> tuple[dict[str, tuple[int, int]], dict]:
+    """The 7 llama projections of every block (in, out) and the base identity."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     paths = resolve_targets(model, TARGETS)
-    shapes = {p: linear_dims(model.get_submodule(p)) for p in paths}
+    return {p: linear_dims(model.get_submodule(p)) for p in paths}, base_identity(model)
+
+
+def layer_shapes(spec: str) -> tuple[dict[str, tuple[int, int]], dict]:
+    """One (in, out) layer from 'OUTxIN', under a made-up base identity."""
+    out_f, in_f = (int(v) for v in spec.lower().split("x"))
+    return {"layer": (in_f, out_f)}, {"name": f"layer-{spec}", "model_type": "none", "config_sha256": "0" * 64}
+
+
+def make_adapters(shapes: dict[str, tuple[int, int]], base: dict, folder: Path, min_rank: int) -> None:
+    """N_ADAPTERS adapters, each layer at a rank drawn in min_rank..INIT_R, random factors, seeded."""
     gen = torch.Generator().manual_seed(0)
-    out = []
     for i in range(N_ADAPTERS):
         layers = {}
         for p, (in_f, out_f) in shapes.items():
-            r = int(torch.randint(0, INIT_R + 1, (1,), generator=gen))
+            r = int(torch.randint(min_rank, INIT_R + 1, (1,), generator=gen))
             if r:
                 layers[p] = AdapterLayer(torch.randn(out_f, r, generator=gen) * 0.02, torch.randn(r, generator=gen),
                                          torch.randn(r, in_f, generator=gen) * 0.02)
-        adapter = Adapter(base=base_identity(model), shapes=shapes, layers=layers, init_r=INIT_R, lora_alpha=16.0)
-        out.append(save_adapter(adapter, folder / f"a{i}").parent)
-    return out
+        adapter = Adapter(base=base, shapes=shapes, layers=layers, init_r=INIT_R, lora_alpha=16.0)
+        save_adapter(adapter, folder / f"a{i}")
 
 
 def warm_up() -> None:
-    """Touch every library path both routes use (matmul, QR, SVD) on tiny inputs, so that one-time library
-    loading and workspace setup land before the baseline and are not charged to either route."""
-    a = torch.randn(64, 32)
-    torch.linalg.qr(a)
-    torch.linalg.svd(a, full_matrices=False)
-    (a @ a.T).sum()
+    """Run both routes once on two tiny in-memory adapters, so that one-time costs (lazy imports, library
+    workspaces, about 4 MB) land before the baseline and are charged to neither route."""
+    from tools.merge import MergeParams, merge_adapters
+    gen = torch.Generator().manual_seed(1)
+    shapes = {"layer": (24, 40)}
+    tiny = [Adapter(base={"name": "warm-up"}, shapes=shapes, init_r=4, lora_alpha=8.0,
+                    layers={"layer": AdapterLayer(torch.randn(40, 4, generator=gen), torch.randn(4, generator=gen),
+                                                  torch.randn(4, 24, generator=gen))}) for _ in range(2)]
+    merge_adapters(tiny, "svd", MergeParams(weights=(0.5, 0.5), budget=130))
+    dense_route(tiny, [0.5, 0.5], 130)
+
+
+def fixed_rank(shapes: dict[str, tuple[int, int]], budget: int) -> int:
+    """The one rank for every layer whose triplets (in + out + 1 params each) fit `budget` (PEFT's svd_rank)."""
+    return max(1, budget // sum(in_f + out_f + 1 for in_f, out_f in shapes.values()))
+
+
+def dense_route(adapters: list[Adapter], weights: list[float], budget: int) -> int:
+    """PEFT's way, one layer at a time: every dense delta, their sum, a full SVD, the top fixed_rank triplets."""
+    rank = fixed_rank(adapters[0].shapes, budget)
+    kept = {}
+    for path in adapters[0].shapes:
+        delta = sum(w * a.delta(path) for a, w in zip(adapters, weights))  # (out, in)
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        kept[path] = (U[:, :rank].clone(), S[:rank].clone(), Vh[:rank].clone())
+    return sum(u.numel() + s.numel() + v.numel() for u, s, v in kept.values())
 
 
 def route(name: str, folder: Path, base_model: str | None) -> dict:
@@ -90,13 +129,7 @@ def route(name: str, folder: Path, base_model: str | None) -> dict:
         merged = merge_adapters(adapters, "svd", MergeParams(weights=tuple(weights), budget=budget))
         result = {"params": merged.num_params()}
     elif name == "dense":
-        kept = {}
-        for path, (in_f, out_f) in adapters[0].shapes.items():
-            delta = sum(w * a.delta(path) for a, w in zip(adapters, weights))  # (out, in)
-            U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-            r = sum(a.ranks()[path] for a in adapters)
-            kept[path] = (U[:, :r].clone(), S[:r].clone(), Vh[:r].clone())
-        result = {"params": sum(u.numel() + s.numel() + v.numel() for u, s, v in kept.values())}
+        result = {"params": dense_route(adapters, weights, budget)}
     else:
         merged = merge_adapters(adapters, "svd", MergeParams(weights=tuple(weights), budget=budget))
         merge_into_base(merged, Path(base_model), folder / "full")
@@ -108,7 +141,8 @@ def route(name: str, folder: Path, base_model: str | None) -> dict:
 
 def run_route(name: str, folder: Path, base_model: str | None) -> dict:
     cmd = [sys.executable, __file__, "--route", name, "--dir", str(folder)] + (["--base-model", base_model] if base_model else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -118,14 +152,18 @@ def main() -> None:
     ap.add_argument("--route", help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     ap.add_argument("--base-model", help=argparse.SUPPRESS)
+    ap.add_argument("--layer-shape", default="5632x2048", help="OUTxIN of the one-layer comparison")
     args = ap.parse_args()
     if args.route:
         print(json.dumps(route(args.route, Path(args.dir), args.base_model)))
         return
-    config = base_config(args.quick)
+    results = {"quick": args.quick, "adapters": N_ADAPTERS, "init_r": INIT_R}
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        make_adapters(config, folder)
+        folder = Path(tmp) / "model"
+        folder.mkdir()
+        config = base_config(args.quick)
+        make_adapters(*model_shapes(config), folder, min_rank=0)
         if args.quick:
             torch.manual_seed(0)
             LlamaForCausalLM(config).save_pretrained(folder / "base", max_shard_size="200KB")
@@ -134,15 +172,26 @@ def main() -> None:
             from adalora_runtime.assets import model_path
             base_model = str(model_path("smollm2-135m"))
         svd, dense, into = (run_route(n, folder, base_model) for n in ("svd", "dense", "into-base"))
-    results = {"quick": args.quick, "adapters": N_ADAPTERS, "init_r": INIT_R, "svd": svd, "dense": dense,
-               "into_base": into, "speedup": dense["seconds"] / svd["seconds"],
-               "memory_ratio": max(dense["peak_mb"], 1e-3) / max(svd["peak_mb"], 1e-3)}
-    print("| route | seconds | peak RSS above inputs (MB) |\n|---|---|---|")
-    for r in (svd, dense, into):
-        print(f"| {r['route']} | {r['seconds']:.2f} | {r['peak_mb']:.1f} |")
-    print(f"\nsvd vs dense: {results['speedup']:.1f}x faster, {results['memory_ratio']:.1f}x less peak memory; "
+        results.update(svd=svd, dense=dense, into_base=into, speedup=dense["seconds"] / svd["seconds"],
+                       memory_ratio=max(dense["peak_mb"], 1e-3) / max(svd["peak_mb"], 1e-3))
+        rows += [("model", svd), ("model", dense), ("model", into)]
+        layer = Path(tmp) / "layer"
+        layer.mkdir()
+        spec = "96x64" if args.quick else args.layer_shape
+        make_adapters(*layer_shapes(spec), layer, min_rank=INIT_R)
+        lsvd, ldense = (run_route(n, layer, None) for n in ("svd", "dense"))
+        results.update(layer_shape=spec, layer_svd=lsvd, layer_dense=ldense,
+                       layer_speedup=ldense["seconds"] / lsvd["seconds"],
+                       layer_memory_ratio=max(ldense["peak_mb"], 1e-3) / max(lsvd["peak_mb"], 1e-3))
+        rows += [(f"one {spec} layer", lsvd), (f"one {spec} layer", ldense)]
+    print("| inputs | route | seconds | peak RSS above inputs (MB) | output params |\n|---|---|---|---|---|")
+    for where, r in rows:
+        print(f"| {where} | {r['route']} | {r['seconds']:.2f} | {r['peak_mb']:.1f} | {r.get('params', '')} |")
+    print(f"\nmodel: svd vs dense {results['speedup']:.1f}x faster, {results['memory_ratio']:.1f}x less peak memory; "
           f"into-base peak {into['peak_mb']:.0f} MB for a {into['model_mb']:.0f} MB model "
           f"(largest shard {into['largest_shard_mb']:.0f} MB)")
+    print(f"one {spec} layer: svd vs dense {results['layer_speedup']:.1f}x faster, "
+          f"{results['layer_memory_ratio']:.1f}x less peak memory")
     out = ROOT / "benchmarks" / "results" / f"merge_cost{'_quick' if args.quick else ''}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")

@@ -1,8 +1,11 @@
 """Accuracy of AdaLoRA (ours) vs LoRA (ours, same code path) vs PEFT AdaLoRA at an equal final budget.
 
 MiniLM-L6 sequence classification on trec6, sms-spam and rt-sentiment (prepared by `adalora prepare`).
-Budget: every linear map of each block (6 per layer); LoRA keeps r=2 everywhere, both AdaLoRAs start
-at init_r=3 and prune to target_r=2, i.e. the same number of final (P column, lam, Q row) triplets.
+Budget: every linear map of each block (6 per layer); LoRA keeps r=2 everywhere. Our AdaLoRA starts at
+init_r=3 and prunes to a parameter budget equal to LoRA's parameter count (--adalora-budget params, the
+default: "equal final parameter budget"; the budget flows freely between cheap attention maps and wide
+FFN maps) or to target_r=2 triplets per module (--adalora-budget rank). PEFT's AdaLoRA has only the
+triplet budget (target_r=2), so it ends below LoRA's count.
 Each method gets its best lr from a grid on seed 0, then runs --seeds seeds at that lr.
 
     python benchmarks/train_quality.py --quick          # tiny random model, seconds (CI)
@@ -46,9 +49,26 @@ def dataset_files(name: str, cache: str | None, max_train: int | None, tmp: Path
     return str(capped), str(eval_path)
 
 
+def lora_params(model: str) -> int:
+    """Parameters of LoRA at r=LORA_R on the default targets of `model`: LORA_R * (in + out) per module."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from adalora_runtime.inject import resolve_targets
+    from adalora_runtime.layers import linear_dims
+
+    with torch.device("meta"):
+        net = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(model))
+    return sum(LORA_R * sum(linear_dims(net.get_submodule(p))) for p in resolve_targets(net, ()))
+
+
 def spec_for(method: str, model: str, train: str, eval_path: str, out: str, lr: float, seed: int,
              args: argparse.Namespace) -> TrainSpec:
-    budget = dict(mode="lora", init_r=LORA_R) if method == "lora" else dict(mode="adalora", init_r=INIT_R, target_r=TARGET_R)
+    if method == "lora":
+        budget = dict(mode="lora", init_r=LORA_R)
+    elif args.adalora_budget == "params" and method == "adalora":
+        budget = dict(mode="adalora", init_r=INIT_R, budget=lora_params(model))
+    else:
+        budget = dict(mode="adalora", init_r=INIT_R, target_r=TARGET_R)
     return TrainSpec(base_model=model, task="seq-cls", data=train, eval_data=eval_path, out=out, epochs=args.epochs,
                      lr=lr, seed=seed, batch_size=args.batch_size, max_length=args.max_length, init=args.init,
                      lambda_lr_scale=args.lambda_lr_scale, device=args.device, progress=False,
@@ -166,6 +186,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--max-train", type=int, default=None, help="use only the first N training rows")
     p.add_argument("--lora-alpha", type=float, default=8.0)
+    p.add_argument("--adalora-budget", choices=("params", "rank"), default="params",
+                   help="our AdaLoRA's final budget: LoRA's parameter count, or target_r triplets per module")
     p.add_argument("--init", choices=("orthogonal", "peft"), default="orthogonal", help="ablation: our P/Q init")
     p.add_argument("--lambda-lr-scale", type=float, default=DEFAULT_LAMBDA_LR_SCALE,
                    help=f"ablation: lr multiplier of our lam (default {DEFAULT_LAMBDA_LR_SCALE:g}, the product default)")
@@ -197,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = bench_dataset(name, model, train, eval_path, args, tmp)
     table = print_results(results, args.methods)
     name = args.name or ("train_quality_quick" if args.quick else "train_quality")
-    path = write_json(name, {"args": vars(args), "budget": {"init_r": INIT_R, "target_r": TARGET_R, "lora_r": LORA_R},
+    path = write_json(name, {"args": vars(args), "budget": {"init_r": INIT_R, "target_r": TARGET_R, "lora_r": LORA_R,
+                                                        "adalora_budget": args.adalora_budget},
                              "results": results, "table": table})
     print(f"results: {path}")
     return 0
