@@ -1,0 +1,291 @@
+"""Serving over gRPC: bounded open-loop load against `adalora serve` (a subprocess, loopback) vs the same
+load on the in-process Backend, with 4, 32 and 256 adapters loaded.
+
+Requests arrive as a Poisson process at --rate per second for --duration seconds (the same seeded arrival
+times, prompts and adapter draws for every configuration); each names one adapter drawn with Zipf(1)
+popularity over the loaded set, sends PROMPT_LEN random token ids and asks for --new-tokens greedy tokens
+(GenerateStream, so the client sees the first token). At most --max-inflight requests are outstanding: an
+arrival past that bound is counted as dropped (open loop, bounded). Adapters are generated with realistic
+AdaLoRA rank patterns (see engine_throughput.py) and all preloaded (--max-slots = the adapter count: the
+"fits on the device" case).
+
+Reported per configuration: completed req/s, generated tokens/s, p50/p99 time to first token (TTFT) and
+time per output token after the first (TPOT), errors and drops. Targets: gRPC within 10% of in-process at
+the same load; 256 adapters within 10% of 4.
+
+    python benchmarks/serve_grpc.py --quick              # tiny random llama, seconds
+    python benchmarks/serve_grpc.py [--rate 0.6] [--duration 90] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import grpc  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from _common import RESULTS, markdown_table, write_json  # noqa: E402
+from adalora_runtime.adapter_file import save_adapter  # noqa: E402
+from adalora_runtime.engine import SamplingParams  # noqa: E402
+from adalora_runtime.inject import resolve_targets  # noqa: E402
+from adalora_runtime.layers import linear_dims  # noqa: E402
+from engine_throughput import TARGETS, make_adapter  # noqa: E402
+from server.backend import Backend, Completion, GenerateCall, TokenDelta  # noqa: E402
+from server.client import generate_request  # noqa: E402
+from server.config import ServerConfig  # noqa: E402
+from server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT_LEN = 32
+ADAPTER_COUNTS = (4, 32, 256)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    at: float
+    """Seconds after the start."""
+    prompt: tuple[int, ...]
+    adapter: int
+    """Rank in popularity; the id is a{adapter}."""
+
+
+@dataclass
+class Outcome:
+    sent: float
+    first: float | None = None
+    last: float | None = None
+    tokens: int = 0
+    error: str | None = None
+
+
+def arrivals(rate: float, duration: float, loaded: int, vocab: int, seed: int) -> list[Arrival]:
+    rng = random.Random(seed)
+    weights = [1.0 / (k + 1) for k in range(loaded)]
+    out, t = [], rng.expovariate(rate)
+    while t < duration:
+        prompt = tuple(rng.randrange(3, vocab) for _ in range(PROMPT_LEN))
+        out.append(Arrival(t, prompt, rng.choices(range(loaded), weights=weights)[0]))
+        t += rng.expovariate(rate)
+    return out
+
+
+async def run_load(plan: list[Arrival], send, max_inflight: int) -> tuple[list[Outcome], int, float]:
+    """Fire each arrival at its time through `send(arrival, outcome)`; (outcomes, dropped, wall seconds)."""
+    start = time.perf_counter()
+    inflight: set[asyncio.Task] = set()
+    outcomes, dropped = [], 0
+    for arrival in plan:
+        await asyncio.sleep(max(0.0, start + arrival.at - time.perf_counter()))
+        if len(inflight) >= max_inflight:
+            dropped += 1
+            continue
+        outcome = Outcome(sent=time.perf_counter())
+        outcomes.append(outcome)
+        task = asyncio.ensure_future(send(arrival, outcome))
+        inflight.add(task)
+        task.add_done_callback(inflight.discard)
+    if inflight:
+        await asyncio.wait(inflight)
+    return outcomes, dropped, time.perf_counter() - start
+
+
+def grpc_sender(stub, new_tokens: int):
+    async def send(arrival: Arrival, outcome: Outcome) -> None:
+        request = generate_request(list(arrival.prompt), f"a{arrival.adapter}", max_new_tokens=new_tokens,
+                                   temperature=0)
+        try:
+            async for message in stub.GenerateStream(request):
+                if message.token_ids:
+                    now = time.perf_counter()
+                    outcome.first = outcome.first or now
+                    outcome.last = now
+                    outcome.tokens += len(message.token_ids)
+        except grpc.aio.AioRpcError as e:
+            outcome.error = e.code().name
+    return send
+
+
+def backend_sender(backend: Backend, new_tokens: int):
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
+
+    async def send(arrival: Arrival, outcome: Outcome) -> None:
+        call = GenerateCall(prompt=arrival.prompt, adapter=f"a{arrival.adapter}", params=params)
+        try:
+            async for event in backend.generate(call):
+                if isinstance(event, TokenDelta):
+                    now = time.perf_counter()
+                    outcome.first = outcome.first or now
+                    outcome.last = now
+                    outcome.tokens += 1
+                elif isinstance(event, Completion):
+                    break
+        except Exception as e:  # noqa: BLE001 - counted as an error of this request
+            outcome.error = type(e).__name__
+    return send
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def summarize(outcomes: list[Outcome], dropped: int, wall: float) -> dict:
+    done = [o for o in outcomes if o.error is None and o.first is not None]
+    ttft = [o.first - o.sent for o in done]
+    tpot = [(o.last - o.first) / (o.tokens - 1) for o in done if o.tokens > 1]
+    return {"requests": len(outcomes), "completed": len(done), "errors": len(outcomes) - len(done),
+            "dropped": dropped, "wall_s": wall, "req_s": len(done) / wall,
+            "tok_s": sum(o.tokens for o in done) / wall,
+            "ttft_p50_ms": 1e3 * percentile(ttft, 0.5), "ttft_p99_ms": 1e3 * percentile(ttft, 0.99),
+            "tpot_p50_ms": 1e3 * percentile(tpot, 0.5), "tpot_p99_ms": 1e3 * percentile(tpot, 0.99)}
+
+
+# ---------------------------------------------------------------- setup
+
+
+def write_base(quick: bool, folder: Path) -> Path:
+    if not quick:
+        from adalora_runtime.assets import model_path
+        return model_path("smollm2-135m")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                 tie_word_embeddings=False)).save_pretrained(folder)
+    return folder
+
+
+def write_store(base: Path, folder: Path, count: int) -> None:
+    model = LlamaForCausalLM.from_pretrained(base)
+    shapes = {p: linear_dims(model.get_submodule(p)) for p in resolve_targets(model, TARGETS)}
+    for i in range(count):
+        save_adapter(make_adapter(model, shapes, seed=i), folder / f"a{i}")
+
+
+def server_config(args, base: Path, store: Path, loaded: int, port: int = 0) -> ServerConfig:
+    return ServerConfig(base_model=str(base), adapter_dir=str(store), preload=tuple(f"a{i}" for i in range(loaded)),
+                        port=port, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
+                        max_slots=max(loaded, 1), max_new_tokens=max(args.new_tokens, 64))
+
+
+def start_server(config: ServerConfig, log: Path) -> tuple[subprocess.Popen, int]:
+    """`adalora serve` in a subprocess on a free port; returns once health reports SERVING."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "adalora_runtime.cli", "serve", "--base-model", config.base_model,
+           "--adapter-dir", config.adapter_dir, "--port", str(port), "--device", config.device,
+           "--dtype", config.dtype, "--max-batch-size", str(config.max_batch_size), "--max-slots",
+           str(config.max_slots), "--max-new-tokens", str(config.max_new_tokens), "--preload", *config.preload]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    from server.client import AdaLoraClient
+    deadline = time.time() + 600
+    with AdaLoraClient(f"127.0.0.1:{port}", timeout=2) as client:
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"the server exited ({proc.returncode}); its log: {log}")
+            try:
+                if client.health() == "SERVING":
+                    return proc, port
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"the server did not report SERVING within 600 s; its log: {log}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+async def over_grpc(port: int, plan: list[Arrival], args) -> dict:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.AdaLoraStub(channel)
+        await run_load(plan[:2], grpc_sender(stub, args.new_tokens), args.max_inflight)  # warm-up
+        return summarize(*await run_load(plan, grpc_sender(stub, args.new_tokens), args.max_inflight))
+
+
+async def in_process(config: ServerConfig, plan: list[Arrival], args) -> dict:
+    backend = await asyncio.to_thread(Backend.open, config)
+    try:
+        await run_load(plan[:2], backend_sender(backend, args.new_tokens), args.max_inflight)  # warm-up
+        return summarize(*await run_load(plan, backend_sender(backend, args.new_tokens), args.max_inflight))
+    finally:
+        backend.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny random llama, a few seconds of load")
+    ap.add_argument("--rate", type=float, default=None, help="arrivals per second (default 0.6; quick 4)")
+    ap.add_argument("--duration", type=float, default=None, help="seconds of arrivals (default 90; quick 3)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="tokens per request (default 64; quick 8)")
+    ap.add_argument("--max-inflight", type=int, default=64, help="bound on outstanding requests (open loop)")
+    ap.add_argument("--max-batch-size", type=int, default=8)
+    ap.add_argument("--adapters", type=int, nargs="+", default=list(ADAPTER_COUNTS), help="adapters loaded")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    args.rate = args.rate or (4.0 if args.quick else 0.6)
+    args.duration = args.duration or (3.0 if args.quick else 90.0)
+    args.new_tokens = args.new_tokens or (8 if args.quick else 64)
+    if args.rate <= 0 or args.duration <= 0 or args.new_tokens < 2 or min(args.adapters) < 1:
+        raise SystemExit("--rate and --duration must be > 0, --new-tokens >= 2 and --adapters >= 1")
+    rows, results = [], {"quick": args.quick, "args": vars(args), "configs": {}}
+    with tempfile.TemporaryDirectory(prefix="adalora-serve-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        base = write_base(args.quick, tmp / "base")
+        store = tmp / "store"
+        write_store(base, store, max(args.adapters))
+        vocab = LlamaForCausalLM.from_pretrained(base).config.vocab_size
+        first = min(args.adapters)
+        plan = arrivals(args.rate, args.duration, first, vocab, args.seed)
+        results["configs"][f"in-process/{first}"] = asyncio.run(in_process(server_config(args, base, store, first), plan, args))
+        for loaded in args.adapters:
+            plan = arrivals(args.rate, args.duration, loaded, vocab, args.seed)
+            proc, port = start_server(server_config(args, base, store, loaded), tmp / f"server-{loaded}.log")
+            try:
+                results["configs"][f"grpc/{loaded}"] = asyncio.run(over_grpc(port, plan, args))
+            finally:
+                stop_server(proc)
+    ref = results["configs"][f"grpc/{first}"]
+    for name, r in results["configs"].items():
+        rows.append([name, r["completed"], r["errors"], r["dropped"], f"{r['req_s']:.2f}", f"{r['tok_s']:.1f}",
+                     f"{r['ttft_p50_ms']:.0f}", f"{r['ttft_p99_ms']:.0f}", f"{r['tpot_p50_ms']:.1f}",
+                     f"{r['tpot_p99_ms']:.1f}", f"{r['tok_s'] / ref['tok_s']:.2f}"])
+    table = markdown_table(["config", "done", "errors", "dropped", "req/s", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
+                            "TPOT p50 ms", "TPOT p99 ms", f"tok/s vs grpc/{first}"], rows)
+    print(table)
+    inproc = results["configs"][f"in-process/{first}"]
+    results["grpc_vs_in_process_tpot_p50"] = ref["tpot_p50_ms"] / inproc["tpot_p50_ms"]
+    results["most_vs_fewest_tpot_p50"] = (results["configs"][f"grpc/{max(args.adapters)}"]["tpot_p50_ms"]
+                                          / ref["tpot_p50_ms"])
+    print(f"\nTPOT p50: grpc/{first} vs in-process {results['grpc_vs_in_process_tpot_p50']:.2f}x; "
+          f"grpc/{max(args.adapters)} vs grpc/{first} {results['most_vs_fewest_tpot_p50']:.2f}x")
+    results["table"] = table
+    print(f"wrote {write_json('serve_grpc' + ('_quick' if args.quick else ''), results)}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
