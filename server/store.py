@@ -55,6 +55,10 @@ class AdapterStore:
         """Ids of the folders in the store (names that are not valid ids are skipped)."""
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and ID_PATTERN.fullmatch(p.name))
 
+    def holds(self, adapter_id: str) -> bool:
+        """Whether `adapter_id` is a valid id with a folder in the store (never raises)."""
+        return bool(ID_PATTERN.fullmatch(adapter_id)) and (self.root / adapter_id).is_dir()
+
     def folder(self, adapter_id: str) -> Path:
         folder = self.root / check_id(adapter_id)
         if not folder.is_dir():
