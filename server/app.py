@@ -1,8 +1,8 @@
 """The gRPC server: create_server() builds and binds it (tests bind port 0), serve() runs it until SIGTERM.
 
-    server, port = await create_server(config)
+    server, port = await create_server(config)              # also serves /metrics when config.metrics_port is set
     await server.start()                                    # health: NOT_SERVING
-    await server.attach(await asyncio.to_thread(Backend.open, config))   # health: SERVING
+    await server.attach(await asyncio.to_thread(Backend.open, config, server.metrics))   # health: SERVING
     ...
     await server.stop(grace=10)                             # health: NOT_SERVING, then in-flight RPCs finish
 """
@@ -21,6 +21,7 @@ from server.backend import Backend
 from server.config import ServerConfig
 from server.gen.adalora.v1 import adalora_pb2 as pb
 from server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc
+from server.metrics import Metrics, MetricsEndpoint
 from server.servicer import AdaLoraServicer
 
 log = logging.getLogger("adalora.server")
@@ -31,11 +32,18 @@ SERVICE = pb.DESCRIPTOR.services_by_name["AdaLora"].full_name
 
 @dataclass
 class Server:
-    """A bound adalora.v1 server with its health service."""
+    """A bound adalora.v1 server with its health service and metrics (and their /metrics endpoint, if any)."""
 
     grpc: grpc.aio.Server
     servicer: AdaLoraServicer
     health: health.aio.HealthServicer
+    metrics: Metrics
+    endpoint: MetricsEndpoint | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound port of /metrics, None without an endpoint."""
+        return None if self.endpoint is None else self.endpoint.port
 
     async def _set_health(self, status: int) -> None:
         for service in ("", SERVICE):
@@ -46,6 +54,9 @@ class Server:
 
     async def attach(self, backend: Backend) -> None:
         """Serve with `backend` (its model and preloaded adapters ready): health turns SERVING."""
+        if backend.metrics is not self.metrics:
+            raise ValueError("the backend records into other metrics than this server serves; open it with "
+                             "Backend.open(config, server.metrics)")
         self.servicer.backend = backend
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
@@ -57,15 +68,19 @@ class Server:
         await self.grpc.stop(grace)
         if self.servicer.backend is not None:
             self.servicer.backend.close()
+        if self.endpoint is not None:
+            await asyncio.to_thread(self.endpoint.close)
 
 
 async def create_server(config: ServerConfig) -> tuple[Server, int]:
     """Build the server and bind config.host:config.port (0 = any free port); returns it (not started, health
-    NOT_SERVING) and the bound port. Call from a running event loop."""
+    NOT_SERVING) and the bound port. With config.metrics_port set, /metrics is served at once (its bound port:
+    Server.metrics_port). Call from a running event loop."""
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes)]
     server = grpc.aio.server(options=options)
-    servicer = AdaLoraServicer(config)
+    metrics = Metrics(config.max_slots)
+    servicer = AdaLoraServicer(config, metrics)
     pb_grpc.add_AdaLoraServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -74,7 +89,9 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
         port = server.add_insecure_port(address)
     except RuntimeError as e:
         raise OSError(f"cannot listen on {address} ({e}); pick another --port or --host") from e
-    wrapped = Server(server, servicer, health_servicer)
+    endpoint = None if config.metrics_port is None else MetricsEndpoint(metrics.registry, config.host,
+                                                                         config.metrics_port)
+    wrapped = Server(server, servicer, health_servicer, metrics, endpoint)
     await wrapped._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
     return wrapped, port
 
@@ -85,12 +102,14 @@ async def serve(config: ServerConfig) -> None:
     server, port = await create_server(config)
     await server.start()
     log.info("listening on %s:%d; loading %s", config.host, port, config.base_model)
+    if server.metrics_port is not None:
+        log.info("metrics at http://%s:%d/metrics", config.host, server.metrics_port)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     try:
-        loading = asyncio.ensure_future(asyncio.to_thread(Backend.open, config))
+        loading = asyncio.ensure_future(asyncio.to_thread(Backend.open, config, server.metrics))
         await asyncio.wait([loading, asyncio.ensure_future(stopping.wait())], return_when=asyncio.FIRST_COMPLETED)
         if loading.done():
             await server.attach(loading.result())

@@ -28,6 +28,7 @@ from adalora_runtime.engine.slots import check_adapter
 from adalora_runtime.recipe import DTYPES
 from server.config import ServerConfig
 from server.errors import AdapterInUse, StoreError, WrongModelKind
+from server.metrics import Metrics
 from server.store import AdapterStore, StoredAdapter, check_id
 
 T = TypeVar("T")
@@ -113,20 +114,28 @@ def adapter_ids(request: Request) -> set[str]:
 # ---- generation driver hook -------------------------------------------------------------------------------
 
 class SerialGenerator:
-    """The Generator as AsyncDriver drives it, plus two things: each step holds the backend's model lock (an
-    adapter load waits for the step in progress), and the start of the step that admitted each request is
-    kept, by id() of its GenerationRequest, for its queue time."""
+    """The Generator as AsyncDriver drives it, plus three things: each step holds the backend's model lock (an
+    adapter load waits for the step in progress); the start of the step that admitted each request is kept, by
+    id() of its GenerationRequest, for its queue time, and `on_admit(key)` told; `on_decode(rows)` gets the rows
+    of each step's decode forward. Both callbacks run on the driver thread, inside the step."""
 
-    def __init__(self, generator: Generator, lock: threading.Lock) -> None:
+    def __init__(self, generator: Generator, lock: threading.Lock, on_admit: Callable[[int], None],
+                 on_decode: Callable[[int], None]) -> None:
         self.generator, self.lock = generator, lock
+        self.on_admit, self.on_decode = on_admit, on_decode
         self.step_started = time.perf_counter()
         self.admitted: dict[int, float] = {}
+        self.step_tokens = self.step_first_tokens = 0
 
     def submit(self, request: GenerationRequest, on_token: Callable[[int], None] | None = None, on_finish=None):
         key = id(request)
 
         def token(t: int) -> None:  # on the driver thread, inside the step
-            self.admitted.setdefault(key, self.step_started)
+            self.step_tokens += 1
+            if key not in self.admitted:  # a first token comes from the prefill of the step that admitted it
+                self.admitted[key] = self.step_started
+                self.step_first_tokens += 1
+                self.on_admit(key)
             if on_token is not None:
                 on_token(t)
 
@@ -138,7 +147,12 @@ class SerialGenerator:
     def step(self):
         with self.lock:
             self.step_started = time.perf_counter()
-            return self.generator.step()
+            self.step_tokens = self.step_first_tokens = 0
+            finished = self.generator.step()
+            decoded = self.step_tokens - self.step_first_tokens  # the decode forward gives each row one token
+            if decoded:
+                self.on_decode(decoded)
+            return finished
 
     def fail_all(self, error: BaseException):
         return self.generator.fail_all(error)
@@ -164,8 +178,11 @@ def load_base(config: ServerConfig) -> tuple[torch.nn.Module, object | None]:
 class Backend:
     """One base model serving the store's adapters; create with Backend.open(config) (slow: reads the model)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, config: ServerConfig, store: AdapterStore) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer, config: ServerConfig, store: AdapterStore,
+                 metrics: Metrics | None = None) -> None:
         self.config, self.tokenizer, self.store = config, tokenizer, store
+        self.metrics = Metrics(config.max_slots) if metrics is None else metrics
+        self.metrics.watch_store(store)
         self.kind = model_kind(model.config)
         self.engine = AdapterEngine(model, EngineConfig(max_slots=config.max_slots))
         self.lock = threading.Lock()
@@ -181,22 +198,25 @@ class Backend:
         self.runner: EncoderRunner | None = None
         if self.kind == "causal-lm":
             generator = Generator(self.engine, GeneratorConfig(max_batch_size=config.max_batch_size), tokenizer)
-            self.serial = SerialGenerator(generator, self.lock)
+            self.serial = SerialGenerator(generator, self.lock, self.metrics.inflight.admitted,
+                                          self.metrics.batch_size.observe)
             self.driver = AsyncDriver(self.serial)
         else:
             limit = min(config.max_prompt_tokens, self.max_positions or config.max_prompt_tokens)
             self.runner = EncoderRunner(self.engine, tokenizer, max_length=limit)
 
     @classmethod
-    def open(cls, config: ServerConfig) -> Backend:
-        """Read the base model and load config.preload from the store (blocking: run it off the event loop)."""
+    def open(cls, config: ServerConfig, metrics: Metrics | None = None) -> Backend:
+        """Read the base model and load config.preload from the store (blocking: run it off the event loop);
+        record into `metrics` (the Server's), or into a Metrics of its own."""
         store = AdapterStore(config.adapter_dir, config.base_model)
         model, tokenizer = load_base(config)
-        backend = cls(model, tokenizer, config, store)
+        backend = cls(model, tokenizer, config, store, metrics)
         for adapter_id in config.preload:
             stored = store.read(check_id(adapter_id))
             backend.engine.load(adapter_id, stored.adapter)
             backend.loaded[adapter_id] = stored
+        backend._adapters_changed()
         return backend
 
     def close(self) -> None:
@@ -246,8 +266,13 @@ class Backend:
         self._require("causal-lm", "Generate")
         request = GenerationRequest(self._prompt_ids(call.prompt), call.adapter, call.params)
         self._check_not_leaving(call.adapter)
-        stream = self.driver.stream(request)  # validation errors raise here
-        ids = adapter_ids(call.adapter)
+        ids, label = adapter_ids(call.adapter), self.metrics.adapter_label(call.adapter)
+        self.metrics.inflight.queued(id(request), ids)  # before submit: the driver thread may admit it at once
+        try:
+            stream = self.driver.stream(request)  # validation errors raise here
+        except Exception:
+            self.metrics.inflight.finished(id(request))
+            raise
         self.inflight.update(ids)
         done = False
         try:
@@ -265,16 +290,19 @@ class Backend:
             result = stream.result
             admitted = self.serial.admitted.get(id(request), received)
             ms = lambda t: (t - received) * 1e3  # noqa: E731
+            self.metrics.generation_timed(label, admitted - received, (first or end) - received, end - received,
+                                          len(tokens))
             done = True
             yield Completion(self.decode(tokens), tokens, result.finish_reason, result.prompt_tokens,
                              result.completion_tokens, Timings(ms(admitted), ms(first or end), ms(end)))
         finally:
             if done or stream.handle.done:
-                self._release(request, ids)
+                self._release(stream, request, ids, label)
             else:
-                asyncio.ensure_future(self._finish_in_background(stream, request, ids))
+                asyncio.ensure_future(self._finish_in_background(stream, request, ids, label))
 
-    async def _finish_in_background(self, stream: TokenStream, request: GenerationRequest, ids: set[str]) -> None:
+    async def _finish_in_background(self, stream: TokenStream, request: GenerationRequest, ids: set[str],
+                                    label: str) -> None:
         """A request whose caller went away still runs until it finishes (cancellation is not implemented),
         so its adapters stay in use until then."""
         try:
@@ -283,9 +311,10 @@ class Backend:
         except Exception:  # noqa: BLE001 - nobody is left to tell
             pass
         finally:
-            self._release(request, ids)
+            self._release(stream, request, ids, label)
 
-    def _release(self, request: GenerationRequest, ids: set[str]) -> None:
+    def _release(self, stream: TokenStream, request: GenerationRequest, ids: set[str], label: str) -> None:
+        self.metrics.generation_finished(id(request), label, stream.result)
         self.serial.admitted.pop(id(request), None)
         self.inflight.subtract(ids)
         for adapter_id in ids:
@@ -334,8 +363,12 @@ class Backend:
         if replace:
             self.engine.unload(adapter_id)
             del self.loaded[adapter_id]
+            self.metrics.evictions.inc()
         self.engine.load(adapter_id, stored.adapter)
         self.loaded[adapter_id] = stored
+
+    def _adapters_changed(self) -> None:
+        self.metrics.adapters_changed(self.loaded, sum(self.engine.nbytes(i) for i in self.loaded))
 
     async def load_adapter(self, adapter_id: str, reload: bool = False) -> tuple[AdapterView, bool, float]:
         """(the loaded adapter, whether this version was already loaded, milliseconds spent)."""
@@ -345,6 +378,7 @@ class Backend:
             current = self.loaded.get(adapter_id)
             version = await asyncio.to_thread(self.store.version, adapter_id)
             if current is not None and current.version == version:
+                self.metrics.cache_hits.inc()
                 return self.view(adapter_id), True, 0.0
             if current is not None and not reload:
                 raise AdapterExists(f"adapter {adapter_id!r} is loaded at version {current.version[:12]}, and the "
@@ -358,7 +392,11 @@ class Backend:
                 await asyncio.to_thread(self._locked, self._swap, adapter_id, stored, current is not None)
             finally:
                 self._leaving.discard(adapter_id)
-            return self.view(adapter_id), False, (time.perf_counter() - start) * 1e3
+                self._adapters_changed()
+            seconds = time.perf_counter() - start
+            self.metrics.cache_misses.inc()
+            self.metrics.load_seconds.observe(seconds)
+            return self.view(adapter_id), False, seconds * 1e3
 
     async def unload_adapter(self, adapter_id: str) -> int:
         """Device bytes freed."""
@@ -371,8 +409,10 @@ class Backend:
             try:
                 await asyncio.to_thread(self._locked, self.engine.unload, adapter_id)
                 del self.loaded[adapter_id]
+                self.metrics.evictions.inc()
             finally:
                 self._leaving.discard(adapter_id)
+                self._adapters_changed()
             return freed
 
     def view(self, adapter_id: str) -> AdapterView:

@@ -47,12 +47,22 @@ class ServerConfig:
     """Largest request or response message; a larger one is refused by gRPC (RESOURCE_EXHAUSTED)."""
     grace_s: float = 10.0
     """On SIGTERM: seconds in-flight requests get to finish before they are cancelled."""
+    metrics_port: int | None = None
+    """Port of the Prometheus /metrics endpoint on `host`; None = no endpoint, 0 = any free port (the Server
+    reports the one bound)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.preload, str) or not isinstance(self.preload, tuple):
             raise ConfigError(f"preload must be a tuple of adapter ids, got {self.preload!r}")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in [0, 65535] (0 = any free port), got {self.port!r}")
+        if self.metrics_port is not None:
+            if isinstance(self.metrics_port, bool) or not isinstance(self.metrics_port, int) or \
+                    not 0 <= self.metrics_port <= 65535:
+                raise ConfigError(f"metrics_port must be in [0, 65535] (0 = any free port), or None for no metrics "
+                                  f"endpoint; got {self.metrics_port!r}")
+            if self.metrics_port == self.port != 0:
+                raise ConfigError(f"metrics_port and port are both {self.port}; give /metrics a port of its own")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
         for name in ("max_batch_size", "max_slots", "max_prompt_tokens", "max_new_tokens", "default_max_new_tokens",

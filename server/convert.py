@@ -39,6 +39,19 @@ def adapter_from_pb(selection: pb.AdapterSelection) -> Request:
     return mix
 
 
+def named_adapter(request) -> Request:
+    """The adapter a request names, unchecked (the metrics label comes from it, refused requests included): an
+    AdapterSelection's id or {id: weight} mix, an admin request's id, or None when it names none."""
+    if isinstance(request, (pb.LoadAdapterRequest, pb.UnloadAdapterRequest, pb.GetAdapterRequest)):
+        return request.id
+    if not isinstance(request, (pb.GenerateRequest, pb.ClassifyRequest, pb.EmbedRequest)):
+        return None
+    which = request.adapter.WhichOneof("selection")
+    if which == "id":
+        return request.adapter.id
+    return None if which is None else {entry.id: entry.weight for entry in request.adapter.mix.adapters}
+
+
 def stop_from_pb(stop: pb.StopSequence, index: int) -> str | tuple[int, ...]:
     which = stop.WhichOneof("sequence")
     if which is None:

@@ -1,11 +1,14 @@
 """The adalora.v1.AdaLora servicer: each RPC is convert.from_pb -> Backend -> convert.to_pb, and every error
-leaves through `abort_with`, which picks its status code from server.errors.STATUS."""
+leaves through `abort_with`, which picks its status code from server.errors.STATUS. Every RPC runs inside
+`answered`, which records its status and latency in the server's Metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-from contextlib import aclosing
+import time
+from contextlib import aclosing, asynccontextmanager
 
 import grpc
 
@@ -15,6 +18,7 @@ from server.config import ServerConfig
 from server.errors import NotReady, status_of
 from server.gen.adalora.v1 import adalora_pb2 as pb
 from server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc
+from server.metrics import Metrics
 
 log = logging.getLogger("adalora.server")
 
@@ -30,32 +34,44 @@ async def abort_with(context: grpc.aio.ServicerContext, error: Exception) -> Non
     await context.abort(code, message)
 
 
+@asynccontextmanager
+async def answered(servicer: AdaLoraServicer, rpc: str, request, context: grpc.aio.ServicerContext):
+    """Run one RPC: an error ends it through abort_with; its status and latency are recorded either way."""
+    started, status = time.perf_counter(), grpc.StatusCode.OK
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - every error becomes a status
+        status = status_of(error)
+        await abort_with(context, error)
+    except (asyncio.CancelledError, GeneratorExit):  # the client went away
+        status = grpc.StatusCode.CANCELLED
+        raise
+    finally:
+        servicer.metrics.rpc_done(rpc, convert.named_adapter(request), status.name, time.perf_counter() - started)
+
+
 def unary(method):
     @functools.wraps(method)
     async def wrapper(self, request, context):
-        try:
+        async with answered(self, method.__name__, request, context):
             return await method(self, request, context)
-        except Exception as error:  # noqa: BLE001 - every error becomes a status
-            await abort_with(context, error)
     return wrapper
 
 
 def streaming(method):
     @functools.wraps(method)
     async def wrapper(self, request, context):
-        try:
+        async with answered(self, method.__name__, request, context):
             async for message in method(self, request, context):
                 yield message
-        except Exception as error:  # noqa: BLE001 - every error becomes a status
-            await abort_with(context, error)
     return wrapper
 
 
 class AdaLoraServicer(pb_grpc.AdaLoraServicer):
     """Answers UNAVAILABLE until a Backend is attached and once draining starts."""
 
-    def __init__(self, config: ServerConfig) -> None:
-        self.config = config
+    def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
+        self.config, self.metrics = config, metrics
         self.backend: Backend | None = None
         self.draining = False
 

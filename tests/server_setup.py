@@ -77,7 +77,7 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
 
     def attach(self) -> Backend:
-        self.backend = Backend.open(self.config)
+        self.backend = Backend.open(self.config, self.server.metrics)
         self.call(self.server.attach(self.backend))
         return self.backend
 

@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=DEFAULTS.max_prompt_tokens, help="longest prompt accepted")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens,
                    help="cap on a request's max_new_tokens")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; 0 = any free port)")
     p.add_argument("--grace", type=float, default=DEFAULTS.grace_s, help="seconds in-flight requests get on SIGTERM")
 
 
@@ -39,7 +41,7 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
                         max_batch_size=args.max_batch_size, max_slots=args.max_slots,
                         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                         default_max_new_tokens=min(DEFAULTS.default_max_new_tokens, args.max_new_tokens),
-                        grace_s=args.grace)
+                        grace_s=args.grace, metrics_port=args.metrics_port)
 
 
 def run(args: argparse.Namespace) -> int:
