@@ -1,15 +1,33 @@
-# Runnable image of the adalora command (CUDA torch). Build: docker build -t adalora .
+# Runnable image of the adalora server (and every adalora command), CUDA torch by default.
+#
+#   docker build -t adalora .
+#   docker run --gpus all -p 50051:50051 -p 9090:9090 \
+#       -v $HOME/.cache/adalora/models/smollm2-135m:/models/base:ro -v $PWD/adapters:/adapters adalora
+#
+# The default command serves /models/base (any transformers causal LM or encoder folder with its tokenizer)
+# and the adapter store /adapters on cuda in bfloat16: gRPC on 50051, Prometheus /metrics on 9090; the
+# health check asks grpc.health.v1. Other commands: docker run adalora inspect /adapters/ID, etc.
+#
+# Another CUDA build: --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 (match the host driver).
 # CPU-only image: docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu -t adalora:cpu .
+#   then: docker run adalora:cpu serve --base-model /models/base --adapter-dir /adapters --host 0.0.0.0 --device cpu
 FROM python:3.11-slim
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu124
 ARG TORCH_SPEC=torch
 ENV PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 WORKDIR /app
+# torch first, from the chosen index: `pip install .` then keeps it (pyproject only asks torch>=2.1).
 RUN pip install --index-url ${TORCH_INDEX} "${TORCH_SPEC}"
 COPY pyproject.toml README.md ./
 COPY adalora_runtime ./adalora_runtime
 COPY server ./server
+COPY protos ./protos
 COPY tools ./tools
-RUN pip install .
+RUN pip install . && useradd --create-home --uid 10001 adalora
+USER adalora
+EXPOSE 50051 9090
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 CMD ["python", "-c", \
+    "import sys; from server.client import AdaLoraClient; sys.exit(AdaLoraClient('127.0.0.1:50051', timeout=4).health() != 'SERVING')"]
 ENTRYPOINT ["adalora"]
-CMD ["--help"]
+CMD ["serve", "--base-model", "/models/base", "--adapter-dir", "/adapters", "--host", "0.0.0.0", "--port", "50051", \
+     "--metrics-port", "9090", "--device", "cuda", "--dtype", "bfloat16"]
