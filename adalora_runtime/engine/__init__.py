@@ -7,8 +7,9 @@ from adalora_runtime.engine.config import EngineConfig
 from adalora_runtime.engine.edge import EdgeMerger
 from adalora_runtime.engine.encoder import Classification, EncodedBatch, EncoderRunner, encode, from_token_ids
 from adalora_runtime.engine.engine import AdapterEngine, Request
-from adalora_runtime.engine.errors import (AdapterExists, AdapterMismatch, AdapterNotFound, BatchError, EngineError,
-                                           InvalidRequest, SlotsFull)
+from adalora_runtime.engine.errors import (AdapterExists, AdapterMismatch, AdapterNotFound, BatchError,
+                                           DeadlineExpired, EngineError, InvalidRequest, RequestCancelled,
+                                           SlotsFull)
 from adalora_runtime.engine.heads import Head, HeadBank
 from adalora_runtime.engine.multi_linear import BatchContext, MultiAdapterLinear, install_multi_linear
 from adalora_runtime.engine.sampling import SamplingParams
@@ -17,8 +18,8 @@ from adalora_runtime.engine.slots import AdapterSlots, SlotBank
 from adalora_runtime.engine.stream import AsyncDriver, TokenStream
 
 __all__ = ["AdapterEngine", "AdapterExists", "AdapterMismatch", "AdapterNotFound", "AdapterSlots", "AsyncDriver",
-           "BatchContext", "BatchError", "Classification", "CostModel", "EdgeMerger", "EncodedBatch", "EncoderRunner",
-           "EngineConfig", "EngineError", "Factors", "GenerationRequest", "GenerationResult", "Generator",
-           "GeneratorConfig", "Handle", "Head", "HeadBank", "InvalidRequest", "MultiAdapterLinear", "Request",
-           "SamplingParams", "SlotBank", "SlotsFull", "TokenStream", "batched_apply", "choose_strategy", "encode",
-           "from_token_ids", "install_multi_linear"]
+           "BatchContext", "BatchError", "Classification", "CostModel", "DeadlineExpired", "EdgeMerger", "EncodedBatch",
+           "EncoderRunner", "EngineConfig", "EngineError", "Factors", "GenerationRequest", "GenerationResult",
+           "Generator", "GeneratorConfig", "Handle", "Head", "HeadBank", "InvalidRequest", "MultiAdapterLinear",
+           "Request", "RequestCancelled", "SamplingParams", "SlotBank", "SlotsFull", "TokenStream", "batched_apply",
+           "choose_strategy", "encode", "from_token_ids", "install_multi_linear"]

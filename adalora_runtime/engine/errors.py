@@ -27,3 +27,11 @@ class BatchError(EngineError):
 
 class InvalidRequest(EngineError):
     """A generation request or sampling parameter out of range (INVALID_ARGUMENT)."""
+
+
+class DeadlineExpired(EngineError):
+    """A request whose deadline passed while it waited for a batch row; it never ran (DEADLINE_EXCEEDED)."""
+
+
+class RequestCancelled(EngineError):
+    """A request its caller cancelled; its row was freed at the next step boundary (CANCELLED)."""

@@ -10,12 +10,17 @@ Each `step()`: (1) admits waiting requests up to max_batch_size and prefills the
 forward, which also gives their first token; (2) one decode forward of one token for every running row,
 each row with its own adapter through the engine's routing context; (3) samples per row; (4) retires
 rows that finished (eos, stop sequence, max_new_tokens) so the others go on without them.
+
+Before (1), each step drops the requests `cancel()`led since the last one (waiting or running: the row and its
+cache leave the batch) and, while admitting, every waiting request whose `deadline` (time.monotonic() seconds)
+has passed; both end with an error (RequestCancelled, DeadlineExpired) and an expired request never runs.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +31,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from adalora_runtime.config import ConfigError
 from adalora_runtime.engine.config import check_strategy
 from adalora_runtime.engine.engine import AdapterEngine, Request
-from adalora_runtime.engine.errors import EngineError, InvalidRequest
+from adalora_runtime.engine.errors import DeadlineExpired, EngineError, InvalidRequest, RequestCancelled
 from adalora_runtime.engine.kv import BatchKV, concat, prefill_inputs, select
 from adalora_runtime.engine.multi_linear import BatchContext
 from adalora_runtime.engine.sampling import SamplingParams, next_token, request_generator
@@ -85,6 +90,8 @@ class Handle:
     error: BaseException | None = None
     on_token: Callable[[int], None] | None = None
     on_finish: Callable[[Handle], None] | None = None
+    deadline: float | None = None
+    """time.monotonic() after which it may no longer be admitted; None = no deadline."""
 
     @property
     def done(self) -> bool:
@@ -120,6 +127,8 @@ class Generator:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._waiting: deque[Handle] = deque()
+        self._cancelled: set[int] = set()
+        """request_id of each handle cancel()led since the last step began."""
         self._rows: list[_Row] = []
         self._kv: BatchKV | None = None
         self._pending: torch.Tensor | None = None
@@ -131,11 +140,12 @@ class Generator:
     # ---- requests -------------------------------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest, on_token: Callable[[int], None] | None = None,
-               on_finish: Callable[[Handle], None] | None = None) -> Handle:
+               on_finish: Callable[[Handle], None] | None = None, deadline: float | None = None) -> Handle:
         """Validate `request` and queue it; `on_token(id)` runs for each generated token, `on_finish(handle)`
-        once at the end (both on the thread that calls step())."""
+        once at the end (both on the thread that calls step()). A request still waiting at time.monotonic()
+        `deadline` is dropped unrun (DeadlineExpired)."""
         self._check(request)
-        handle = Handle(next(self._ids), request, on_token=on_token, on_finish=on_finish)
+        handle = Handle(next(self._ids), request, on_token=on_token, on_finish=on_finish, deadline=deadline)
         with self._lock:
             self._waiting.append(handle)
         return handle
@@ -160,6 +170,13 @@ class Generator:
                                  f"Generator with tokenizer=..., or give stop sequences as token ids")
         self.engine.context([request.adapter], tokens_per_row=1)  # raises AdapterNotFound / BatchError
 
+    def cancel(self, handle: Handle) -> None:
+        """End `handle` at the next step boundary (thread-safe): it leaves the queue or frees its row, and
+        finishes with RequestCancelled. A handle already done is left as it is."""
+        with self._lock:
+            if not handle.done:
+                self._cancelled.add(handle.request_id)
+
     def has_work(self) -> bool:
         with self._lock:
             return bool(self._waiting or self._rows)
@@ -168,23 +185,58 @@ class Generator:
     def running(self) -> int:
         return len(self._rows)
 
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet admitted to the batch."""
+        with self._lock:
+            return len(self._waiting)
+
     # ---- one iteration --------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self) -> list[Handle]:
-        """Admit + prefill waiting requests, decode one token for every running row; returns finished handles."""
-        finished = self._admit()
+        """Drop cancelled requests, admit + prefill waiting ones, decode one token for every running row;
+        returns finished handles (dropped ones included)."""
+        finished = self._drop_cancelled()
+        finished += self._admit()
         if self._rows:
             logits = self._decode()  # (B, V)
             finished += self._sample_and_retire(logits)
         return finished
 
-    def _admit(self) -> list[Handle]:
+    def _drop_cancelled(self) -> list[Handle]:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            if not cancelled:
+                return []
+            waiting = [h for h in self._waiting if h.request_id in cancelled]
+            self._waiting = deque(h for h in self._waiting if h.request_id not in cancelled)
+        keep = [i for i, r in enumerate(self._rows) if r.handle.request_id not in cancelled]
+        running = [r.handle for r in self._rows if r.handle.request_id in cancelled]
+        if running:
+            self._rows = [self._rows[i] for i in keep]
+            self._kv = select(self._kv, keep) if keep else None
+            self._pending = self._pending[keep] if keep else None
+        return [self._fail(h, RequestCancelled(f"request {h.request_id} was cancelled by its caller after "
+                                                f"{len(h.tokens)} tokens")) for h in running + waiting]
+
+    def _take_waiting(self) -> tuple[list[Handle], list[Handle]]:
+        """(requests to admit, up to the free rows; expired requests taken off the queue unrun)."""
+        now, new, expired = time.monotonic(), [], []
         with self._lock:
             free = self.config.max_batch_size - len(self._rows)
-            new = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            while self._waiting and len(new) < free:
+                handle = self._waiting.popleft()
+                (expired if handle.deadline is not None and handle.deadline <= now else new).append(handle)
+        return new, expired
+
+    def _admit(self) -> list[Handle]:
+        new, expired = self._take_waiting()
+        dropped = [self._fail(h, DeadlineExpired(f"request {h.request_id} waited past its deadline for a batch "
+                                                  f"row and was not started; allow a longer deadline or retry "
+                                                  f"when the server is less busy")) for h in expired]
         if not new:
-            return []
+            return dropped
         rows = [_Row(h, request_generator(h.request.params.seed), list(h.request.prompt)) for h in new]
         ids, mask, positions = prefill_inputs([r.seen for r in rows], self.engine.device)  # (n, P) each
         cache = DynamicCache(config=self.engine.model.config)
@@ -196,7 +248,7 @@ class Generator:
         first = len(self._rows)
         self._rows += rows
         self._kv = concat(self._kv, kv)
-        return self._sample_and_retire(out.logits[:, -1], first)
+        return dropped + self._sample_and_retire(out.logits[:, -1], first)
 
     def _decode_routing(self) -> BatchContext:
         """The decode context of the running rows: the previous step's while neither the rows nor the loaded
@@ -277,9 +329,12 @@ class Generator:
         with self._lock:
             handles = [*(r.handle for r in self._rows), *self._waiting]
             self._waiting.clear()
+            self._cancelled.clear()
         self._rows, self._kv, self._pending, self._decode_context = [], None, None, None
-        for handle in handles:
-            handle.error = error
-            if handle.on_finish is not None:
-                handle.on_finish(handle)
-        return handles
+        return [self._fail(handle, error) for handle in handles]
+
+    def _fail(self, handle: Handle, error: BaseException) -> Handle:
+        handle.error = error
+        if handle.on_finish is not None:
+            handle.on_finish(handle)
+        return handle

@@ -67,17 +67,25 @@ class AsyncDriver:
             except Exception as error:  # every request in flight gets the error; the loop goes on
                 self.generator.fail_all(error)
 
-    def stream(self, request: GenerationRequest) -> TokenStream:
-        """Submit `request` (validation errors raise here) and stream its tokens; call from a running event loop."""
+    def stream(self, request: GenerationRequest, deadline: float | None = None) -> TokenStream:
+        """Submit `request` (validation errors raise here) and stream its tokens; call from a running event loop.
+        Still waiting for a batch row at time.monotonic() `deadline`, it ends with DeadlineExpired unrun."""
         if self._closed:
             raise EngineError("this driver is closed; create a new AsyncDriver")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         handle = self.generator.submit(request,
                                        on_token=lambda t: loop.call_soon_threadsafe(queue.put_nowait, t),
-                                       on_finish=lambda h: loop.call_soon_threadsafe(queue.put_nowait, _END))
+                                       on_finish=lambda h: loop.call_soon_threadsafe(queue.put_nowait, _END),
+                                       deadline=deadline)
         self._wake.set()
         return TokenStream(queue, handle)
+
+    def cancel(self, stream: TokenStream) -> None:
+        """Stop `stream`'s request at the next step boundary: its batch row is freed and the stream ends with
+        RequestCancelled (a request already done is left as it is)."""
+        self.generator.cancel(stream.handle)
+        self._wake.set()
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """The whole completion at once."""
