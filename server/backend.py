@@ -23,11 +23,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from adalora_runtime.engine import (AdapterEngine, AsyncDriver, Classification, EncoderRunner, EngineConfig,
                                     GenerationRequest, Generator, GeneratorConfig, SamplingParams, TokenStream)
 from adalora_runtime.engine.engine import Request
-from adalora_runtime.engine.errors import AdapterExists, AdapterNotFound, InvalidRequest
+from adalora_runtime.engine.errors import AdapterExists, AdapterNotFound, DeadlineExpired, InvalidRequest
 from adalora_runtime.engine.slots import check_adapter
 from adalora_runtime.recipe import DTYPES
 from server.config import ServerConfig
-from server.errors import AdapterInUse, StoreError, WrongModelKind
+from server.errors import AdapterInUse, QueueFull, StoreError, WrongModelKind
 from server.metrics import Metrics
 from server.store import AdapterStore, StoredAdapter, check_id
 
@@ -52,6 +52,8 @@ class GenerateCall:
     adapter: Request
     params: SamplingParams
     """max_new_tokens already resolved against the server's default and cap."""
+    deadline: float | None = None
+    """time.monotonic() by which it must be admitted to the batch, else it is dropped unrun; None = none."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,8 @@ class SerialGenerator:
         self.admitted: dict[int, float] = {}
         self.step_tokens = self.step_first_tokens = 0
 
-    def submit(self, request: GenerationRequest, on_token: Callable[[int], None] | None = None, on_finish=None):
+    def submit(self, request: GenerationRequest, on_token: Callable[[int], None] | None = None, on_finish=None,
+               deadline: float | None = None):
         key = id(request)
 
         def token(t: int) -> None:  # on the driver thread, inside the step
@@ -139,7 +142,10 @@ class SerialGenerator:
             if on_token is not None:
                 on_token(t)
 
-        return self.generator.submit(request, on_token=token, on_finish=on_finish)
+        return self.generator.submit(request, on_token=token, on_finish=on_finish, deadline=deadline)
+
+    def cancel(self, handle) -> None:
+        self.generator.cancel(handle)
 
     def has_work(self) -> bool:
         return self.generator.has_work()
@@ -261,15 +267,17 @@ class Backend:
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[TokenDelta | Completion]:
         """Yields a TokenDelta per generated token, then one Completion. Every refusal raises before the
-        first yield. A consumer that stops early leaves the request to finish in the background."""
+        first yield; a request still waiting at call.deadline ends with DeadlineExpired, never having run. A
+        consumer that stops early (a cancelled RPC) cancels the request: its batch row is freed at the next step."""
         received = time.perf_counter()
         self._require("causal-lm", "Generate")
         request = GenerationRequest(self._prompt_ids(call.prompt), call.adapter, call.params)
         self._check_not_leaving(call.adapter)
+        self._check_admission(call.deadline)
         ids, label = adapter_ids(call.adapter), self.metrics.adapter_label(call.adapter)
         self.metrics.inflight.queued(id(request), ids)  # before submit: the driver thread may admit it at once
         try:
-            stream = self.driver.stream(request)  # validation errors raise here
+            stream = self.driver.stream(request, call.deadline)  # validation errors raise here
         except Exception:
             self.metrics.inflight.finished(id(request))
             raise
@@ -299,12 +307,22 @@ class Backend:
             if done or stream.handle.done:
                 self._release(stream, request, ids, label)
             else:
-                asyncio.ensure_future(self._finish_in_background(stream, request, ids, label))
+                self.driver.cancel(stream)
+                asyncio.ensure_future(self._release_when_dropped(stream, request, ids, label))
 
-    async def _finish_in_background(self, stream: TokenStream, request: GenerationRequest, ids: set[str],
+    def _check_admission(self, deadline: float | None) -> None:
+        if deadline is not None and deadline <= time.monotonic():
+            raise DeadlineExpired("the request's deadline passed before it could be queued; allow a longer "
+                                  "deadline")
+        waiting = self.serial.generator.waiting
+        if waiting >= self.config.max_queue:
+            raise QueueFull(f"{waiting} generation requests already wait for a batch row, this server's limit "
+                            f"(--max-queue {self.config.max_queue}); back off and retry, or raise --max-queue or "
+                            f"--max-batch-size")
+
+    async def _release_when_dropped(self, stream: TokenStream, request: GenerationRequest, ids: set[str],
                                     label: str) -> None:
-        """A request whose caller went away still runs until it finishes (cancellation is not implemented),
-        so its adapters stay in use until then."""
+        """A cancelled request holds its adapters until the generator has dropped it (the next step)."""
         try:
             async for _ in stream:
                 pass

@@ -55,8 +55,10 @@ def encoder_inputs(inputs: Sequence[Prompt]) -> list[pb.EncoderInput]:
 class AdaLoraClient:
     """One channel to a server; every method is one RPC."""
 
-    def __init__(self, target: str, timeout: float | None = 60.0) -> None:
+    def __init__(self, target: str, timeout: float | None = 60.0, admin_token: str | None = None) -> None:
+        """`admin_token`: sent as `authorization: Bearer <token>` with LoadAdapter / UnloadAdapter."""
         self.channel = grpc.insecure_channel(target)
+        self.admin = () if admin_token is None else (("authorization", f"Bearer {admin_token}"),)
         self.stub = pb_grpc.AdaLoraStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
@@ -85,10 +87,12 @@ class AdaLoraClient:
                                                normalize=normalize), timeout=self.timeout)
 
     def load_adapter(self, adapter_id: str, reload: bool = False) -> pb.LoadAdapterResponse:
-        return self.stub.LoadAdapter(pb.LoadAdapterRequest(id=adapter_id, reload=reload), timeout=self.timeout)
+        return self.stub.LoadAdapter(pb.LoadAdapterRequest(id=adapter_id, reload=reload), timeout=self.timeout,
+                                     metadata=self.admin)
 
     def unload_adapter(self, adapter_id: str) -> pb.UnloadAdapterResponse:
-        return self.stub.UnloadAdapter(pb.UnloadAdapterRequest(id=adapter_id), timeout=self.timeout)
+        return self.stub.UnloadAdapter(pb.UnloadAdapterRequest(id=adapter_id), timeout=self.timeout,
+                                       metadata=self.admin)
 
     def list_adapters(self, include_store: bool = False) -> pb.ListAdaptersResponse:
         return self.stub.ListAdapters(pb.ListAdaptersRequest(include_store=include_store), timeout=self.timeout)

@@ -24,7 +24,7 @@ class ServerConfig:
     preload: tuple[str, ...] = ()
     """Adapter ids loaded before the server reports SERVING."""
     host: str = "127.0.0.1"
-    """Address to listen on (no auth or TLS yet: keep it on loopback or a private network)."""
+    """Address to listen on (no TLS yet: keep it on loopback or a private network)."""
     port: int = 50051
     """Port to listen on; 0 = any free port (create_server returns the one bound)."""
     device: str = "cpu"
@@ -33,6 +33,9 @@ class ServerConfig:
     """Model and slot dtype: float32, bfloat16 or float16."""
     max_batch_size: int = 8
     """Generation rows decoded together; further requests wait for a free row."""
+    max_queue: int = 256
+    """Generation requests waiting for a batch row; Generate / GenerateStream past it are RESOURCE_EXHAUSTED at
+    once (a client should back off and retry, or the operator raise --max-queue or --max-batch-size)."""
     max_slots: int = 16
     """Adapters loaded at once; LoadAdapter past it is RESOURCE_EXHAUSTED."""
     max_prompt_tokens: int = 2048
@@ -51,6 +54,10 @@ class ServerConfig:
     """Port of the Prometheus /metrics endpoint on `host`; None = no endpoint, 0 = any free port (the Server
     reports the one bound)."""
 
+    admin_token: str | None = None
+    """Bearer token LoadAdapter / UnloadAdapter require in metadata `authorization: Bearer <token>` (missing:
+    UNAUTHENTICATED, wrong: PERMISSION_DENIED); None = admin RPCs open. Other RPCs never need it."""
+
     def __post_init__(self) -> None:
         if isinstance(self.preload, str) or not isinstance(self.preload, tuple):
             raise ConfigError(f"preload must be a tuple of adapter ids, got {self.preload!r}")
@@ -65,8 +72,12 @@ class ServerConfig:
                 raise ConfigError(f"metrics_port and port are both {self.port}; give /metrics a port of its own")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
-        for name in ("max_batch_size", "max_slots", "max_prompt_tokens", "max_new_tokens", "default_max_new_tokens",
-                     "max_inputs", "max_message_bytes"):
+        if self.admin_token is not None and (not isinstance(self.admin_token, str) or not self.admin_token.strip()
+                                             or self.admin_token != self.admin_token.strip()):
+            raise ConfigError("admin_token must be a non-empty string without surrounding whitespace, or None to "
+                              "leave the admin RPCs open; check --admin-token / ADALORA_ADMIN_TOKEN")
+        for name in ("max_batch_size", "max_queue", "max_slots", "max_prompt_tokens", "max_new_tokens",
+                     "default_max_new_tokens", "max_inputs", "max_message_bytes"):
             _positive_int(name, getattr(self, name))
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ConfigError(f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds max_new_tokens "

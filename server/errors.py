@@ -7,7 +7,7 @@ import grpc
 from adalora_runtime.adapter_file import AdapterFormatError
 from adalora_runtime.config import ConfigError
 from adalora_runtime.engine.errors import (AdapterExists, AdapterMismatch, AdapterNotFound, BatchError,
-                                           InvalidRequest, SlotsFull)
+                                           DeadlineExpired, InvalidRequest, RequestCancelled, SlotsFull)
 
 
 class ServerError(Exception):
@@ -30,6 +30,18 @@ class WrongModelKind(ServerError):
     """Generate on an encoder base, or Classify / Embed on a decoder base (FAILED_PRECONDITION)."""
 
 
+class QueueFull(ServerError):
+    """max_queue generation requests already wait for a batch row (RESOURCE_EXHAUSTED)."""
+
+
+class Unauthenticated(ServerError):
+    """An admin RPC without `authorization: Bearer <token>` metadata (UNAUTHENTICATED)."""
+
+
+class PermissionDenied(ServerError):
+    """An admin RPC whose bearer token is not the server's admin token (PERMISSION_DENIED)."""
+
+
 STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (BatchError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -37,6 +49,11 @@ STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
     (AdapterExists, grpc.StatusCode.ALREADY_EXISTS),
     (SlotsFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (RequestCancelled, grpc.StatusCode.CANCELLED),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (AdapterMismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (AdapterInUse, grpc.StatusCode.FAILED_PRECONDITION),
     (StoreError, grpc.StatusCode.FAILED_PRECONDITION),

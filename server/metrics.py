@@ -14,8 +14,9 @@ can hold many servers (the tests do). Who records what:
   scrape    adalora_queue_depth, adalora_running_requests, adalora_adapters{tier}, adalora_adapter_device_bytes,
             lora_requests_info, and the vllm: aliases below (computed when scraped, from the live state)
 
-The three timing histograms count generations whose caller stayed to the end (a cancelled stream still runs and
-its tokens are counted, its timings are not); time per output token needs two tokens or more.
+The three timing histograms count generations whose caller stayed to the end; a cancelled request is dropped
+at the next step and an expired one never runs, so neither counts tokens or timings; time per output token needs
+two tokens or more.
 
 Adapter cache: generation never loads an adapter here, only LoadAdapter does, so a hit is a LoadAdapter for the
 version already loaded, a miss a LoadAdapter that loaded one (first load or a reload=true replace), and an

@@ -5,6 +5,7 @@ leaves through `abort_with`, which picks its status code from server.errors.STAT
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -13,7 +14,8 @@ from contextlib import aclosing, asynccontextmanager
 import grpc
 
 from server import convert
-from server.backend import Backend, Completion, TokenDelta
+from server.auth import check_admin
+from server.backend import Backend, Completion, GenerateCall, TokenDelta
 from server.config import ServerConfig
 from server.errors import NotReady, status_of
 from server.gen.adalora.v1 import adalora_pb2 as pb
@@ -82,10 +84,16 @@ class AdaLoraServicer(pb_grpc.AdaLoraServicer):
             raise NotReady("the base model is still loading; retry when health reports SERVING")
         return self.backend
 
+    def _generate_call(self, request, context: grpc.aio.ServicerContext) -> GenerateCall:
+        """The domain call, with the RPC's deadline (if any) as an absolute time.monotonic()."""
+        call = convert.generate_from_pb(request, self.config)
+        remaining = context.time_remaining()
+        return call if remaining is None else dataclasses.replace(call, deadline=time.monotonic() + remaining)
+
     @unary
     async def Generate(self, request, context):
         backend = self._ready()
-        call = convert.generate_from_pb(request, self.config)
+        call = self._generate_call(request, context)
         async with aclosing(backend.generate(call)) as events:
             async for event in events:
                 if isinstance(event, Completion):
@@ -94,7 +102,7 @@ class AdaLoraServicer(pb_grpc.AdaLoraServicer):
     @streaming
     async def GenerateStream(self, request, context):
         backend = self._ready()
-        call = convert.generate_from_pb(request, self.config)
+        call = self._generate_call(request, context)
         streamed = ""
         async with aclosing(backend.generate(call)) as events:
             async for event in events:
@@ -114,11 +122,13 @@ class AdaLoraServicer(pb_grpc.AdaLoraServicer):
 
     @unary
     async def LoadAdapter(self, request, context):
+        check_admin(self.config.admin_token, context.invocation_metadata(), "LoadAdapter")
         view, already, ms = await self._ready().load_adapter(request.id, reload=request.reload)
         return pb.LoadAdapterResponse(adapter=convert.adapter_to_pb(view), already_loaded=already, load_ms=ms)
 
     @unary
     async def UnloadAdapter(self, request, context):
+        check_admin(self.config.admin_token, context.invocation_metadata(), "UnloadAdapter")
         return pb.UnloadAdapterResponse(freed_bytes=await self._ready().unload_adapter(request.id))
 
     @unary

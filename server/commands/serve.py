@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 
 from adalora_runtime.peft_interop import InteropError
 from server.app import serve
@@ -21,11 +22,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", required=True, help="base model folder (config.json, safetensors, tokenizer)")
     p.add_argument("--adapter-dir", required=True, help="adapter store: one folder per adapter id (native or PEFT)")
     p.add_argument("--preload", nargs="*", default=[], metavar="ID", help="adapter ids loaded before SERVING")
-    p.add_argument("--host", default=DEFAULTS.host, help=f"address to listen on (default {DEFAULTS.host}; no auth yet)")
+    p.add_argument("--host", default=DEFAULTS.host, help=f"address to listen on (default {DEFAULTS.host}; no TLS yet)")
     p.add_argument("--port", type=int, default=DEFAULTS.port, help=f"port (default {DEFAULTS.port}; 0 = any free)")
     p.add_argument("--device", default=DEFAULTS.device, help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--dtype", default=DEFAULTS.dtype, help="float32, bfloat16 or float16")
     p.add_argument("--max-batch-size", type=int, default=DEFAULTS.max_batch_size, help="generation rows per step")
+    p.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue,
+                   help=f"generation requests waiting for a batch row; more are RESOURCE_EXHAUSTED "
+                        f"(default {DEFAULTS.max_queue})")
+    p.add_argument("--admin-token", default=None,
+                   help="bearer token LoadAdapter / UnloadAdapter require (default: $ADALORA_ADMIN_TOKEN; unset = "
+                        "open); prefer the environment variable, a flag shows in the process list")
     p.add_argument("--max-slots", type=int, default=DEFAULTS.max_slots, help="adapters loaded at once")
     p.add_argument("--max-prompt-tokens", type=int, default=DEFAULTS.max_prompt_tokens, help="longest prompt accepted")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens,
@@ -38,10 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(base_model=args.base_model, adapter_dir=args.adapter_dir, preload=tuple(args.preload),
                         host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-                        max_batch_size=args.max_batch_size, max_slots=args.max_slots,
+                        max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_slots=args.max_slots,
                         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                         default_max_new_tokens=min(DEFAULTS.default_max_new_tokens, args.max_new_tokens),
-                        grace_s=args.grace, metrics_port=args.metrics_port)
+                        grace_s=args.grace, metrics_port=args.metrics_port,
+                        admin_token=args.admin_token or os.environ.get("ADALORA_ADMIN_TOKEN") or None)
 
 
 def run(args: argparse.Namespace) -> int:
