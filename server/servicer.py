@@ -39,17 +39,21 @@ async def abort_with(context: grpc.aio.ServicerContext, error: Exception) -> Non
 @asynccontextmanager
 async def answered(servicer: AdaLoraServicer, rpc: str, request, context: grpc.aio.ServicerContext):
     """Run one RPC: an error ends it through abort_with; its status and latency are recorded either way."""
-    started, status = time.perf_counter(), grpc.StatusCode.OK
+    started = time.perf_counter()
+
+    def record(status: grpc.StatusCode) -> None:
+        servicer.metrics.rpc_done(rpc, convert.named_adapter(request), status.name, time.perf_counter() - started)
+
     try:
         yield
     except Exception as error:  # noqa: BLE001 - every error becomes a status
-        status = status_of(error)
+        record(status_of(error))  # before abort sends the status: a client that then scrapes sees it counted
         await abort_with(context, error)
     except (asyncio.CancelledError, GeneratorExit):  # the client went away
-        status = grpc.StatusCode.CANCELLED
+        record(grpc.StatusCode.CANCELLED)
         raise
-    finally:
-        servicer.metrics.rpc_done(rpc, convert.named_adapter(request), status.name, time.perf_counter() - started)
+    else:
+        record(grpc.StatusCode.OK)
 
 
 def unary(method):
