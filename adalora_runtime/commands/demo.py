@@ -1,4 +1,5 @@
-"""`adalora demo`: prepare the assets if needed, then train a small AdaLoRA adapter on MiniLM + TREC-6."""
+"""`adalora demo`: prepare the assets if needed, train small AdaLoRA adapters on MiniLM for TREC-6, SMS spam
+and RT sentiment into one adapter store, then serve all three from one base over gRPC and classify with each."""
 
 from __future__ import annotations
 
@@ -7,14 +8,24 @@ from pathlib import Path
 
 from adalora_runtime import assets
 from adalora_runtime.data import DataError
-from adalora_runtime.recipe import HEATMAP_NAME, REPORT_NAME, SpecError, TrainSpec, print_summary, run_train
+from adalora_runtime.recipe import (HEATMAP_NAME, REPORT_NAME, SpecError, TrainSpec, print_summary, resolve_device,
+                                    run_train)
 from adalora_runtime.training import TrainingError
 
 NAME = "demo"
-HELP = "train a small AdaLoRA adapter on MiniLM + TREC-6 (a minute or two on a CPU) and show where the ranks went"
+HELP = ("train three small AdaLoRA adapters on MiniLM (a few minutes on a CPU), show where the ranks went, "
+        "then serve them together over gRPC")
 USER_ERRORS = (assets.AssetError, DataError, SpecError, TrainingError)
 DEMO_OUTPUTS = {"adapter.safetensors", REPORT_NAME, HEATMAP_NAME}
-"""Files a previous demo run leaves; an --out holding only these is replaced."""
+"""Files a previous demo run leaves in each adapter folder; an --out holding only these is replaced."""
+TASKS = {"trec6": 1.0, "sms-spam": 0.5, "rt-sentiment": 0.5}
+"""Adapter id (= data set) -> its share of --steps."""
+EXAMPLES = {
+    "trec6": ("Who wrote the novel Moby Dick ?", "How far is the moon from the earth ?"),
+    "sms-spam": ("WINNER!! You have won a free prize, text CLAIM to 80086 now", "Are we still on for lunch at noon?"),
+    "rt-sentiment": ("A warm, funny and beautifully acted film.", "Tedious, predictable and far too long."),
+}
+"""What the served adapters are asked, concurrently, after training."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,38 +37,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def clear_previous(out: Path) -> None:
-    """Remove a previous demo's outputs; refuse a folder holding anything else."""
+    """Remove a previous demo's outputs (out/adapters/<task>/...); refuse a folder holding anything else."""
     if not out.exists():
         return
-    names = {p.name for p in out.iterdir()}
-    if names - DEMO_OUTPUTS:
-        raise SpecError(f"--out {out} holds files the demo did not write ({sorted(names - DEMO_OUTPUTS)}): choose another --out")
-    for name in names:
-        (out / name).unlink()
+    store = out / "adapters"
+    strays = sorted({p.name for p in out.iterdir()} - {"adapters"})
+    folders = sorted(store.iterdir()) if store.is_dir() else []
+    strays += [f"adapters/{f.name}" for f in folders if f.name not in TASKS or not f.is_dir()]
+    strays += [f"adapters/{f.name}/{n.name}" for f in folders if f.name in TASKS and f.is_dir()
+               for n in f.iterdir() if n.name not in DEMO_OUTPUTS]
+    if strays:
+        raise SpecError(f"--out {out} holds files the demo did not write ({strays}): choose another --out")
+    for folder in folders:
+        for name in folder.iterdir():
+            name.unlink()
+        folder.rmdir()
 
 
-def demo_spec(out: Path, cache: str | None, steps: int, seed: int, device: str) -> TrainSpec:
+def demo_spec(out: Path, cache: str | None, task: str, steps: int, seed: int, device: str) -> TrainSpec:
     return TrainSpec(
         base_model=str(assets.model_path("minilm-l6", cache)), task="seq-cls",
-        data=str(assets.dataset_path("trec6", "train", cache)),
-        eval_data=str(assets.dataset_path("trec6", "eval", cache)), out=str(out),
+        data=str(assets.dataset_path(task, "train", cache)),
+        eval_data=str(assets.dataset_path(task, "eval", cache)), out=str(out),
         mode="adalora", init_r=8, target_r=4, lora_alpha=16.0, total_steps=steps, lr=3e-3,
         batch_size=32, max_length=64, seed=seed, device=device,
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    from server.demo import serve_and_classify  # the serving half lives with the server
+
     assets.prepare(args.cache)
     out = Path(args.out)
-    spec = demo_spec(out, args.cache, args.steps, args.seed, args.device)
     clear_previous(out)
-    print(f"training AdaLoRA on MiniLM-L6 + TREC-6: {spec.total_steps} steps, init_r={spec.init_r} -> "
-          f"target_r={spec.target_r} on every linear map of each block")
-    report = run_train(spec)
-    print_summary(report)
-    print(f"eval accuracy on {report['data']['eval_examples']} held-out questions: {report['eval']['accuracy']:.3f}")
-    print(f"{report['steps']} steps in {report['seconds']:.0f} s; adapter {report['adapter_params']} params "
-          f"+ head {report['head_params']}")
-    print(f"adapter: {report['adapter_file']}")
-    print(f"rank heatmap: {report['heatmap']}  report: {out / REPORT_NAME}")
+    reports = {}
+    for task, share in TASKS.items():
+        spec = demo_spec(out / "adapters" / task, args.cache, task, max(2, round(args.steps * share)), args.seed,
+                         args.device)
+        print(f"training AdaLoRA on MiniLM-L6 + {task}: {spec.total_steps} steps, init_r={spec.init_r} -> "
+              f"target_r={spec.target_r} on every linear map of each block")
+        reports[task] = report = run_train(spec)
+        if task == "trec6":
+            print_summary(report)
+        print(f"{task}: eval accuracy {report['eval']['accuracy']:.3f} on {report['data']['eval_examples']} held-out "
+              f"rows; {report['steps']} steps in {report['seconds']:.0f} s; adapter {report['adapter_params']} params "
+              f"+ head {report['head_params']}; {report['adapter_file']}")
+    print(f"rank heatmap: {reports['trec6']['heatmap']}")
+    device = str(resolve_device(args.device))
+    serve_and_classify(str(assets.model_path("minilm-l6", args.cache)), str(out / "adapters"), EXAMPLES, device)
     return 0

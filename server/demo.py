@@ -1,0 +1,82 @@
+"""The serving half of `adalora demo`: a real adalora.v1 server on a free loopback port over the demo's base
+model and adapter store, concurrent Classify requests naming different adapters, their answers, and a few
+lines of the server's Prometheus metrics, then a graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections.abc import Mapping, Sequence
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.app import create_server
+from server.backend import Backend
+from server.client import encoder_inputs, selection
+from server.config import ServerConfig
+from server.gen.adalora.v1 import adalora_pb2 as pb
+from server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc
+
+SHOWN_METRICS = ("adalora_requests", "adalora_adapter_device_bytes", "adalora_adapters")
+"""Metric families printed (a counter's family name has no _total)."""
+
+
+async def _classify_all(port: int, examples: Mapping[str, Sequence[str]]) -> dict[str, list[tuple[str, str, float]]]:
+    """Every (adapter, text) as its own Classify RPC, all in flight at once: adapter -> [(text, label, prob)]."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.AdaLoraStub(channel)
+        calls = [(adapter, text) for adapter, texts in examples.items() for text in texts]
+        replies = await asyncio.gather(*(stub.Classify(pb.ClassifyRequest(adapter=selection(adapter),
+                                                                          inputs=encoder_inputs([text])))
+                                         for adapter, text in calls))
+    answers: dict[str, list[tuple[str, str, float]]] = {adapter: [] for adapter in examples}
+    for (adapter, text), reply in zip(calls, replies):
+        result = reply.results[0]
+        answers[adapter].append((text, result.label, max(s.score for s in result.scores)))
+    return answers
+
+
+def _metric_lines(metrics_port: int) -> list[str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    lines = []
+    for family in text_string_to_metric_families(text):
+        if family.name not in SHOWN_METRICS:
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_created") or sample.value == 0:
+                continue
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            lines.append(f"{sample.name}{{{labels}}} {sample.value:g}" if labels else f"{sample.name} {sample.value:g}")
+    return lines
+
+
+async def _run(config: ServerConfig, examples: Mapping[str, Sequence[str]]) -> tuple[dict, list[str], int]:
+    server, port = await create_server(config)
+    await server.start()
+    try:
+        await server.attach(await asyncio.to_thread(Backend.open, config, server.metrics))
+        answers = await _classify_all(port, examples)
+        lines = await asyncio.to_thread(_metric_lines, server.metrics_port)
+    finally:
+        await server.stop(grace=5)
+    return answers, lines, port
+
+
+def serve_and_classify(base_model: str, adapter_dir: str, examples: Mapping[str, Sequence[str]],
+                       device: str) -> None:
+    """Start the server with every adapter of `examples` preloaded, classify each text with its adapter
+    concurrently over gRPC, print the answers and the metrics, stop."""
+    config = ServerConfig(base_model=base_model, adapter_dir=adapter_dir, preload=tuple(examples), port=0,
+                          metrics_port=0, device=device, max_slots=max(len(examples), 1))
+    answers, lines, port = asyncio.run(_run(config, examples))
+    total = sum(len(texts) for texts in examples.values())
+    print(f"\nserved {len(examples)} adapters on one base over gRPC (127.0.0.1:{port}); "
+          f"{total} Classify requests in flight at once:")
+    for adapter, rows in answers.items():
+        for text, label, prob in rows:
+            print(f"  [{adapter}] {text!r} -> {label} ({prob:.2f})")
+    print("metrics (from /metrics):")
+    for line in lines:
+        print(f"  {line}")
