@@ -35,14 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpc  # noqa: E402
 import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 from _common import RESULTS, markdown_table, write_json  # noqa: E402
 from adalora_runtime.adapter_file import save_adapter  # noqa: E402
 from adalora_runtime.engine import SamplingParams  # noqa: E402
 from adalora_runtime.inject import resolve_targets  # noqa: E402
 from adalora_runtime.layers import linear_dims  # noqa: E402
-from engine_throughput import TARGETS, make_adapter  # noqa: E402
+from engine_throughput import TARGETS, load_base, make_adapter  # noqa: E402
 from server.backend import Backend, Completion, GenerateCall, TokenDelta  # noqa: E402
 from server.client import generate_request  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
@@ -159,13 +159,11 @@ def summarize(outcomes: list[Outcome], dropped: int, wall: float) -> dict:
 
 
 def write_base(quick: bool, folder: Path) -> Path:
+    """The prepared SmolLM2-135M folder, or (quick) engine_throughput's tiny random llama saved to `folder`."""
     if not quick:
         from adalora_runtime.assets import model_path
         return model_path("smollm2-135m")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                 tie_word_embeddings=False)).save_pretrained(folder)
+    load_base(True, torch.device("cpu"), torch.float32).save_pretrained(folder)
     return folder
 
 
