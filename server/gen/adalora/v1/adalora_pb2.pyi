@@ -19,6 +19,7 @@ class Residency(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RESIDENCY_UNSPECIFIED: _ClassVar[Residency]
     RESIDENCY_DEVICE: _ClassVar[Residency]
     RESIDENCY_DISK: _ClassVar[Residency]
+    RESIDENCY_HOST: _ClassVar[Residency]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
@@ -26,6 +27,7 @@ FINISH_REASON_EOS: FinishReason
 RESIDENCY_UNSPECIFIED: Residency
 RESIDENCY_DEVICE: Residency
 RESIDENCY_DISK: Residency
+RESIDENCY_HOST: Residency
 
 class AdapterSelection(_message.Message):
     __slots__ = ("id", "mix")
@@ -210,7 +212,7 @@ class LayerRank(_message.Message):
     def __init__(self, module: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("id", "residency", "format", "task_type", "mode", "init_r", "lora_alpha", "ranks", "num_params", "head_params", "device_bytes", "sha256", "version", "labels", "base_name")
+    __slots__ = ("id", "residency", "format", "task_type", "mode", "init_r", "lora_alpha", "ranks", "num_params", "head_params", "device_bytes", "sha256", "version", "labels", "base_name", "pinned", "in_flight")
     ID_FIELD_NUMBER: _ClassVar[int]
     RESIDENCY_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +228,8 @@ class AdapterInfo(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     BASE_NAME_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     id: str
     residency: Residency
     format: str
@@ -241,15 +245,19 @@ class AdapterInfo(_message.Message):
     version: str
     labels: _containers.RepeatedScalarFieldContainer[str]
     base_name: str
-    def __init__(self, id: _Optional[str] = ..., residency: _Optional[_Union[Residency, str]] = ..., format: _Optional[str] = ..., task_type: _Optional[str] = ..., mode: _Optional[str] = ..., init_r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., ranks: _Optional[_Iterable[_Union[LayerRank, _Mapping]]] = ..., num_params: _Optional[int] = ..., head_params: _Optional[int] = ..., device_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., version: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., base_name: _Optional[str] = ...) -> None: ...
+    pinned: bool
+    in_flight: int
+    def __init__(self, id: _Optional[str] = ..., residency: _Optional[_Union[Residency, str]] = ..., format: _Optional[str] = ..., task_type: _Optional[str] = ..., mode: _Optional[str] = ..., init_r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., ranks: _Optional[_Iterable[_Union[LayerRank, _Mapping]]] = ..., num_params: _Optional[int] = ..., head_params: _Optional[int] = ..., device_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., version: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., base_name: _Optional[str] = ..., pinned: _Optional[bool] = ..., in_flight: _Optional[int] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
-    __slots__ = ("id", "reload")
+    __slots__ = ("id", "reload", "pin")
     ID_FIELD_NUMBER: _ClassVar[int]
     RELOAD_FIELD_NUMBER: _ClassVar[int]
+    PIN_FIELD_NUMBER: _ClassVar[int]
     id: str
     reload: bool
-    def __init__(self, id: _Optional[str] = ..., reload: _Optional[bool] = ...) -> None: ...
+    pin: bool
+    def __init__(self, id: _Optional[str] = ..., reload: _Optional[bool] = ..., pin: _Optional[bool] = ...) -> None: ...
 
 class LoadAdapterResponse(_message.Message):
     __slots__ = ("adapter", "already_loaded", "load_ms")
