@@ -280,12 +280,16 @@ def configurations(batch: int, setup: dict) -> dict[str, Callable[[], dict]]:
 
 def measure(runs: dict[str, Callable[[], dict]], repeats: int) -> dict[str, list[dict]]:
     """Every run once per repeat, in an order rotated by one each repeat; one warm-up of each first."""
+    started = time.perf_counter()
     for run in runs.values():
         run()
+    print(f"  warm-up of {len(runs)} configurations: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     names, samples = list(runs), {name: [] for name in runs}
     for r in range(repeats):
+        started = time.perf_counter()
         for name in names[r % len(names):] + names[: r % len(names)]:
             samples[name].append(runs[name]())
+        print(f"  repeat {r + 1}/{repeats}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     return samples
 
 
