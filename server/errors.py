@@ -26,6 +26,14 @@ class StoreError(ServerError):
     """An adapter folder in the store that cannot be read or served (FAILED_PRECONDITION)."""
 
 
+class StoreConflict(ServerError):
+    """An adapter id another upload is writing, or one replaced while it was being read (ABORTED: retry)."""
+
+
+class UploadTooLarge(ServerError):
+    """An upload over max_upload_bytes, or one the store's disk has no room for (RESOURCE_EXHAUSTED)."""
+
+
 class WrongModelKind(ServerError):
     """Generate on an encoder base, or Classify / Embed on a decoder base (FAILED_PRECONDITION)."""
 
@@ -50,6 +58,8 @@ STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (AdapterExists, grpc.StatusCode.ALREADY_EXISTS),
     (SlotsFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (UploadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StoreConflict, grpc.StatusCode.ABORTED),
     (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
     (RequestCancelled, grpc.StatusCode.CANCELLED),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),

@@ -3,21 +3,52 @@
 A client names an adapter by id only, never by path: ids match ID_PATTERN, so an id is always one plain
 folder name directly under the store. Each read reports two digests:
   sha256   the adapter's tensors (names, dtypes, shapes, bytes), as `adalora inspect` prints it;
-  version  the folder's files (names and bytes): any edited file, config included, is a new version.
+  version  the folder's files (names and bytes; the manifest excluded): any edited file, config included, is a
+           new version.
+
+Every read is validated before it can serve: the folder's files and safetensors headers against AdapterLimits
+(server.adapter_checks, before any tensor is read), its manifest if it has one (server.manifest), then the
+format's own reader (shapes, finite values, tensor sha256).
+
+Names in the store that start with '.' are never ids:
+  .upload-<id>.<token>/     an upload being written (server.upload); a leftover one is deleted at startup
+  .trash-<id>.<token>/      the old version of <id> during its replacement by an upload
+  .quarantine/<id>.<time>/  a folder that no longer matched its manifest at startup (kept, never deleted)
+One server process writes to a store at a time (opening a store deletes the upload folders in it).
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import logging
+import os
 import re
+import secrets
+import shutil
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from adalora_runtime import peft_interop
 from adalora_runtime.adapter import Adapter
 from adalora_runtime.adapter_file import AdapterFormatError, tensors_sha256, to_tensors
-from adalora_runtime.engine.errors import AdapterNotFound, InvalidRequest
-from server.errors import StoreError
+from adalora_runtime.atomic import fsync_dir
+from adalora_runtime.engine.errors import AdapterExists, AdapterNotFound, InvalidRequest
+from server.adapter_checks import SAFETENSORS_FILES, AdapterLimits, AdapterRejected, check_folder, check_safetensors
+from server.errors import StoreConflict, StoreError
+from server.manifest import MANIFEST_NAME, folder_digests, has_manifest, manifest_problems, version_of
+
+log = logging.getLogger("adalora.store")
+
+STAGING_PREFIX = ".upload-"
+TRASH_PREFIX = ".trash-"
+QUARANTINE = ".quarantine"
+READ_ERRORS = (AdapterFormatError, AdapterRejected, OSError)
+"""What reading an adapter folder raises for a folder that cannot be served."""
 
 ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 """Lower-case letters, digits, '.', '_', '-'; starts with a letter or digit; at most 64 characters."""
@@ -42,14 +73,44 @@ class StoredAdapter:
     version: str
 
 
-class AdapterStore:
-    """Reads adapters by id from `root`; PEFT folders get their base identity from `base_model_dir`."""
+@dataclass(frozen=True)
+class Recovery:
+    """What AdapterStore.recover() found and did."""
 
-    def __init__(self, root: str | Path, base_model_dir: str | Path) -> None:
-        self.root, self.base_model_dir = Path(root), Path(base_model_dir)
+    removed: tuple[str, ...] = ()
+    """Leftover folders deleted: uploads that never finished, old versions of replacements that did."""
+    restored: tuple[str, ...] = ()
+    """Ids whose replacement stopped before the new version arrived: the old version is back in place."""
+    quarantined: tuple[Path, ...] = ()
+    """Where the folders that did not match their manifest now are."""
+
+
+def _token() -> str:
+    """Unique, and sortable by creation time: 16 hex digits of nanoseconds, then 8 random ones."""
+    return f"{time.time_ns():016x}{secrets.token_hex(4)}"
+
+
+TRASH_NAME = re.compile(rf"{re.escape(TRASH_PREFIX)}(?P<id>{ID_PATTERN.pattern})\.(?P<token>[0-9a-f]{{24}})")
+
+
+class AdapterStore:
+    """Reads adapters by id from `root`, each validated within `limits` before it can serve; PEFT folders get
+    their base identity from `base_model_dir`. Opening a store recovers it first (recover()) unless
+    recover=False. Uploads write through staging() and commit()."""
+
+    def __init__(self, root: str | Path, base_model_dir: str | Path, limits: AdapterLimits = AdapterLimits(),
+                 recover: bool = True) -> None:
+        self.root, self.base_model_dir, self.limits = Path(root), Path(base_model_dir), limits
         if not self.root.is_dir():
             raise FileNotFoundError(f"adapter store {self.root}: no such directory; create it and put one folder "
                                     f"per adapter id in it")
+        self._lock = threading.Lock()
+        self._claimed: set[str] = set()
+        """Ids an upload is being received for: one upload per id at a time."""
+        self._swaps: Counter[str] = Counter()
+        """Per id, bumped before and after each replacement (odd while one is under way), so a read can tell."""
+        if recover:
+            self.recover()
 
     def ids(self) -> list[str]:
         """Ids of the folders in the store (names that are not valid ids are skipped)."""
@@ -67,26 +128,174 @@ class AdapterStore:
         return folder
 
     def format(self, adapter_id: str) -> str:
+        """'native' or 'peft', from the folder's files and safetensors headers (no tensor is read)."""
         folder = self.folder(adapter_id)
         try:
-            return peft_interop.detect_format(folder)
-        except (peft_interop.InteropError, AdapterFormatError, FileNotFoundError) as e:
+            return self._checked_format(folder)
+        except READ_ERRORS as e:
             raise StoreError(f"adapter {adapter_id!r} in the store cannot be read: {e}") from e
 
     def version(self, adapter_id: str) -> str:
-        """sha256 of the folder's file names and bytes (sorted by name)."""
-        digest = hashlib.sha256()
-        for file in sorted(p for p in self.folder(adapter_id).rglob("*") if p.is_file()):
-            digest.update(f"{file.relative_to(self.root / adapter_id).as_posix()}\n".encode())
-            digest.update(file.read_bytes())
-        return digest.hexdigest()
+        """sha256 over the folder's file names and contents, the manifest excluded (server.manifest.version_of)."""
+        with self._steady(adapter_id):
+            return version_of(folder_digests(self.folder(adapter_id)))
 
     def read(self, adapter_id: str) -> StoredAdapter:
         """Read and validate the adapter (StoreError says why a folder cannot be served)."""
-        fmt = self.format(adapter_id)
-        version = self.version(adapter_id)
+        with self._steady(adapter_id):
+            folder = self.folder(adapter_id)
+            try:
+                return self.read_folder(folder, adapter_id)
+            except READ_ERRORS as e:
+                raise StoreError(f"adapter {adapter_id!r} in the store cannot be read: {e}") from e
+
+    def read_folder(self, folder: Path, adapter_id: str) -> StoredAdapter:
+        """Validate and read the adapter in `folder` (a store folder, or an upload's staging folder) as
+        `adapter_id`: its manifest if it has one, its files' headers within self.limits, then the format's reader.
+        Raises one of READ_ERRORS for a folder that cannot be served."""
+        digests = folder_digests(folder)
+        problems = manifest_problems(folder, digests)
+        if problems:
+            raise AdapterRejected(f"{folder} does not match its {MANIFEST_NAME} ({'; '.join(problems[:3])}): the "
+                                  f"folder is corrupt; upload the adapter again (a restart moves it to {QUARANTINE}/)")
+        fmt = self._checked_format(folder)
+        adapter = peft_interop.load_any(folder, base_model_dir=self.base_model_dir)
+        return StoredAdapter(adapter_id, fmt, adapter, tensors_sha256(to_tensors(adapter)), version_of(digests))
+
+    def _checked_format(self, folder: Path) -> str:
+        check_folder(folder, self.limits)
+        for name in SAFETENSORS_FILES:
+            if (folder / name).is_file():
+                check_safetensors(folder / name, self.limits)
+        return peft_interop.detect_format(folder)
+
+    @contextlib.contextmanager
+    def _steady(self, adapter_id: str) -> Iterator[None]:
+        """Raise StoreConflict when an upload replaces `adapter_id` while the block reads it."""
+        before = self._swaps[adapter_id]
+        conflict = StoreConflict(f"adapter {adapter_id!r} was being replaced by an upload while it was read; retry")
+        if before % 2:
+            raise conflict
         try:
-            adapter = peft_interop.load_any(self.folder(adapter_id), base_model_dir=self.base_model_dir)
-        except (peft_interop.InteropError, AdapterFormatError, OSError) as e:
-            raise StoreError(f"adapter {adapter_id!r} in the store cannot be read: {e}") from e
-        return StoredAdapter(adapter_id, fmt, adapter, tensors_sha256(to_tensors(adapter)), version)
+            yield
+        except Exception as e:
+            if self._swaps[adapter_id] != before:
+                raise conflict from e
+            raise
+        if self._swaps[adapter_id] != before:
+            raise conflict
+
+    # ---- uploads --------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def staging(self, adapter_id: str) -> Iterator[Path]:
+        """Reserve `adapter_id` for one upload and yield a new empty folder in the store to write it into
+        (.upload-<id>.<token>, never listed as an id); it is deleted on exit unless commit() moved it into place.
+        Another reservation of the id meanwhile is refused with StoreConflict (ABORTED)."""
+        check_id(adapter_id)
+        with self._lock:
+            if adapter_id in self._claimed:
+                raise StoreConflict(f"another upload of adapter {adapter_id!r} is in progress; retry once it has "
+                                    f"finished")
+            self._claimed.add(adapter_id)
+        folder = self.root / f"{STAGING_PREFIX}{adapter_id}.{_token()}"
+        try:
+            folder.mkdir()
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+            with self._lock:
+                self._claimed.discard(adapter_id)
+
+    def commit(self, adapter_id: str, staged: Path, overwrite: bool) -> bool:
+        """Move the complete folder `staged` (from staging()) into place as `adapter_id`; returns whether it
+        replaced a stored version. A stored id without `overwrite`: AdapterExists. Crash safe (commit_steps)."""
+        with self._lock:
+            replacing = (self.root / adapter_id).exists()
+            if replacing and not overwrite:
+                raise AdapterExists(f"adapter {adapter_id!r} is already in the store; upload with overwrite=true to "
+                                    f"replace it")
+            self._swaps[adapter_id] += 1
+            try:
+                for _ in self.commit_steps(adapter_id, staged):
+                    pass
+            finally:
+                self._swaps[adapter_id] += 1
+        return replacing
+
+    def commit_steps(self, adapter_id: str, staged: Path) -> Iterator[str]:
+        """The renames of a commit, each made durable (fsync of the store folder) before the next. A new id is one
+        rename. A replacement moves the old folder aside to .trash-<id>.<token> (a crash now: recover() moves it
+        back), renames the new one into place (a crash now: recover() deletes the old one), then deletes the old
+        one. Yields the name of each step once it is done, so a test can stop part way, as a crash would."""
+        target = self.root / adapter_id
+        if not target.exists():
+            os.rename(staged, target)
+            fsync_dir(self.root)
+            yield "moved in"
+            return
+        trash = self.root / f"{TRASH_PREFIX}{adapter_id}.{_token()}"
+        os.rename(target, trash)
+        fsync_dir(self.root)
+        yield "moved aside"
+        try:
+            os.rename(staged, target)
+        except OSError:
+            os.rename(trash, target)
+            raise
+        fsync_dir(self.root)
+        yield "moved in"
+        shutil.rmtree(trash)
+        yield "old deleted"
+
+    # ---- startup --------------------------------------------------------------------------------------------
+
+    def recover(self) -> Recovery:
+        """Repair what a crash can leave behind, then quarantine the folders that no longer match their manifest:
+          .trash-<id>.<token>  a replacement of <id> that stopped part way: without a folder <id> the new version
+                               never arrived and the old one (the newest, if several) is moved back; otherwise the
+                               replacement was done and the old one is deleted;
+          .upload-*            an upload that never finished: deleted;
+          <id>/ with a manifest that a file no longer matches (changed, missing, or an adapter file added): moved
+                               whole to .quarantine/<id>.<UTC time>/ and logged, never deleted.
+        Folders without a manifest are left as they are; they are validated when read."""
+        removed, restored = [], []
+        entries = sorted(self.root.iterdir())  # a trash token starts with its time: oldest first per id
+        trash: dict[str, list[Path]] = {}
+        for path in entries:
+            match = TRASH_NAME.fullmatch(path.name)
+            if match and path.is_dir():
+                trash.setdefault(match["id"], []).append(path)
+        for adapter_id, folders in trash.items():
+            if not (self.root / adapter_id).exists():
+                os.rename(folders.pop(), self.root / adapter_id)
+                restored.append(adapter_id)
+                log.warning("adapter %r: its replacement by an upload was interrupted; the old version is back",
+                            adapter_id)
+            for folder in folders:
+                shutil.rmtree(folder)
+                removed.append(folder.name)
+        for path in entries:
+            if path.name.startswith(STAGING_PREFIX) and path.is_dir():
+                shutil.rmtree(path)
+                removed.append(path.name)
+                log.warning("deleted %s: an upload that never finished", path)
+        fsync_dir(self.root)
+        quarantined = []
+        for adapter_id in self.ids():
+            folder = self.root / adapter_id
+            problems = manifest_problems(folder, folder_digests(folder)) if has_manifest(folder) else []
+            if problems:
+                quarantined.append(self._quarantine(folder, problems))
+        return Recovery(tuple(removed), tuple(restored), tuple(quarantined))
+
+    def _quarantine(self, folder: Path, problems: list[str]) -> Path:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        target = self.root / QUARANTINE / f"{folder.name}.{stamp}"
+        target.parent.mkdir(exist_ok=True)
+        os.rename(folder, target)
+        fsync_dir(self.root)
+        fsync_dir(target.parent)
+        log.error("adapter %r does not match its %s (%s): moved to %s; upload it again", folder.name, MANIFEST_NAME,
+                  "; ".join(problems), target)
+        return target
