@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from server import tls
 from server.backend import Backend
 from server.config import ServerConfig
 from server.gen.adalora.v1 import adalora_pb2 as pb
@@ -73,9 +74,10 @@ class Server:
 
 
 async def create_server(config: ServerConfig) -> tuple[Server, int]:
-    """Build the server and bind config.host:config.port (0 = any free port); returns it (not started, health
-    NOT_SERVING) and the bound port. With config.metrics_port set, /metrics is served at once (its bound port:
-    Server.metrics_port). Call from a running event loop."""
+    """Build the server and bind config.host:config.port (0 = any free port), a TLS port when config.tls_cert is
+    set (server.tls), else plaintext; returns it (not started, health NOT_SERVING) and the bound port. With
+    config.metrics_port set, /metrics is served at once over plain HTTP (its bound port: Server.metrics_port).
+    Call from a running event loop."""
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes)]
     server = grpc.aio.server(options=options)
@@ -85,8 +87,10 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{config.host}:{config.port}"
+    credentials = tls.server_credentials(config)
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address,
+                                                                                                      credentials)
     except RuntimeError as e:
         raise OSError(f"cannot listen on {address} ({e}); pick another --port or --host") from e
     endpoint = None if config.metrics_port is None else MetricsEndpoint(metrics.registry, config.host,
@@ -101,7 +105,7 @@ async def serve(config: ServerConfig) -> None:
     until SIGTERM or SIGINT, then drain for config.grace_s seconds."""
     server, port = await create_server(config)
     await server.start()
-    log.info("listening on %s:%d; loading %s", config.host, port, config.base_model)
+    log.info("listening on %s:%d (%s); loading %s", config.host, port, tls.describe(config), config.base_model)
     if server.metrics_port is not None:
         log.info("metrics at http://%s:%d/metrics", config.host, server.metrics_port)
     stopping = asyncio.Event()

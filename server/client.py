@@ -1,6 +1,6 @@
 """A small blocking client of adalora.v1.
 
-    with AdaLoraClient("localhost:50051") as client:
+    with AdaLoraClient("localhost:50051") as client:     # TLS: tls=ClientTLS(ca="ca.pem"[, cert=..., key=...])
         client.load_adapter("support")
         reply = client.generate("Hello", adapter="support", max_new_tokens=32, temperature=0)
         print(reply.text)
@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.gen.adalora.v1 import adalora_pb2 as pb
 from server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc
+from server.tls import ClientTLS
 
 Adapter = str | Mapping[str, float] | None
 Prompt = str | Sequence[int]
@@ -55,9 +56,12 @@ def encoder_inputs(inputs: Sequence[Prompt]) -> list[pb.EncoderInput]:
 class AdaLoraClient:
     """One channel to a server; every method is one RPC."""
 
-    def __init__(self, target: str, timeout: float | None = 60.0, admin_token: str | None = None) -> None:
-        """`admin_token`: sent as `authorization: Bearer <token>` with LoadAdapter / UnloadAdapter."""
-        self.channel = grpc.insecure_channel(target)
+    def __init__(self, target: str, timeout: float | None = 60.0, admin_token: str | None = None,
+                 tls: ClientTLS | None = None) -> None:
+        """`admin_token`: sent as `authorization: Bearer <token>` with the admin RPCs. `tls`: reach a
+        TLS port (the CA to trust, and a client certificate for mutual TLS); None = plaintext."""
+        self.channel = grpc.insecure_channel(target) if tls is None else grpc.secure_channel(target,
+                                                                                               tls.credentials())
         self.admin = () if admin_token is None else (("authorization", f"Bearer {admin_token}"),)
         self.stub = pb_grpc.AdaLoraStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from adalora_runtime.config import ConfigError
 from adalora_runtime.recipe import DTYPES
+from server import tls
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -24,7 +25,8 @@ class ServerConfig:
     preload: tuple[str, ...] = ()
     """Adapter ids loaded before the server reports SERVING."""
     host: str = "127.0.0.1"
-    """Address to listen on (no TLS yet: keep it on loopback or a private network)."""
+    """Address to listen on. The gRPC port is plaintext unless tls_cert / tls_key are set; /metrics is always
+    plain HTTP."""
     port: int = 50051
     """Port to listen on; 0 = any free port (create_server returns the one bound)."""
     device: str = "cpu"
@@ -58,6 +60,19 @@ class ServerConfig:
     """Bearer token LoadAdapter / UnloadAdapter require in metadata `authorization: Bearer <token>` (missing:
     UNAUTHENTICATED, wrong: PERMISSION_DENIED); None = admin RPCs open. Other RPCs never need it."""
 
+    tls_cert: str | None = None
+    """PEM certificate (chain) of the gRPC port; with tls_key the port speaks TLS. None (with tls_key None) =
+    plaintext."""
+    tls_key: str | None = None
+    """PEM private key of tls_cert."""
+    tls_client_ca: str | None = None
+    """PEM of the CA(s) that sign client certificates: every client must present one they signed (mutual TLS), or
+    the handshake fails. Needs tls_cert / tls_key."""
+    admin_client_names: tuple[str, ...] = ()
+    """Subject common names or SAN DNS names of client certificates that may call the admin RPCs without the
+    token (the token, if set, still works too). Needs tls_client_ca, so the names come from verified
+    certificates only."""
+
     def __post_init__(self) -> None:
         if isinstance(self.preload, str) or not isinstance(self.preload, tuple):
             raise ConfigError(f"preload must be a tuple of adapter ids, got {self.preload!r}")
@@ -84,3 +99,23 @@ class ServerConfig:
                               f"({self.max_new_tokens}); lower the default or raise the cap")
         if not isinstance(self.grace_s, (int, float)) or self.grace_s < 0:
             raise ConfigError(f"grace_s must be >= 0 seconds, got {self.grace_s!r}")
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert (--tls-cert) and tls_key (--tls-key) go together: give both for a TLS port, "
+                              "or neither for plaintext")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("tls_client_ca (--tls-client-ca) needs tls_cert and tls_key (--tls-cert, --tls-key): "
+                              "client certificates are only asked for on a TLS port")
+        for field in ("tls_cert", "tls_key", "tls_client_ca"):
+            if getattr(self, field) is not None:
+                tls.check_readable(getattr(self, field), f"{field} (--{field.replace('_', '-')})")
+        names = self.admin_client_names
+        if isinstance(names, str) or not isinstance(names, tuple) or \
+                not all(isinstance(n, str) and n.strip() == n != "" for n in names):
+            raise ConfigError(f"admin_client_names (--admin-client-name) must be a tuple of non-empty names without "
+                              f"surrounding whitespace, got {names!r}")
+        if names and self.tls_client_ca is None:
+            raise ConfigError("admin_client_names (--admin-client-name) needs tls_client_ca (--tls-client-ca): a "
+                              "client certificate's name only counts once the server has verified it")

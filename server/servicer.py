@@ -126,13 +126,13 @@ class AdaLoraServicer(pb_grpc.AdaLoraServicer):
 
     @unary
     async def LoadAdapter(self, request, context):
-        check_admin(self.config.admin_token, context.invocation_metadata(), "LoadAdapter")
+        check_admin(self.config, context, "LoadAdapter")
         view, already, ms = await self._ready().load_adapter(request.id, reload=request.reload)
         return pb.LoadAdapterResponse(adapter=convert.adapter_to_pb(view), already_loaded=already, load_ms=ms)
 
     @unary
     async def UnloadAdapter(self, request, context):
-        check_admin(self.config.admin_token, context.invocation_metadata(), "UnloadAdapter")
+        check_admin(self.config, context, "UnloadAdapter")
         return pb.UnloadAdapterResponse(freed_bytes=await self._ready().unload_adapter(request.id))
 
     @unary

@@ -7,7 +7,7 @@ import json
 
 from google.protobuf.json_format import MessageToDict
 
-from server.client import AdaLoraClient
+from server.commands import connect
 from server.commands.rpc_errors import RPC_ERRORS, rpc_call
 
 NAME = "classify"
@@ -17,14 +17,13 @@ USER_ERRORS = RPC_ERRORS
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("texts", nargs="+", help="texts to classify")
-    p.add_argument("--server", default="localhost:50051", help="HOST:PORT of the server (default localhost:50051)")
     p.add_argument("--adapter", required=True, help="id of a loaded seq-cls adapter (its head gives the labels)")
     p.add_argument("--json", action="store_true", help="print the whole response as JSON")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer")
+    connect.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    with AdaLoraClient(args.server, timeout=args.timeout) as client:
+    with connect.client_from(args) as client:
         reply = rpc_call(client.classify, args.texts, args.adapter)
     if args.json:
         print(json.dumps(MessageToDict(reply), indent=2))

@@ -22,7 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", required=True, help="base model folder (config.json, safetensors, tokenizer)")
     p.add_argument("--adapter-dir", required=True, help="adapter store: one folder per adapter id (native or PEFT)")
     p.add_argument("--preload", nargs="*", default=[], metavar="ID", help="adapter ids loaded before SERVING")
-    p.add_argument("--host", default=DEFAULTS.host, help=f"address to listen on (default {DEFAULTS.host}; no TLS yet)")
+    p.add_argument("--host", default=DEFAULTS.host,
+                   help=f"address to listen on (default {DEFAULTS.host}); gRPC is plaintext unless --tls-cert is "
+                        f"given, /metrics is always plain HTTP")
     p.add_argument("--port", type=int, default=DEFAULTS.port, help=f"port (default {DEFAULTS.port}; 0 = any free)")
     p.add_argument("--device", default=DEFAULTS.device, help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--dtype", default=DEFAULTS.dtype, help="float32, bfloat16 or float16")
@@ -33,6 +35,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-token", default=None,
                    help="bearer token LoadAdapter / UnloadAdapter require (default: $ADALORA_ADMIN_TOKEN; unset = "
                         "open); prefer the environment variable, a flag shows in the process list")
+    g = p.add_argument_group("TLS", "of the gRPC port (/metrics stays plain HTTP)")
+    g.add_argument("--tls-cert", metavar="PEM", default=None, help="server certificate (chain); with --tls-key: TLS")
+    g.add_argument("--tls-key", metavar="PEM", default=None, help="private key of --tls-cert")
+    g.add_argument("--tls-client-ca", metavar="PEM", default=None,
+                   help="require client certificates signed by this CA (mutual TLS); needs --tls-cert")
+    g.add_argument("--admin-client-name", action="append", default=[], metavar="NAME",
+                   help="client certificate common name or SAN DNS name allowed to call the admin RPCs without "
+                        "the token (repeatable); needs --tls-client-ca")
     p.add_argument("--max-slots", type=int, default=DEFAULTS.max_slots, help="adapters loaded at once")
     p.add_argument("--max-prompt-tokens", type=int, default=DEFAULTS.max_prompt_tokens, help="longest prompt accepted")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens,
@@ -49,7 +59,9 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
                         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                         default_max_new_tokens=min(DEFAULTS.default_max_new_tokens, args.max_new_tokens),
                         grace_s=args.grace, metrics_port=args.metrics_port,
-                        admin_token=args.admin_token or os.environ.get("ADALORA_ADMIN_TOKEN") or None)
+                        admin_token=args.admin_token or os.environ.get("ADALORA_ADMIN_TOKEN") or None,
+                        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                        admin_client_names=tuple(args.admin_client_name))
 
 
 def run(args: argparse.Namespace) -> int:
