@@ -11,6 +11,12 @@
 # Another CUDA build: --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 (match the host driver).
 # CPU-only image: docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu -t adalora:cpu .
 #   then: docker run adalora:cpu serve --base-model /models/base --adapter-dir /adapters --host 0.0.0.0 --device cpu
+#
+# TLS: mount the PEM files and add them to the serve arguments, e.g. -v $PWD/tls:/tls:ro ... serve ...
+#   --tls-cert /tls/server.pem --tls-key /tls/server.key [--tls-client-ca /tls/ca.pem --admin-client-name NAME].
+#   /metrics stays plain HTTP. The HEALTHCHECK below speaks plaintext gRPC, so with TLS replace it, e.g.
+#   --health-cmd "python -c \"...AdaLoraClient('localhost:50051', timeout=4, tls=ClientTLS(ca='/tls/ca.pem'))...\""
+#   (with --tls-client-ca it also needs cert= and key= of a client certificate), or run with --no-healthcheck.
 FROM python:3.11-slim
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu124
 ARG TORCH_SPEC=torch
