@@ -10,7 +10,10 @@ Errors arrive as grpc.RpcError with .code() and .details().
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,6 +24,46 @@ from server.tls import ClientTLS
 
 Adapter = str | Mapping[str, float] | None
 Prompt = str | Sequence[int]
+UPLOAD_FILES = {"native": ("adapter.safetensors",), "peft": ("adapter_config.json", "adapter_model.safetensors")}
+"""The files an upload sends, by format: the server's allow-list (server.adapter_checks.ADAPTER_FILES). A folder's
+other files (report.json, ranks.png) stay behind."""
+CHUNK_BYTES = 1 << 20
+"""Bytes per upload chunk: well under the server's message size limit (4 MiB by default)."""
+
+
+def upload_files(folder: str | os.PathLike) -> list[Path]:
+    """The files of the adapter in `folder`: the native file if there is one (as the server reads it), else
+    PEFT's two."""
+    folder = Path(folder)
+    for names in UPLOAD_FILES.values():
+        if all((folder / name).is_file() for name in names):
+            return [folder / name for name in names]
+    raise FileNotFoundError(f"{folder}: no adapter to upload; expected {UPLOAD_FILES['native'][0]} (native) or "
+                            f"{' + '.join(UPLOAD_FILES['peft'])} (PEFT)")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def upload_header(adapter_id: str, files: Sequence[Path], overwrite: bool = False) -> pb.UploadHeader:
+    return pb.UploadHeader(id=adapter_id, overwrite=overwrite,
+                           files=[pb.UploadFile(name=f.name, size=f.stat().st_size, sha256=file_sha256(f))
+                                  for f in files])
+
+
+def upload_requests(header: pb.UploadHeader, files: Sequence[Path],
+                    chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.UploadAdapterRequest]:
+    """The header message, then each file's bytes in order, in chunks of at most chunk_bytes."""
+    yield pb.UploadAdapterRequest(header=header)
+    for path in files:
+        with open(path, "rb") as f:
+            while data := f.read(chunk_bytes):
+                yield pb.UploadAdapterRequest(chunk=pb.UploadChunk(name=path.name, data=data))
 
 
 def selection(adapter: Adapter) -> pb.AdapterSelection:
@@ -97,6 +140,15 @@ class AdaLoraClient:
     def unload_adapter(self, adapter_id: str) -> pb.UnloadAdapterResponse:
         return self.stub.UnloadAdapter(pb.UnloadAdapterRequest(id=adapter_id), timeout=self.timeout,
                                        metadata=self.admin)
+
+    def upload(self, adapter_id: str, folder: str | os.PathLike, overwrite: bool = False,
+               chunk_bytes: int = CHUNK_BYTES) -> pb.UploadAdapterResponse:
+        """Store the adapter of `folder` (its upload_files) in the server's adapter store as `adapter_id`
+        (overwrite: replace a stored one). It is not loaded: call load_adapter next (reload=True to replace a
+        loaded version)."""
+        files = upload_files(folder)
+        requests = upload_requests(upload_header(adapter_id, files, overwrite), files, chunk_bytes)
+        return self.stub.UploadAdapter(requests, timeout=self.timeout, metadata=self.admin)
 
     def list_adapters(self, include_store: bool = False) -> pb.ListAdaptersResponse:
         return self.stub.ListAdapters(pb.ListAdaptersRequest(include_store=include_store), timeout=self.timeout)

@@ -75,6 +75,11 @@ class AdaLoraStub:
                 request_serializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GetAdapterRequest.SerializeToString,
                 response_deserializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GetAdapterResponse.FromString,
                 _registered_method=True)
+        self.UploadAdapter = channel.stream_unary(
+                '/adalora.v1.AdaLora/UploadAdapter',
+                request_serializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UploadAdapterRequest.SerializeToString,
+                response_deserializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UploadAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class AdaLoraServicer:
@@ -139,6 +144,20 @@ class AdaLoraServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadAdapter(self, request_iterator, context):
+        """Stores an adapter sent in pieces into the adapter store (--adapter-dir/<id>/), an admin RPC: the first
+        message is the header (id, overwrite, each file's name, size and sha256), every later one a chunk of file
+        bytes. The files are checked against the header as they arrive, the adapter validated as LoadAdapter
+        would (caps, dtypes, finite values, this base), and only then does it appear in the store, whole; a
+        refused upload changes nothing. It is not loaded: call LoadAdapter next (reload = true replaces a loaded
+        version). Refusals: INVALID_ARGUMENT (a bad header, bytes that do not match it, an invalid adapter),
+        FAILED_PRECONDITION (an adapter for another base), ALREADY_EXISTS (a stored id without overwrite),
+        RESOURCE_EXHAUSTED (over the server's --max-upload-bytes), ABORTED (another upload of the id is running).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdaLoraServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +200,11 @@ def add_AdaLoraServicer_to_server(servicer, server):
                     servicer.GetAdapter,
                     request_deserializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GetAdapterRequest.FromString,
                     response_serializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GetAdapterResponse.SerializeToString,
+            ),
+            'UploadAdapter': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadAdapter,
+                    request_deserializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UploadAdapterRequest.FromString,
+                    response_serializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UploadAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -400,6 +424,33 @@ class AdaLora:
             '/adalora.v1.AdaLora/GetAdapter',
             server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GetAdapterRequest.SerializeToString,
             server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GetAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadAdapter(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/adalora.v1.AdaLora/UploadAdapter',
+            server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UploadAdapterRequest.SerializeToString,
+            server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UploadAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
