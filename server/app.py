@@ -10,13 +10,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from adalora_runtime.atomic import write_text_atomic
 from server import tls
 from server.backend import Backend
 from server.config import ServerConfig
@@ -100,9 +104,18 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
     return wrapped, port
 
 
+def write_ready_file(path: str, host: str, port: int, metrics_port: int | None) -> None:
+    """Tell the process that started the server where it listens (it may have asked for port 0): JSON
+    {"host", "port", "metrics_port", "pid"}, written atomically, so a reader never sees half of it."""
+    write_text_atomic(path, json.dumps({"host": host, "port": port, "metrics_port": metrics_port,
+                                        "pid": os.getpid()}) + "\n")
+
+
 async def serve(config: ServerConfig) -> None:
-    """Listen at once (health NOT_SERVING), load the base model and preloaded adapters, turn SERVING, and run
-    until SIGTERM or SIGINT, then drain for config.grace_s seconds."""
+    """Listen at once (health NOT_SERVING), load the base model and preloaded adapters, turn SERVING (and write
+    config.ready_file), and run until SIGTERM or SIGINT, then drain for config.grace_s seconds."""
+    if config.ready_file is not None:
+        Path(config.ready_file).unlink(missing_ok=True)  # one left by an earlier run must not read as ready
     server, port = await create_server(config)
     await server.start()
     log.info("listening on %s:%d (%s); loading %s", config.host, port, tls.describe(config), config.base_model)
@@ -118,7 +131,11 @@ async def serve(config: ServerConfig) -> None:
         if loading.done():
             await server.attach(loading.result())
             log.info("serving %s on port %d (adapters: %s)", config.base_model, port, ", ".join(config.preload) or "-")
+            if config.ready_file is not None:
+                write_ready_file(config.ready_file, config.host, port, server.metrics_port)
             await stopping.wait()
         log.info("draining for up to %gs", config.grace_s)
     finally:
+        if config.ready_file is not None:
+            Path(config.ready_file).unlink(missing_ok=True)  # no longer serving
         await server.stop(config.grace_s)

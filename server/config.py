@@ -55,6 +55,10 @@ class ServerConfig:
     metrics_port: int | None = None
     """Port of the Prometheus /metrics endpoint on `host`; None = no endpoint, 0 = any free port (the Server
     reports the one bound)."""
+    ready_file: str | None = None
+    """`adalora serve` only: once health turns SERVING, this file is written atomically with JSON {"host", "port",
+    "metrics_port", "pid"} (the bound ports, so whoever started it with port 0 learns them), and it is removed
+    when draining starts (and at startup, should an earlier run have left it). None = no file."""
 
     admin_token: str | None = None
     """Bearer token LoadAdapter / UnloadAdapter require in metadata `authorization: Bearer <token>` (missing:
@@ -85,6 +89,9 @@ class ServerConfig:
                                   f"endpoint; got {self.metrics_port!r}")
             if self.metrics_port == self.port != 0:
                 raise ConfigError(f"metrics_port and port are both {self.port}; give /metrics a port of its own")
+        if self.ready_file is not None and (not isinstance(self.ready_file, str) or not self.ready_file.strip()):
+            raise ConfigError(f"ready_file must be a file path, or None for no ready file; got {self.ready_file!r} "
+                              f"(check --ready-file)")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
         if self.admin_token is not None and (not isinstance(self.admin_token, str) or not self.admin_token.strip()

@@ -50,6 +50,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; 0 = any free port)")
     p.add_argument("--grace", type=float, default=DEFAULTS.grace_s, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--max-message-bytes", type=int, default=DEFAULTS.max_message_bytes,
+                   help=f"largest request or response message; a larger one is RESOURCE_EXHAUSTED (default "
+                        f"{DEFAULTS.max_message_bytes})")
+    p.add_argument("--ready-file", metavar="PATH", default=None,
+                   help='once SERVING, write {"host", "port", "metrics_port", "pid"} as JSON to PATH (atomically; '
+                        'removed on shutdown): how a parent that passed --port 0 learns the ports')
 
 
 def config_from(args: argparse.Namespace) -> ServerConfig:
@@ -58,7 +64,8 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
                         max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_slots=args.max_slots,
                         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                         default_max_new_tokens=min(DEFAULTS.default_max_new_tokens, args.max_new_tokens),
-                        grace_s=args.grace, metrics_port=args.metrics_port,
+                        grace_s=args.grace, metrics_port=args.metrics_port, ready_file=args.ready_file,
+                        max_message_bytes=args.max_message_bytes,
                         admin_token=args.admin_token or os.environ.get("ADALORA_ADMIN_TOKEN") or None,
                         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                         admin_client_names=tuple(args.admin_client_name))
