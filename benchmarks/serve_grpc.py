@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import signal
@@ -181,28 +182,21 @@ def server_config(args, base: Path, store: Path, loaded: int, port: int = 0) -> 
 
 
 def start_server(config: ServerConfig, log: Path) -> tuple[subprocess.Popen, int]:
-    """`adalora serve` in a subprocess on a free port; returns once health reports SERVING."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    """`adalora serve` in a subprocess on port 0; returns once it is SERVING, with the port it bound (from its
+    --ready-file, so no other process can take the port between choosing and binding it)."""
+    ready = log.with_suffix(".ready.json")
     cmd = [sys.executable, "-m", "adalora_runtime.cli", "serve", "--base-model", config.base_model,
-           "--adapter-dir", config.adapter_dir, "--port", str(port), "--device", config.device,
+           "--adapter-dir", config.adapter_dir, "--port", "0", "--ready-file", str(ready), "--device", config.device,
            "--dtype", config.dtype, "--max-batch-size", str(config.max_batch_size), "--max-slots",
            str(config.max_slots), "--max-new-tokens", str(config.max_new_tokens), "--preload", *config.preload]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    from server.client import AdaLoraClient
     deadline = time.time() + 600
-    with AdaLoraClient(f"127.0.0.1:{port}", timeout=2) as client:
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"the server exited ({proc.returncode}); its log: {log}")
-            try:
-                if client.health() == "SERVING":
-                    return proc, port
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
+    while time.time() < deadline:
+        if ready.exists():
+            return proc, json.loads(ready.read_text())["port"]
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited ({proc.returncode}); its log: {log}")
+        time.sleep(0.2)
     proc.kill()
     raise SystemExit(f"the server did not report SERVING within 600 s; its log: {log}")
 
