@@ -610,3 +610,24 @@ def test_ready_file_and_max_message_bytes_flags():
     assert (config.ready_file, config.max_message_bytes) == ("r.json", 1000)
     with pytest.raises(ConfigError, match="max_message_bytes"):
         serve_command.config_from(parser.parse_args([*required, "--max-message-bytes", "0"]))
+
+
+# ---- a bad --preload -------------------------------------------------------------------------------------------
+
+BAD_PRELOADS = [("absent", "is not in the store"), ("Bad/Id", "must match"), ("alien", "its own base model")]
+
+
+@pytest.mark.parametrize("preload, fragment", BAD_PRELOADS)
+def test_a_bad_preload_exits_2_with_the_reason(tmp_path, capsys, preload, fragment):
+    """The CLI's own contract: the message, no traceback, exit 2 (it was an uncaught engine error, exit 1)."""
+    from adalora_runtime.cli import main
+    alien_config = tiny_llama_config()
+    alien_config.num_hidden_layers = 3
+    store = write_store(tmp_path / "adapters", {"alien": random_adapter(LlamaForCausalLM(alien_config), 5)})
+    base = write_base(varied_llama(), tmp_path / "base")
+    code = main(["serve", "--base-model", str(base), "--adapter-dir", str(store), "--port", "0", "--ready-file",
+                 str(tmp_path / "ready.json"), "--preload", preload])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("adalora serve: error: ") and fragment in err, err
+    assert not (tmp_path / "ready.json").exists()

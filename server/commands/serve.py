@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 
+from adalora_runtime.engine.errors import EngineError
 from adalora_runtime.peft_interop import InteropError
 from server.app import serve
 from server.config import ServerConfig
@@ -14,7 +15,9 @@ from server.errors import StoreError
 
 NAME = "serve"
 HELP = "serve a base model and its adapters over gRPC (adalora.v1, grpc.health.v1); SIGTERM drains"
-USER_ERRORS = (StoreError, InteropError, OSError)
+USER_ERRORS = (StoreError, InteropError, OSError, EngineError)
+"""Printed without a traceback, exit 2; EngineError: a --preload id that is malformed, not in the store or for
+another base."""
 DEFAULTS = ServerConfig(base_model="", adapter_dir="")
 
 
