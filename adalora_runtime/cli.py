@@ -22,6 +22,7 @@ COMMANDS = (
     "server.commands.serve",
     "server.commands.generate",
     "server.commands.classify",
+    "server.commands.upload",
 )
 # Errors whose message is the whole story for the user: printed without a traceback, exit 2.
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, AdapterFormatError, FileNotFoundError)

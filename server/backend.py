@@ -30,6 +30,7 @@ from server.config import ServerConfig
 from server.errors import AdapterInUse, QueueFull, StoreError, WrongModelKind
 from server.metrics import Metrics
 from server.store import AdapterStore, StoredAdapter, check_id
+from server import upload
 
 T = TypeVar("T")
 
@@ -451,6 +452,20 @@ class Backend:
                 if adapter_id not in self.loaded:
                     views.append(AdapterView(adapter_id, "disk", self._format_or_blank(adapter_id), None))
         return views
+
+    async def upload_adapter(self, header: upload.UploadHeader,
+                             chunks: AsyncIterator[tuple[str, bytes]]) -> tuple[AdapterView, bool]:
+        """Store an uploaded adapter (server.upload) if this base can serve it; it is not loaded. Returns (its view,
+        whether it replaced a stored version): the device or host view when this very version is there, else disk."""
+        stored, replaced = await upload.receive(self.store, header, chunks, self.config.max_upload_bytes,
+                                                self.engine.slots)
+        try:
+            held = self.view(stored.id)
+        except KeyError:  # not loaded
+            held = None
+        if held is not None and held.stored.version == stored.version:
+            return held, replaced
+        return AdapterView(stored.id, "disk", stored.format, stored), replaced
 
     def _format_or_blank(self, adapter_id: str) -> str:
         try:

@@ -50,6 +50,9 @@ class ServerConfig:
     """Most inputs in one Classify or Embed request."""
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest request or response message; a larger one is refused by gRPC (RESOURCE_EXHAUSTED)."""
+    max_upload_bytes: int = 1024**3
+    """Most bytes of one UploadAdapter (all its files); an upload declaring more is RESOURCE_EXHAUSTED before any
+    byte is written. Its chunks are messages: each stays under max_message_bytes."""
     grace_s: float = 10.0
     """On SIGTERM: seconds in-flight requests get to finish before they are cancelled."""
     metrics_port: int | None = None
@@ -61,8 +64,9 @@ class ServerConfig:
     when draining starts (and at startup, should an earlier run have left it). None = no file."""
 
     admin_token: str | None = None
-    """Bearer token LoadAdapter / UnloadAdapter require in metadata `authorization: Bearer <token>` (missing:
-    UNAUTHENTICATED, wrong: PERMISSION_DENIED); None = admin RPCs open. Other RPCs never need it."""
+    """Bearer token the admin RPCs (LoadAdapter, UnloadAdapter, UploadAdapter) require in metadata `authorization:
+    Bearer <token>` (missing: UNAUTHENTICATED, wrong: PERMISSION_DENIED); None = admin RPCs open. Other RPCs never
+    need it."""
 
     tls_cert: str | None = None
     """PEM certificate (chain) of the gRPC port; with tls_key the port speaks TLS. None (with tls_key None) =
@@ -99,7 +103,7 @@ class ServerConfig:
             raise ConfigError("admin_token must be a non-empty string without surrounding whitespace, or None to "
                               "leave the admin RPCs open; check --admin-token / ADALORA_ADMIN_TOKEN")
         for name in ("max_batch_size", "max_queue", "max_slots", "max_prompt_tokens", "max_new_tokens",
-                     "default_max_new_tokens", "max_inputs", "max_message_bytes"):
+                     "default_max_new_tokens", "max_inputs", "max_message_bytes", "max_upload_bytes"):
             _positive_int(name, getattr(self, name))
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ConfigError(f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds max_new_tokens "

@@ -6,6 +6,8 @@ InvalidRequest with what to change; the server's limits come from ServerConfig.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import torch
 
 from adalora_runtime.engine import Classification, SamplingParams
@@ -15,6 +17,7 @@ from server.backend import AdapterView, Completion, EncodeCall, GenerateCall, Ti
 from server.config import ServerConfig
 from server.gen.adalora.v1 import adalora_pb2 as pb
 from server.store import check_id
+from server.upload import UploadFile, UploadHeader
 
 FINISH_REASONS = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS}
 RESIDENCY = {"device": pb.RESIDENCY_DEVICE, "disk": pb.RESIDENCY_DISK}
@@ -44,6 +47,8 @@ def named_adapter(request) -> Request:
     AdapterSelection's id or {id: weight} mix, an admin request's id, or None when it names none."""
     if isinstance(request, (pb.LoadAdapterRequest, pb.UnloadAdapterRequest, pb.GetAdapterRequest)):
         return request.id
+    if isinstance(request, pb.UploadAdapterRequest):  # an upload's first message
+        return request.header.id if request.HasField("header") else None
     if not isinstance(request, (pb.GenerateRequest, pb.ClassifyRequest, pb.EmbedRequest)):
         return None
     which = request.adapter.WhichOneof("selection")
@@ -98,6 +103,22 @@ def encode_from_pb(request: pb.ClassifyRequest | pb.EmbedRequest, normalize: boo
     if empty:
         raise InvalidRequest(f"inputs {empty[:5]} are empty; give at least one character or token in each")
     return EncodeCall(inputs, adapter_from_pb(request.adapter), normalize)
+
+
+def upload_header_from_pb(first: pb.UploadAdapterRequest | None) -> UploadHeader:
+    """The header of an UploadAdapter stream from its first message (None: the stream was empty)."""
+    if first is None or first.WhichOneof("part") != "header":
+        raise InvalidRequest("an upload starts with a header message (id, overwrite, files); send it first")
+    h = first.header
+    return UploadHeader(h.id, h.overwrite, tuple(UploadFile(f.name, f.size, f.sha256) for f in h.files))
+
+
+async def upload_chunks_from_pb(rest: AsyncIterator[pb.UploadAdapterRequest]) -> AsyncIterator[tuple[str, bytes]]:
+    """(file name, bytes) of each message after the header."""
+    async for message in rest:
+        if message.WhichOneof("part") != "chunk":
+            raise InvalidRequest("an upload has one header, in its first message; send only chunks after it")
+        yield message.chunk.name, message.chunk.data
 
 
 # ---- to_pb --------------------------------------------------------------------------------------------------

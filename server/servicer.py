@@ -73,6 +73,18 @@ def streaming(method):
     return wrapper
 
 
+def client_streaming(method):
+    """A stream of requests, one answer: `method(self, first, rest, context)` gets the first message (None for an
+    empty stream) and an async iterator of the others; it is recorded under the adapter the first one names."""
+    @functools.wraps(method)
+    async def wrapper(self, request_iterator, context):
+        messages = aiter(request_iterator)
+        first = await anext(messages, None)
+        async with answered(self, method.__name__, first, context):
+            return await method(self, first, messages, context)
+    return wrapper
+
+
 class AdaLoraServicer(pb_grpc.AdaLoraServicer):
     """Answers UNAVAILABLE until a Backend is attached and once draining starts."""
 
@@ -145,3 +157,10 @@ class AdaLoraServicer(pb_grpc.AdaLoraServicer):
     @unary
     async def GetAdapter(self, request, context):
         return pb.GetAdapterResponse(adapter=convert.adapter_to_pb(await self._ready().get_adapter(request.id)))
+
+    @client_streaming
+    async def UploadAdapter(self, first, rest, context):
+        check_admin(self.config, context, "UploadAdapter")
+        view, replaced = await self._ready().upload_adapter(convert.upload_header_from_pb(first),
+                                                            convert.upload_chunks_from_pb(rest))
+        return pb.UploadAdapterResponse(adapter=convert.adapter_to_pb(view), replaced=replaced)

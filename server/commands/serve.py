@@ -36,8 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"generation requests waiting for a batch row; more are RESOURCE_EXHAUSTED "
                         f"(default {DEFAULTS.max_queue})")
     p.add_argument("--admin-token", default=None,
-                   help="bearer token LoadAdapter / UnloadAdapter require (default: $ADALORA_ADMIN_TOKEN; unset = "
-                        "open); prefer the environment variable, a flag shows in the process list")
+                   help="bearer token the admin RPCs (Load/Unload/UploadAdapter) require (default: "
+                        "$ADALORA_ADMIN_TOKEN; unset = open); prefer the environment variable, a flag shows in the "
+                        "process list")
     g = p.add_argument_group("TLS", "of the gRPC port (/metrics stays plain HTTP)")
     g.add_argument("--tls-cert", metavar="PEM", default=None, help="server certificate (chain); with --tls-key: TLS")
     g.add_argument("--tls-key", metavar="PEM", default=None, help="private key of --tls-cert")
@@ -56,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-message-bytes", type=int, default=DEFAULTS.max_message_bytes,
                    help=f"largest request or response message; a larger one is RESOURCE_EXHAUSTED (default "
                         f"{DEFAULTS.max_message_bytes})")
+    p.add_argument("--max-upload-bytes", type=int, default=DEFAULTS.max_upload_bytes,
+                   help=f"most bytes of one UploadAdapter, all its files; more is RESOURCE_EXHAUSTED (default "
+                        f"{DEFAULTS.max_upload_bytes})")
     p.add_argument("--ready-file", metavar="PATH", default=None,
                    help='once SERVING, write {"host", "port", "metrics_port", "pid"} as JSON to PATH (atomically; '
                         'removed on shutdown): how a parent that passed --port 0 learns the ports')
@@ -68,7 +72,7 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
                         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                         default_max_new_tokens=min(DEFAULTS.default_max_new_tokens, args.max_new_tokens),
                         grace_s=args.grace, metrics_port=args.metrics_port, ready_file=args.ready_file,
-                        max_message_bytes=args.max_message_bytes,
+                        max_message_bytes=args.max_message_bytes, max_upload_bytes=args.max_upload_bytes,
                         admin_token=args.admin_token or os.environ.get("ADALORA_ADMIN_TOKEN") or None,
                         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                         admin_client_names=tuple(args.admin_client_name))
