@@ -7,14 +7,16 @@ popularity over the loaded set, sends PROMPT_LEN random token ids and asks for -
 (GenerateStream, so the client sees the first token). At most --max-inflight requests are outstanding: an
 arrival past that bound is counted as dropped (open loop, bounded). Adapters are generated with realistic
 AdaLoRA rank patterns (see engine_throughput.py) and all preloaded (--max-slots = the adapter count: the
-"fits on the device" case).
+"fits on the device" case). One more configuration, on-demand/<N>/<S>: the most adapters (N) in the store but
+only --on-demand S device slots and none preloaded, so requests load adapters on demand and the least recently
+used ones are evicted to host memory (the residency tiers at work, including the first load of each).
 
 Reported per configuration: completed req/s, generated tokens/s, p50/p99 time to first token (TTFT) and
 time per output token after the first (TPOT), errors and drops. Targets: gRPC within 10% of in-process at
 the same load; 256 adapters within 10% of 4.
 
     python benchmarks/serve_grpc.py --quick              # tiny random llama, seconds
-    python benchmarks/serve_grpc.py [--rate 0.6] [--duration 90] [--device cpu|cuda]
+    python benchmarks/serve_grpc.py [--rate 0.6] [--duration 90] [--device cpu|cuda] [--on-demand 16]
 """
 
 from __future__ import annotations
@@ -175,10 +177,12 @@ def write_store(base: Path, folder: Path, count: int) -> None:
         save_adapter(make_adapter(model, shapes, seed=i), folder / f"a{i}")
 
 
-def server_config(args, base: Path, store: Path, loaded: int, port: int = 0) -> ServerConfig:
-    return ServerConfig(base_model=str(base), adapter_dir=str(store), preload=tuple(f"a{i}" for i in range(loaded)),
+def server_config(args, base: Path, store: Path, loaded: int, port: int = 0, slots: int | None = None) -> ServerConfig:
+    """`loaded` adapters preloaded in as many slots; or, with `slots`, none preloaded and `slots` slots."""
+    preload = () if slots else tuple(f"a{i}" for i in range(loaded))
+    return ServerConfig(base_model=str(base), adapter_dir=str(store), preload=preload,
                         port=port, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
-                        max_slots=max(loaded, 1), max_new_tokens=max(args.new_tokens, 64))
+                        max_slots=slots or max(loaded, 1), max_new_tokens=max(args.new_tokens, 64))
 
 
 def start_server(config: ServerConfig, log: Path) -> tuple[subprocess.Popen, int]:
@@ -237,7 +241,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--on-demand", type=int, default=None, metavar="SLOTS",
+                    help="device slots of the on-demand configuration (default 16; quick 2; 0 = skip it)")
     args = ap.parse_args()
+    args.on_demand = (2 if args.quick else 16) if args.on_demand is None else args.on_demand
     args.rate = args.rate or (4.0 if args.quick else 0.6)
     args.duration = args.duration or (3.0 if args.quick else 90.0)
     args.new_tokens = args.new_tokens or (8 if args.quick else 64)
@@ -258,6 +265,15 @@ def main() -> None:
             proc, port = start_server(server_config(args, base, store, loaded), tmp / f"server-{loaded}.log")
             try:
                 results["configs"][f"grpc/{loaded}"] = asyncio.run(over_grpc(port, plan, args))
+            finally:
+                stop_server(proc)
+        most = max(args.adapters)
+        if 0 < args.on_demand < most:
+            plan = arrivals(args.rate, args.duration, most, vocab, args.seed)
+            config = server_config(args, base, store, most, slots=args.on_demand)
+            proc, port = start_server(config, tmp / "server-on-demand.log")
+            try:
+                results["configs"][f"on-demand/{most}/{args.on_demand}"] = asyncio.run(over_grpc(port, plan, args))
             finally:
                 stop_server(proc)
     ref = results["configs"][f"grpc/{first}"]
