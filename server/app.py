@@ -85,7 +85,7 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes)]
     server = grpc.aio.server(options=options)
-    metrics = Metrics(config.max_slots)
+    metrics = Metrics(config.max_slots, config.max_batch_size)
     servicer = AdaLoraServicer(config, metrics)
     pb_grpc.add_AdaLoraServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

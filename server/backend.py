@@ -3,7 +3,8 @@ or an EncoderRunner (encoder), and the adapter store. Domain objects in and out;
 
 Threads: the model only runs under `lock`, on the generation driver's thread (one step at a time) or on a
 worker thread (encoder forwards, adapter slot writes), so an adapter load never lands inside a forward.
-Everything else (bookkeeping of loaded adapters and requests in flight) runs on the asyncio loop.
+Everything else (which adapter is in which tier, requests in flight) runs on the asyncio loop; where adapters
+live and move is server.residency's job: every request acquires its adapters there (loading them on demand).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +23,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from adalora_runtime.engine import (AdapterEngine, AsyncDriver, Classification, EncoderRunner, EngineConfig,
                                     GenerationRequest, Generator, GeneratorConfig, SamplingParams, TokenStream)
 from adalora_runtime.engine.engine import Request
-from adalora_runtime.engine.errors import AdapterExists, AdapterNotFound, DeadlineExpired, InvalidRequest
-from adalora_runtime.engine.slots import check_adapter
+from adalora_runtime.engine.errors import AdapterExists, DeadlineExpired, InvalidRequest
 from adalora_runtime.recipe import DTYPES
 from server.config import ServerConfig
-from server.errors import AdapterInUse, QueueFull, StoreError, WrongModelKind
+from server.errors import QueueFull, StoreError, WrongModelKind
 from server.metrics import Metrics
+from server.residency import Budget, Events, Residency, Resident
 from server.store import AdapterStore, StoredAdapter, check_id
 from server import upload
 
@@ -100,12 +100,14 @@ class AdapterView:
 
     id: str
     residency: str
-    """'device' (loaded) or 'disk' (only in the store)."""
+    """'device' (in a slot), 'host' (in host memory) or 'disk' (only in the store)."""
     format: str
     """'native', 'peft', or '' when the folder could not be read (listing only)."""
     stored: StoredAdapter | None
     """None for a store-only entry of a listing (the folder was not read)."""
     device_bytes: int = 0
+    pinned: bool = False
+    in_flight: int = 0
 
 
 def adapter_ids(request: Request) -> set[str]:
@@ -188,16 +190,16 @@ class Backend:
     def __init__(self, model: torch.nn.Module, tokenizer, config: ServerConfig, store: AdapterStore,
                  metrics: Metrics | None = None) -> None:
         self.config, self.tokenizer, self.store = config, tokenizer, store
-        self.metrics = Metrics(config.max_slots) if metrics is None else metrics
+        self.metrics = Metrics(config.max_slots, config.max_batch_size) if metrics is None else metrics
         self.metrics.watch_store(store)
         self.kind = model_kind(model.config)
         self.engine = AdapterEngine(model, EngineConfig(max_slots=config.max_slots))
         self.lock = threading.Lock()
-        self.loaded: dict[str, StoredAdapter] = {}
-        self.inflight: Counter[str] = Counter()
-        """Adapter id -> generation requests in flight that run with it (unload waits for 0)."""
-        self._leaving: set[str] = set()
-        """Ids being unloaded or replaced: new requests for them are refused until that is done."""
+        m = self.metrics
+        events = Events(hit=m.cache_hits.inc, miss=m.cache_misses.inc, evicted=m.evictions.inc,
+                        loaded=m.load_seconds.observe, changed=self._adapters_changed)
+        budget = Budget(config.max_slots, config.max_device_bytes, config.max_host_bytes)
+        self.residency = Residency(self.engine, store, self.lock, budget, events)
         self._admin = asyncio.Lock()
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         self.serial: SerialGenerator | None = None
@@ -220,9 +222,7 @@ class Backend:
         model, tokenizer = load_base(config)
         backend = cls(model, tokenizer, config, store, metrics)
         for adapter_id in config.preload:
-            stored = store.read(check_id(adapter_id))
-            backend.engine.load(adapter_id, stored.adapter)
-            backend.loaded[adapter_id] = stored
+            backend.residency.preload(store.read(check_id(adapter_id)))
         backend._adapters_changed()
         return backend
 
@@ -242,11 +242,17 @@ class Backend:
                                  f"{article[self.kind]} {self.kind} base "
                                  f"({self.config.base_model}); use {other}")
 
-    def _check_not_leaving(self, request: Request) -> None:
-        leaving = sorted(adapter_ids(request) & self._leaving)
-        if leaving:
-            raise AdapterNotFound(f"adapter {leaving[0]!r} is being unloaded or replaced; retry once LoadAdapter "
-                                  f"or UnloadAdapter for it has returned")
+    async def _acquire(self, request: Request, deadline: float | None) -> tuple[Request, list[Resident]]:
+        """(the request with each adapter id replaced by the engine key of the version it runs, the residents
+        to release when it ends); loads what is not on the device."""
+        if request is None:
+            return None, []
+        for adapter_id in adapter_ids(request):
+            check_id(adapter_id)
+        held = await self.residency.acquire(adapter_ids(request), deadline)
+        if isinstance(request, str):
+            return held[request].key, list(held.values())
+        return {held[i].key: w for i, w in request.items()}, list(held.values())
 
     # ---- generation -----------------------------------------------------------------------------------------
 
@@ -272,17 +278,18 @@ class Backend:
         consumer that stops early (a cancelled RPC) cancels the request: its batch row is freed at the next step."""
         received = time.perf_counter()
         self._require("causal-lm", "Generate")
-        request = GenerationRequest(self._prompt_ids(call.prompt), call.adapter, call.params)
-        self._check_not_leaving(call.adapter)
+        prompt = self._prompt_ids(call.prompt)
         self._check_admission(call.deadline)
         ids, label = adapter_ids(call.adapter), self.metrics.adapter_label(call.adapter)
+        keys, held = await self._acquire(call.adapter, call.deadline)
+        request = GenerationRequest(prompt, keys, call.params)
         self.metrics.inflight.queued(id(request), ids)  # before submit: the driver thread may admit it at once
         try:
             stream = self.driver.stream(request, call.deadline)  # validation errors raise here
         except Exception:
             self.metrics.inflight.finished(id(request))
+            self.residency.release(held)
             raise
-        self.inflight.update(ids)
         done = False
         try:
             tokens: list[int] = []
@@ -306,22 +313,22 @@ class Backend:
                              result.completion_tokens, Timings(ms(admitted), ms(first or end), ms(end)))
         finally:
             if done or stream.handle.done:
-                self._release(stream, request, ids, label)
+                self._release(stream, request, held, label)
             else:
                 self.driver.cancel(stream)
-                asyncio.ensure_future(self._release_when_dropped(stream, request, ids, label))
+                asyncio.ensure_future(self._release_when_dropped(stream, request, held, label))
 
     def _check_admission(self, deadline: float | None) -> None:
         if deadline is not None and deadline <= time.monotonic():
             raise DeadlineExpired("the request's deadline passed before it could be queued; allow a longer "
                                   "deadline")
-        waiting = self.serial.generator.waiting
+        waiting = self.serial.generator.waiting + self.residency.acquiring
         if waiting >= self.config.max_queue:
             raise QueueFull(f"{waiting} generation requests already wait for a batch row, this server's limit "
                             f"(--max-queue {self.config.max_queue}); back off and retry, or raise --max-queue or "
                             f"--max-batch-size")
 
-    async def _release_when_dropped(self, stream: TokenStream, request: GenerationRequest, ids: set[str],
+    async def _release_when_dropped(self, stream: TokenStream, request: GenerationRequest, held: list[Resident],
                                     label: str) -> None:
         """A cancelled request holds its adapters until the generator has dropped it (the next step)."""
         try:
@@ -330,15 +337,12 @@ class Backend:
         except Exception:  # noqa: BLE001 - nobody is left to tell
             pass
         finally:
-            self._release(stream, request, ids, label)
+            self._release(stream, request, held, label)
 
-    def _release(self, stream: TokenStream, request: GenerationRequest, ids: set[str], label: str) -> None:
+    def _release(self, stream: TokenStream, request: GenerationRequest, held: list[Resident], label: str) -> None:
         self.metrics.generation_finished(id(request), label, stream.result)
         self.serial.admitted.pop(id(request), None)
-        self.inflight.subtract(ids)
-        for adapter_id in ids:
-            if self.inflight[adapter_id] <= 0:
-                del self.inflight[adapter_id]
+        self.residency.release(held)
 
     # ---- encoder --------------------------------------------------------------------------------------------
 
@@ -353,103 +357,82 @@ class Backend:
                                  f"this base); shorten them")
         return [x if isinstance(x, str) else list(x) for x in call.inputs]
 
+    async def _encode(self, fn: Callable, call: EncodeCall, *args):
+        """Run `fn(inputs, per-input keys, *args)` on the model with the call's adapters held."""
+        inputs = self._encoder_inputs(call)
+        keys, held = await self._acquire(call.adapter, None)
+        try:
+            return await asyncio.to_thread(self._locked, fn, inputs, [keys] * len(inputs), *args)
+        finally:
+            self.residency.release(held)
+
     async def classify(self, call: EncodeCall) -> list[Classification]:
         self._require("encoder", "Classify")
-        inputs = self._encoder_inputs(call)
-        self._check_not_leaving(call.adapter)
-        return await asyncio.to_thread(self._locked, self.runner.classify, inputs, [call.adapter] * len(inputs))
+        return await self._encode(self.runner.classify, call)
 
     async def embed(self, call: EncodeCall) -> torch.Tensor:
         """(N, hidden) float32 on the CPU."""
         self._require("encoder", "Embed")
-        inputs = self._encoder_inputs(call)
-        self._check_not_leaving(call.adapter)
-        out = await asyncio.to_thread(self._locked, self.runner.embed, inputs, [call.adapter] * len(inputs),
-                                      call.normalize)
-        return out.cpu()
+        return (await self._encode(self.runner.embed, call, call.normalize)).cpu()
 
     # ---- adapters -------------------------------------------------------------------------------------------
 
-    def _start_leaving(self, adapter_id: str) -> None:
-        busy = self.inflight.get(adapter_id, 0)
-        if busy:
-            raise AdapterInUse(f"adapter {adapter_id!r} has {busy} generation request(s) in flight; retry once "
-                               f"they have finished")
-        self._leaving.add(adapter_id)
-
-    def _swap(self, adapter_id: str, stored: StoredAdapter, replace: bool) -> None:
-        """Under the lock: unload the old version (when replacing) and load the new one."""
-        if replace:
-            self.engine.unload(adapter_id)
-            del self.loaded[adapter_id]
-            self.metrics.evictions.inc()
-        self.engine.load(adapter_id, stored.adapter)
-        self.loaded[adapter_id] = stored
-
     def _adapters_changed(self) -> None:
-        self.metrics.adapters_changed(self.loaded, sum(self.engine.nbytes(i) for i in self.loaded))
+        r = self.residency
+        self.metrics.adapters_changed(r.device, r.host, r.device_bytes)
 
-    async def load_adapter(self, adapter_id: str, reload: bool = False) -> tuple[AdapterView, bool, float]:
-        """(the loaded adapter, whether this version was already loaded, milliseconds spent)."""
+    async def load_adapter(self, adapter_id: str, reload: bool = False,
+                           pin: bool = False) -> tuple[AdapterView, bool, float]:
+        """(the loaded adapter, whether this version was already loaded, milliseconds spent). A reload places
+        the new version beside the old one: requests already holding the old one finish on it."""
         async with self._admin:
             start = time.perf_counter()
             check_id(adapter_id)
-            current = self.loaded.get(adapter_id)
+            current = self.residency.device.get(adapter_id)
             version = await asyncio.to_thread(self.store.version, adapter_id)
-            if current is not None and current.version == version:
+            if current is not None and current.stored.version == version:
+                current.pinned = current.pinned or pin
                 self.metrics.cache_hits.inc()
                 return self.view(adapter_id), True, 0.0
             if current is not None and not reload:
-                raise AdapterExists(f"adapter {adapter_id!r} is loaded at version {current.version[:12]}, and the "
-                                    f"store now holds version {version[:12]}; pass reload=true to replace it")
-            stored = await asyncio.to_thread(self.store.read, adapter_id)
-            slots = self.engine.slots
-            check_adapter(stored.adapter, slots.identity, slots.shapes)  # before the old version is dropped
-            if current is not None:
-                self._start_leaving(adapter_id)
-            try:
-                await asyncio.to_thread(self._locked, self._swap, adapter_id, stored, current is not None)
-            finally:
-                self._leaving.discard(adapter_id)
-                self._adapters_changed()
-            seconds = time.perf_counter() - start
-            self.metrics.cache_misses.inc()
-            self.metrics.load_seconds.observe(seconds)
-            return self.view(adapter_id), False, seconds * 1e3
+                raise AdapterExists(f"adapter {adapter_id!r} is loaded at version {current.stored.version[:12]}, "
+                                    f"and the store now holds version {version[:12]}; pass reload=true to replace "
+                                    f"it")
+            stored = self.residency.host.get(adapter_id)
+            if stored is None or stored.version != version:
+                stored = await asyncio.to_thread(self.store.read, adapter_id)
+            await self.residency.place(stored, pin, started=start)
+            return self.view(adapter_id), False, (time.perf_counter() - start) * 1e3
 
     async def unload_adapter(self, adapter_id: str) -> int:
-        """Device bytes freed."""
+        """Device bytes freed (at once, or when the requests still running with it end)."""
         async with self._admin:
             check_id(adapter_id)
-            if adapter_id not in self.loaded:
-                raise AdapterNotFound(f"adapter {adapter_id!r} is not loaded (loaded: {sorted(self.loaded)})")
-            freed = self.engine.nbytes(adapter_id)
-            self._start_leaving(adapter_id)
-            try:
-                await asyncio.to_thread(self._locked, self.engine.unload, adapter_id)
-                del self.loaded[adapter_id]
-                self.metrics.evictions.inc()
-            finally:
-                self._leaving.discard(adapter_id)
-                self._adapters_changed()
-            return freed
+            return await self.residency.unload(adapter_id)
 
     def view(self, adapter_id: str) -> AdapterView:
-        stored = self.loaded[adapter_id]
-        return AdapterView(adapter_id, "device", stored.format, stored, self.engine.nbytes(adapter_id))
+        """An adapter on the device or in host memory (KeyError otherwise)."""
+        resident = self.residency.device.get(adapter_id)
+        if resident is not None:
+            return AdapterView(adapter_id, "device", resident.stored.format, resident.stored, resident.device_bytes,
+                               resident.pinned, resident.users)
+        stored = self.residency.host[adapter_id]
+        return AdapterView(adapter_id, "host", stored.format, stored)
 
     async def get_adapter(self, adapter_id: str) -> AdapterView:
         check_id(adapter_id)
-        if adapter_id in self.loaded:
+        if self.residency.tier(adapter_id) != "disk":
             return self.view(adapter_id)
         stored = await asyncio.to_thread(self.store.read, adapter_id)
         return AdapterView(adapter_id, "disk", stored.format, stored)
 
     def list_adapters(self, include_store: bool = False) -> list[AdapterView]:
-        views = [self.view(adapter_id) for adapter_id in sorted(self.loaded)]
+        """Device adapters by id, then host ones, then (include_store) the store's others."""
+        r = self.residency
+        views = [self.view(i) for i in sorted(r.device)] + [self.view(i) for i in sorted(r.host)]
         if include_store:
             for adapter_id in self.store.ids():
-                if adapter_id not in self.loaded:
+                if r.tier(adapter_id) == "disk":
                     views.append(AdapterView(adapter_id, "disk", self._format_or_blank(adapter_id), None))
         return views
 
@@ -459,6 +442,7 @@ class Backend:
         whether it replaced a stored version): the device or host view when this very version is there, else disk."""
         stored, replaced = await upload.receive(self.store, header, chunks, self.config.max_upload_bytes,
                                                 self.engine.slots)
+        self.residency.stored_anew(stored)
         try:
             held = self.view(stored.id)
         except KeyError:  # not loaded

@@ -133,9 +133,9 @@ class AdaLoraClient:
         return self.stub.Embed(pb.EmbedRequest(adapter=selection(adapter), inputs=encoder_inputs(inputs),
                                                normalize=normalize), timeout=self.timeout)
 
-    def load_adapter(self, adapter_id: str, reload: bool = False) -> pb.LoadAdapterResponse:
-        return self.stub.LoadAdapter(pb.LoadAdapterRequest(id=adapter_id, reload=reload), timeout=self.timeout,
-                                     metadata=self.admin)
+    def load_adapter(self, adapter_id: str, reload: bool = False, pin: bool = False) -> pb.LoadAdapterResponse:
+        return self.stub.LoadAdapter(pb.LoadAdapterRequest(id=adapter_id, reload=reload, pin=pin),
+                                     timeout=self.timeout, metadata=self.admin)
 
     def unload_adapter(self, adapter_id: str) -> pb.UnloadAdapterResponse:
         return self.stub.UnloadAdapter(pb.UnloadAdapterRequest(id=adapter_id), timeout=self.timeout,

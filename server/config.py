@@ -39,7 +39,13 @@ class ServerConfig:
     """Generation requests waiting for a batch row; Generate / GenerateStream past it are RESOURCE_EXHAUSTED at
     once (a client should back off and retry, or the operator raise --max-queue or --max-batch-size)."""
     max_slots: int = 16
-    """Adapters loaded at once; LoadAdapter past it is RESOURCE_EXHAUSTED."""
+    """Adapter versions in device slots at once. A request for an adapter not on the device loads it, evicting
+    the least recently used unpinned idle one to the host tier; RESOURCE_EXHAUSTED only when every slot holds a
+    pinned adapter."""
+    max_device_bytes: int | None = None
+    """Bytes of adapter factors and heads on the device, all slots together; None = bounded by max_slots only."""
+    max_host_bytes: int = 1024**3
+    """Bytes of evicted adapters kept in host memory (the next load skips the disk); 0 = no host tier."""
     max_prompt_tokens: int = 2048
     """Longest prompt accepted, in tokens."""
     max_new_tokens: int = 1024
@@ -105,6 +111,10 @@ class ServerConfig:
         for name in ("max_batch_size", "max_queue", "max_slots", "max_prompt_tokens", "max_new_tokens",
                      "default_max_new_tokens", "max_inputs", "max_message_bytes", "max_upload_bytes"):
             _positive_int(name, getattr(self, name))
+        if self.max_device_bytes is not None:
+            _positive_int("max_device_bytes", self.max_device_bytes)
+        if isinstance(self.max_host_bytes, bool) or not isinstance(self.max_host_bytes, int) or self.max_host_bytes < 0:
+            raise ConfigError(f"max_host_bytes must be an integer >= 0 (0 = no host tier), got {self.max_host_bytes!r}")
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ConfigError(f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds max_new_tokens "
                               f"({self.max_new_tokens}); lower the default or raise the cap")

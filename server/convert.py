@@ -20,7 +20,7 @@ from server.store import check_id
 from server.upload import UploadFile, UploadHeader
 
 FINISH_REASONS = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS}
-RESIDENCY = {"device": pb.RESIDENCY_DEVICE, "disk": pb.RESIDENCY_DISK}
+RESIDENCY = {"device": pb.RESIDENCY_DEVICE, "host": pb.RESIDENCY_HOST, "disk": pb.RESIDENCY_DISK}
 
 
 # ---- from_pb ------------------------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def embeddings_to_pb(embeddings: torch.Tensor) -> pb.EmbedResponse:
 
 def adapter_to_pb(view: AdapterView) -> pb.AdapterInfo:
     info = pb.AdapterInfo(id=view.id, residency=RESIDENCY[view.residency], format=view.format,
-                          device_bytes=view.device_bytes)
+                          device_bytes=view.device_bytes, pinned=view.pinned, in_flight=view.in_flight)
     if view.stored is not None:
         a = view.stored.adapter
         info.MergeFrom(pb.AdapterInfo(

@@ -18,10 +18,11 @@ The three timing histograms count generations whose caller stayed to the end; a 
 at the next step and an expired one never runs, so neither counts tokens or timings; time per output token needs
 two tokens or more.
 
-Adapter cache: generation never loads an adapter here, only LoadAdapter does, so a hit is a LoadAdapter for the
-version already loaded, a miss a LoadAdapter that loaded one (first load or a reload=true replace), and an
-eviction an adapter version leaving its slot (UnloadAdapter, or the old version a reload replaced).
-adapters{tier}: device = loaded in slots, host = 0 (no host tier yet), disk = store folders not loaded.
+Adapter cache (the device slots; server.residency): a hit is a request (or a LoadAdapter) whose adapter was on
+the device already, a miss one that had to load it (from host memory or the disk; a reload=true replace counts
+too; concurrent requests waiting for one load are one miss), and an eviction an adapter version leaving its slot
+(to make room, UnloadAdapter, or the old version a reload replaced, once its last request ended); load seconds
+are observed per load. adapters{tier}: device = in slots, host = in host memory, disk = store folders in neither.
 
 `adapter` label values stay bounded by the adapters the server knows:
   <id>          an id that is loaded or a folder in the store
@@ -39,7 +40,10 @@ Names need not match, types and semantics must; the EPP picks them by name (flag
 vLLM's names as defaults. So the queue and running gauges and lora_requests_info are exposed under our names and
 again under vLLM's (`vllm:num_requests_waiting`, `vllm:num_requests_running`, `vllm:lora_requests_info`), and an
 EPP with default settings reads them. lora_requests_info has exactly one series, valued at the scrape's unix time.
-Not exposed: KV-cache utilization (the generator's cache grows with its batch; there is no fixed pool to fill).
+KV-cache utilization: the generator's cache has no fixed pool to fill (it grows with its batch); what fills up is
+the batch's rows, past which requests queue. So `adalora_batch_rows_used_ratio` (running requests / max batch
+rows, 0..1) is also exported as `vllm:gpu_cache_usage_perc`, the EPP's default KV-cache metric: 1.0 means a new
+request will wait, as with a full KV cache.
 """
 
 from __future__ import annotations
@@ -102,12 +106,14 @@ def joined(requests: list[frozenset[str]]) -> str:
 class Metrics:
     """The server's metrics and the small recording API the servicer and the Backend call."""
 
-    def __init__(self, max_slots: int) -> None:
+    def __init__(self, max_slots: int, max_batch_size: int | None = None) -> None:
         self.registry = CollectorRegistry()
-        self.max_slots = max_slots
+        self.max_slots, self.max_batch_size = max_slots, max_batch_size
         self.inflight = InFlight()
         self.loaded: frozenset[str] = frozenset()
         """Ids in slots, replaced whole by adapters_changed (scrapes read it from another thread)."""
+        self.host: frozenset[str] = frozenset()
+        """Ids in host memory, off the device."""
         self.device_bytes = 0
         self._store: AdapterStore | None = None
         r = self.registry
@@ -127,11 +133,11 @@ class Metrics:
                                         ("adapter",), registry=r)
         self.batch_size = Histogram("adalora_batch_size", "Rows of each decode step", buckets=BATCH_BUCKETS,
                                     registry=r)
-        self.load_seconds = Histogram("adalora_adapter_load_seconds", "LoadAdapter: store read and slot write",
+        self.load_seconds = Histogram("adalora_adapter_load_seconds", "Adapter loads onto the device: read (disk or host memory), validation and slot write",
                                       buckets=LOAD_BUCKETS, registry=r)
-        self.cache_hits = Counter("adalora_adapter_cache_hits", "LoadAdapter for the version already loaded",
+        self.cache_hits = Counter("adalora_adapter_cache_hits", "Adapters a request found on the device",
                                   registry=r)
-        self.cache_misses = Counter("adalora_adapter_cache_misses", "LoadAdapter that loaded an adapter", registry=r)
+        self.cache_misses = Counter("adalora_adapter_cache_misses", "Adapter loads onto the device", registry=r)
         self.evictions = Counter("adalora_adapter_evictions", "Adapter versions that left their slot (unload or "
                                  "replaced by a reload)", registry=r)
         r.register(LiveCollector(self))
@@ -173,15 +179,15 @@ class Metrics:
             self.prompt_tokens.labels(label).inc(result.prompt_tokens)
             self.generated_tokens.labels(label).inc(result.completion_tokens)
 
-    def adapters_changed(self, loaded: Iterable[str], device_bytes: int) -> None:
-        """The loaded ids and the bytes their slots hold, after a load or unload."""
-        self.loaded, self.device_bytes = frozenset(loaded), device_bytes
+    def adapters_changed(self, device: Iterable[str], host: Iterable[str], device_bytes: int) -> None:
+        """The ids on the device and in host memory, and the bytes the device slots hold, after any move."""
+        self.loaded, self.host, self.device_bytes = frozenset(device), frozenset(host), device_bytes
 
     def disk_adapters(self) -> float:
         if self._store is None:
             return 0
         try:
-            return len(set(self._store.ids()) - self.loaded)
+            return len(set(self._store.ids()) - self.loaded - self.host)
         except OSError:  # the store folder went away: unknown, not 0
             return math.nan
 
@@ -204,14 +210,18 @@ class LiveCollector:
             yield gauge(name, "Generation requests waiting for a batch row", len(waiting))
         for name in ("adalora_running_requests", "vllm:num_requests_running"):
             yield gauge(name, "Generation requests in the batch", len(running))
+        if m.max_batch_size:
+            for name in ("adalora_batch_rows_used_ratio", "vllm:gpu_cache_usage_perc"):
+                yield gauge(name, "Running requests / batch rows (1 = new requests wait; the KV-cache "
+                            "utilization signal)", len(running) / m.max_batch_size)
         for name in ("lora_requests_info", "vllm:lora_requests_info"):
             info = GaugeMetricFamily(name, "Adapters with running / waiting requests; value: unix time of this "
                                      "state", labels=("running_lora_adapters", "waiting_lora_adapters", "max_lora"))
             info.add_metric((joined(running), joined(waiting), str(m.max_slots)), time.time())
             yield info
         tiers = GaugeMetricFamily("adalora_adapters", "Adapters by tier: device = loaded in slots, host = in host "
-                                  "memory (none yet), disk = in the store only", labels=("tier",))
-        for tier, count in (("device", len(m.loaded)), ("host", 0), ("disk", m.disk_adapters())):
+                                  "memory, disk = in the store only", labels=("tier",))
+        for tier, count in (("device", len(m.loaded)), ("host", len(m.host)), ("disk", m.disk_adapters())):
             tiers.add_metric((tier,), count)
         yield tiers
         yield gauge("adalora_adapter_device_bytes", "Bytes of adapter factors and heads in slots", m.device_bytes)

@@ -139,7 +139,8 @@ class AdaLoraServicer(pb_grpc.AdaLoraServicer):
     @unary
     async def LoadAdapter(self, request, context):
         check_admin(self.config, context, "LoadAdapter")
-        view, already, ms = await self._ready().load_adapter(request.id, reload=request.reload)
+        view, already, ms = await self._ready().load_adapter(request.id, reload=request.reload,
+                                                                  pin=request.pin)
         return pb.LoadAdapterResponse(adapter=convert.adapter_to_pb(view), already_loaded=already, load_ms=ms)
 
     @unary

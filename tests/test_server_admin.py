@@ -1,5 +1,6 @@
-"""Adapter lifecycle over gRPC (load from the store, idempotent reload, replace, unload, describe) with the status
-code of every refusal, and health transitions (NOT_SERVING until the base model is attached, and on drain)."""
+"""Adapter lifecycle over gRPC (load from the store, idempotent reload, replace, LRU eviction and pinning, unload,
+describe) with the status code of every refusal, and health transitions (NOT_SERVING until the base model is
+attached, and on drain)."""
 
 import threading
 import time
@@ -35,7 +36,7 @@ def setup(tmp_path):
     return config, base, adapters
 
 
-def test_load_is_idempotent_replace_needs_reload_and_slots_run_out(setup):
+def test_load_is_idempotent_replace_needs_reload_lru_evicts_and_pins_hold(setup):
     config, base, adapters = setup
     server = ServerThread(config)
     try:
@@ -55,10 +56,15 @@ def test_load_is_idempotent_replace_needs_reload_and_slots_run_out(setup):
         assert client.generate([5, 6, 7], "a", max_new_tokens=6, temperature=0).token_ids == \
             client.generate([5, 6, 7], "c", max_new_tokens=6, temperature=0).token_ids != before
 
-        code, details = status_of(lambda: client.load_adapter("b"))
-        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "unload one" in details
+        assert client.load_adapter("b").adapter.id == "b"  # 2 slots: 'a' (least recently used) makes room
+        tiers = {a.id: a.residency for a in client.list_adapters().adapters}
+        assert tiers == {"b": pb.RESIDENCY_DEVICE, "c": pb.RESIDENCY_DEVICE, "a": pb.RESIDENCY_HOST}
+        assert client.load_adapter("b", pin=True).already_loaded and client.get_adapter("b").pinned
+        client.load_adapter("c", pin=True)
+        code, details = status_of(lambda: client.load_adapter("a"))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "pinned" in details and "unload one" in details
         assert client.unload_adapter("c").freed_bytes > 0
-        assert client.load_adapter("b").adapter.id == "b"
+        assert client.load_adapter("a").adapter.residency == pb.RESIDENCY_DEVICE
     finally:
         server.stop()
 
@@ -85,21 +91,26 @@ def test_refused_loads_change_nothing(setup):
         server.stop()
 
 
-def test_unload_refused_while_requests_are_in_flight(setup):
+def test_unload_while_requests_are_in_flight_lets_them_finish_on_it(setup):
     config, *_ = setup
     server = ServerThread(config)
     try:
         server.client.load_adapter("a")
+        want = server.client.generate([5, 6], "a", max_new_tokens=20, temperature=0).token_ids
+        residency = server.backend.residency
         with server.backend.lock:  # no engine step can run: the request stays in flight
             stream = server.client.generate_stream([5, 6], "a", max_new_tokens=20, temperature=0)
             deadline = time.monotonic() + 10
-            while "a" not in server.backend.inflight and time.monotonic() < deadline:
+            while residency.device["a"].users == 0 and time.monotonic() < deadline:
                 time.sleep(0.01)
-            code, details = status_of(lambda: server.client.unload_adapter("a"))
-        assert code == grpc.StatusCode.FAILED_PRECONDITION and "in flight" in details
-        assert list(stream)[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
-        server.client.unload_adapter("a")
-        assert server.client.list_adapters().adapters == []
+            assert server.client.unload_adapter("a").freed_bytes > 0
+            assert server.client.list_adapters().adapters == []  # no new request gets it
+        got = [t for m in stream for t in m.token_ids]
+        assert got == list(want)
+        deadline = time.monotonic() + 10
+        while server.backend.engine.slots.loaded() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.backend.engine.slots.loaded() == {} and not residency.retired  # freed once it finished
     finally:
         server.stop()
 
@@ -115,7 +126,8 @@ def test_describe_and_list(setup):
         assert info.sha256 == tensors_sha256(to_tensors(adapter)) and len(info.version) == 64
         assert (info.format, info.task_type, info.num_params, info.init_r) == \
             ("native", "causal-lm", adapter.num_params(), adapter.init_r)
-        assert info.device_bytes == server.backend.engine.nbytes("b") > 0
+        resident = server.backend.residency.device["b"]
+        assert info.device_bytes == server.backend.engine.nbytes(resident.key) == resident.device_bytes > 0
         on_disk = server.client.get_adapter("c")
         assert on_disk.residency == pb.RESIDENCY_DISK and on_disk.device_bytes == 0 and on_disk.sha256
         listing = server.client.list_adapters(include_store=True)

@@ -64,7 +64,7 @@ def test_encoder_refusals(setup):
              (lambda: server.client.classify(["w5", [3, 4]], "sent"), grpc.StatusCode.INVALID_ARGUMENT, "mix texts"),
              (lambda: server.client.classify([list(range(5, 70))], "sent"), grpc.StatusCode.INVALID_ARGUMENT,
               "more than 64"),
-             (lambda: server.client.classify(TEXTS, "nope"), grpc.StatusCode.NOT_FOUND, "'nope' is not loaded"),
+             (lambda: server.client.classify(TEXTS, "nope"), grpc.StatusCode.NOT_FOUND, "'nope' is not in the store"),
              (lambda: server.client.generate("w5", "sent"), grpc.StatusCode.FAILED_PRECONDITION, "causal-lm base")]
     for call, code, fragment in cases:
         got, details = status_of(call)
@@ -76,7 +76,7 @@ def test_classify_cli_prints_one_label_per_text(setup, capsys):
     assert main(["classify", "--server", server.target, "--adapter", "topic", *TEXTS]) == 0
     assert capsys.readouterr().out.split() == [c.label for c in runner.classify(TEXTS, ["topic"] * 3)]
     assert main(["classify", "--server", server.target, "--adapter", "nope", "w5"]) == 2
-    assert "NOT_FOUND: adapter 'nope' is not loaded" in capsys.readouterr().err
+    assert "NOT_FOUND: adapter 'nope' is not in the store" in capsys.readouterr().err
 
 
 def test_generate_cli_prints_only_the_text(tmp_path, capsys):

@@ -97,7 +97,7 @@ BAD = [  # (request kwargs, status, a fragment of the message)
     ({"prompt": list(range(5, 26)), "adapter": "ad-0"}, grpc.StatusCode.INVALID_ARGUMENT, "limit of 20"),
     ({"prompt": [1, 2], "adapter": "../etc"}, grpc.StatusCode.INVALID_ARGUMENT, "must match"),
     ({"prompt": [1, 2], "adapter": {"ad-0": float("nan")}}, grpc.StatusCode.INVALID_ARGUMENT, "finite"),
-    ({"prompt": [1, 2], "adapter": "nope"}, grpc.StatusCode.NOT_FOUND, "'nope' is not loaded"),
+    ({"prompt": [1, 2], "adapter": "nope"}, grpc.StatusCode.NOT_FOUND, "'nope' is not in the store"),
     ({"prompt": [1, 2], "adapter": {"ad-0": 1.0, "gone": 0.5}}, grpc.StatusCode.NOT_FOUND, "'gone'"),
 ]
 

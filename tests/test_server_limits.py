@@ -63,7 +63,7 @@ def until(condition, timeout: float = 30) -> bool:
 
 
 def idle(server) -> bool:
-    return until(lambda: not server.backend.serial.has_work() and not server.backend.inflight)
+    return until(lambda: not server.backend.serial.has_work() and not server.backend.residency.in_use())
 
 
 # ---- bounded admission ---------------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ def test_a_cancelled_stream_frees_its_row_within_a_step_and_the_other_request_is
         assert 1 in after[:after.count(2) + 1] and reply.finish_reason == pb.FINISH_REASON_LENGTH
         assert list(reply.token_ids) == reference(setup, *OTHER).token_ids
         assert idle(server)
-        assert server.backend.inflight == {} and server.server.metrics.inflight.snapshot() == ([], [])
+        assert server.backend.residency.in_use() == {} and server.server.metrics.inflight.snapshot() == ([], [])
     finally:
         serial.on_decode = observe
 

@@ -85,7 +85,7 @@ CALLS = [  # (rpc, prompt ids, adapter, max_new_tokens, status, the adapter labe
     ("GenerateStream", [30], {"a": 0.5, "b": 0.7}, 5, OK, "__mix__"),
     ("Generate", [8], "a", 1, OK, "a"),  # one token: no time-per-output-token sample
     ("Generate", [5, 6], "nope", 4, NOT_FOUND, "__unknown__"),
-    ("GenerateStream", [5, 6], "c", 4, NOT_FOUND, "c"),  # in the store, not loaded: its own id
+    ("GenerateStream", [5, 6], "c", 4, OK, "c"),  # in the store, not loaded: loaded on demand
     ("Generate", [5, 64], "a", 4, INVALID, "a"),  # token id out of the vocabulary
     ("Generate", [5, 6], {"a": 1.0, "zzz": 1.0}, 4, NOT_FOUND, "__mix__"),
 ]
@@ -138,17 +138,21 @@ def test_counts_equal_the_replies(setup):
     assert samples[("adalora_batch_size_sum", ())] == sum(len(tokens) - 1 for _, tokens in ok)
     assert samples[("adalora_batch_size_bucket", (("le", f"{float(MAX_BATCH)}"),))] == steps > 0
 
-    assert by(samples, "adalora_adapters", "tier") == {"device": 2, "host": 0, "disk": 1}
-    engine = server.backend.engine
-    assert samples[("adalora_adapter_device_bytes", ())] == engine.nbytes("a") + engine.nbytes("b") == \
-        factor_bytes(adapters["a"]) + factor_bytes(adapters["b"]) > 0
+    assert by(samples, "adalora_adapters", "tier") == {"device": 3, "host": 0, "disk": 0}
+    engine, residents = server.backend.engine, server.backend.residency.residents()
+    assert samples[("adalora_adapter_device_bytes", ())] == sum(engine.nbytes(r.key) for r in residents) == \
+        sum(factor_bytes(adapters[i]) for i in "abc") > 0
+    # 'c' loaded once (a miss); every other adapter a request named was on the device (a hit each: 'a' x4 with
+    # the out-of-vocabulary one, which is refused after its adapters are held; 'b' x2; the mix a+b x2)
+    assert (samples[("adalora_adapter_cache_hits_total", ())], samples[("adalora_adapter_cache_misses_total", ())],
+            samples[("adalora_adapter_load_seconds_count", ())]) == (8, 1, 1)
 
     for name in ("lora_requests_info", "vllm:lora_requests_info"):
         (labels, value), = series(samples, name).items()
         assert dict(labels) == {"running_lora_adapters": "", "waiting_lora_adapters": "", "max_lora": str(MAX_SLOTS)}
         assert started <= value <= time.time()
     for name in ("adalora_queue_depth", "adalora_running_requests", "vllm:num_requests_waiting",
-                 "vllm:num_requests_running"):
+                 "vllm:num_requests_running", "adalora_batch_rows_used_ratio", "vllm:gpu_cache_usage_perc"):
         assert samples[(name, ())] == 0, name
 
 
@@ -184,6 +188,8 @@ def test_live_gauges_while_a_request_runs_and_another_waits(setup):
     assert dict(labels) == {"running_lora_adapters": "a", "waiting_lora_adapters": "b", "max_lora": str(MAX_SLOTS)}
     assert series(samples, "vllm:lora_requests_info").keys() == series(samples, "lora_requests_info").keys()
     assert (samples[("adalora_queue_depth", ())], samples[("adalora_running_requests", ())]) == (1, 1)
+    assert samples[("adalora_batch_rows_used_ratio", ())] == samples[("vllm:gpu_cache_usage_perc", ())] == \
+        1 / MAX_BATCH
     assert (samples[("vllm:num_requests_waiting", ())], samples[("vllm:num_requests_running", ())]) == (1, 1)
     after = scrape(server)
     assert dict(next(iter(series(after, "lora_requests_info")))) == {

@@ -67,6 +67,14 @@ class AdapterEngine:
         """The loaded adapter's classification head on the model's device, or None when it has none."""
         return self.heads.get(self.slots.slot(adapter_id))
 
+    def footprint(self, adapter: Adapter) -> int:
+        """Device bytes `adapter` will hold once loaded (nbytes after load): its folded factors at the kept ranks
+        of the served layers it adapts, plus its head, all in the slots' dtype. Raises nothing: check first."""
+        itemsize = self.heads.dtype.itemsize
+        factors = sum(layer.rank * (self.slots.banks[path].in_features + self.slots.banks[path].out_features)
+                      for path, layer in adapter.layers.items() if path in self.slots.banks)
+        return (factors + sum(t.numel() for t in adapter.head.values())) * itemsize
+
     def nbytes(self, adapter_id: str) -> int:
         """Device bytes the adapter holds: its factors in every layer plus its head."""
         return self.slots.nbytes(adapter_id) + self.heads.nbytes(self.slots.slot(adapter_id))

@@ -24,7 +24,7 @@ DEFAULTS = ServerConfig(base_model="", adapter_dir="")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", required=True, help="base model folder (config.json, safetensors, tokenizer)")
     p.add_argument("--adapter-dir", required=True, help="adapter store: one folder per adapter id (native or PEFT)")
-    p.add_argument("--preload", nargs="*", default=[], metavar="ID", help="adapter ids loaded before SERVING")
+    p.add_argument("--preload", nargs="*", default=[], metavar="ID", help="adapter ids loaded (and pinned: never evicted) before SERVING")
     p.add_argument("--host", default=DEFAULTS.host,
                    help=f"address to listen on (default {DEFAULTS.host}); gRPC is plaintext unless --tls-cert is "
                         f"given, /metrics is always plain HTTP")
@@ -47,7 +47,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--admin-client-name", action="append", default=[], metavar="NAME",
                    help="client certificate common name or SAN DNS name allowed to call the admin RPCs without "
                         "the token (repeatable); needs --tls-client-ca")
-    p.add_argument("--max-slots", type=int, default=DEFAULTS.max_slots, help="adapters loaded at once")
+    p.add_argument("--max-slots", type=int, default=DEFAULTS.max_slots,
+                   help=f"adapters on the device at once; a request for another loads it on demand, evicting the "
+                        f"least recently used unpinned idle one (default {DEFAULTS.max_slots})")
+    p.add_argument("--max-device-bytes", type=int, default=DEFAULTS.max_device_bytes,
+                   help="byte budget of adapter factors and heads on the device (default: --max-slots only)")
+    p.add_argument("--max-host-bytes", type=int, default=DEFAULTS.max_host_bytes,
+                   help=f"bytes of evicted adapters kept in host memory so reloading skips the disk "
+                        f"(default {DEFAULTS.max_host_bytes}; 0 = none)")
     p.add_argument("--max-prompt-tokens", type=int, default=DEFAULTS.max_prompt_tokens, help="longest prompt accepted")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens,
                    help="cap on a request's max_new_tokens")
@@ -69,6 +76,7 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(base_model=args.base_model, adapter_dir=args.adapter_dir, preload=tuple(args.preload),
                         host=args.host, port=args.port, device=args.device, dtype=args.dtype,
                         max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_slots=args.max_slots,
+                        max_device_bytes=args.max_device_bytes, max_host_bytes=args.max_host_bytes,
                         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                         default_max_new_tokens=min(DEFAULTS.default_max_new_tokens, args.max_new_tokens),
                         grace_s=args.grace, metrics_port=args.metrics_port, ready_file=args.ready_file,

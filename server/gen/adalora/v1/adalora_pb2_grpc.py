@@ -116,15 +116,17 @@ class AdaLoraServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LoadAdapter(self, request, context):
-        """Loads an adapter from the server's adapter store (--adapter-dir/<id>/) into a device slot. Loading the
-        version already loaded is a no-op that succeeds (already_loaded = true).
+        """Loads an adapter from the server's adapter store (--adapter-dir/<id>/) into a device slot ahead of traffic
+        (requests load a stored adapter on demand too; this one can also pin it). Loading the version already
+        loaded is a no-op that succeeds (already_loaded = true).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UnloadAdapter(self, request, context):
-        """Frees a loaded adapter's slot; refused (FAILED_PRECONDITION) while requests for it are in flight.
+        """Takes an adapter off the device and out of host memory: its slot is freed at once, or when the requests
+        already running with it end (they finish on it). A later request for it loads it again from the store.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
