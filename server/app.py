@@ -90,6 +90,9 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
     pb_grpc.add_AdaLoraServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if config.reflection:
+        from grpc_reflection.v1alpha import reflection
+        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{config.host}:{config.port}"
     credentials = tls.server_credentials(config)
     try:

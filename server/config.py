@@ -64,6 +64,8 @@ class ServerConfig:
     metrics_port: int | None = None
     """Port of the Prometheus /metrics endpoint on `host`; None = no endpoint, 0 = any free port (the Server
     reports the one bound)."""
+    reflection: bool = False
+    """Also serve gRPC server reflection (grpc.reflection.v1alpha) for tools such as grpcurl."""
     ready_file: str | None = None
     """`adalora serve` only: once health turns SERVING, this file is written atomically with JSON {"host", "port",
     "metrics_port", "pid"} (the bound ports, so whoever started it with port 0 learns them), and it is removed

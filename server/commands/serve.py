@@ -19,11 +19,21 @@ USER_ERRORS = (StoreError, InteropError, OSError, EngineError)
 """Printed without a traceback, exit 2; EngineError: a --preload id that is malformed, not in the store or for
 another base."""
 DEFAULTS = ServerConfig(base_model="", adapter_dir="")
+DEFAULT_BASE = "smollm2-135m"
+"""--base-model default: this prepared model (`adalora prepare`, which `make demo` runs)."""
+DEFAULT_ADAPTER_DIR = "adapters"
+"""--adapter-dir default, relative to the working directory; created empty when missing (only this default)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base-model", required=True, help="base model folder (config.json, safetensors, tokenizer)")
-    p.add_argument("--adapter-dir", required=True, help="adapter store: one folder per adapter id (native or PEFT)")
+    p.add_argument("--base-model", default=None,
+                   help=f"base model folder (config.json, safetensors, tokenizer); default: the prepared "
+                        f"{DEFAULT_BASE} (`adalora prepare`)")
+    p.add_argument("--adapter-dir", default=None,
+                   help=f"adapter store: one folder per adapter id (native or PEFT); default: ./{DEFAULT_ADAPTER_DIR} "
+                        f"(created when missing)")
+    p.add_argument("--reflection", action="store_true",
+                   help="also serve gRPC server reflection (grpc.reflection.v1alpha), for grpcurl and the like")
     p.add_argument("--preload", nargs="*", default=[], metavar="ID", help="adapter ids loaded (and pinned: never evicted) before SERVING")
     p.add_argument("--host", default=DEFAULTS.host,
                    help=f"address to listen on (default {DEFAULTS.host}); gRPC is plaintext unless --tls-cert is "
@@ -72,8 +82,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         'removed on shutdown): how a parent that passed --port 0 learns the ports')
 
 
+def default_paths(args: argparse.Namespace) -> tuple[str, str]:
+    """(base model folder, adapter store) from the flags, or the defaults: the prepared SmolLM2 (FileNotFoundError
+    says to run `adalora prepare` when it is not) and ./adapters, created when missing."""
+    base = args.base_model
+    if base is None:
+        from adalora_runtime.assets import model_path
+        base = str(model_path(DEFAULT_BASE))
+    store = args.adapter_dir
+    if store is None:
+        os.makedirs(DEFAULT_ADAPTER_DIR, exist_ok=True)
+        store = DEFAULT_ADAPTER_DIR
+    return base, store
+
+
 def config_from(args: argparse.Namespace) -> ServerConfig:
-    return ServerConfig(base_model=args.base_model, adapter_dir=args.adapter_dir, preload=tuple(args.preload),
+    base, store = default_paths(args)
+    return ServerConfig(base_model=base, adapter_dir=store, preload=tuple(args.preload), reflection=args.reflection,
                         host=args.host, port=args.port, device=args.device, dtype=args.dtype,
                         max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_slots=args.max_slots,
                         max_device_bytes=args.max_device_bytes, max_host_bytes=args.max_host_bytes,

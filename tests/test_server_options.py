@@ -1,0 +1,58 @@
+"""`adalora serve` options: gRPC server reflection behind --reflection (listed services read back over the wire
+with grpc_reflection's own client), and the defaults of --base-model (the prepared SmolLM2) and --adapter-dir
+(./adapters, created)."""
+
+import argparse
+
+import grpc
+import pytest
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from adalora_runtime.assets import NotPreparedError
+from server.commands import serve as serve_command
+from server.config import ServerConfig
+from tests.server_setup import ServerThread, word_tokenizer, write_base
+from tests.test_engine_generate import varied_llama
+
+SERVICES = {"adalora.v1.AdaLora", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+
+
+@pytest.mark.parametrize("reflection", [True, False])
+def test_reflection_lists_the_services_only_when_asked(tmp_path, reflection):
+    base = write_base(varied_llama(), tmp_path / "base", word_tokenizer())
+    (tmp_path / "adapters").mkdir()
+    server = ServerThread(ServerConfig(base_model=str(base), adapter_dir=str(tmp_path / "adapters"), port=0,
+                                       reflection=reflection))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            database = ProtoReflectionDescriptorDatabase(channel)
+            if reflection:
+                assert set(database.get_services()) == SERVICES
+                service = DescriptorPool(database).FindServiceByName("adalora.v1.AdaLora")
+                assert {"Generate", "GenerateStream", "LoadAdapter", "UploadAdapter"} <= {m.name for m in service.methods}
+            else:
+                with pytest.raises(grpc.RpcError) as refused:
+                    database.get_services()
+                assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        server.stop()
+
+
+def parse(*flags: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    serve_command.add_arguments(parser)
+    return parser.parse_args(list(flags))
+
+
+def test_default_adapter_dir_is_created_and_the_default_base_must_be_prepared(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ADALORA_CACHE", str(tmp_path / "empty-cache"))
+    config = serve_command.config_from(parse("--base-model", "some/model"))
+    assert config.adapter_dir == "adapters" and (tmp_path / "adapters").is_dir()
+    assert config.base_model == "some/model" and not config.reflection
+    with pytest.raises(NotPreparedError, match="adalora prepare"):
+        serve_command.config_from(parse())
+    assert serve_command.config_from(parse("--base-model", "m", "--adapter-dir", "elsewhere")).adapter_dir == \
+        "elsewhere" and not (tmp_path / "elsewhere").exists()
+    assert serve_command.config_from(parse("--base-model", "m", "--reflection")).reflection
