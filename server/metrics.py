@@ -133,7 +133,8 @@ class Metrics:
                                         ("adapter",), registry=r)
         self.batch_size = Histogram("adalora_batch_size", "Rows of each decode step", buckets=BATCH_BUCKETS,
                                     registry=r)
-        self.load_seconds = Histogram("adalora_adapter_load_seconds", "Adapter loads onto the device: read (disk or host memory), validation and slot write",
+        self.load_seconds = Histogram("adalora_adapter_load_seconds", "Adapter loads onto the device: read (disk "
+                                      "or host memory), validation and slot write",
                                       buckets=LOAD_BUCKETS, registry=r)
         self.cache_hits = Counter("adalora_adapter_cache_hits", "Adapters a request found on the device",
                                   registry=r)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -48,6 +49,16 @@ def write_store(folder: Path, adapters: dict) -> Path:
         else:
             save_adapter(adapter, folder / adapter_id)
     return folder
+
+
+def until(condition, timeout: float = 30) -> bool:
+    """Poll `condition()` every 5 ms until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def reference_engine(base, adapters: dict, max_slots: int = 16) -> AdapterEngine:

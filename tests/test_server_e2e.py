@@ -43,7 +43,7 @@ from server.commands import serve as serve_command
 from server.config import ServerConfig
 from server.gen.adalora.v1 import adalora_pb2 as pb
 from tests.conftest import tiny_llama_config
-from tests.server_setup import reference_engine, status_of, word_tokenizer, write_base, write_store
+from tests.server_setup import reference_engine, status_of, until, word_tokenizer, write_base, write_store
 from tests.test_engine_generate import varied_llama
 from tests.test_merge import random_adapter
 
@@ -268,14 +268,6 @@ def shows_server_logs(test):
             raise
     return wrapper
 
-
-def until(condition, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 # ---- health and the ready file ---------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from server.client import AdaLoraClient, generate_request
 from server.commands import serve
 from server.config import ServerConfig
 from server.gen.adalora.v1 import adalora_pb2 as pb
-from tests.server_setup import ServerThread, reference_engine, status_of, word_tokenizer, write_base, write_store
+from tests.server_setup import (ServerThread, reference_engine, status_of, until, word_tokenizer, write_base,
+                                write_store)
 from tests.test_engine_generate import varied_llama
 from tests.test_merge import random_adapter
 
@@ -52,14 +53,6 @@ def reference(setup, prompt, adapter, n):
         generator.step()
     return handle.result
 
-
-def until(condition, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def idle(server) -> bool:

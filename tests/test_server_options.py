@@ -30,7 +30,8 @@ def test_reflection_lists_the_services_only_when_asked(tmp_path, reflection):
             if reflection:
                 assert set(database.get_services()) == SERVICES
                 service = DescriptorPool(database).FindServiceByName("adalora.v1.AdaLora")
-                assert {"Generate", "GenerateStream", "LoadAdapter", "UploadAdapter"} <= {m.name for m in service.methods}
+                names = {m.name for m in service.methods}
+                assert {"Generate", "GenerateStream", "LoadAdapter", "UploadAdapter"} <= names
             else:
                 with pytest.raises(grpc.RpcError) as refused:
                     database.get_services()

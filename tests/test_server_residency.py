@@ -13,11 +13,13 @@ import pytest
 
 from adalora_runtime.adapter_file import save_adapter
 from adalora_runtime.config import ConfigError
-from adalora_runtime.engine import AdapterEngine, EngineConfig, GenerationRequest, Generator, GeneratorConfig, SamplingParams
+from adalora_runtime.engine import (AdapterEngine, EngineConfig, GenerationRequest, Generator, GeneratorConfig,
+                                    SamplingParams)
 from server.client import generate_request
 from server.config import ServerConfig
 from server.gen.adalora.v1 import adalora_pb2 as pb
-from tests.server_setup import ServerThread, reference_engine, status_of, word_tokenizer, write_base, write_store
+from tests.server_setup import (ServerThread, reference_engine, status_of, until, word_tokenizer, write_base,
+                                write_store)
 from tests.test_engine_generate import varied_llama
 from tests.test_merge import random_adapter
 
@@ -72,14 +74,6 @@ def ask(server: ServerThread, adapter, timeout: float = 60) -> list[int]:
 def tiers(server: ServerThread) -> dict[str, int]:
     return {a.id: a.residency for a in server.client.list_adapters().adapters}
 
-
-def until(condition, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 # ---- the engine's byte estimate ------------------------------------------------------------------------------

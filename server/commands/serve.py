@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(created when missing)")
     p.add_argument("--reflection", action="store_true",
                    help="also serve gRPC server reflection (grpc.reflection.v1alpha), for grpcurl and the like")
-    p.add_argument("--preload", nargs="*", default=[], metavar="ID", help="adapter ids loaded (and pinned: never evicted) before SERVING")
+    p.add_argument("--preload", nargs="*", default=[], metavar="ID",
+                   help="adapter ids loaded (and pinned: never evicted) before SERVING")
     p.add_argument("--host", default=DEFAULTS.host,
                    help=f"address to listen on (default {DEFAULTS.host}); gRPC is plaintext unless --tls-cert is "
                         f"given, /metrics is always plain HTTP")
