@@ -25,6 +25,7 @@ from server import tls
 from server.backend import Backend
 from server.config import ServerConfig
 from server.gen.adalora.v1 import adalora_pb2 as pb
+from server.health import DrainingHealth
 from server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc
 from server.metrics import Metrics, MetricsEndpoint
 from server.servicer import AdaLoraServicer
@@ -88,7 +89,7 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
     metrics = Metrics(config.max_slots, config.max_batch_size)
     servicer = AdaLoraServicer(config, metrics)
     pb_grpc.add_AdaLoraServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = DrainingHealth()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
         from grpc_reflection.v1alpha import reflection

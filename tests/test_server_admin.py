@@ -161,6 +161,29 @@ def test_health_not_serving_until_attached_and_on_drain(setup):
     assert statuses[:1] == [health_pb2.HealthCheckResponse.NOT_SERVING]
 
 
+def test_an_open_health_watch_does_not_hold_the_drain(setup):
+    config, *_ = setup
+    server = ServerThread(config)
+    watch = server.client.health_stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    seen, ended = [], []
+
+    def read():
+        try:
+            seen.extend(m.status for m in watch)
+            ended.append("OK")
+        except grpc.RpcError as e:
+            ended.append(e.code().name)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    started = time.monotonic()
+    server.stop(grace=30)  # nothing else in flight: the drain ends once the watch has been told
+    assert time.monotonic() - started < 10
+    reader.join(10)
+    assert seen == [health_pb2.HealthCheckResponse.NOT_SERVING] and ended == ["OK"]
+
+
 def _until_closed(stream):
     try:
         yield from stream
