@@ -14,8 +14,11 @@ import json
 import logging
 import os
 import signal
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,12 +28,13 @@ from server import tls
 from server.backend import Backend
 from server.config import ServerConfig
 from server.gen.adalora.v1 import adalora_pb2 as pb
-from server.health import DrainingHealth
 from server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc
+from server.health import DrainingHealth
 from server.metrics import Metrics, MetricsEndpoint
 from server.servicer import AdaLoraServicer
 
 log = logging.getLogger("adalora.server")
+T = TypeVar("T")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["AdaLora"].full_name
 """'adalora.v1.AdaLora': the health service reports it and '' (the whole server) alike."""
@@ -108,6 +112,35 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
     return wrapped, port
 
 
+def in_daemon_thread(fn: Callable[..., T], *args) -> asyncio.Future[T]:
+    """fn(*args) on a daemon thread, as a future of the running loop. Unlike asyncio.to_thread, whose executor
+    asyncio.run waits for at exit, a process told to stop while fn still runs (SIGTERM while the base model
+    loads) exits at once; the thread dies with it."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():  # the waiter gave up
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def run() -> None:
+        try:
+            outcome = (fn(*args), None)
+        except BaseException as error:  # noqa: BLE001 - handed to the awaiting side
+            outcome = (None, error)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    threading.Thread(target=run, name=f"adalora-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    return future
+
+
 def write_ready_file(path: str, host: str, port: int, metrics_port: int | None) -> None:
     """Tell the process that started the server where it listens (it may have asked for port 0): JSON
     {"host", "port", "metrics_port", "pid"}, written atomically, so a reader never sees half of it."""
@@ -130,7 +163,7 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     try:
-        loading = asyncio.ensure_future(asyncio.to_thread(Backend.open, config, server.metrics))
+        loading = in_daemon_thread(Backend.open, config, server.metrics)  # SIGTERM need not wait for it
         await asyncio.wait([loading, asyncio.ensure_future(stopping.wait())], return_when=asyncio.FIRST_COMPLETED)
         if loading.done():
             await server.attach(loading.result())

@@ -3,6 +3,9 @@ with grpc_reflection's own client), and the defaults of --base-model (the prepar
 (./adapters, created)."""
 
 import argparse
+import asyncio
+import threading
+import time
 
 import grpc
 import pytest
@@ -10,6 +13,7 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from adalora_runtime.assets import NotPreparedError
+from server.app import in_daemon_thread
 from server.commands import serve as serve_command
 from server.config import ServerConfig
 from tests.server_setup import ServerThread, word_tokenizer, write_base
@@ -57,3 +61,25 @@ def test_default_adapter_dir_is_created_and_the_default_base_must_be_prepared(tm
     assert serve_command.config_from(parse("--base-model", "m", "--adapter-dir", "elsewhere")).adapter_dir == \
         "elsewhere" and not (tmp_path / "elsewhere").exists()
     assert serve_command.config_from(parse("--base-model", "m", "--reflection")).reflection
+
+
+def test_a_stop_does_not_wait_for_a_base_model_still_loading():
+    """serve() loads the base model through in_daemon_thread: asyncio.run returns while the load still runs
+    (with asyncio.to_thread it would wait for it: 30 s here), and results and errors reach the awaiting side."""
+    gate = threading.Event()
+
+    async def stopped_while_loading():
+        loading = in_daemon_thread(gate.wait, 30)
+        await asyncio.sleep(0.05)
+        return loading.done()
+
+    async def finished():
+        with pytest.raises(ZeroDivisionError):
+            await in_daemon_thread(lambda: 1 / 0)
+        return await in_daemon_thread(sum, [1, 2, 3])
+
+    started = time.monotonic()
+    assert asyncio.run(stopped_while_loading()) is False
+    assert time.monotonic() - started < 5
+    gate.set()
+    assert asyncio.run(finished()) == 6
