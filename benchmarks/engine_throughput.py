@@ -36,6 +36,7 @@ import argparse
 import copy
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -326,14 +327,18 @@ def build(args, device: torch.device, dtype: torch.dtype) -> dict:
     return setup
 
 
-def batch_results(batch: int, setup: dict, repeats: int) -> dict:
+def batch_results(batch: int, setup: dict, repeats: int, only: str | None = None) -> dict:
     runs = configurations(batch, setup)
+    if only is not None:  # always with base, the reference of every ratio
+        runs = {name: run for name, run in runs.items() if name == "base" or re.fullmatch(only, name)}
     stats = {name: summarize(s) for name, s in measure(runs, repeats).items()}
     base = stats["base"]["decode_tok_s"]
     for s in stats.values():
         s["vs_base"] = s["decode_tok_s"] / base
     choices = {}
     for mix in MIXES:
+        if not all(f"ours/{mix}/{s}" in stats for s in STRATEGIES):
+            continue  # --only left some of this mix's strategies out
         rows = [setup["ids"][i] for i in setup["rows"][batch][mix]]
         forced = {s: stats[f"ours/{mix}/{s}"]["decode_tok_s"] for s in STRATEGIES[1:]}
         picked = auto_choice(setup["engine"], rows, 1)
@@ -344,7 +349,7 @@ def batch_results(batch: int, setup: dict, repeats: int) -> dict:
             "auto_vs_fastest": stats[f"ours/{mix}/auto"]["decode_tok_s"] / forced[fastest],
             "distinct": len(set(rows))}
     agree = None
-    if "peft-mixed" in stats:
+    if "peft-mixed" in stats and "ours/distinct/auto" in stats:
         agree = stats["peft-mixed"]["tokens"] == stats["ours/distinct/auto"]["tokens"]
     for s in stats.values():
         del s["tokens"]
@@ -399,6 +404,8 @@ def main() -> None:
     ap.add_argument("--no-peft", action="store_true", help="skip the PEFT configurations")
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 8 16; quick 8 16)")
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens generated per request (default 64; quick 6)")
+    ap.add_argument("--only", default=None, metavar="REGEX",
+                    help="run only the configurations whose name matches (base always runs), e.g. 'ours/distinct/.*'")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -420,7 +427,7 @@ def main() -> None:
         "slot_load_ms": setup["slot_load_ms"], "edge_swap_ms": setup["edge_swap_ms"],
         "adapter_bytes": setup["engine"].nbytes("a0"),
         "peft_adalora_mixed_batch_error": setup.get("peft_adalora_error"),
-        "batches": {b: batch_results(b, setup, args.repeats) for b in args.batches},
+        "only": args.only, "batches": {b: batch_results(b, setup, args.repeats, args.only) for b in args.batches},
     }
     results["seconds"] = time.perf_counter() - started
     print(table(results), "\n")
@@ -428,7 +435,7 @@ def main() -> None:
     print(f"slot load {results['slot_load_ms']:.2f} ms, edge swap {results['edge_swap_ms']:.2f} ms, "
           f"adapter {results['adapter_bytes'] / 2**20:.2f} MiB, mean rank {results['mean_rank']:.1f}")
     print(f"PEFT mixed batch on AdaLoRA adapters: {results['peft_adalora_mixed_batch_error']}")
-    name = f"engine_throughput{'_quick' if args.quick else ''}"
+    name = f"engine_throughput{'_quick' if args.quick else ''}{'_only' if args.only else ''}"
     print(f"wrote {write_json(name, results)} in {results['seconds']:.0f} s")
     plot(results, RESULTS / f"{name}.png")
 

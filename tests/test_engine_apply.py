@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from adalora_runtime.delta import apply_delta
-from adalora_runtime.engine.apply import STRATEGIES, CostModel, Factors, batched_apply, choose_strategy
+from adalora_runtime.engine.apply import (PLANS, STRATEGIES, CostModel, Factors, Routing, batched_apply,
+                                          choose_strategy)
 from adalora_runtime.engine.slots import SlotBank
 
 IN, OUT = 24, 20
@@ -75,6 +76,21 @@ def test_strategies_called_directly_agree(case):
     expected = naive(x, groups, adapters).float()
     for name, fn in STRATEGIES.items():
         torch.testing.assert_close(fn(x.float(), groups, factors), expected, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("strategy", list(PLANS))
+@pytest.mark.parametrize("case", [c for c in CASES if any(CASES[c][1])])
+def test_add_to_adds_the_delta_in_place(case, strategy, dtype):
+    """plan.add_to(y, x), the layers' in-place path, leaves y + the per-token reference in y itself."""
+    x, groups, adapters = make_case(case, seed=2)
+    y0 = torch.randn(x.shape[0], OUT, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y = y0.to(dtype)
+    storage = y.data_ptr()
+    PLANS[strategy](Routing(groups, len(adapters)), folded(adapters, dtype)).add_to(y, x.to(dtype))
+    atol, rtol = TOLERANCES[dtype]
+    assert y.data_ptr() == storage and y.dtype == dtype
+    torch.testing.assert_close(y.double(), y0.to(dtype).double() + naive(x, groups, adapters), atol=atol, rtol=rtol)
 
 
 def test_mixture_route_equals_weighted_sum_of_members():

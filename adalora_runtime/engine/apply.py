@@ -80,12 +80,17 @@ class GroupPlan:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         delta = x.new_zeros(x.shape[0], self.out_features)  # (N, out)
-        for rows, f in self.parts:
-            if rows is None:
-                return (x @ f.A.T) @ f.B.T  # the only group: no gather
-            h = x.index_select(0, rows) @ f.A.T  # (n_g, r_g)
-            delta.index_add_(0, rows, h @ f.B.T)  # (n_g, out)
+        self.add_to(delta, x)
         return delta
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> None:
+        """y (N, out) += delta, in place (x, y and the factors in one dtype)."""
+        for rows, f in self.parts:
+            if rows is None:  # the only group: no gather
+                y.addmm_(x @ f.A.T, f.B.T)
+            else:
+                h = x.index_select(0, rows) @ f.A.T  # (n_g, r_g)
+                y.index_add_(0, rows, h @ f.B.T)  # (n_g, out)
 
 
 class PackedPlan:
@@ -104,6 +109,10 @@ class PackedPlan:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         h = (x @ self.A.T) * self.keep.to(x.dtype)  # (N, R)
         return h @ self.B.T  # (N, out)
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> None:
+        """y (N, out) += delta, in place (x, y and the factors in one dtype): no delta tensor, one op fewer."""
+        y.addmm_(torch.mm(x, self.A.T).mul_(self.keep), self.B.T)
 
 
 class PaddedPlan:
@@ -129,6 +138,10 @@ class PaddedPlan:
         A, B = self.A.to(x.dtype), self.B.to(x.dtype)
         h = torch.bmm(A[self.index], x[:, :, None])  # (N, r_max, in) @ (N, in, 1) -> (N, r_max, 1)
         return torch.bmm(B[self.index], h).squeeze(2)  # (N, out, r_max) @ (N, r_max, 1) -> (N, out)
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> None:
+        """y (N, out) += delta, in place."""
+        y.add_(self(x))
 
 
 Plan = GroupPlan | PackedPlan | PaddedPlan

@@ -99,6 +99,9 @@ class MultiAdapterLinear(nn.Module):
         plan = context.plan(self.bank)
         if plan is None:
             return y
+        if x.dtype == y.dtype == self.bank.dtype and y.is_contiguous():
+            plan.add_to(y.view(-1, y.shape[-1]), flat)  # in place: no (N, out) delta, no extra add
+            return y
         return y + plan(flat).view(y.shape).to(y.dtype)  # (N, out) -> y's shape
 
 
