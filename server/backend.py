@@ -10,7 +10,6 @@ live and move is server.residency's job: every request acquires its adapters the
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from adalora_runtime.engine.errors import AdapterExists, DeadlineExpired, Invali
 from adalora_runtime.recipe import DTYPES
 from server.config import ServerConfig
 from server.errors import QueueFull, StoreError, WrongModelKind
+from server.locks import FairLock
 from server.metrics import Metrics
 from server.residency import Budget, Events, Residency, Resident
 from server.store import AdapterStore, StoredAdapter, check_id
@@ -124,7 +124,7 @@ class SerialGenerator:
     id() of its GenerationRequest, for its queue time, and `on_admit(key)` told; `on_decode(rows)` gets the rows
     of each step's decode forward. Both callbacks run on the driver thread, inside the step."""
 
-    def __init__(self, generator: Generator, lock: threading.Lock, on_admit: Callable[[int], None],
+    def __init__(self, generator: Generator, lock: FairLock, on_admit: Callable[[int], None],
                  on_decode: Callable[[int], None]) -> None:
         self.generator, self.lock = generator, lock
         self.on_admit, self.on_decode = on_admit, on_decode
@@ -194,7 +194,8 @@ class Backend:
         self.metrics.watch_store(store)
         self.kind = model_kind(model.config)
         self.engine = AdapterEngine(model, EngineConfig(max_slots=config.max_slots))
-        self.lock = threading.Lock()
+        self.lock = FairLock()
+        """The model lock, first come first served: an adapter load waits one engine step at most."""
         m = self.metrics
         events = Events(hit=m.cache_hits.inc, miss=m.cache_misses.inc, evicted=m.evictions.inc,
                         loaded=m.load_seconds.observe, changed=self._adapters_changed)

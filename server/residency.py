@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -36,6 +35,7 @@ from adalora_runtime.adapter import Adapter
 from adalora_runtime.engine import AdapterEngine
 from adalora_runtime.engine.errors import AdapterNotFound, DeadlineExpired, InvalidRequest, SlotsFull
 from adalora_runtime.engine.slots import check_adapter
+from server.locks import FairLock
 from server.store import AdapterStore, StoredAdapter
 
 
@@ -94,7 +94,7 @@ class Residency:
 
     engine: AdapterEngine
     store: AdapterStore
-    lock: threading.Lock
+    lock: FairLock
     """The model lock: held for every engine load and unload."""
     budget: Budget
     events: Events = field(default_factory=Events)
@@ -114,6 +114,8 @@ class Residency:
         self._keys = itertools.count()
         self.acquiring = 0
         """Requests waiting in acquire() for an adapter to load (they count against the queue limit)."""
+        self._wanted: Counter[str] = Counter()
+        """id -> requests in acquire() that name it: a freshly loaded adapter is not evicted before they hold it."""
 
     # ---- what is where ----------------------------------------------------------------------------------------
 
@@ -156,6 +158,7 @@ class Residency:
                                  f"this server can hold on the device at once (--max-slots); name fewer")
         found = {i for i in ids if self._ready(i)}  # the others count as misses when their load places them
         self.acquiring += 1
+        self._wanted.update(ids)
         try:
             while True:
                 missing = [i for i in ids if not self._ready(i)]
@@ -168,6 +171,10 @@ class Residency:
                         self.device[i].last_used = next(self._clock)
         finally:
             self.acquiring -= 1
+            self._wanted.subtract(ids)
+            for i in ids:
+                if self._wanted[i] <= 0:
+                    del self._wanted[i]
         held = {i: self.device[i] for i in ids}
         now = next(self._clock)
         for resident in held.values():
@@ -262,7 +269,9 @@ class Residency:
         try:
             while not self._fits(nbytes):
                 candidates = sorted((r for r in self.device.values() if not r.pinned), key=lambda r: r.last_used)
-                idle = [r for r in candidates if r.users == 0]
+                idle = [r for r in candidates if r.users == 0 and (r.evicting or not self._wanted[r.id])]
+                if not idle and not any(r.users for r in self.residents()):
+                    idle = [r for r in candidates if r.users == 0]  # nothing will be released: do not wait forever
                 if idle:
                     await self._evict(idle[0])
                     continue
