@@ -14,7 +14,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -24,15 +23,13 @@ from adalora_runtime.engine import (AdapterEngine, AsyncDriver, Classification, 
 from adalora_runtime.engine.engine import Request
 from adalora_runtime.engine.errors import AdapterExists, DeadlineExpired, InvalidRequest
 from adalora_runtime.recipe import DTYPES
+from server import upload
 from server.config import ServerConfig
 from server.errors import QueueFull, StoreError, WrongModelKind
 from server.locks import FairLock
 from server.metrics import Metrics
 from server.residency import Budget, Events, Residency, Resident
 from server.store import AdapterStore, StoredAdapter, check_id
-from server import upload
-
-T = TypeVar("T")
 
 MODEL_CLASSES = {"causal-lm": AutoModelForCausalLM, "encoder": AutoModelForSequenceClassification}
 """How a base model folder is loaded, by kind: a causal LM generates, anything else is served as an encoder."""
@@ -231,10 +228,6 @@ class Backend:
         if self.driver is not None:
             self.driver.close()
 
-    def _locked(self, fn: Callable[..., T], *args) -> T:
-        with self.lock:
-            return fn(*args)
-
     def _require(self, kind: str, rpc: str) -> None:
         if self.kind != kind:
             other = {"causal-lm": "Generate / GenerateStream", "encoder": "Classify / Embed"}[self.kind]
@@ -363,7 +356,7 @@ class Backend:
         inputs = self._encoder_inputs(call)
         keys, held = await self._acquire(call.adapter, None)
         try:
-            return await asyncio.to_thread(self._locked, fn, inputs, [keys] * len(inputs), *args)
+            return await asyncio.to_thread(self.lock.run, fn, inputs, [keys] * len(inputs), *args)
         finally:
             self.residency.release(held)
 

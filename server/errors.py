@@ -18,10 +18,6 @@ class NotReady(ServerError):
     """The base model is still loading, or the server is shutting down (UNAVAILABLE)."""
 
 
-class AdapterInUse(ServerError):
-    """Unloading or replacing an adapter that requests in flight still run with (FAILED_PRECONDITION)."""
-
-
 class StoreError(ServerError):
     """An adapter folder in the store that cannot be read or served (FAILED_PRECONDITION)."""
 
@@ -65,7 +61,6 @@ STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (AdapterMismatch, grpc.StatusCode.FAILED_PRECONDITION),
-    (AdapterInUse, grpc.StatusCode.FAILED_PRECONDITION),
     (StoreError, grpc.StatusCode.FAILED_PRECONDITION),
     (AdapterFormatError, grpc.StatusCode.FAILED_PRECONDITION),
     (WrongModelKind, grpc.StatusCode.FAILED_PRECONDITION),

@@ -7,6 +7,10 @@ for as long as the traffic lasted. With tickets, a waiting thread gets the lock 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class FairLock:
@@ -32,6 +36,11 @@ class FairLock:
                 raise RuntimeError("release of a FairLock that is not held")
             self._serving += 1
             self._changed.notify_all()
+
+    def run(self, fn: Callable[..., T], *args) -> T:
+        """fn(*args) with the lock held (for asyncio.to_thread)."""
+        with self:
+            return fn(*args)
 
     def locked(self) -> bool:
         with self._changed:

@@ -73,8 +73,6 @@ class Resident:
     last_used: int = 0
     evicting: bool = False
     """Chosen to make room for a waiting load: takes no new users."""
-    retired: bool = False
-    """Replaced by a newer version or unloaded: takes no new users; its slot is freed at 0 users."""
 
 
 @dataclass
@@ -103,10 +101,10 @@ class Residency:
         self.device: dict[str, Resident] = {}
         """id -> its current version on the device."""
         self.retired: set[Resident] = set()
-        """Old versions still in slots, freed when their last request releases them."""
+        """Versions replaced by a newer one or unloaded: they take no new users, and each slot is freed when its
+        last request releases it."""
         self.host: OrderedDict[str, StoredAdapter] = OrderedDict()
         """Adapters off the device but in host memory, least recently used first."""
-        self._host_sizes: dict[str, int] = {}
         self._loads: dict[str, asyncio.Future] = {}
         self._room = asyncio.Lock()
         self._released = asyncio.Event()
@@ -131,7 +129,7 @@ class Residency:
 
     @property
     def host_bytes(self) -> int:
-        return sum(self._host_sizes[i] for i in self.host)
+        return sum(host_nbytes(s.adapter) for s in self.host.values())
 
     def in_use(self) -> dict[str, int]:
         """id -> requests holding any version of it (ids with none left out)."""
@@ -188,8 +186,12 @@ class Residency:
         """The request that acquired `held` has ended (synchronous: safe in a finally block)."""
         for resident in held:
             resident.users -= 1
-            if resident.retired and resident.users == 0:
+            if resident in self.retired and resident.users == 0:
                 asyncio.ensure_future(self._free(resident))
+        self._wake()
+
+    def _wake(self) -> None:
+        """Tell a load waiting for room (in _make_room) that an adapter was released or freed."""
         self._released.set()
         self._released = asyncio.Event()
 
@@ -244,7 +246,7 @@ class Residency:
             current = self.device.get(stored.id)  # making room may have evicted the old version itself
             resident = Resident(stored.id, f"{stored.id}#{next(self._keys)}", stored, nbytes, pin,
                                 last_used=next(self._clock))
-            await asyncio.to_thread(self._locked, self.engine.load, resident.key, stored.adapter)
+            await asyncio.to_thread(self.lock.run, self.engine.load, resident.key, stored.adapter)
             if current is not None:
                 resident.pinned = resident.pinned or current.pinned
                 await self._retire(current)
@@ -256,11 +258,10 @@ class Residency:
         return resident
 
     def _fits(self, nbytes: int) -> bool:
-        residents = self.residents()
-        if len(residents) >= self.budget.max_slots:
+        if len(self.residents()) >= self.budget.max_slots:
             return False
         limit = self.budget.max_device_bytes
-        return limit is None or sum(r.device_bytes for r in residents) + nbytes <= limit
+        return limit is None or self.device_bytes + nbytes <= limit
 
     async def _make_room(self, nbytes: int) -> None:
         """Evict until `nbytes` fit; wait for requests to release adapters when every candidate is in use.
@@ -292,7 +293,7 @@ class Residency:
     async def _evict(self, resident: Resident) -> None:
         """Move an idle current version from its slot to the host tier."""
         del self.device[resident.id]
-        await asyncio.to_thread(self._locked, self.engine.unload, resident.key)
+        await asyncio.to_thread(self.lock.run, self.engine.unload, resident.key)
         self._to_host(resident.stored)
         self.events.evicted()
         self.events.changed()
@@ -300,17 +301,15 @@ class Residency:
     def _to_host(self, stored: StoredAdapter) -> None:
         self.host[stored.id] = stored
         self.host.move_to_end(stored.id)
-        self._host_sizes[stored.id] = host_nbytes(stored.adapter)
         total = self.host_bytes
         while self.host and total > self.budget.max_host_bytes:
-            dropped, _ = self.host.popitem(last=False)  # least recently used first: back to the disk tier
-            total -= self._host_sizes.pop(dropped)
+            _, dropped = self.host.popitem(last=False)  # least recently used first: back to the disk tier
+            total -= host_nbytes(dropped.adapter)
 
     async def _retire(self, resident: Resident) -> None:
         """Take `resident` out of service: freed now when idle, else when its last request releases it."""
         if self.device.get(resident.id) is resident:
             del self.device[resident.id]
-        resident.retired = True
         self.retired.add(resident)
         if resident.users == 0:
             await self._free(resident)
@@ -320,16 +319,11 @@ class Residency:
             return
         self.retired.discard(resident)
         try:
-            await asyncio.to_thread(self._locked, self.engine.unload, resident.key)
+            await asyncio.to_thread(self.lock.run, self.engine.unload, resident.key)
         finally:
             self.events.evicted()
             self.events.changed()
-            self._released.set()
-            self._released = asyncio.Event()
-
-    def _locked(self, fn: Callable, *args):
-        with self.lock:
-            return fn(*args)
+            self._wake()
 
     # ---- admin ------------------------------------------------------------------------------------------------
 
@@ -355,7 +349,7 @@ class Residency:
                             f"{self.budget.max_device_bytes}; preload fewer or raise them")
         resident = Resident(stored.id, f"{stored.id}#{next(self._keys)}", stored, nbytes, pinned=True,
                             last_used=next(self._clock))
-        self._locked(self.engine.load, resident.key, stored.adapter)
+        self.lock.run(self.engine.load, resident.key, stored.adapter)
         self.device[stored.id] = resident
         return resident
 
