@@ -59,10 +59,10 @@ def test_reused_context_equals_fresh_context(setup, strategy):
     ids = ids_for(ROWS)
     context = engine.context(ROWS, T, strategy)
     first = forward(engine, context, ids)
-    plans = {bank: plan for bank, (_, plan) in context._plans.items()}
+    plans = context.built_plans()
     assert len(plans) == len(engine.layers)
     second = forward(engine, context, ids)  # every layer through its cached plan
-    assert all(context._plans[bank][1] is plan for bank, plan in plans.items())
+    assert all(context.built_plans()[bank] is plan for bank, plan in plans.items())
     fresh = forward(engine, engine.context(ROWS, T, strategy), ids)
     assert torch.equal(first, second) and torch.equal(second, fresh)
     if strategy != "auto":
@@ -101,10 +101,10 @@ def test_load_into_another_slot_keeps_the_plans(setup):
     engine = engine_with(setup, names=("a",))
     context = engine.context(["a"], T)
     forward(engine, context, ids_for(["a"]))
-    plans = {bank: plan for bank, (_, plan) in context._plans.items()}
+    plans = context.built_plans()
     engine.load("b", setup[1]["b"])
     forward(engine, context, ids_for(["a"]))
-    assert all(context._plans[bank][1] is plan for bank, plan in plans.items())
+    assert all(context.built_plans()[bank] is plan for bank, plan in plans.items())
 
 
 def counting_contexts(engine):

@@ -100,48 +100,66 @@ class PackedPlan:
     strategy = "packed"
 
     def __init__(self, routing: Routing, factors: list[Factors]) -> None:
-        self.A = torch.cat([f.A for f in factors], dim=0)  # (R, in), R = sum r_g
-        self.B = torch.cat([f.B for f in factors], dim=1)  # (out, R)
+        # stored transposed and contiguous: x @ AT and h @ BT run as plain row-major matmuls (faster on the
+        # CPU than the transposed views of A and B)
+        self.AT = torch.cat([f.A.T for f in factors], dim=1)  # (in, R), R = sum r_g
+        self.BT = torch.cat([f.B.T for f in factors], dim=0)  # (R, out)
         owner = torch.cat([torch.full((f.rank,), g, dtype=torch.long) for g, f in enumerate(factors)])  # (R,)
         owner = owner.to(routing.groups.device)
-        self.keep = (routing.groups[:, None] == owner[None, :]).to(self.A.dtype)  # (N, R); group -1 keeps nothing
+        self.keep = (routing.groups[:, None] == owner[None, :]).to(self.AT.dtype)  # (N, R); group -1 keeps nothing
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        h = (x @ self.A.T) * self.keep.to(x.dtype)  # (N, R)
-        return h @ self.B.T  # (N, out)
+        h = (x @ self.AT) * self.keep.to(x.dtype)  # (N, R)
+        return h @ self.BT  # (N, out)
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor) -> None:
         """y (N, out) += delta, in place (x, y and the factors in one dtype): no delta tensor, one op fewer."""
-        y.addmm_(torch.mm(x, self.A.T).mul_(self.keep), self.B.T)
+        y.addmm_(torch.mm(x, self.AT).mul_(self.keep), self.BT)
 
 
 class PaddedPlan:
-    """Zero-pad every group to the batch's max rank, gather each token's factors, two bmm. Cost ~
-    N * max_rank * (in + out) of gathered weights (what a BGMV kernel does without the gather)."""
+    """Each token's own factors, zero-padded to the batch's max rank and gathered once when the plan is
+    built: AT (N, in, r_max) and BT (N, r_max, out) (tokens on the base model get zeros). A call is then two
+    batched matmuls, what a BGMV kernel computes, with the gather paid once per batch composition instead
+    of per call. Cost ~ N * r_max * (in + out) in two launches. Past `pregather_bytes` of gathered factors
+    (a long prefill forced onto this strategy) the plan keeps one padded copy per group and gathers on
+    every call instead, so its memory stays G * r_max * (in + out)."""
 
     strategy = "padded"
+    pregather_bytes = 4 << 20
+    """Per layer: the most gathered factor bytes a plan holds (decode batches of up to ~16 on a small model)."""
 
     def __init__(self, routing: Routing, factors: list[Factors]) -> None:
         r_max = max(f.rank for f in factors)
         in_f, out_f = factors[0].A.shape[1], factors[0].B.shape[0]
         like = factors[0].A
-        self.A = like.new_zeros(len(factors) + 1, r_max, in_f)  # (G + 1, r_max, in); the last group is all zeros
-        self.B = like.new_zeros(len(factors) + 1, out_f, r_max)  # (G + 1, out, r_max)
+        AT = like.new_zeros(len(factors) + 1, in_f, r_max)  # (G + 1, in, r_max); the last group is all zeros
+        BT = like.new_zeros(len(factors) + 1, r_max, out_f)  # (G + 1, r_max, out)
         for g, f in enumerate(factors):
-            self.A[g, : f.rank] = f.A
-            self.B[g, :, : f.rank] = f.B
-        self.index = routing.padded_index  # (N,)
+            AT[g, :, : f.rank] = f.A.T
+            BT[g, : f.rank] = f.B.T
+        self.index: torch.Tensor | None = routing.padded_index  # (N,) each token's row of AT / BT
+        if self.pregathers(routing.tokens, r_max, in_f, out_f, like.element_size()):
+            AT, BT, self.index = AT[self.index], BT[self.index], None  # (N, in, r_max), (N, r_max, out)
+        self.AT, self.BT = AT, BT
+
+    @classmethod
+    def pregathers(cls, tokens: int, max_rank: int, in_f: int, out_f: int, element_size: int) -> bool:
+        """Whether a plan of this size gathers every token's factors once (else on every call)."""
+        return tokens * max_rank * (in_f + out_f) * element_size <= cls.pregather_bytes
+
+    def _token_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        AT, BT = (self.AT, self.BT) if self.index is None else (self.AT[self.index], self.BT[self.index])
+        return AT.to(dtype), BT.to(dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.A.shape[1] == 0:
-            return x.new_zeros(x.shape[0], self.B.shape[1])
-        A, B = self.A.to(x.dtype), self.B.to(x.dtype)
-        h = torch.bmm(A[self.index], x[:, :, None])  # (N, r_max, in) @ (N, in, 1) -> (N, r_max, 1)
-        return torch.bmm(B[self.index], h).squeeze(2)  # (N, out, r_max) @ (N, r_max, 1) -> (N, out)
+        AT, BT = self._token_factors(x.dtype)
+        return torch.bmm(torch.bmm(x[:, None, :], AT), BT).squeeze(1)  # (N, 1, r_max) -> (N, out)
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor) -> None:
-        """y (N, out) += delta, in place."""
-        y.add_(self(x))
+        """y (N, out) += delta, in place (x, y and the factors in one dtype)."""
+        AT, BT = self._token_factors(x.dtype)
+        y[:, None, :].baddbmm_(torch.bmm(x[:, None, :], AT), BT)
 
 
 Plan = GroupPlan | PackedPlan | PaddedPlan
@@ -170,42 +188,51 @@ STRATEGIES: dict[str, Callable[[torch.Tensor, torch.Tensor, list[Factors]], torc
 
 @dataclass(frozen=True)
 class CostModel:
-    """Relative cost of each strategy, in units of one token x one rank column of matmul work.
+    """Relative cost of each strategy for one layer call, in units of one token x one rank column of matmul
+    work (a layer's width scales every term about alike, so it drops out of the comparison).
 
-    - group:  G * launches_group * launch  +  N * sum_rank / G
-      (each group only computes its own tokens; with N / G tokens per group on average)
-    - packed: launches_packed * launch  +  N * sum_rank
-      (every token multiplies every group's columns, masked afterwards)
-    - padded: launches_padded * launch  +  N * max_rank * gather
-      (each token reads its own padded factors; `gather` > 1 because that traffic is memory-bound)
+    - group:  launch * (2 if G == 1 else 4 * G)  +  N * (sum_rank / G  +  (gather if G > 1 else 0))
+      (per group: gather its rows, two matmuls, scatter back; a single group needs no gather or scatter;
+      each token multiplies only its own group's columns, but moving its row in and out costs `gather`)
+    - packed: 3 * launch  +  N * sum_rank
+      (every token multiplies every group's columns, masked between the two matmuls)
+    - padded: 2 * launch  +  bmm * N * max_rank, only where the plan pre-gathers (`PaddedPlan.pregathers`)
+      (every token multiplies its own factors padded to the max rank; `bmm` > 1 because many small
+      batched matrix-vector products run at a lower rate than one matmul)
 
-    `launch` is the fixed cost of one kernel launch / python step expressed in the same units. Decode
-    (few tokens) is launch-dominated and favours packed or padded; prefill (many tokens, several adapters)
-    is work-dominated and favours group. The coefficients are first guesses for a later benchmark to
-    calibrate; ties go to group, then packed.
+    `launch` is the fixed cost of one operator call (dispatch, kernel launch) in the same units. The
+    defaults are fitted to `benchmarks/engine_apply.py` on SmolLM2-135M's layer shapes, float32 on a 2-core
+    CPU (docs/BENCHMARKS.md): decode over several adapters favours padded, a few adapters packed, one
+    adapter group, and prefill over several adapters packed (group's row gathers cost more than packed's
+    extra columns until a batch holds about 9 adapters). Ties go to group, then packed. Another device
+    wants its own numbers: rerun that benchmark and pass a CostModel.
     """
 
-    launch: float = 2048.0
-    launches_group: int = 4
-    launches_packed: int = 5
-    launches_padded: int = 6
-    gather: float = 8.0
+    launch: float = 200.0
+    gather: float = 60.0
+    bmm: float = 6.0
 
-    def costs(self, tokens: int, distinct: int, sum_rank: int, max_rank: int) -> dict[str, float]:
+    def costs(self, tokens: int, distinct: int, sum_rank: int, max_rank: int, padded: bool = True) -> dict[str, float]:
+        """Cost per strategy; `padded` False leaves padded out (its plan would not pre-gather)."""
         groups = max(distinct, 1)
-        return {
-            "group": groups * self.launches_group * self.launch + tokens * sum_rank / groups,
-            "packed": self.launches_packed * self.launch + tokens * sum_rank,
-            "padded": self.launches_padded * self.launch + tokens * max_rank * self.gather,
+        costs = {
+            "group": (self.launch * (2 if groups == 1 else 4 * groups)
+                      + tokens * (sum_rank / groups + (self.gather if groups > 1 else 0.0))),
+            "packed": 3 * self.launch + tokens * sum_rank,
         }
+        if padded:
+            costs["padded"] = 2 * self.launch + self.bmm * tokens * max_rank
+        return costs
 
 
 DEFAULT_COST = CostModel()
 
 
-def choose_strategy(tokens: int, distinct: int, sum_rank: int, max_rank: int, cost: CostModel = DEFAULT_COST) -> str:
-    """The cheapest strategy under `cost` for N tokens, G distinct groups, their summed and max rank."""
-    costs = cost.costs(tokens, distinct, sum_rank, max_rank)
+def choose_strategy(tokens: int, distinct: int, sum_rank: int, max_rank: int, cost: CostModel = DEFAULT_COST,
+                    padded: bool = True) -> str:
+    """The cheapest strategy under `cost` for N tokens, G distinct groups, their summed and max rank;
+    `padded` False when a padded plan would not pre-gather its factors."""
+    costs = cost.costs(tokens, distinct, sum_rank, max_rank, padded)
     return min(costs, key=lambda name: (costs[name], list(STRATEGIES).index(name)))
 
 
@@ -217,7 +244,9 @@ def make_plan(routing: Routing, factors: list[Factors], strategy: str = "auto",
     if sum(ranks) == 0:
         return None
     if strategy == "auto":
-        strategy = choose_strategy(routing.tokens, len(factors), sum(ranks), max(ranks), cost)
+        A = factors[0].A
+        padded = PaddedPlan.pregathers(routing.tokens, max(ranks), A.shape[1], factors[0].B.shape[0], A.element_size())
+        strategy = choose_strategy(routing.tokens, len(factors), sum(ranks), max(ranks), cost, padded)
     return PLANS[strategy](routing, factors)
 
 

@@ -33,9 +33,9 @@ class BatchContext:
     routes: tuple[Route, ...]
     strategy: str = "auto"
     """'auto' (the cost model decides per layer) or one of 'group', 'packed', 'padded'."""
-    _plans: dict[SlotBank, tuple[tuple[int, ...], Plan | None]] = field(
-        default_factory=dict, init=False, repr=False, compare=False)
-    """bank -> (its versions of `slots` when the plan was built, the plan); filled lazily by `plan`."""
+    _plans: dict[SlotBank, list] = field(default_factory=dict, init=False, repr=False, compare=False)
+    """bank -> [its generation when last checked, its versions of `slots` when the plan was built, the plan];
+    filled lazily by `plan`."""
 
     def __post_init__(self) -> None:
         check_strategy(self.strategy)
@@ -58,16 +58,24 @@ class BatchContext:
     def plan(self, bank: SlotBank) -> Plan | None:
         """The layer's prepared factors for this batch; rebuilt only when a slot of the routes was written
         since (an adapter loaded or unloaded there). None: no route has a nonzero rank in this layer."""
-        versions = bank.versions(self.slots)
         cached = self._plans.get(bank)
-        if cached is None or cached[0] != versions:
-            cached = (versions, make_plan(self.routing, [bank.route(r) for r in self.routes], self.strategy))
+        if cached is not None and cached[0] == bank.generation:  # no slot of this bank was written since
+            return cached[2]
+        versions = bank.versions(self.slots)
+        if cached is None or cached[1] != versions:
+            cached = [bank.generation, versions,
+                      make_plan(self.routing, [bank.route(r) for r in self.routes], self.strategy)]
             self._plans[bank] = cached
-        return cached[1]
+        cached[0] = bank.generation  # a write elsewhere in the bank leaves this plan as it was
+        return cached[2]
+
+    def built_plans(self) -> dict[SlotBank, Plan | None]:
+        """bank -> the plan built for it so far (None: that layer adds nothing to this batch)."""
+        return {bank: cached[2] for bank, cached in self._plans.items()}
 
     def chosen_strategies(self) -> Counter[str]:
         """How many layers run each strategy under the plans built so far (what 'auto' picked)."""
-        return Counter(plan.strategy for _, plan in self._plans.values() if plan is not None)
+        return Counter(plan.strategy for plan in self.built_plans().values() if plan is not None)
 
 
 class ContextHolder:

@@ -55,14 +55,19 @@ class SlotBank:
         self._slots: list[Factors | None] = [None] * max_slots
         self._versions = [0] * max_slots
         """Bumped on every write of a slot, so a plan built from it can tell it is stale."""
+        self.generation = 0
+        """Bumped on every write of any slot: while it is unchanged, no plan of this bank can be stale (the one
+        integer compare a layer call makes)."""
 
     def set(self, slot: int, factors: Factors) -> None:
         self._slots[slot] = factors
         self._versions[slot] += 1
+        self.generation += 1
 
     def clear(self, slot: int) -> None:
         self._slots[slot] = None
         self._versions[slot] += 1
+        self.generation += 1
 
     def versions(self, slots: tuple[int, ...]) -> tuple[int, ...]:
         """The write count of each of `slots`: equal tuples mean their factors did not change."""
