@@ -4,7 +4,8 @@ Adapters are generated: per-layer ranks in 0..init_r=12 (a layer is 0 with proba
 mean about 8) on all 7 llama projections, random small factors. Each batch has B requests of the same
 PROMPT_LEN random token ids (no padding) and generates exactly N new tokens greedily (eos ignored).
 
-Configurations, per batch size (every one runs in this process, in a rotated order each repeat; medians):
+Configurations, per batch size (every one runs in this process, in a rotated order each repeat; medians; "vs
+base" is the median over repeats of each repeat's throughput over the same repeat's base):
 - base:               our Generator, every row on the base model (no adapter); the reference of the ratios
 - hf-base:            transformers `generate` on the plain base (the loop PEFT runs in)
 - ours/<mix>/<strat>: our Generator with the rows' adapters drawn by <mix>, under each apply strategy
@@ -331,10 +332,11 @@ def batch_results(batch: int, setup: dict, repeats: int, only: str | None = None
     runs = configurations(batch, setup)
     if only is not None:  # always with base, the reference of every ratio
         runs = {name: run for name, run in runs.items() if name == "base" or re.fullmatch(only, name)}
-    stats = {name: summarize(s) for name, s in measure(runs, repeats).items()}
-    base = stats["base"]["decode_tok_s"]
-    for s in stats.values():
-        s["vs_base"] = s["decode_tok_s"] / base
+    samples = measure(runs, repeats)
+    stats = {name: summarize(s) for name, s in samples.items()}
+    base = stats["base"]["decode_tok_s_all"]
+    for s in stats.values():  # paired: each repeat's throughput over that same repeat's base, then the median
+        s["vs_base"] = median([t / b for t, b in zip(s["decode_tok_s_all"], base)])
     choices = {}
     for mix in MIXES:
         if not all(f"ours/{mix}/{s}" in stats for s in STRATEGIES):
