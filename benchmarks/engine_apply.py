@@ -1,7 +1,8 @@
 """Per-layer cost of each batched-apply strategy, and whether the cost model picks the fastest.
 
 For each batch composition (tokens N, distinct adapters G; token i runs adapter i mod G) this times
-`plan.add_to(y, x)` of the group, packed and padded plans on the seven projection shapes of one
+`plan.add_to(y, x)` of the group, packed and padded plans (and, in the last column, building each plan:
+what a continuously batched decode pays again whenever a request joins or leaves) on the seven projection shapes of one
 SmolLM2-135M block (q, k, v, o, gate, up, down), with adapters at the rank pattern of
 engine_throughput.py (a layer is 0 with probability 0.08, else 5..12). The strategies run side by side in
 one process, in a rotated order each repeat; a cell is the median over repeats of the block's summed time.
@@ -65,7 +66,7 @@ def composition(tokens: int, distinct: int, block: dict, args, seed: int) -> dic
     gen = torch.Generator().manual_seed(seed)
     groups = (torch.arange(tokens) % distinct).to(args.device)
     routing = Routing(groups, distinct)
-    layers, picks = [], Counter()
+    layers, picks, builds = [], Counter(), []
     for in_f, out_f in block.values():
         factors = make_factors(in_f, out_f, distinct, gen, args.device, args.dtype)
         ranks = [f.rank for f in factors]
@@ -75,6 +76,7 @@ def composition(tokens: int, distinct: int, block: dict, args, seed: int) -> dic
         y = torch.zeros(tokens, out_f, device=args.device, dtype=args.dtype)
         plans = {name: plan(routing, factors) for name, plan in PLANS.items()}
         layers.append((plans, x, y))
+        builds.append(factors)
         picks[make_plan(routing, factors).strategy] += 1  # exactly what the engine's 'auto' builds
     calls = max(3, args.calls // max(1, tokens // 16))
     samples = {name: [] for name in PLANS}
@@ -87,9 +89,12 @@ def composition(tokens: int, distinct: int, block: dict, args, seed: int) -> dic
             if repeat:
                 samples[name].append(total * 1e6)
     us = {name: median(v) for name, v in samples.items()}
+    build_us = {name: median([time_calls(lambda: [plan(routing, f) for f in builds], 1, args.device)
+                              for _ in range(args.repeats)]) * 1e6 for name, plan in PLANS.items()}
     fastest = min(us, key=us.get)
     auto_us = sum(us[name] * n for name, n in picks.items()) / max(1, sum(picks.values()))
-    return {"tokens": tokens, "distinct": distinct, "us": us, "fastest": fastest, "auto": dict(picks),
+    return {"tokens": tokens, "distinct": distinct, "us": us, "build_us": build_us, "fastest": fastest,
+            "auto": dict(picks),
             "auto_vs_fastest": auto_us / us[fastest]}
 
 
@@ -111,10 +116,12 @@ def main() -> None:
     block = QUICK_BLOCK if args.quick else BLOCK
     started = time.perf_counter()
     rows = [composition(n, g, block, args, seed=i) for i, (n, g) in enumerate(DECODE + PREFILL)]
-    headers = ["tokens", "distinct", *(f"{s} us" for s in PLANS), "fastest", "auto picks", "auto / fastest"]
+    headers = ["tokens", "distinct", *(f"{s} us" for s in PLANS), "fastest", "auto picks", "auto / fastest",
+               "plan build us (" + " / ".join(PLANS) + ")"]
     table = markdown_table(headers, [[r["tokens"], r["distinct"], *(f"{r['us'][s]:.0f}" for s in PLANS), r["fastest"],
                                       ", ".join(f"{k} {v}" for k, v in sorted(r["auto"].items())),
-                                      f"{r['auto_vs_fastest']:.2f}"] for r in rows])
+                                      f"{r['auto_vs_fastest']:.2f}",
+                                      " / ".join(f"{r['build_us'][s]:.0f}" for s in PLANS)] for r in rows])
     print(f"one block ({', '.join(block)}), {args.device} {str(args.dtype).removeprefix('torch.')}, "
           f"{args.threads} threads; microseconds per block call, medians of {args.repeats}\n")
     print(table)

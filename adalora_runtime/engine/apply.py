@@ -196,14 +196,17 @@ class CostModel:
       each token multiplies only its own group's columns, but moving its row in and out costs `gather`)
     - packed: 3 * launch  +  N * sum_rank
       (every token multiplies every group's columns, masked between the two matmuls)
-    - padded: 2 * launch  +  bmm * N * max_rank, only where the plan pre-gathers (`PaddedPlan.pregathers`)
-      (every token multiplies its own factors padded to the max rank; `bmm` > 1 because many small
-      batched matrix-vector products run at a lower rate than one matmul)
+    - padded: (2 * launch  +  bmm * N * max_rank) * padded_build, only where the plan pre-gathers
+      (`PaddedPlan.pregathers`; every token multiplies its own factors padded to the max rank; `bmm` > 1
+      because many small batched matrix-vector products run at a lower rate than one matmul;
+      `padded_build` > 1 because its plan takes ~2.7x as long as packed's to build, 194 vs 72 ms over
+      SmolLM2's 210 layers at batch 8, and a continuously batched decode rebuilds at every join or leave:
+      padded is picked only where it saves about a third of a call or more)
 
     `launch` is the fixed cost of one operator call (dispatch, kernel launch) in the same units. The
     defaults are fitted to `benchmarks/engine_apply.py` on SmolLM2-135M's layer shapes, float32 on a 2-core
-    CPU (docs/BENCHMARKS.md): decode over several adapters favours padded, a few adapters packed, one
-    adapter group, and prefill over several adapters packed (group's row gathers cost more than packed's
+    CPU (docs/BENCHMARKS.md): decode over many adapters favours padded, a few adapters packed, one adapter
+    group, and prefill over several adapters packed (group's row gathers cost more than packed's
     extra columns until a batch holds about 9 adapters). Ties go to group, then packed. Another device
     wants its own numbers: rerun that benchmark and pass a CostModel.
     """
@@ -211,6 +214,7 @@ class CostModel:
     launch: float = 200.0
     gather: float = 60.0
     bmm: float = 6.0
+    padded_build: float = 1.5
 
     def costs(self, tokens: int, distinct: int, sum_rank: int, max_rank: int, padded: bool = True) -> dict[str, float]:
         """Cost per strategy; `padded` False leaves padded out (its plan would not pre-gather)."""
@@ -221,7 +225,7 @@ class CostModel:
             "packed": 3 * self.launch + tokens * sum_rank,
         }
         if padded:
-            costs["padded"] = 2 * self.launch + self.bmm * tokens * max_rank
+            costs["padded"] = (2 * self.launch + self.bmm * tokens * max_rank) * self.padded_build
         return costs
 
 
