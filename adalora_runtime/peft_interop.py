@@ -60,6 +60,10 @@ class InteropError(AdapterFormatError):
     """A PEFT adapter cannot be converted; the message names the directory, key or value at fault."""
 
 
+class BaseMismatch(InteropError):
+    """A well-formed PEFT adapter of another base model: its recorded identity or a module's shape differs."""
+
+
 # ---------------------------------------------------------------- native -> PEFT (pure mapping)
 
 
@@ -282,9 +286,9 @@ def from_peft(
     if shapes is not None:
         for path, dims in mod_shapes.items():
             if path not in shapes:
-                raise InteropError(f"module {path!r} is not a Linear / Conv1D module of the base model")
+                raise BaseMismatch(f"module {path!r} is not a Linear / Conv1D module of the base model")
             if tuple(shapes[path]) != tuple(dims):
-                raise InteropError(f"module {path}: adapter has (in, out)={dims}, base model has {tuple(shapes[path])}")
+                raise BaseMismatch(f"module {path}: adapter has (in, out)={dims}, base model has {tuple(shapes[path])}")
     if task == "seq-cls":
         labels = _head_labels(head, labels)
     elif head:
@@ -394,7 +398,7 @@ def load_peft(
         model = base_skeleton(base_model_dir, task)
         base, shapes = base_identity(model), linear_shapes(model)
         if native is not None and native["base"].get("config_sha256") != base["config_sha256"]:
-            raise InteropError(f"{path}: adapter was made for base {native['base'].get('name')!r}, not {base_model_dir}")
+            raise BaseMismatch(f"{path}: adapter was made for base {native['base'].get('name')!r}, not {base_model_dir}")
     elif native is not None:
         base, shapes = native["base"], None
     elif require_base:
@@ -410,7 +414,7 @@ def load_peft(
     try:
         adapter = from_peft(state, config, base, shapes, labels=labels, task_type=task)
     except InteropError as e:
-        raise InteropError(f"{path}: {e}") from e
+        raise type(e)(f"{path}: {e}") from e  # keeps BaseMismatch apart from a malformed file
     if native is not None:
         adapter = _restore_native(adapter, native, path)
     return adapter

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 from adalora_runtime.atomic import fsync_dir
-from adalora_runtime.engine.errors import AdapterExists, InvalidRequest
+from adalora_runtime.engine.errors import AdapterExists, AdapterMismatch, InvalidRequest
 from adalora_runtime.engine.slots import AdapterSlots, check_adapter
+from adalora_runtime.peft_interop import BaseMismatch
 from server.adapter_checks import ADAPTER_FILES, PICKLE_SUFFIXES
 from server.errors import UploadTooLarge
 from server.manifest import FileDigest, write_manifest
@@ -186,6 +187,8 @@ def prepare(store: AdapterStore, staging: Staging, serving: AdapterSlots) -> Sto
     header = staging.header
     try:
         stored = store.read_folder(staging.folder, header.adapter_id)
+    except BaseMismatch as e:  # a well-formed PEFT adapter of another base: as check_adapter says for native ones
+        raise AdapterMismatch(f"the uploaded adapter {header.adapter_id!r} does not fit this server's base: {e}") from e
     except READ_ERRORS as e:
         raise InvalidRequest(f"the uploaded adapter {header.adapter_id!r} is refused: {e}") from e
     check_adapter(stored.adapter, serving.identity, serving.shapes)  # another base: AdapterMismatch

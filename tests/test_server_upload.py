@@ -39,7 +39,7 @@ Code = grpc.StatusCode
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A server (admin token, 3 MiB upload limit) whose store holds 'a' (loaded) and 'b-disk' (adapter b placed
-    by hand), and source folders to upload: 'a', 'b', 'b-peft' (b as PEFT), 'alien' (another base's), 'f64', 'nan'."""
+    by hand), and source folders to upload: 'a', 'b', 'b-peft' (b as PEFT), 'alien' (another base's), 'alien-peft', 'f64', 'nan'."""
     root = tmp_path_factory.mktemp("upload")
     base = varied_llama()
     other = tiny_llama_config()
@@ -50,6 +50,7 @@ def world(tmp_path_factory):
     for name in ("a", "b", "alien"):
         save_adapter(adapters[name], sources / name)
     save_peft(adapters["b"], sources / "b-peft")
+    save_peft(adapters["alien"], sources / "alien-peft")
     native_with(adapters["b"], sources / "f64", float64)
     native_with(adapters["b"], sources / "nan", nan_values)
     store = write_store(root / "adapters", {"a": adapters["a"], "b-disk": adapters["b"]})
@@ -139,9 +140,9 @@ def native(w, source: str = "b") -> dict[str, bytes]:
     return {"adapter.safetensors": (w.sources / source / "adapter.safetensors").read_bytes()}
 
 
-def peft(w) -> dict[str, bytes]:
-    return {name: (w.sources / "b-peft" / name).read_bytes() for name in ("adapter_config.json",
-                                                                         "adapter_model.safetensors")}
+def peft(w, source: str = "b-peft") -> dict[str, bytes]:
+    return {name: (w.sources / source / name).read_bytes() for name in ("adapter_config.json",
+                                                                       "adapter_model.safetensors")}
 
 
 def corrupted(w):
@@ -189,6 +190,8 @@ REFUSED = [  # (case, the stream, status, fragment of the details)
     ("NaN values", lambda w: requests("a", native(w, "nan")), Code.INVALID_ARGUMENT, "NaN or inf"),
     ("another base's adapter", lambda w: requests("a", native(w, "alien")), Code.FAILED_PRECONDITION,
      "trained on base"),
+    ("another base's PEFT adapter", lambda w: requests("a", peft(w, "alien-peft")), Code.FAILED_PRECONDITION,
+     "does not fit this server's base"),
     ("native and PEFT files together", lambda w: requests("a", {**native(w), **peft(w)}), Code.INVALID_ARGUMENT,
      "upload either"),
     ("over --max-upload-bytes", lambda w: requests("a", native(w), sizes={ADAPTER: 4 * 1024 * 1024}),
