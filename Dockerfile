@@ -5,8 +5,8 @@
 #       -v $HOME/.cache/adalora/models/smollm2-135m:/models/base:ro -v $PWD/adapters:/adapters adalora
 #
 # The default command serves /models/base (any transformers causal LM or encoder folder with its tokenizer)
-# and the adapter store /adapters on cuda in bfloat16: gRPC on 50051, Prometheus /metrics on 9090; the
-# health check asks grpc.health.v1. Other commands: docker run adalora inspect /adapters/ID, etc.
+# and the adapter store /adapters on cuda in bfloat16: gRPC on 50051, Prometheus /metrics and /healthz on 9090;
+# the health check reads /healthz. Other commands: docker run adalora inspect /adapters/ID, etc.
 #
 # Another CUDA build: --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 (match the host driver).
 # CPU-only image: docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu -t adalora:cpu .
@@ -14,9 +14,9 @@
 #
 # TLS: mount the PEM files and add them to the serve arguments, e.g. -v $PWD/tls:/tls:ro ... serve ...
 #   --tls-cert /tls/server.pem --tls-key /tls/server.key [--tls-client-ca /tls/ca.pem --admin-client-name NAME].
-#   /metrics stays plain HTTP. The HEALTHCHECK below speaks plaintext gRPC, so with TLS replace it, e.g.
-#   --health-cmd "python -c \"...AdaLoraClient('localhost:50051', timeout=4, tls=ClientTLS(ca='/tls/ca.pem'))...\""
-#   (with --tls-client-ca it also needs cert= and key= of a client certificate), or run with --no-healthcheck.
+#   /metrics and /healthz stay plain HTTP, so the health check (GET /healthz on the metrics port: 200 while
+#   grpc.health.v1 says SERVING, 503 while loading or draining) works with or without TLS. Serving without
+#   --metrics-port 9090? Run with --no-healthcheck.
 FROM python:3.11-slim
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu124
 ARG TORCH_SPEC=torch
@@ -33,7 +33,7 @@ RUN pip install . && useradd --create-home --uid 10001 adalora
 USER adalora
 EXPOSE 50051 9090
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 CMD ["python", "-c", \
-    "import sys; from server.client import AdaLoraClient; sys.exit(AdaLoraClient('127.0.0.1:50051', timeout=4).health() != 'SERVING')"]
+    "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/healthz', timeout=4)"]
 ENTRYPOINT ["adalora"]
 CMD ["serve", "--base-model", "/models/base", "--adapter-dir", "/adapters", "--host", "0.0.0.0", "--port", "50051", \
      "--metrics-port", "9090", "--device", "cuda", "--dtype", "bfloat16"]

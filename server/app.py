@@ -46,7 +46,7 @@ class Server:
 
     grpc: grpc.aio.Server
     servicer: AdaLoraServicer
-    health: health.aio.HealthServicer
+    health: DrainingHealth
     metrics: Metrics
     endpoint: MetricsEndpoint | None = None
 
@@ -85,7 +85,8 @@ class Server:
 async def create_server(config: ServerConfig) -> tuple[Server, int]:
     """Build the server and bind config.host:config.port (0 = any free port), a TLS port when config.tls_cert is
     set (server.tls), else plaintext; returns it (not started, health NOT_SERVING) and the bound port. With
-    config.metrics_port set, /metrics is served at once over plain HTTP (its bound port: Server.metrics_port).
+    config.metrics_port set, /metrics and /healthz are served at once over plain HTTP (its bound port:
+    Server.metrics_port).
     Call from a running event loop."""
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes)]
@@ -106,7 +107,7 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
     except RuntimeError as e:
         raise OSError(f"cannot listen on {address} ({e}); pick another --port or --host") from e
     endpoint = None if config.metrics_port is None else MetricsEndpoint(metrics.registry, config.host,
-                                                                         config.metrics_port)
+                                                                         config.metrics_port, health_servicer.serving)
     wrapped = Server(server, servicer, health_servicer, metrics, endpoint)
     await wrapped._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
     return wrapped, port

@@ -22,6 +22,10 @@ class DrainingHealth(health.aio.HealthServicer):
         self._draining = False
         self._changed = asyncio.Condition()
 
+    def serving(self, service: str = "") -> bool:
+        """Whether `service` ("" = the whole server) is SERVING now; safe to call from any thread."""
+        return self._status.get(service) == SERVING
+
     async def set(self, service: str, status: int) -> None:
         await super().set(service, status)
         if not self._draining:  # as the library: a drain's NOT_SERVING is final

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the gRPC server, served over HTTP at /metrics by `adalora serve --metrics-port`.
+"""Prometheus metrics of the gRPC server, served over HTTP at /metrics by `adalora serve --metrics-port` (with
+/healthz beside it: the server's health for HTTP probes).
 
 Each Server owns one Metrics with its own CollectorRegistry (never prometheus_client's global one), so a process
 can hold many servers (the tests do). Who records what:
@@ -49,11 +50,14 @@ request will wait, as with a full KV cache.
 from __future__ import annotations
 
 import math
+import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from adalora_runtime.engine.engine import Request
@@ -228,14 +232,37 @@ class LiveCollector:
         yield gauge("adalora_adapter_device_bytes", "Bytes of adapter factors and heads in slots", m.device_bytes)
 
 
-class MetricsEndpoint:
-    """GET /metrics of `registry` over HTTP, on prometheus_client's server thread; port 0 = any free port."""
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
+        pass  # one line per scrape or probe on stderr is noise
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+
+class MetricsEndpoint:
+    """Plain HTTP on a daemon thread; port 0 = any free port:
+      GET /metrics  `registry` in the Prometheus text format (prometheus_client's WSGI app)
+      GET /healthz  200 "SERVING" or 503 "NOT_SERVING": the gRPC health status of the whole server (`serving`),
+                    for probes that speak HTTP whatever the gRPC port's TLS (Docker HEALTHCHECK, kubelet httpGet)
+    """
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int, serving: Callable[[], bool]) -> None:
+        metrics_app = make_wsgi_app(registry)
+
+        def app(environ, start_response):
+            if environ.get("PATH_INFO") != "/healthz":
+                return metrics_app(environ, start_response)
+            ok = serving()
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"SERVING\n" if ok else b"NOT_SERVING\n"]
+
+        class Server(ThreadingWSGIServer):
+            address_family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0][0]
+
         try:
-            self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
+            self._httpd = make_server(host, port, app, Server, handler_class=_QuietHandler)
         except OSError as e:
             raise OSError(f"cannot serve metrics on {host}:{port} ({e}); pick another --metrics-port") from e
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="adalora-metrics", daemon=True)
+        self._thread.start()
         self.port: int = self._httpd.server_port
 
     def close(self) -> None:

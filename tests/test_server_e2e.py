@@ -283,11 +283,23 @@ def test_health_turns_serving_once_loaded_and_the_ready_file_names_the_ports(wor
     assert world.client.health() == world.client.health("adalora.v1.AdaLora") == "SERVING"
     with urllib.request.urlopen(f"http://127.0.0.1:{info['metrics_port']}/metrics", timeout=10) as reply:
         assert reply.status == 200
+    # the Dockerfile's HEALTHCHECK command, pointed at this server's metrics port, passes
+    check = dockerfile_healthcheck().replace(":9090/", f":{info['metrics_port']}/")
+    assert subprocess.run([sys.executable, "-c", check], capture_output=True, timeout=60).returncode == 0
     # the listing names what --preload loaded
     listing = world.client.list_adapters(include_store=True)
     device = {a.id for a in listing.adapters if a.residency == pb.RESIDENCY_DEVICE}
     assert device == set(PRELOAD) and {"f", "alien"} <= {a.id for a in listing.adapters}
     assert listing.max_slots == MAX_SLOTS
+
+
+def dockerfile_healthcheck() -> str:
+    """The python -c program of the Dockerfile's HEALTHCHECK."""
+    text = (Path(__file__).resolve().parents[1] / "Dockerfile").read_text()
+    command = json.loads(text[text.index("CMD [", text.index("\nHEALTHCHECK ")) + 4:].split("]", 1)[0]
+                         .replace("\\\n", "") + "]")
+    assert command[:2] == ["python", "-c"]
+    return command[2]
 
 
 # ---- concurrency -----------------------------------------------------------------------------------------------

@@ -304,4 +304,33 @@ def test_a_busy_metrics_port_says_which_flag_to_change():
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         with pytest.raises(OSError, match="--metrics-port"):
-            MetricsEndpoint(CollectorRegistry(), "127.0.0.1", busy.getsockname()[1])
+            MetricsEndpoint(CollectorRegistry(), "127.0.0.1", busy.getsockname()[1], lambda: True)
+
+
+# ---- /healthz --------------------------------------------------------------------------------------------------
+
+def healthz(server: ServerThread) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/healthz", timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_healthz_follows_grpc_health_while_loading_serving_and_draining(tmp_path):
+    """/healthz on the metrics port answers what grpc.health.v1 answers for the whole server: 503 while the base
+    model loads, 200 once it serves, 503 from the start of a drain (HTTP probes need no gRPC or TLS)."""
+    base = varied_llama()
+    config = ServerConfig(base_model=str(write_base(base, tmp_path / "base", word_tokenizer())),
+                          adapter_dir=str(write_store(tmp_path / "adapters", {"a": random_adapter(base, 1)})), port=0,
+                          metrics_port=0)
+    server = ServerThread(config, attach=False)
+    try:
+        assert healthz(server) == (503, "NOT_SERVING\n") and server.client.health() == "NOT_SERVING"
+        server.attach()
+        assert healthz(server) == (200, "SERVING\n") and server.client.health() == "SERVING"
+        server.call(server.server.health.enter_graceful_shutdown())  # what stop() does first
+        assert healthz(server) == (503, "NOT_SERVING\n") and server.client.health() == "NOT_SERVING"
+        assert "adalora_queue_depth" in {s[0] for s in scrape(server)}  # /metrics still answers beside it
+    finally:
+        server.stop()
