@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 
 from adalora_runtime.adapter import TASK_TYPES, Adapter, AdapterLayer
 from adalora_runtime.atomic import atomic_file
+from adalora_runtime.safetensors_stream import StreamWriter
 
 FORMAT = "adalora-native"
 FORMAT_VERSION = 1
@@ -30,14 +32,28 @@ class AdapterFormatError(ValueError):
     """An adapter file is malformed or inconsistent; the message names the file and the problem."""
 
 
+class TensorDigest:
+    """sha256 of names, dtypes, shapes and bytes of tensors added in sorted name order."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        t = tensor.contiguous().cpu()
+        self._h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            self._h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # 1-D: a size-1 last dim may have any stride
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """Digest of names, dtypes, shapes and bytes, in sorted name order (independent of file layout)."""
-    h = hashlib.sha256()
+    digest = TensorDigest()
     for name in sorted(tensors):
-        t = tensors[name].contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+        digest.add(name, tensors[name])
+    return digest.hexdigest()
 
 
 def adapter_file(path: str | os.PathLike) -> Path:
@@ -56,7 +72,11 @@ def to_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
 
 
 def manifest(adapter: Adapter, tensors: dict[str, torch.Tensor]) -> dict:
-    ranks = adapter.ranks()
+    return _manifest(adapter, adapter.ranks(), adapter.num_params(), tensors_sha256(tensors))
+
+
+def _manifest(adapter: Adapter, ranks: dict[str, int], num_params: int, sha256: str) -> dict:
+    """The manifest of `adapter` with these ranks, parameter count and tensor digest (its layers unread)."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -68,8 +88,8 @@ def manifest(adapter: Adapter, tensors: dict[str, torch.Tensor]) -> dict:
         "modules": {p: {"in": s[0], "out": s[1], "rank": ranks[p]} for p, s in adapter.shapes.items()},
         "labels": adapter.labels,
         "info": adapter.info,
-        "num_params": adapter.num_params(),
-        "tensors_sha256": tensors_sha256(tensors),
+        "num_params": num_params,
+        "tensors_sha256": sha256,
     }
 
 
@@ -81,6 +101,59 @@ def save_adapter(adapter: Adapter, out: str | os.PathLike) -> Path:
     meta = {METADATA_KEY: json.dumps(manifest(adapter, tensors), sort_keys=True)}
     with atomic_file(target) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+    return target
+
+
+PENDING_SHA256 = "sha256-pending".ljust(64, "-")
+"""The manifest's tensors_sha256 while a streamed file's data is written (as long as a digest)."""
+
+
+def save_adapter_streamed(adapter: Adapter, ranks: dict[str, int], layers: Iterable[tuple[str, AdapterLayer]],
+                          out: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+    """save_adapter for an adapter whose layers arrive one at a time (a merge's): the same file and manifest,
+    holding about one layer at a time. `adapter` gives everything but the layers (its own are ignored);
+    `ranks` is each module's rank, known before the first layer (the header comes first); `layers` yields
+    (module path, AdapterLayer in `dtype`) once per module of nonzero rank. Written atomically: an error
+    (a layer that does not match `ranks`, non-finite values, a failing producer) leaves no file."""
+    source = str(out)
+    validate(Adapter(base=adapter.base, shapes=adapter.shapes, layers={}, init_r=adapter.init_r,
+                     lora_alpha=adapter.lora_alpha, mode=adapter.mode, task_type=adapter.task_type,
+                     labels=adapter.labels, head=adapter.head, info=adapter.info), source)
+    unknown = sorted(set(ranks) - set(adapter.shapes))
+    if unknown:
+        raise AdapterFormatError(f"{source}: ranks given for modules {unknown[:3]} that the adapter does not adapt")
+    ranks = {path: ranks.get(path, 0) for path in adapter.shapes}
+    specs = {f"head.{name}": (t.dtype, tuple(t.shape)) for name, t in adapter.head.items()}
+    for path, r in ranks.items():
+        if r:
+            in_f, out_f = adapter.shapes[path]
+            specs.update({f"layers.{path}.P": (dtype, (out_f, r)), f"layers.{path}.lam": (dtype, (r,)),
+                          f"layers.{path}.Q": (dtype, (r, in_f))})
+    num_params = sum(r * (adapter.shapes[p][0] + adapter.shapes[p][1] + 1) for p, r in ranks.items())
+    meta = {METADATA_KEY: json.dumps(_manifest(adapter, ranks, num_params, PENDING_SHA256), sort_keys=True)}
+    target = Path(out) / FILE_NAME if not str(out).endswith(".safetensors") else Path(out)
+    digest = TensorDigest()
+    with atomic_file(target) as tmp, open(tmp, "wb") as f:
+        writer = StreamWriter(f, specs, meta, on_write=digest.add)
+
+        def put(name: str, tensor: torch.Tensor) -> None:
+            try:
+                writer.put(name, tensor)
+            except ValueError as e:  # a tensor that does not match the header written from `ranks`
+                raise AdapterFormatError(f"{source}: {e}") from e
+
+        for name, t in adapter.head.items():
+            put(f"head.{name}", t)
+        for path, layer in layers:
+            if path not in adapter.shapes:
+                raise AdapterFormatError(f"{source}: layer {path} is not among the adapted modules")
+            validate_layer(path, layer, adapter.shapes[path], source)
+            for name in ("P", "lam", "Q"):
+                put(f"layers.{path}.{name}", getattr(layer, name))
+        try:
+            writer.finish({PENDING_SHA256: digest.hexdigest()})
+        except ValueError as e:
+            raise AdapterFormatError(f"{source}: {e}") from e
     return target
 
 
@@ -158,19 +231,23 @@ def validate(adapter: Adapter, source: str) -> None:
     for path, layer in adapter.layers.items():
         if path not in adapter.shapes:
             raise AdapterFormatError(f"{source}: layer {path} is not among the adapted modules")
-        in_f, out_f = adapter.shapes[path]
-        r = layer.rank
-        expected = {"P": (out_f, r), "lam": (r,), "Q": (r, in_f)}
-        for name, shape in expected.items():
-            t = getattr(layer, name)
-            if tuple(t.shape) != shape:
-                raise AdapterFormatError(f"{source}: {path}.{name} has shape {tuple(t.shape)}, expected {shape}")
-            if not t.is_floating_point():
-                raise AdapterFormatError(f"{source}: {path}.{name} has dtype {t.dtype}, expected a float type")
-            if not torch.isfinite(t).all():
-                raise AdapterFormatError(f"{source}: {path}.{name} holds NaN or inf values")
+        validate_layer(path, layer, adapter.shapes[path], source)
     for name, t in adapter.head.items():
         if not torch.isfinite(t).all():
             raise AdapterFormatError(f"{source}: head tensor {name} holds NaN or inf values")
     if adapter.task_type == "seq-cls" and not adapter.labels:
         raise AdapterFormatError(f"{source}: a seq-cls adapter needs its label names")
+
+
+def validate_layer(path: str, layer: AdapterLayer, shape: tuple[int, int], source: str) -> None:
+    """One module's factors: shapes consistent with (in, out) and its rank, a float dtype, finite values."""
+    in_f, out_f = shape
+    r = layer.rank
+    for name, expected in {"P": (out_f, r), "lam": (r,), "Q": (r, in_f)}.items():
+        t = getattr(layer, name)
+        if tuple(t.shape) != expected:
+            raise AdapterFormatError(f"{source}: {path}.{name} has shape {tuple(t.shape)}, expected {expected}")
+        if not t.is_floating_point():
+            raise AdapterFormatError(f"{source}: {path}.{name} has dtype {t.dtype}, expected a float type")
+        if not torch.isfinite(t).all():
+            raise AdapterFormatError(f"{source}: {path}.{name} holds NaN or inf values")

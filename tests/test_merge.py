@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from adalora_runtime.adapter_file import save_adapter
+from adalora_runtime.adapter_file import load_adapter, read_manifest, save_adapter
 from adalora_runtime.config import AdaLoraConfig, ConfigError
 from adalora_runtime.inject import attach_adapter, inject_adapters
 from tests.conftest import tiny_bert, tiny_llama
@@ -229,6 +229,28 @@ def test_merge_info_records_inputs_weights_method_params(inputs):
     info = merged.info["merge"]
     assert info["method"] == "svd" and info["params"] == {"weights": list(WEIGHTS), "budget": 3000}
     assert len({e["sha256"] for e in info["inputs"]}) == 3
+
+
+STREAMED = [("linear", {}), ("task_arithmetic", {"lambda_": 0.5}), ("svd", {"budget": 3000}), ("svd", {}),
+            ("ties", {"density": 0.5, "budget": 4000})]
+
+
+@pytest.mark.parametrize("method,extra", STREAMED, ids=[f"{m}-{sorted(e)}" for m, e in STREAMED])
+def test_merge_files_writes_what_merge_adapters_returns(tmp_path, inputs, method, extra):
+    """merge_files streams the result layer by layer: the file holds exactly the in-memory merge, manifest
+    (provenance and sha256) included."""
+    paths = [save_adapter(a, tmp_path / f"in{i}").parent for i, a in enumerate(inputs)]
+    params = MergeParams(weights=WEIGHTS, **extra)
+    written = merge_files(paths, tmp_path / "out", method, params)
+    expected = merge_adapters([load_adapter(p) for p in paths], method, params, names=[str(p) for p in paths])
+    for entry, path in zip(expected.info["merge"]["inputs"], paths):
+        entry["path"] = str(path.resolve())
+    assert read_manifest(written) == read_manifest(save_adapter(expected, tmp_path / "expected"))
+    got = load_adapter(written)
+    assert got.ranks() == expected.ranks()
+    for path, layer in expected.layers.items():
+        for name in ("P", "lam", "Q"):
+            assert torch.equal(getattr(got.layers[path], name), getattr(layer, name)), (path, name)
 
 
 # ----------------------------------------------------------------------------- failures: nothing written

@@ -1,4 +1,5 @@
-"""Load, check, merge and write: the steps behind `adalora merge`, usable from Python.
+"""Load, check, merge and write: the steps behind `adalora merge`, usable from Python. `merge_files` writes the
+result layer by layer as the method produces it (svd, linear: one merged layer in memory at a time).
 
 Checks run before any tensor work: one weight per input, parameters valid for the method, the same base
 identity, the same (in, out) for modules adapted by several inputs, finite factors, a common task type.
@@ -7,13 +8,14 @@ identity, the same (in, out) for modules adapted by several inputs, finite facto
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from adalora_runtime.adapter import Adapter
+from adalora_runtime.adapter import Adapter, AdapterLayer
+from adalora_runtime.adapter_file import save_adapter_streamed, tensors_sha256, to_tensors
 from adalora_runtime.peft_interop import load_any
-from adalora_runtime.adapter_file import save_adapter, tensors_sha256, to_tensors
 from tools.merge.lowrank import union_shapes
 from tools.merge.strategies import MergeError, MergeParams, get_strategy
 
@@ -55,13 +57,11 @@ def check_inputs(adapters: list[Adapter], names: list[str]) -> None:
                     raise MergeError(f"{name}: module {path} factor {factor} holds NaN or inf values")
 
 
-def _output_rank(layers: dict) -> int:
-    return max([layer.rank for layer in layers.values()] + [1])
-
-
-def merge_adapters(adapters: list[Adapter], method: str, params: MergeParams, names: list[str] | None = None,
-                   head_from: int | None = None) -> Adapter:
-    """The merged adapter (scale 1: init_r = lora_alpha = its largest rank), with provenance in info["merge"].
+def merge_stream(adapters: list[Adapter], method: str, params: MergeParams, names: list[str] | None = None,
+                 head_from: int | None = None) -> tuple[Adapter, dict[str, int], Iterator[tuple[str, AdapterLayer]]]:
+    """The merge as (the result without its layers, each module's rank, the layers one at a time): what
+    save_adapter_streamed writes holding one layer. The result has scale 1 (init_r = lora_alpha = its largest
+    rank) and its provenance in info["merge"].
 
     head_from: 1-based index of the input whose classification head and labels the result carries;
     None carries no head (each task keeps its own head).
@@ -72,8 +72,8 @@ def merge_adapters(adapters: list[Adapter], method: str, params: MergeParams, na
     if head_from is not None and not 1 <= head_from <= len(adapters):
         raise MergeError(f"--head-from {head_from} must be between 1 and {len(adapters)} (the input's position)")
     check_inputs(adapters, names)
-    layers = strategy.layers(adapters, params)
-    r = _output_rank(layers)
+    ranks, layers = strategy.stream(adapters, params)
+    r = max([*ranks.values(), 1])
     head_source = adapters[head_from - 1] if head_from is not None else None
     labels = (head_source or adapters[0]).labels
     info = {"merge": {
@@ -84,9 +84,18 @@ def merge_adapters(adapters: list[Adapter], method: str, params: MergeParams, na
         "head": (f"head of input {head_from}" if head_from else
                  "none: attach each task's own head (labels are input 1's)" if adapters[0].head else "none"),
     }}
-    return Adapter(base=dict(adapters[0].base), shapes=union_shapes(adapters), layers=layers, init_r=r,
-                   lora_alpha=float(r), mode="adalora", task_type=adapters[0].task_type, labels=labels,
-                   head=dict(head_source.head) if head_source is not None else {}, info=info)
+    shell = Adapter(base=dict(adapters[0].base), shapes=union_shapes(adapters), layers={}, init_r=r,
+                    lora_alpha=float(r), mode="adalora", task_type=adapters[0].task_type, labels=labels,
+                    head=dict(head_source.head) if head_source is not None else {}, info=info)
+    return shell, ranks, layers
+
+
+def merge_adapters(adapters: list[Adapter], method: str, params: MergeParams, names: list[str] | None = None,
+                   head_from: int | None = None) -> Adapter:
+    """The merged adapter in memory (merge_stream with every layer collected)."""
+    merged, _, layers = merge_stream(adapters, method, params, names, head_from)
+    merged.layers = dict(layers)
+    return merged
 
 
 def check_output(out: str | os.PathLike, inputs: list[str | os.PathLike]) -> None:
@@ -103,7 +112,7 @@ def merge_files(paths: list[str | os.PathLike], out: str | os.PathLike, method: 
     check_output(out, paths)
     get_strategy(method).validate(params, len(paths))
     adapters = load_inputs(paths, base_model_dir)
-    merged = merge_adapters(adapters, method, params, names=[str(p) for p in paths], head_from=head_from)
+    merged, ranks, layers = merge_stream(adapters, method, params, names=[str(p) for p in paths], head_from=head_from)
     for entry, path in zip(merged.info["merge"]["inputs"], paths):
         entry["path"] = str(Path(path).resolve())
-    return save_adapter(merged, out)
+    return save_adapter_streamed(merged, ranks, layers, out)  # one merged layer in memory at a time

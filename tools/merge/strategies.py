@@ -7,6 +7,7 @@ layers with scale 1: {module path: AdapterLayer}.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
 import torch
@@ -15,6 +16,9 @@ from adalora_runtime.adapter import Adapter, AdapterLayer
 from tools.merge import dense
 from tools.merge.lowrank import (concat_layer, kept_ranks, select, spectrum_of_dense, spectrum_of_factors, truncate,
                                  union_shapes)
+
+
+LayerItem = tuple[str, AdapterLayer]
 
 
 class MergeError(ValueError):
@@ -84,6 +88,13 @@ class Strategy:
     def layers(self, adapters: list[Adapter], params: MergeParams) -> dict[str, AdapterLayer]:
         raise NotImplementedError
 
+    def stream(self, adapters: list[Adapter], params: MergeParams) -> tuple[dict[str, int], Iterator[LayerItem]]:
+        """Each merged module's rank (known before any layer is produced) and the merged layers one at a time,
+        in that dict's order: what save_adapter_streamed writes without holding the result. This default
+        computes every layer first; the low-rank methods override it to produce each layer on demand."""
+        merged = self.layers(adapters, params)
+        return {path: layer.rank for path, layer in merged.items()}, iter(merged.items())
+
 
 def _scaled_weights(params: MergeParams) -> list[float]:
     return [w * params.scale for w in params.weights]
@@ -95,8 +106,13 @@ class Linear(Strategy):
     name = "linear"
 
     def layers(self, adapters, params):
-        merged = {p: concat_layer(adapters, _scaled_weights(params), p) for p in union_shapes(adapters)}
-        return {p: layer for p, layer in merged.items() if layer is not None}
+        return dict(self.stream(adapters, params)[1])
+
+    def stream(self, adapters, params):
+        weights = _scaled_weights(params)
+        ranks = {p: r for p in union_shapes(adapters)
+                 if (r := sum(a.layers[p].rank for a in adapters if p in a.layers))}
+        return ranks, ((p, concat_layer(adapters, weights, p)) for p in ranks)
 
 
 class TaskArithmetic(Linear):
@@ -113,17 +129,20 @@ class SVD(Strategy):
     accepts = frozenset({"lambda_", "budget"})
 
     def layers(self, adapters, params):
+        return dict(self.stream(adapters, params)[1])
+
+    def stream(self, adapters, params):
         """Two passes so that only one layer's spectrum is alive at a time: singular values of every layer,
-        the global selection, then each layer's spectrum again (same inputs, same ops) truncated."""
+        the global selection, then (lazily) each layer's spectrum again (same inputs, same ops) truncated."""
         weights = _scaled_weights(params)
         singular = {}
         for path, (in_f, out_f) in union_shapes(adapters).items():
             layer = concat_layer(adapters, weights, path)
             if layer is not None:
                 singular[path] = (spectrum_of_factors(layer).s, out_f, in_f)
-        kept = kept_ranks(singular, params.budget)
-        return {path: truncate(spectrum_of_factors(concat_layer(adapters, weights, path)), r)
-                for path, r in kept.items() if r}
+        kept = {path: r for path, r in kept_ranks(singular, params.budget).items() if r}
+        return kept, ((path, truncate(spectrum_of_factors(concat_layer(adapters, weights, path)), r))
+                      for path, r in kept.items())
 
 
 class DenseStrategy(Strategy):

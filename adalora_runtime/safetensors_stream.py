@@ -1,0 +1,84 @@
+"""Write a safetensors file tensor by tensor, holding only the tensors that arrive before their turn.
+
+safetensors puts its header (every tensor's dtype, shape and byte offsets, and the string metadata) before the
+data, so the names, dtypes and shapes must be known when writing starts; the data then follows in sorted name
+order. A metadata value that depends on the data (a digest) is written as a placeholder of its final length
+and patched in place at the end. Readers see an ordinary safetensors file (safe_open, save_file's layout
+rules: 8-byte little-endian header size, a JSON header padded with spaces to 8 bytes, contiguous offsets).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Callable
+from typing import BinaryIO
+
+import torch
+
+DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+          torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+Spec = tuple[torch.dtype, tuple[int, ...]]
+
+
+class StreamWriter:
+    """Header now, then each tensor's bytes as soon as every name sorting before it has been written.
+
+    specs: name -> (dtype, shape) of every tensor the file will hold. on_write(name, tensor) is called once per
+    tensor, in sorted name order (the order tensors_sha256 digests them)."""
+
+    def __init__(self, file: BinaryIO, specs: dict[str, Spec], metadata: dict[str, str],
+                 on_write: Callable[[str, torch.Tensor], None] = lambda name, tensor: None) -> None:
+        unknown = sorted({str(d) for d, _ in specs.values()} - {str(d) for d in DTYPES})
+        if unknown:
+            raise ValueError(f"dtypes {unknown} have no safetensors name")
+        self._file, self._specs, self._on_write = file, specs, on_write
+        self._order = sorted(specs)
+        self._position = {name: i for i, name in enumerate(self._order)}
+        header: dict = {"__metadata__": metadata}
+        offset = 0
+        for name in self._order:
+            dtype, shape = specs[name]
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        self._header = raw + b" " * (-len(raw) % 8)
+        file.write(struct.pack("<Q", len(self._header)))
+        file.write(self._header)
+        self._pending: dict[str, torch.Tensor] = {}
+        self._next = 0
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        """Hand over one tensor (any order); written once its turn comes."""
+        if name not in self._specs:
+            raise ValueError(f"tensor {name!r} is not in the file's header")
+        if name in self._pending or self._position[name] < self._next:
+            raise ValueError(f"tensor {name!r} was given twice")
+        dtype, shape = self._specs[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, the header says {dtype} {shape}")
+        self._pending[name] = tensor.detach().cpu().contiguous()
+        while self._next < len(self._order) and self._order[self._next] in self._pending:
+            name = self._order[self._next]
+            t = self._pending.pop(name)
+            if t.numel():
+                self._file.write(t.reshape(-1).view(torch.uint8).numpy().data)  # 1-D: stride 1 even for size-1 dims
+            self._on_write(name, t)
+            self._next += 1
+
+    def finish(self, patches: dict[str, str] | None = None) -> None:
+        """Check every tensor was written, then replace each placeholder in the header by its value (same
+        length; each placeholder must occur exactly once)."""
+        missing = self._order[self._next:]
+        if missing:
+            raise ValueError(f"{len(missing)} tensors never arrived, first {missing[0]!r}")
+        for placeholder, value in (patches or {}).items():
+            key = placeholder.encode()
+            if len(value.encode()) != len(key) or self._header.count(key) != 1:
+                raise ValueError(f"placeholder {placeholder!r} must occur once and be as long as its value")
+            self._file.seek(8 + self._header.index(key))
+            self._file.write(value.encode())
+        self._file.seek(0, 2)
