@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from adalora_runtime.engine import AdapterEngine, EngineConfig
-from adalora_runtime.engine.apply import Routing
+from adalora_runtime.config import ConfigError
+from adalora_runtime.engine.apply import CostModel, Routing
 from adalora_runtime.engine.errors import AdapterNotFound
 from adalora_runtime.engine.sampling import SamplingParams
 from adalora_runtime.engine.scheduler import GenerationRequest, Generator, GeneratorConfig
@@ -142,3 +143,24 @@ def test_generator_builds_one_decode_context_per_batch_composition(setup):
     while gen.has_work():
         gen.step()
     assert all(len(h.result.token_ids) == 10 for h in first)
+
+
+def test_engine_config_cost_model_decides_auto(setup):
+    """EngineConfig.cost reaches every layer's 'auto' choice: with free launches and gathers, group (the least
+    matmul work) wins where the default picks another strategy."""
+    base, adapters = setup
+    rows = ["a", "b", "a", "b"]
+    picks = {}
+    for name, cost in {"default": CostModel(), "free launches": CostModel(launch=0.0, gather=0.0)}.items():
+        engine = AdapterEngine(copy.deepcopy(base), EngineConfig(max_slots=4, cost=cost))
+        for adapter_id in ("a", "b"):
+            engine.load(adapter_id, adapters[adapter_id])
+        context = engine.context(rows, 1)
+        forward(engine, context, ids_for(rows)[:, :1])
+        picks[name] = set(context.chosen_strategies())
+    assert picks["free launches"] == {"group"} and "group" not in picks["default"]
+
+
+def test_engine_config_refuses_a_cost_that_is_not_a_cost_model():
+    with pytest.raises(ConfigError, match="cost must be an engine.apply.CostModel, got str"):
+        EngineConfig(cost="fast")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adalora_runtime.config import ConfigError
+from adalora_runtime.engine.apply import DEFAULT_COST, CostModel
 from adalora_runtime.engine.apply import STRATEGIES as APPLY_STRATEGIES
 
 STRATEGIES = ("auto", *APPLY_STRATEGIES)
@@ -19,10 +20,15 @@ class EngineConfig:
     target_modules: tuple[str, ...] = ()
     """Module path suffixes to serve (e.g. 'q_proj'); empty = every linear map of the architecture's
     default set. An adapter may adapt any subset of these, never a module outside them."""
+    cost: CostModel = DEFAULT_COST
+    """The cost model of the 'auto' apply strategy; the default is fitted on a CPU (see CostModel): on another
+    device, fit one with benchmarks/engine_apply.py."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_slots, int) or self.max_slots < 1:
             raise ConfigError(f"max_slots must be a positive integer, got {self.max_slots!r}")
+        if not isinstance(self.cost, CostModel):
+            raise ConfigError(f"cost must be an engine.apply.CostModel, got {type(self.cost).__name__}")
         if isinstance(self.target_modules, str):
             raise ConfigError(f"target_modules must be a tuple of names, got the string {self.target_modules!r}; "
                               f"write ({self.target_modules!r},)")

@@ -101,7 +101,7 @@ class AdapterEngine:
             route = self._route(request, row)
             row_groups.append(-1 if route is None else routes.setdefault(route, len(routes)))
         groups = torch.tensor(row_groups, dtype=torch.long, device=self.device).repeat_interleave(tokens_per_row)
-        return BatchContext(groups=groups, routes=tuple(routes), strategy=strategy)
+        return BatchContext(groups=groups, routes=tuple(routes), strategy=strategy, cost=self.config.cost)
 
     def context_from_slots(self, slots: torch.Tensor, strategy: str = "auto") -> BatchContext:
         """Routing from raw per-token slot indices (any shape, flattened in order; -1 = base model)."""
@@ -116,7 +116,8 @@ class AdapterEngine:
         for g, s in enumerate(present):
             lookup[s] = g
         groups = lookup[flat]  # -1 indexes the last entry, which stays -1
-        return BatchContext(groups=groups, routes=tuple(((s, 1.0),) for s in present), strategy=strategy)
+        return BatchContext(groups=groups, routes=tuple(((s, 1.0),) for s in present), strategy=strategy,
+                            cost=self.config.cost)
 
     @contextmanager
     def batch(self, context: BatchContext) -> Iterator[BatchContext]:

@@ -15,7 +15,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from adalora_runtime.engine.apply import Plan, Routing, make_plan
+from adalora_runtime.engine.apply import DEFAULT_COST, CostModel, Plan, Routing, make_plan
 from adalora_runtime.engine.config import check_strategy
 from adalora_runtime.engine.errors import BatchError, EngineError
 from adalora_runtime.engine.slots import Route, SlotBank
@@ -33,6 +33,8 @@ class BatchContext:
     routes: tuple[Route, ...]
     strategy: str = "auto"
     """'auto' (the cost model decides per layer) or one of 'group', 'packed', 'padded'."""
+    cost: CostModel = DEFAULT_COST
+    """The cost model 'auto' decides by."""
     _plans: dict[SlotBank, list] = field(default_factory=dict, init=False, repr=False, compare=False)
     """bank -> [its generation when last checked, its versions of `slots` when the plan was built, the plan];
     filled lazily by `plan`."""
@@ -64,7 +66,7 @@ class BatchContext:
         versions = bank.versions(self.slots)
         if cached is None or cached[1] != versions:
             cached = [bank.generation, versions,
-                      make_plan(self.routing, [bank.route(r) for r in self.routes], self.strategy)]
+                      make_plan(self.routing, [bank.route(r) for r in self.routes], self.strategy, self.cost)]
             self._plans[bank] = cached
         cached[0] = bank.generation  # a write elsewhere in the bank leaves this plan as it was
         return cached[2]
