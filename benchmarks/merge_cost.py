@@ -89,15 +89,18 @@ def make_adapters(shapes: dict[str, tuple[int, int]], base: dict, folder: Path, 
 
 
 def warm_up() -> None:
-    """Run both routes once on two tiny in-memory adapters, so that one-time costs (lazy imports, library
-    workspaces, about 4 MB) land before the baseline and are charged to neither route."""
+    """Run every route once on two tiny in-memory adapters, so that one-time costs (lazy imports, library
+    workspaces, about 4 MB) land before the baseline and are charged to none of them."""
     from tools.merge import MergeParams, merge_adapters
+    from tools.merge.pipeline import merge_stream
     gen = torch.Generator().manual_seed(1)
     shapes = {"layer": (24, 40)}
     tiny = [Adapter(base={"name": "warm-up"}, shapes=shapes, init_r=4, lora_alpha=8.0,
                     layers={"layer": AdapterLayer(torch.randn(40, 4, generator=gen), torch.randn(4, generator=gen),
                                                   torch.randn(4, 24, generator=gen))}) for _ in range(2)]
     merge_adapters(tiny, "svd", MergeParams(weights=(0.5, 0.5), budget=130))
+    with tempfile.TemporaryDirectory() as out:
+        save_adapter_streamed(*merge_stream(tiny, "svd", MergeParams(weights=(0.5, 0.5), budget=130)), out)
     dense_route(tiny, [0.5, 0.5], 130)
 
 

@@ -45,26 +45,40 @@ def folded_factors(adapter: Adapter, path: str, weight: float) -> AdapterLayer |
     return AdapterLayer(layer.P, layer.lam * (adapter.scale * weight), layer.Q)
 
 
-def concat_layer(adapters: list[Adapter], weights: list[float], path: str) -> AdapterLayer | None:
+def concat_layer(adapters: list[Adapter], weights: list[float], path: str,
+                 dtype: torch.dtype = torch.float32) -> AdapterLayer | None:
     """Exact weighted sum of one module as stacked factors: P (out, R), lam (R,), Q (R, in), R = sum of ranks."""
     parts = [f for a, w in zip(adapters, weights) if (f := folded_factors(a, path, w)) is not None]
     if not parts:
         return None
     return AdapterLayer(
-        P=torch.cat([p.P.float() for p in parts], dim=1).contiguous(),
-        lam=torch.cat([p.lam.float() for p in parts]).contiguous(),
-        Q=torch.cat([p.Q.float() for p in parts], dim=0).contiguous(),
+        P=torch.cat([p.P.to(dtype) for p in parts], dim=1),
+        lam=torch.cat([p.lam.to(dtype) for p in parts]),
+        Q=torch.cat([p.Q.to(dtype) for p in parts], dim=0),
     )
 
 
-def spectrum_of_factors(layer: AdapterLayer) -> Spectrum:
-    """SVD of P diag(lam) Q from QR of P and of Q^T and an SVD of the small core; no (out, in) matrix."""
+def singular_values_of_factors(layer: AdapterLayer) -> torch.Tensor:
+    """Singular values (descending) of P diag(lam) Q: the triangular factors of QR(P) and QR(Q^T) hold all of
+    it (delta = Qp (Rp diag(lam) Rq^T) Qq^T with orthonormal Qp, Qq), so neither orthonormal factor is formed."""
     P, lam, Q = (t.to(WORK_DTYPE) for t in (layer.P, layer.lam, layer.Q))
-    Qp, Rp = torch.linalg.qr(P)  # (out, k1), (k1, R)
-    Qq, Rq = torch.linalg.qr(Q.T)  # (in, k2), (k2, R)
-    core = delta_weight(Rp, lam, Rq.T, 1.0)  # (k1, k2): delta = Qp core Qq^T
-    U, s, Vh = torch.linalg.svd(core, full_matrices=False)
-    return Spectrum(U=Qp @ U, s=s, Vh=Vh @ Qq.T)
+    Rp = torch.linalg.qr(P, mode="r").R  # (k1, R)
+    Rq = torch.linalg.qr(Q.T, mode="r").R  # (k2, R)
+    return torch.linalg.svdvals(delta_weight(Rp, lam, Rq.T, 1.0))
+
+
+def top_triplets_of_factors(layer: AdapterLayer, r: int) -> AdapterLayer:
+    """The best rank-r approximation of P diag(lam) Q (Eckart-Young) as an AdaLoRA-shaped layer: P orthonormal
+    columns (out, r), lam = the top singular values, Q orthonormal rows (r, in). From QR of P and of Q^T and an
+    SVD of the small core; only r columns of the (out, R) and (in, R) orthonormal bases are multiplied out,
+    and each input copy is dropped once used, so one layer's working set stays near (out + in) * R numbers."""
+    lam = layer.lam.to(WORK_DTYPE)
+    Qp, Rp = torch.linalg.qr(layer.P.to(WORK_DTYPE))  # (out, k1), (k1, R)
+    Qq, Rq = torch.linalg.qr(layer.Q.to(WORK_DTYPE).T)  # (in, k2), (k2, R)
+    U, s, Vh = torch.linalg.svd(delta_weight(Rp, lam, Rq.T, 1.0), full_matrices=False)  # core (k1, k2)
+    P = (Qp @ U[:, :r]).float()  # (out, r)
+    del Qp
+    return AdapterLayer(P=P, lam=s[:r].float(), Q=(Vh[:r] @ Qq.T).float())  # Q (r, in)
 
 
 def spectrum_of_dense(delta: torch.Tensor) -> Spectrum:

@@ -14,8 +14,8 @@ import torch
 
 from adalora_runtime.adapter import Adapter, AdapterLayer
 from tools.merge import dense
-from tools.merge.lowrank import (concat_layer, kept_ranks, select, spectrum_of_dense, spectrum_of_factors, truncate,
-                                 union_shapes)
+from tools.merge.lowrank import (WORK_DTYPE, concat_layer, kept_ranks, select, singular_values_of_factors,
+                                 spectrum_of_dense, top_triplets_of_factors, union_shapes)
 
 
 LayerItem = tuple[str, AdapterLayer]
@@ -133,15 +133,15 @@ class SVD(Strategy):
 
     def stream(self, adapters, params):
         """Two passes so that only one layer's spectrum is alive at a time: singular values of every layer,
-        the global selection, then (lazily) each layer's spectrum again (same inputs, same ops) truncated."""
+        the global selection, then (lazily) each layer's top triplets from the same inputs."""
         weights = _scaled_weights(params)
         singular = {}
         for path, (in_f, out_f) in union_shapes(adapters).items():
-            layer = concat_layer(adapters, weights, path)
+            layer = concat_layer(adapters, weights, path, WORK_DTYPE)
             if layer is not None:
-                singular[path] = (spectrum_of_factors(layer).s, out_f, in_f)
+                singular[path] = (singular_values_of_factors(layer), out_f, in_f)
         kept = {path: r for path, r in kept_ranks(singular, params.budget).items() if r}
-        return kept, ((path, truncate(spectrum_of_factors(concat_layer(adapters, weights, path)), r))
+        return kept, ((path, top_triplets_of_factors(concat_layer(adapters, weights, path, WORK_DTYPE), r))
                       for path, r in kept.items())
 
 
