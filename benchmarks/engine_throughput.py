@@ -5,7 +5,8 @@ mean about 8) on all 7 llama projections, random small factors. Each batch has B
 PROMPT_LEN random token ids (no padding) and generates exactly N new tokens greedily (eos ignored).
 
 Configurations, per batch size (every one runs in this process, in a rotated order each repeat; medians; "vs
-base" is the median over repeats of each repeat's throughput over the same repeat's base):
+base" is the median over repeats of each run's throughput over its base run: the same repeat's, or with
+--paired the base run made right before it):
 - base:               our Generator, every row on the base model (no adapter); the reference of the ratios
 - hf-base:            transformers `generate` on the plain base (the loop PEFT runs in)
 - ours/<mix>/<strat>: our Generator with the rows' adapters drawn by <mix>, under each apply strategy
@@ -280,8 +281,11 @@ def configurations(batch: int, setup: dict) -> dict[str, Callable[[], dict]]:
     return runs
 
 
-def measure(runs: dict[str, Callable[[], dict]], repeats: int) -> dict[str, list[dict]]:
-    """Every run once per repeat, in an order rotated by one each repeat; one warm-up of each first."""
+def measure(runs: dict[str, Callable[[], dict]], repeats: int,
+            paired: bool = False) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """Every run once per repeat, in an order rotated by one each repeat; one warm-up of each first. paired:
+    a base run right before every other run, so each ratio compares two runs seconds apart. Returns (samples
+    by name, the base sample each run is compared with, by name)."""
     started = time.perf_counter()
     for run in runs.values():
         run()
@@ -290,9 +294,23 @@ def measure(runs: dict[str, Callable[[], dict]], repeats: int) -> dict[str, list
     for r in range(repeats):
         started = time.perf_counter()
         for name in names[r % len(names):] + names[: r % len(names)]:
+            if paired and name == "base":
+                continue  # base runs before every other configuration instead
+            if paired:
+                samples["base"].append(runs["base"]())
             samples[name].append(runs[name]())
         print(f"  repeat {r + 1}/{repeats}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-    return samples
+    if not paired:  # every run of a repeat against that repeat's one base run
+        return samples, {name: samples["base"] for name in runs}
+    per = len(runs) - 1  # base runs per repeat; the k-th non-base run of a repeat follows its k-th base run
+    bases, order = {name: [] for name in runs}, []
+    for r in range(repeats):
+        order += [n for n in names[r % len(names):] + names[: r % len(names)] if n != "base"]
+    for base_run, name in zip(samples["base"], order):
+        bases[name].append(base_run)
+    bases["base"] = samples["base"]
+    assert all(len(bases[n]) == len(samples[n]) for n in runs) and len(samples["base"]) == per * repeats
+    return samples, bases
 
 
 def summarize(samples: list[dict]) -> dict:
@@ -328,14 +346,14 @@ def build(args, device: torch.device, dtype: torch.dtype) -> dict:
     return setup
 
 
-def batch_results(batch: int, setup: dict, repeats: int, only: str | None = None) -> dict:
+def batch_results(batch: int, setup: dict, repeats: int, only: str | None = None, paired: bool = False) -> dict:
     runs = configurations(batch, setup)
     if only is not None:  # always with base, the reference of every ratio
         runs = {name: run for name, run in runs.items() if name == "base" or re.fullmatch(only, name)}
-    samples = measure(runs, repeats)
+    samples, bases = measure(runs, repeats, paired)
     stats = {name: summarize(s) for name, s in samples.items()}
-    base = stats["base"]["decode_tok_s_all"]
-    for s in stats.values():  # paired: each repeat's throughput over that same repeat's base, then the median
+    for name, s in stats.items():  # each run over the base run it is paired with, then the median
+        base = [b["decode_tokens"] / b["decode_s"] for b in bases[name]]
         s["vs_base"] = median([t / b for t, b in zip(s["decode_tok_s_all"], base)])
     choices = {}
     for mix in MIXES:
@@ -408,6 +426,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens generated per request (default 64; quick 6)")
     ap.add_argument("--only", default=None, metavar="REGEX",
                     help="run only the configurations whose name matches (base always runs), e.g. 'ours/distinct/.*'")
+    ap.add_argument("--paired", action="store_true",
+                    help="run base right before every other configuration (twice the time): ratios from runs "
+                         "seconds apart, for a machine whose speed drifts within a repeat")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -429,7 +450,8 @@ def main() -> None:
         "slot_load_ms": setup["slot_load_ms"], "edge_swap_ms": setup["edge_swap_ms"],
         "adapter_bytes": setup["engine"].nbytes("a0"),
         "peft_adalora_mixed_batch_error": setup.get("peft_adalora_error"),
-        "only": args.only, "batches": {b: batch_results(b, setup, args.repeats, args.only) for b in args.batches},
+        "only": args.only, "paired": args.paired,
+        "batches": {b: batch_results(b, setup, args.repeats, args.only, args.paired) for b in args.batches},
     }
     results["seconds"] = time.perf_counter() - started
     print(table(results), "\n")

@@ -199,9 +199,9 @@ class CostModel:
     - padded: (2 * launch  +  bmm * N * max_rank) * padded_build, only where the plan pre-gathers
       (`PaddedPlan.pregathers`; every token multiplies its own factors padded to the max rank; `bmm` > 1
       because many small batched matrix-vector products run at a lower rate than one matmul;
-      `padded_build` > 1 because its plan takes ~2.7x as long as packed's to build, 194 vs 72 ms over
-      SmolLM2's 210 layers at batch 8, and a continuously batched decode rebuilds at every join or leave:
-      padded is picked only where it saves about a third of a call or more)
+      `padded_build` > 1 because its plan takes about twice as long as packed's to build, 5.1 vs 2.6 ms per
+      SmolLM2 block at batch 8 over 8 adapters, and a continuously batched decode rebuilds at every join or
+      leave: padded is picked only where it saves about a third of a call or more)
 
     `launch` is the fixed cost of one operator call (dispatch, kernel launch) in the same units. The
     defaults are fitted to `benchmarks/engine_apply.py` on SmolLM2-135M's layer shapes, float32 on a 2-core
