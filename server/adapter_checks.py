@@ -108,7 +108,7 @@ def check_safetensors(path: Path, limits: AdapterLimits) -> None:
     total = sum(end - begin for begin, end, _ in spans)
     if total > limits.max_tensor_bytes:
         raise AdapterRejected(f"{path}: {total} bytes of tensor data, over the cap of {limits.max_tensor_bytes} "
-                              f"(AdapterLimits.max_tensor_bytes)")
+                              f"(AdapterLimits.max_tensor_bytes, adalora serve --max-adapter-bytes)")
     _check_layout(path, spans, size - 8 - length)
 
 
@@ -141,12 +141,12 @@ def _span(path: Path, name: str, entry: object, limits: AdapterLimits) -> tuple[
     dtype, shape, (begin, end) = entry.get("dtype"), entry["shape"], entry["data_offsets"]
     if dtype not in limits.dtypes:
         raise AdapterRejected(f"{path}: tensor {name!r} has dtype {dtype!r}; allowed: {', '.join(limits.dtypes)} "
-                              f"(AdapterLimits.dtypes); save the adapter in float32, float16 or bfloat16")
+                              f"(AdapterLimits.dtypes, adalora serve --adapter-dtypes); save the adapter in float32, float16 or bfloat16")
     if name.startswith(FACTOR_PREFIXES):
         dim = next((d for suffix, d in RANK_DIM.items() if name.endswith(suffix)), None)
         if dim is not None and len(shape) > dim and shape[dim] > limits.max_rank:
             raise AdapterRejected(f"{path}: tensor {name!r} has rank {shape[dim]}, over the cap of {limits.max_rank} "
-                                  f"(AdapterLimits.max_rank)")
+                                  f"(AdapterLimits.max_rank, adalora serve --max-adapter-rank)")
     need = math.prod(shape) * DTYPE_BYTES[dtype]
     if end - begin != need:
         raise AdapterRejected(f"{path}: tensor {name!r} spans {end - begin} bytes, its dtype {dtype} and shape "

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from adalora_runtime.config import ConfigError
 from adalora_runtime.recipe import DTYPES
 from server import tls
+from server.adapter_checks import AdapterLimits
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -59,6 +60,10 @@ class ServerConfig:
     max_upload_bytes: int = 1024**3
     """Most bytes of one UploadAdapter (all its files); an upload declaring more is RESOURCE_EXHAUSTED before any
     byte is written. Its chunks are messages: each stays under max_message_bytes."""
+    adapter_limits: AdapterLimits = AdapterLimits()
+    """Caps every adapter read from the store or uploaded must fit, checked from its file headers before any tensor
+    is read (rank, bytes of tensor data, dtypes, header size, tensor count); a refused adapter is
+    FAILED_PRECONDITION and changes nothing that serves."""
     grace_s: float = 10.0
     """On SIGTERM: seconds in-flight requests get to finish before they are cancelled."""
     metrics_port: int | None = None
@@ -115,6 +120,8 @@ class ServerConfig:
             _positive_int(name, getattr(self, name))
         if self.max_device_bytes is not None:
             _positive_int("max_device_bytes", self.max_device_bytes)
+        if not isinstance(self.adapter_limits, AdapterLimits):
+            raise ConfigError(f"adapter_limits must be an AdapterLimits, got {self.adapter_limits!r}")
         if isinstance(self.max_host_bytes, bool) or not isinstance(self.max_host_bytes, int) or self.max_host_bytes < 0:
             raise ConfigError(f"max_host_bytes must be an integer >= 0 (0 = no host tier), got {self.max_host_bytes!r}")
         if self.default_max_new_tokens > self.max_new_tokens:

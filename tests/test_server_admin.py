@@ -2,6 +2,7 @@
 describe) with the status code of every refusal, and health transitions (NOT_SERVING until the base model is
 attached, and on drain)."""
 
+import dataclasses
 import threading
 import time
 
@@ -11,6 +12,7 @@ from grpc_health.v1 import health_pb2
 from transformers import LlamaForCausalLM
 
 from adalora_runtime.adapter_file import save_adapter, tensors_sha256, to_tensors
+from server.adapter_checks import AdapterLimits
 from server.config import ServerConfig
 from server.gen.adalora.v1 import adalora_pb2 as pb
 from tests.conftest import tiny_llama_config
@@ -87,6 +89,22 @@ def test_refused_loads_change_nothing(setup):
         assert [a.id for a in server.client.list_adapters().adapters] == ["a"]
         code, details = status_of(lambda: server.client.unload_adapter("b"))
         assert code == grpc.StatusCode.NOT_FOUND and "not loaded" in details
+    finally:
+        server.stop()
+
+
+def test_the_servers_adapter_limits_refuse_an_adapter_over_them(setup):
+    config, _, adapters = setup
+    cap = max(adapters["a"].ranks().values())  # 'a' fits exactly; 'b' keeps a higher rank somewhere
+    top = max(adapters["b"].ranks().values())
+    assert top > cap
+    server = ServerThread(dataclasses.replace(config, adapter_limits=AdapterLimits(max_rank=cap)))
+    try:
+        code, details = status_of(lambda: server.client.load_adapter("b"))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+        assert f"has rank {top}, over the cap of {cap}" in details and "--max-adapter-rank" in details
+        assert server.client.list_adapters().adapters == []
+        assert server.client.load_adapter("a").adapter.id == "a"
     finally:
         server.stop()
 

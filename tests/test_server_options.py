@@ -13,6 +13,8 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from adalora_runtime.assets import NotPreparedError
+from adalora_runtime.config import ConfigError
+from server.adapter_checks import AdapterLimits
 from server.app import in_daemon_thread
 from server.commands import serve as serve_command
 from server.config import ServerConfig
@@ -83,3 +85,22 @@ def test_a_stop_does_not_wait_for_a_base_model_still_loading():
     assert time.monotonic() - started < 5
     gate.set()
     assert asyncio.run(finished()) == 6
+
+
+def test_adapter_limit_flags_reach_the_config(tmp_path):
+    config = serve_command.config_from(parse("--base-model", "m", "--adapter-dir", str(tmp_path), "--max-adapter-rank",
+                                             "16", "--max-adapter-bytes", "1000000", "--adapter-dtypes", "F32", "BF16"))
+    assert (config.adapter_limits.max_rank, config.adapter_limits.max_tensor_bytes) == (16, 1_000_000)
+    assert config.adapter_limits.dtypes == ("F32", "BF16")
+    assert serve_command.config_from(parse("--base-model", "m", "--adapter-dir", str(tmp_path))).adapter_limits == \
+        AdapterLimits()
+
+
+@pytest.mark.parametrize("flags,pattern", [
+    (("--max-adapter-rank", "0"), "AdapterLimits.max_rank must be a positive integer"),
+    (("--max-adapter-bytes", "-5"), "AdapterLimits.max_tensor_bytes must be a positive integer"),
+    (("--adapter-dtypes", "F64"), r"AdapterLimits.dtypes must be a non-empty tuple of \['BF16', 'F16', 'F32'\]"),
+])
+def test_bad_adapter_limit_flags_are_refused(tmp_path, flags, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        serve_command.config_from(parse("--base-model", "m", "--adapter-dir", str(tmp_path), *flags))

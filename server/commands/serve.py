@@ -9,6 +9,7 @@ import os
 
 from adalora_runtime.engine.errors import EngineError
 from adalora_runtime.peft_interop import InteropError
+from server.adapter_checks import AdapterLimits
 from server.app import serve
 from server.config import ServerConfig
 from server.errors import StoreError
@@ -78,6 +79,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-upload-bytes", type=int, default=DEFAULTS.max_upload_bytes,
                    help=f"most bytes of one UploadAdapter, all its files; more is RESOURCE_EXHAUSTED (default "
                         f"{DEFAULTS.max_upload_bytes})")
+    limits = AdapterLimits()
+    p.add_argument("--max-adapter-rank", type=int, default=limits.max_rank,
+                   help=f"highest kept rank of any module of an adapter the store reads or an upload brings; a higher "
+                        f"one is refused from its header, before any tensor is read (default {limits.max_rank})")
+    p.add_argument("--max-adapter-bytes", type=int, default=limits.max_tensor_bytes,
+                   help=f"most bytes of tensor data in one adapter file (default {limits.max_tensor_bytes})")
+    p.add_argument("--adapter-dtypes", nargs="+", default=list(limits.dtypes), metavar="DTYPE",
+                   help=f"safetensors dtypes an adapter's tensors may have (default: {' '.join(limits.dtypes)})")
     p.add_argument("--ready-file", metavar="PATH", default=None,
                    help='once SERVING, write {"host", "port", "metrics_port", "pid"} as JSON to PATH (atomically; '
                         'removed on shutdown): how a parent that passed --port 0 learns the ports')
@@ -109,7 +118,10 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
                         max_message_bytes=args.max_message_bytes, max_upload_bytes=args.max_upload_bytes,
                         admin_token=args.admin_token or os.environ.get("ADALORA_ADMIN_TOKEN") or None,
                         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-                        admin_client_names=tuple(args.admin_client_name))
+                        admin_client_names=tuple(args.admin_client_name),
+                        adapter_limits=AdapterLimits(max_rank=args.max_adapter_rank,
+                                                     max_tensor_bytes=args.max_adapter_bytes,
+                                                     dtypes=tuple(args.adapter_dtypes)))
 
 
 def run(args: argparse.Namespace) -> int:
