@@ -1,9 +1,13 @@
-"""The batch cache's select / concat against a naive per-row list of (real keys, real values)."""
+"""The batch cache's select / concat against a naive per-row list of (real keys, real values), and the keyword the
+model takes it under."""
+
+import inspect
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LlamaForCausalLM
 
-from adalora_runtime.engine.kv import BatchKV, concat, prefill_inputs, select
+from adalora_runtime.engine.kv import BatchKV, cache_argument, concat, prefill_inputs, select
+from tests.conftest import tiny_llama_config
 
 H, D, LAYERS = 2, 3, 2
 
@@ -70,3 +74,16 @@ def test_prefill_inputs_left_pad_with_positions_from_each_rows_start():
     assert ids.tolist() == [[7, 8, 9], [0, 0, 5]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert positions.tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+class OlderCausalLM(torch.nn.Module):
+    """The forward signature of transformers releases before `cache` (only past_key_values)."""
+
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None):
+        return input_ids
+
+
+def test_the_cache_keyword_follows_the_forward_signature():
+    modern = "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
+    assert cache_argument(LlamaForCausalLM(tiny_llama_config())) == ("cache" if modern else "past_key_values")
+    assert cache_argument(OlderCausalLM()) == "past_key_values"

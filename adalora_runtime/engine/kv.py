@@ -8,10 +8,17 @@ of attention (mask 0), and each row carries its own next position id.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The keyword under which `model.forward` takes the KV cache: `cache` where it has one (transformers 5.2x
+    deprecates `past_key_values` and drops it in 5.40), else `past_key_values` (older releases)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @dataclass

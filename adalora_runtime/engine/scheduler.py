@@ -32,7 +32,7 @@ from adalora_runtime.config import ConfigError
 from adalora_runtime.engine.config import check_strategy
 from adalora_runtime.engine.engine import AdapterEngine, Request
 from adalora_runtime.engine.errors import DeadlineExpired, EngineError, InvalidRequest, RequestCancelled
-from adalora_runtime.engine.kv import BatchKV, concat, prefill_inputs, select
+from adalora_runtime.engine.kv import BatchKV, cache_argument, concat, prefill_inputs, select
 from adalora_runtime.engine.multi_linear import BatchContext
 from adalora_runtime.engine.sampling import SamplingParams, next_token, request_generator
 
@@ -117,6 +117,7 @@ class Generator:
             raise EngineError(f"{type(model).__name__} has sliding-window or other non-full-attention cache layers, "
                               f"which this generator's left-padded batch cache does not handle")
         self.engine, self.config, self.tokenizer = engine, config, tokenizer
+        self._cache_kw = cache_argument(model)
         eos = config.eos_token_ids
         if eos is None:
             eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -243,8 +244,8 @@ class Generator:
         context = self.engine.context([h.request.adapter for h in new], ids.shape[1], self.config.strategy)
         with self.engine.batch(context):
             out = self.engine.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        kv = BatchKV(out.past_key_values, mask, mask.sum(dim=1))
+                                    **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1)
+        kv = BatchKV(cache, mask, mask.sum(dim=1))  # the forward filled `cache` in place
         first = len(self._rows)
         self._rows += rows
         self._kv = concat(self._kv, kv)
@@ -264,7 +265,7 @@ class Generator:
         context = self._decode_routing()
         with self.engine.batch(context):
             out = self.engine.model(input_ids=self._pending[:, None], attention_mask=attention_mask,
-                                    position_ids=position_ids, past_key_values=self._kv.cache, use_cache=True)
+                                    position_ids=position_ids, **{self._cache_kw: self._kv.cache}, use_cache=True)
         self._kv.advance()
         return out.logits[:, -1]
 
