@@ -11,7 +11,7 @@ from adalora_runtime.adapter_file import load_adapter, read_manifest, save_adapt
 from adalora_runtime.config import AdaLoraConfig, ConfigError
 from adalora_runtime.inject import attach_adapter, inject_adapters
 from tests.conftest import tiny_bert, tiny_llama
-from tools.merge import MergeError, MergeParams, merge_adapters, merge_files, merge_into_base
+from tools.merge import MergeError, MergeParams, merge_adapters, merge_files, merge_into_base, tallqr
 from tools.merge.dense import layer_generator
 
 LLAMA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -114,7 +114,16 @@ def assert_adalora_shaped(adapter):
         assert (layer.lam[:-1] >= layer.lam[1:]).all() and (layer.lam > 0).all()
 
 
-def test_svd_full_budget_is_the_exact_sum(inputs):
+@pytest.fixture(params=["one-block", "tiny-blocks"])
+def qr_blocks(request, monkeypatch):
+    """The svd merge's row-block QR as configured (one block at these sizes), and cut into 5-row blocks."""
+    if request.param == "tiny-blocks":
+        monkeypatch.setattr(tallqr, "ROW_BLOCK", 5)
+        monkeypatch.setattr(tallqr, "BLOCK_WIDTHS", 0)
+    return request.param
+
+
+def test_svd_full_budget_is_the_exact_sum(inputs, qr_blocks):
     exact = merge_adapters(inputs, "svd", MergeParams(weights=WEIGHTS))
     full_budget = sum(r * (i + o + 1) for p, (i, o) in exact.shapes.items() for r in [exact.ranks()[p]])
     for merged in (exact, merge_adapters(inputs, "svd", MergeParams(weights=WEIGHTS, budget=full_budget))):
@@ -126,7 +135,7 @@ def test_svd_full_budget_is_the_exact_sum(inputs):
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.2])
-def test_svd_budget_error_is_the_eckart_young_optimum(inputs, fraction):
+def test_svd_budget_error_is_the_eckart_young_optimum(inputs, fraction, qr_blocks):
     exact = merge_adapters(inputs, "svd", MergeParams(weights=WEIGHTS))
     budget = int(fraction * exact.num_params())
     merged = merge_adapters(inputs, "svd", MergeParams(weights=WEIGHTS, budget=budget))

@@ -14,6 +14,7 @@ import torch
 from adalora_runtime.adapter import Adapter, AdapterLayer
 from adalora_runtime.allocator import keep_mask
 from adalora_runtime.delta import delta_weight
+from tools.merge.tallqr import TallQR
 
 WORK_DTYPE = torch.float64
 """QR/SVD of the small stacked factors run in float64 (cheap at these ranks); outputs are float32."""
@@ -45,40 +46,43 @@ def folded_factors(adapter: Adapter, path: str, weight: float) -> AdapterLayer |
     return AdapterLayer(layer.P, layer.lam * (adapter.scale * weight), layer.Q)
 
 
-def concat_layer(adapters: list[Adapter], weights: list[float], path: str,
-                 dtype: torch.dtype = torch.float32) -> AdapterLayer | None:
+def layer_parts(adapters: list[Adapter], weights: list[float], path: str) -> list[AdapterLayer]:
+    """One module's weighted inputs, each input's weight and scale folded into its lam (rank-0 inputs left out):
+    their deltas sum to the exact merged update."""
+    return [f for a, w in zip(adapters, weights) if (f := folded_factors(a, path, w)) is not None]
+
+
+def concat_layer(adapters: list[Adapter], weights: list[float], path: str) -> AdapterLayer | None:
     """Exact weighted sum of one module as stacked factors: P (out, R), lam (R,), Q (R, in), R = sum of ranks."""
-    parts = [f for a, w in zip(adapters, weights) if (f := folded_factors(a, path, w)) is not None]
+    parts = layer_parts(adapters, weights, path)
     if not parts:
         return None
-    return AdapterLayer(
-        P=torch.cat([p.P.to(dtype) for p in parts], dim=1),
-        lam=torch.cat([p.lam.to(dtype) for p in parts]),
-        Q=torch.cat([p.Q.to(dtype) for p in parts], dim=0),
-    )
+    return AdapterLayer(P=torch.cat([p.P.float() for p in parts], dim=1), lam=torch.cat([p.lam.float() for p in parts]),
+                        Q=torch.cat([p.Q.float() for p in parts], dim=0))
 
 
-def singular_values_of_factors(layer: AdapterLayer) -> torch.Tensor:
-    """Singular values (descending) of P diag(lam) Q: the triangular factors of QR(P) and QR(Q^T) hold all of
-    it (delta = Qp (Rp diag(lam) Rq^T) Qq^T with orthonormal Qp, Qq), so neither orthonormal factor is formed."""
-    P, lam, Q = (t.to(WORK_DTYPE) for t in (layer.P, layer.lam, layer.Q))
-    Rp = torch.linalg.qr(P, mode="r").R  # (k1, R)
-    Rq = torch.linalg.qr(Q.T, mode="r").R  # (k2, R)
-    return torch.linalg.svdvals(delta_weight(Rp, lam, Rq.T, 1.0))
+def _factored_core(parts: list[AdapterLayer]) -> tuple[TallQR, TallQR, torch.Tensor]:
+    """sum_k P_k diag(lam_k) Q_k = Qp (Rp diag(lam) Rq^T) Qq^T with Qp, Qq orthonormal: the QRs of the stacked P
+    and of the stacked Q^T (by row blocks, never stacked whole) and the small core Rp diag(lam) Rq^T (k1, k2)."""
+    p = TallQR([part.P for part in parts], WORK_DTYPE)
+    q = TallQR([part.Q.T for part in parts], WORK_DTYPE)
+    lam = torch.cat([part.lam for part in parts]).to(WORK_DTYPE)
+    return p, q, delta_weight(p.R, lam, q.R.T, 1.0)
 
 
-def top_triplets_of_factors(layer: AdapterLayer, r: int) -> AdapterLayer:
-    """The best rank-r approximation of P diag(lam) Q (Eckart-Young) as an AdaLoRA-shaped layer: P orthonormal
-    columns (out, r), lam = the top singular values, Q orthonormal rows (r, in). From QR of P and of Q^T and an
-    SVD of the small core; only r columns of the (out, R) and (in, R) orthonormal bases are multiplied out,
-    and each input copy is dropped once used, so one layer's working set stays near (out + in) * R numbers."""
-    lam = layer.lam.to(WORK_DTYPE)
-    Qp, Rp = torch.linalg.qr(layer.P.to(WORK_DTYPE))  # (out, k1), (k1, R)
-    Qq, Rq = torch.linalg.qr(layer.Q.to(WORK_DTYPE).T)  # (in, k2), (k2, R)
-    U, s, Vh = torch.linalg.svd(delta_weight(Rp, lam, Rq.T, 1.0), full_matrices=False)  # core (k1, k2)
-    P = (Qp @ U[:, :r]).float()  # (out, r)
-    del Qp
-    return AdapterLayer(P=P, lam=s[:r].float(), Q=(Vh[:r] @ Qq.T).float())  # Q (r, in)
+def singular_values_of_factors(parts: list[AdapterLayer]) -> torch.Tensor:
+    """Singular values (descending) of the summed update of `parts`: those of the small core alone."""
+    return torch.linalg.svdvals(_factored_core(parts)[2])
+
+
+def top_triplets_of_factors(parts: list[AdapterLayer], r: int) -> AdapterLayer:
+    """The best rank-r approximation of the summed update of `parts` (Eckart-Young) as an AdaLoRA-shaped layer:
+    P orthonormal columns (out, r), lam = the top singular values, Q orthonormal rows (r, in). Only the r kept
+    columns of the orthonormal bases are multiplied out, a row block at a time, so a layer's working set is
+    one row block and the outputs, not (out + in) x R numbers."""
+    p, q, core = _factored_core(parts)
+    U, s, Vh = torch.linalg.svd(core, full_matrices=False)  # (k1, k), (k,), (k, k2)
+    return AdapterLayer(P=p.q_times(U[:, :r]), lam=s[:r].float(), Q=q.q_times(Vh[:r].T).T.contiguous())
 
 
 def spectrum_of_dense(delta: torch.Tensor) -> Spectrum:

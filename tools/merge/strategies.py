@@ -14,7 +14,7 @@ import torch
 
 from adalora_runtime.adapter import Adapter, AdapterLayer
 from tools.merge import dense
-from tools.merge.lowrank import (WORK_DTYPE, concat_layer, kept_ranks, select, singular_values_of_factors,
+from tools.merge.lowrank import (concat_layer, kept_ranks, layer_parts, select, singular_values_of_factors,
                                  spectrum_of_dense, top_triplets_of_factors, union_shapes)
 
 
@@ -137,11 +137,10 @@ class SVD(Strategy):
         weights = _scaled_weights(params)
         singular = {}
         for path, (in_f, out_f) in union_shapes(adapters).items():
-            layer = concat_layer(adapters, weights, path, WORK_DTYPE)
-            if layer is not None:
-                singular[path] = (singular_values_of_factors(layer), out_f, in_f)
+            if parts := layer_parts(adapters, weights, path):
+                singular[path] = (singular_values_of_factors(parts), out_f, in_f)
         kept = {path: r for path, r in kept_ranks(singular, params.budget).items() if r}
-        return kept, ((path, top_triplets_of_factors(concat_layer(adapters, weights, path, WORK_DTYPE), r))
+        return kept, ((path, top_triplets_of_factors(layer_parts(adapters, weights, path), r))
                       for path, r in kept.items())
 
 
