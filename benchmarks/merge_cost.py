@@ -8,14 +8,15 @@ rank everywhere, the rank that fits the budget).
 
 Routes: `svd` (merge_adapters: the result in memory), `svd-streamed` (what `adalora merge` runs: each merged
 layer written to the output file as it is computed, so the result is never held), `dense`, `into-base`.
-Each route runs in a fresh subprocess; peak memory = ru_maxrss after the route minus ru_maxrss after
-loading the inputs and a tiny warm-up of the same library calls (so one-time library loading is charged
-to neither route). The subprocesses run with MALLOC_MMAP_THRESHOLD_=65536 so that glibc returns every
-freed large block at once: without it the dense route's peak swung between 88 and 495 MB from run to
-run (heap fragmentation, not live tensors). --into-base peak RSS is compared with the model's size.
+Each route runs in a fresh subprocess; peak memory = the peak RSS (VmHWM) during the route minus the RSS
+before it, measured after loading the inputs and a warm-up of every route on the inputs' widest layer (so
+one-time library loading and workspaces are charged to no route), the peak mark reset in between
+(clear_refs). The subprocesses run with MALLOC_MMAP_THRESHOLD_=65536 so that glibc returns every freed
+large block at once: without it the dense route's peak swung between 88 and 495 MB from run to run (heap
+fragmentation, not live tensors). --into-base peak RSS is compared with the model's size.
 
-The model-level ratio depends on the layer size (ours works in (out + in) x rank, the dense route in
-out x in), so the same two routes also run on one layer of a larger shape (--layer-shape, default
+The model-level ratio depends on the layer size (ours works in row blocks of the stacked (out + in) x rank
+factors, the dense route in out x in), so the same two routes also run on one layer of a larger shape (--layer-shape, default
 TinyLlama-1.1B's MLP, 5632 x 2048) with the same 8 inputs. --quick uses a tiny random llama (seconds).
 
     python benchmarks/merge_cost.py [--quick]   # markdown table; JSON in benchmarks/results/
@@ -24,9 +25,10 @@ TinyLlama-1.1B's MLP, 5632 x 2048) with the same 8 inputs. --quick uses a tiny r
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
-import resource
+import re
 import subprocess
 import sys
 import tempfile
@@ -46,10 +48,6 @@ from adalora_runtime.layers import linear_dims  # noqa: E402
 
 N_ADAPTERS, INIT_R = 8, 12
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def base_config(quick: bool):
@@ -88,20 +86,41 @@ def make_adapters(shapes: dict[str, tuple[int, int]], base: dict, folder: Path, 
         save_adapter(adapter, folder / f"a{i}")
 
 
-def warm_up() -> None:
-    """Run every route once on two tiny in-memory adapters, so that one-time costs (lazy imports, library
-    workspaces, about 4 MB) land before the baseline and are charged to none of them."""
+def one_layer(adapters: list[Adapter]) -> list[Adapter]:
+    """The inputs cut down to their widest layer (the same shape, ranks and factors)."""
+    path, shape = max(adapters[0].shapes.items(), key=lambda item: sum(item[1]))
+    return [Adapter(base=a.base, shapes={path: shape}, init_r=a.init_r, lora_alpha=a.lora_alpha,
+                    layers={path: a.layers[path]} if path in a.layers else {}) for a in adapters]
+
+
+def warm_up(adapters: list[Adapter]) -> None:
+    """Run every route once on the inputs' widest layer, so that one-time costs (lazy imports; the BLAS and
+    LAPACK workspaces that the first large call of each kind touches, about 3 MB) land before the baseline and
+    are charged to none of the routes."""
     from tools.merge import MergeParams, merge_adapters
     from tools.merge.pipeline import merge_stream
-    gen = torch.Generator().manual_seed(1)
-    shapes = {"layer": (24, 40)}
-    tiny = [Adapter(base={"name": "warm-up"}, shapes=shapes, init_r=4, lora_alpha=8.0,
-                    layers={"layer": AdapterLayer(torch.randn(40, 4, generator=gen), torch.randn(4, generator=gen),
-                                                  torch.randn(4, 24, generator=gen))}) for _ in range(2)]
-    merge_adapters(tiny, "svd", MergeParams(weights=(0.5, 0.5), budget=130))
+    layer = one_layer(adapters)
+    params = MergeParams(weights=(1.0 / len(layer),) * len(layer), budget=max(a.num_params() for a in layer))
+    merge_adapters(layer, "svd", params)
     with tempfile.TemporaryDirectory() as out:
-        save_adapter_streamed(*merge_stream(tiny, "svd", MergeParams(weights=(0.5, 0.5), budget=130)), out)
-    dense_route(tiny, [0.5, 0.5], 130)
+        save_adapter_streamed(*merge_stream(layer, "svd", params), out)
+    dense_route(layer, list(params.weights), params.budget)
+
+
+def _status_mb(field: str) -> float:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) / 1024
+
+
+def reset_peak() -> float:
+    """Sets the kernel's peak-RSS mark (VmHWM) back to the current RSS (Linux: clear_refs 5) and returns it in MB,
+    so that a later peak_mb() minus it is what was allocated after this point, not the warm-up's peak."""
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mb("VmRSS")
+
+
+def peak_mb() -> float:
+    return _status_mb("VmHWM")
 
 
 def fixed_rank(shapes: dict[str, tuple[int, int]], budget: int) -> int:
@@ -128,8 +147,8 @@ def route(name: str, folder: Path, base_model: str | None) -> dict:
     adapters = [load_adapter(p) for p in sorted(folder.glob("a*"))]
     weights = [1.0 / len(adapters)] * len(adapters)
     budget = sum(a.num_params() for a in adapters) // len(adapters)  # one input's size
-    warm_up()
-    baseline = rss_mb()
+    warm_up(adapters)
+    baseline = reset_peak()
     t0 = time.perf_counter()
     if name == "svd":
         merged = merge_adapters(adapters, "svd", MergeParams(weights=tuple(weights), budget=budget))
@@ -146,7 +165,7 @@ def route(name: str, folder: Path, base_model: str | None) -> dict:
         size = sum(f.stat().st_size for f in Path(base_model).glob("*.safetensors"))
         largest = max(f.stat().st_size for f in Path(base_model).glob("*.safetensors"))
         result = {"model_mb": size / 2**20, "largest_shard_mb": largest / 2**20}
-    return {"route": name, "seconds": time.perf_counter() - t0, "peak_mb": rss_mb() - baseline, **result}
+    return {"route": name, "seconds": time.perf_counter() - t0, "peak_mb": peak_mb() - baseline, **result}
 
 
 def run_route(name: str, folder: Path, base_model: str | None) -> dict:
