@@ -50,7 +50,8 @@ class TallQR:
 
     columns: tensors (n, r_k), any float dtype (cast one row block at a time)."""
 
-    def __init__(self, columns: list[torch.Tensor], dtype: torch.dtype = torch.float64) -> None:
+    def __init__(self, columns: list[torch.Tensor], dtype: torch.dtype = torch.float64, with_q: bool = True) -> None:
+        """with_q=False: only R is wanted (q_times is then refused), so a one-block matrix drops its reflectors."""
         if not columns:
             raise ValueError("TallQR needs at least one column block")
         self.columns, self.dtype = columns, dtype
@@ -58,9 +59,10 @@ class TallQR:
         self.blocks = row_blocks(self.n, sum(c.shape[1] for c in columns))
         self._top_q: torch.Tensor | None = None
         self._reflectors: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.with_q = with_q
         if len(self.blocks) == 1:
             a, tau, self.R = _householder(self.rows(self.blocks[0]))
-            self._reflectors = (a, tau)
+            self._reflectors = (a, tau) if with_q else None
             self._block_k = [tau.shape[0]]
         else:
             block_r = [_householder(self.rows(b))[2] for b in self.blocks]
@@ -70,12 +72,19 @@ class TallQR:
 
     def rows(self, block: slice) -> torch.Tensor:
         """A[block] in the working dtype (the only copy of A's numbers ever made, one block at a time)."""
-        return torch.cat([c[block] for c in self.columns], dim=1).to(self.dtype)
+        out = torch.empty(block.stop - block.start, sum(c.shape[1] for c in self.columns), dtype=self.dtype)
+        offset = 0
+        for c in self.columns:
+            out[:, offset:offset + c.shape[1]] = c[block]
+            offset += c.shape[1]
+        return out
 
     def q_times(self, C: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Q @ C (n, c) for C (k, c), written into an `out_dtype` tensor one row block at a time. Each block's
         reflectors come from the same LAPACK call on the same numbers as its R_j in __init__, hence the same
         factorization."""
+        if not self.with_q:
+            raise ValueError("this TallQR was made with with_q=False: it holds R only")
         C = C.to(self.dtype)
         if self._reflectors is not None:
             return _apply_q(*self._reflectors, C).to(out_dtype)
