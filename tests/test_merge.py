@@ -1,6 +1,7 @@
 """Merge methods against naive dense references on tiny random models, and the failure cases (nothing written)."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -227,10 +228,32 @@ def test_dare_is_deterministic_per_seed(inputs):
     assert not torch.allclose(run(5), run(6))
 
 
-def test_dense_methods_respect_the_budget(inputs):
-    merged = merge_adapters(inputs, "ties", MergeParams(weights=WEIGHTS, density=0.5, budget=2000))
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "magnitude_prune"])
+def test_dense_methods_keep_the_optimal_triplets_within_the_budget(inputs, method):
+    """Each layer's spectrum is cut at what the whole budget could pay for before the global selection; the
+    result still has the exact dense result's optimal truncation error (Eckart-Young, globally)."""
+    params = MergeParams(weights=WEIGHTS, density=0.5)
+    exact = merge_adapters(inputs, method, params)  # full rank: every nonzero triplet
+    merged = merge_adapters(inputs, method, dataclasses.replace(params, budget=2000))
     assert 0 < merged.num_params() <= 2000
     assert_adalora_shaped(merged)
+    err2, opt2 = 0.0, 0.0
+    for path, layer in exact.layers.items():
+        r = merged.ranks().get(path, 0)
+        assert r <= 2000 // sum(exact.shapes[path]) + 1
+        err2 += float((merged.delta(path).double() - exact.delta(path).double()).norm() ** 2)
+        opt2 += float((layer.lam[r:].double() ** 2).sum())  # exact.lam: the singular values, descending
+    assert math.sqrt(err2) == pytest.approx(math.sqrt(opt2), rel=1e-4, abs=1e-5)
+
+
+def test_a_dense_method_written_to_a_file_defaults_to_the_inputs_summed_params(tmp_path, inputs):
+    paths = [save_adapter(a, tmp_path / f"in{i}").parent for i, a in enumerate(inputs)]
+    summed = sum(a.num_params() for a in inputs)
+    written = merge_files(paths, tmp_path / "out", "ties", MergeParams(weights=WEIGHTS, density=0.5))
+    got = load_adapter(written)
+    assert got.info["merge"]["params"]["budget"] == summed and 0 < got.num_params() <= summed
+    exact = merge_adapters(inputs, "ties", MergeParams(weights=WEIGHTS, density=0.5))  # in memory: exact rank
+    assert exact.num_params() > summed
 
 
 def test_merge_info_records_inputs_weights_method_params(inputs):

@@ -18,7 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", nargs="+", type=float, required=True, help="one weight per adapter, e.g. 0.7 0.3")
     p.add_argument("--method", default="linear", help=f"one of {', '.join(METHODS)} (default linear)")
     p.add_argument("--out", required=True, help="output folder (replaced atomically; never an input)")
-    p.add_argument("--budget", type=int, help="svd / ties / dare / magnitude: total adapter params of the result")
+    p.add_argument("--budget", type=int,
+                   help="svd / ties / dare / magnitude: total adapter params of the result (default: svd exact; the "
+                        "dense methods the inputs' summed params, or their exact full-rank result with --into-base)")
     p.add_argument("--density", type=float, help="ties / dare / magnitude_prune: fraction of entries kept, (0, 1]")
     p.add_argument("--majority", help="ties / dare_ties sign election: total (default) or frequency")
     p.add_argument("--seed", type=int, help="dare_linear / dare_ties: seed of the random drops (default 0)")

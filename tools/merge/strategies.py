@@ -14,7 +14,7 @@ import torch
 
 from adalora_runtime.adapter import Adapter, AdapterLayer
 from tools.merge import dense
-from tools.merge.lowrank import (concat_layer, kept_ranks, layer_parts, select, singular_values_of_factors,
+from tools.merge.lowrank import (concat_layer, head, kept_ranks, layer_parts, select, singular_values_of_factors,
                                  spectrum_of_dense, top_triplets_of_factors, union_shapes)
 
 
@@ -34,7 +34,8 @@ class MergeParams:
     lambda_: float | None = None
     """Global multiplier of the merged update (task arithmetic's lambda; default 1)."""
     budget: int | None = None
-    """Total adapter parameters of the result, r * (in + out + 1) summed over layers; None = exact rank."""
+    """Total adapter parameters of the result, r * (in + out + 1) summed over layers; None = exact rank (but see
+    DenseStrategy: an adapter file from a dense method defaults to the inputs' summed parameters)."""
     density: float | None = None
     """Fraction of each update's entries kept, in (0, 1] (TIES / DARE / magnitude pruning)."""
     majority: str | None = None
@@ -145,7 +146,10 @@ class SVD(Strategy):
 
 
 class DenseStrategy(Strategy):
-    """A method on each layer's dense updates, one layer at a time, then exact SVD and the global budget."""
+    """A method on each layer's dense updates, one layer at a time, then exact SVD and the global budget.
+
+    Its exact result is full rank, so as factors it would outweigh the dense layers: an adapter file written by
+    `merge_files` without a budget gets the inputs' summed parameter count (`file_params`)."""
 
     accepts = frozenset({"lambda_", "budget", "density"})
     requires = frozenset({"density"})
@@ -158,7 +162,10 @@ class DenseStrategy(Strategy):
         for path, (in_f, out_f) in union_shapes(adapters).items():
             stacked = torch.stack([a.delta(path).float() if path in a.shapes else torch.zeros(out_f, in_f)
                                    for a in adapters])  # (n, out, in), input scales applied by Adapter.delta
-            spectra[path] = spectrum_of_dense(self.combine(stacked, params, path) * params.scale)
+            spectrum = spectrum_of_dense(self.combine(stacked, params, path) * params.scale)
+            if params.budget is not None:  # no layer can keep more triplets than the whole budget pays for
+                spectrum = head(spectrum, params.budget // (in_f + out_f + 1))
+            spectra[path] = spectrum
         return select(spectra, params.budget)
 
 
