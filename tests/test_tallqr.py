@@ -73,12 +73,3 @@ def test_no_columns_is_an_error():
     with pytest.raises(ValueError, match="at least one column block"):
         TallQR([])
 
-
-@pytest.mark.parametrize("rows", [512, 4])  # one block (its reflectors dropped), several blocks
-def test_r_only_gives_the_same_r_and_refuses_q_times(tiny_blocks, rows):
-    tiny_blocks(rows, 0)
-    parts = columns(30, [3, 4], seed=7)
-    r_only = TallQR(parts, with_q=False)
-    assert torch.equal(r_only.R, TallQR(parts).R)
-    with pytest.raises(ValueError, match="with_q=False"):
-        r_only.q_times(torch.eye(r_only.R.shape[0]))

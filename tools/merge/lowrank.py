@@ -61,18 +61,18 @@ def concat_layer(adapters: list[Adapter], weights: list[float], path: str) -> Ad
                         Q=torch.cat([p.Q.float() for p in parts], dim=0))
 
 
-def _factored_core(parts: list[AdapterLayer], with_q: bool) -> tuple[TallQR, TallQR, torch.Tensor]:
+def _factored_core(parts: list[AdapterLayer]) -> tuple[TallQR, TallQR, torch.Tensor]:
     """sum_k P_k diag(lam_k) Q_k = Qp (Rp diag(lam) Rq^T) Qq^T with Qp, Qq orthonormal: the QRs of the stacked P
     and of the stacked Q^T (by row blocks, never stacked whole) and the small core Rp diag(lam) Rq^T (k1, k2)."""
-    p = TallQR([part.P for part in parts], WORK_DTYPE, with_q)
-    q = TallQR([part.Q.T for part in parts], WORK_DTYPE, with_q)
+    p = TallQR([part.P for part in parts], WORK_DTYPE)
+    q = TallQR([part.Q.T for part in parts], WORK_DTYPE)
     lam = torch.cat([part.lam for part in parts]).to(WORK_DTYPE)
     return p, q, delta_weight(p.R, lam, q.R.T, 1.0)
 
 
 def singular_values_of_factors(parts: list[AdapterLayer]) -> torch.Tensor:
     """Singular values (descending) of the summed update of `parts`: those of the small core alone."""
-    return torch.linalg.svdvals(_factored_core(parts, with_q=False)[2])
+    return torch.linalg.svdvals(_factored_core(parts)[2])
 
 
 def top_triplets_of_factors(parts: list[AdapterLayer], r: int) -> AdapterLayer:
@@ -80,7 +80,7 @@ def top_triplets_of_factors(parts: list[AdapterLayer], r: int) -> AdapterLayer:
     P orthonormal columns (out, r), lam = the top singular values, Q orthonormal rows (r, in). Only the r kept
     columns of the orthonormal bases are multiplied out, a row block at a time, so a layer's working set is
     one row block and the outputs, not (out + in) x R numbers."""
-    p, q, core = _factored_core(parts, with_q=True)
+    p, q, core = _factored_core(parts)
     U, s, Vh = torch.linalg.svd(core, full_matrices=False)  # (k1, k), (k,), (k, k2)
     return AdapterLayer(P=p.q_times(U[:, :r]), lam=s[:r].float(), Q=q.q_times(Vh[:r].T).T.contiguous())
 

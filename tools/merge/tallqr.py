@@ -45,28 +45,22 @@ def _apply_q(a: torch.Tensor, tau: torch.Tensor, W: torch.Tensor) -> torch.Tenso
 
 
 class TallQR:
-    """A = [columns[0] | columns[1] | ...] = Q R in `dtype`, with only R and the blocks' triangular factors held
-    (and, when A is one block, its reflectors: no larger than the block `q_times` would otherwise rebuild).
+    """A = [columns[0] | columns[1] | ...] = Q R in `dtype`, with only R and the blocks' triangular factors held.
 
     columns: tensors (n, r_k), any float dtype (cast one row block at a time)."""
 
-    def __init__(self, columns: list[torch.Tensor], dtype: torch.dtype = torch.float64, with_q: bool = True) -> None:
-        """with_q=False: only R is wanted (q_times is then refused), so a one-block matrix drops its reflectors."""
+    def __init__(self, columns: list[torch.Tensor], dtype: torch.dtype = torch.float64) -> None:
         if not columns:
             raise ValueError("TallQR needs at least one column block")
         self.columns, self.dtype = columns, dtype
         self.n = columns[0].shape[0]
         self.blocks = row_blocks(self.n, sum(c.shape[1] for c in columns))
+        block_r = [_householder(self.rows(b))[2] for b in self.blocks]
+        self._block_k = [r.shape[0] for r in block_r]
         self._top_q: torch.Tensor | None = None
-        self._reflectors: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.with_q = with_q
-        if len(self.blocks) == 1:
-            a, tau, self.R = _householder(self.rows(self.blocks[0]))
-            self._reflectors = (a, tau) if with_q else None
-            self._block_k = [tau.shape[0]]
+        if len(block_r) == 1:
+            self.R = block_r[0]
         else:
-            block_r = [_householder(self.rows(b))[2] for b in self.blocks]
-            self._block_k = [r.shape[0] for r in block_r]
             self._top_q, self.R = torch.linalg.qr(torch.cat(block_r))
         """(k, R) upper triangular, k = min(n, R)."""
 
@@ -81,14 +75,10 @@ class TallQR:
 
     def q_times(self, C: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Q @ C (n, c) for C (k, c), written into an `out_dtype` tensor one row block at a time. Each block's
-        reflectors come from the same LAPACK call on the same numbers as its R_j in __init__, hence the same
-        factorization."""
-        if not self.with_q:
-            raise ValueError("this TallQR was made with with_q=False: it holds R only")
+        reflectors are recomputed by the same LAPACK call on the same numbers as its R_j in __init__, hence the
+        same factorization; holding them instead would hold all of A again."""
         C = C.to(self.dtype)
-        if self._reflectors is not None:
-            return _apply_q(*self._reflectors, C).to(out_dtype)
-        W = self._top_q @ C
+        W = C if self._top_q is None else self._top_q @ C
         out = torch.empty(self.n, C.shape[1], dtype=out_dtype)
         offset = 0
         for block, k in zip(self.blocks, self._block_k):
