@@ -16,8 +16,9 @@ large block at once: without it the dense route's peak swung between 88 and 495 
 fragmentation, not live tensors). --into-base peak RSS is compared with the model's size.
 
 The model-level ratio depends on the layer size (ours works in row blocks of the stacked (out + in) x rank
-factors, the dense route in out x in), so the same two routes also run on one layer of a larger shape (--layer-shape, default
-TinyLlama-1.1B's MLP, 5632 x 2048) with the same 8 inputs. --quick uses a tiny random llama (seconds).
+factors, the dense route in out x in), so the same two routes also run on one layer of a larger shape
+(--layer-shape, default TinyLlama-1.1B's MLP, 5632 x 2048) with the same 8 inputs. --quick uses a tiny
+random llama (seconds).
 
     python benchmarks/merge_cost.py [--quick]   # markdown table; JSON in benchmarks/results/
 """

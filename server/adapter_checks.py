@@ -141,7 +141,8 @@ def _span(path: Path, name: str, entry: object, limits: AdapterLimits) -> tuple[
     dtype, shape, (begin, end) = entry.get("dtype"), entry["shape"], entry["data_offsets"]
     if dtype not in limits.dtypes:
         raise AdapterRejected(f"{path}: tensor {name!r} has dtype {dtype!r}; allowed: {', '.join(limits.dtypes)} "
-                              f"(AdapterLimits.dtypes, adalora serve --adapter-dtypes); save the adapter in float32, float16 or bfloat16")
+                              f"(AdapterLimits.dtypes, adalora serve --adapter-dtypes); save the adapter in float32, "
+                              f"float16 or bfloat16")
     if name.startswith(FACTOR_PREFIXES):
         dim = next((d for suffix, d in RANK_DIM.items() if name.endswith(suffix)), None)
         if dim is not None and len(shape) > dim and shape[dim] > limits.max_rank:

@@ -47,7 +47,8 @@ def _apply_q(a: torch.Tensor, tau: torch.Tensor, W: torch.Tensor) -> torch.Tenso
 class TallQR:
     """A = [columns[0] | columns[1] | ...] = Q R in `dtype`, with only R and the blocks' triangular factors held.
 
-    columns: tensors (n, r_k), any float dtype (cast one row block at a time)."""
+    columns: tensors (n, r_k), any float dtype (cast one row block at a time). R: (k, R) upper triangular,
+    k = min(n, R); Q (n, k) is only ever applied (`q_times`)."""
 
     def __init__(self, columns: list[torch.Tensor], dtype: torch.dtype = torch.float64) -> None:
         if not columns:
@@ -62,7 +63,6 @@ class TallQR:
             self.R = block_r[0]
         else:
             self._top_q, self.R = torch.linalg.qr(torch.cat(block_r))
-        """(k, R) upper triangular, k = min(n, R)."""
 
     def rows(self, block: slice) -> torch.Tensor:
         """A[block] in the working dtype (the only copy of A's numbers ever made, one block at a time)."""
