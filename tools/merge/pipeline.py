@@ -7,7 +7,6 @@ identity, the same (in, out) for modules adapted by several inputs, finite facto
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from adalora_runtime.adapter import Adapter, AdapterLayer
 from adalora_runtime.adapter_file import save_adapter_streamed, tensors_sha256, to_tensors
 from adalora_runtime.peft_interop import load_any
 from tools.merge.lowrank import union_shapes
-from tools.merge.strategies import DenseStrategy, MergeError, MergeParams, get_strategy
+from tools.merge.strategies import MergeError, MergeParams, get_strategy
 
 
 def load_inputs(paths: list[str | os.PathLike], base_model_dir: str | os.PathLike | None = None) -> list[Adapter]:
@@ -107,22 +106,13 @@ def check_output(out: str | os.PathLike, inputs: list[str | os.PathLike]) -> Non
             raise MergeError(f"--out {out} is an input ({path}): inputs are never modified, choose a new folder")
 
 
-def file_params(method: str, params: MergeParams, adapters: list[Adapter]) -> MergeParams:
-    """The parameters an adapter file is merged with: a dense method (TIES, DARE, magnitude pruning) without
-    --budget gets the inputs' summed parameter count, the size `linear` would write; its exact result is full
-    rank (a 135M model's merge would hold about 15M factor parameters). --into-base keeps the exact result."""
-    if params.budget is None and isinstance(get_strategy(method), DenseStrategy):
-        return dataclasses.replace(params, budget=sum(a.num_params() for a in adapters))
-    return params
-
-
 def merge_files(paths: list[str | os.PathLike], out: str | os.PathLike, method: str, params: MergeParams,
                 head_from: int | None = None, base_model_dir: str | os.PathLike | None = None) -> Path:
     """Load the inputs, merge, write OUT/adapter.safetensors atomically; nothing is written on error."""
     check_output(out, paths)
     get_strategy(method).validate(params, len(paths))
     adapters = load_inputs(paths, base_model_dir)
-    params = file_params(method, params, adapters)
+    params = get_strategy(method).file_params(params, adapters)
     merged, ranks, layers = merge_stream(adapters, method, params, names=[str(p) for p in paths], head_from=head_from)
     for entry, path in zip(merged.info["merge"]["inputs"], paths):
         entry["path"] = str(Path(path).resolve())

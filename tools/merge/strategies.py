@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -86,6 +86,10 @@ class Strategy:
         if params.majority is not None and params.majority not in dense.MAJORITY:
             raise MergeError(f"--majority {params.majority!r} must be one of {dense.MAJORITY}")
 
+    def file_params(self, params: MergeParams, adapters: list[Adapter]) -> MergeParams:
+        """The parameters an adapter file is merged with (`merge_files`); --into-base keeps `params` as given."""
+        return params
+
     def layers(self, adapters: list[Adapter], params: MergeParams) -> dict[str, AdapterLayer]:
         raise NotImplementedError
 
@@ -156,6 +160,13 @@ class DenseStrategy(Strategy):
 
     def combine(self, stacked: torch.Tensor, params: MergeParams, path: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def file_params(self, params, adapters):
+        """Without --budget: the inputs' summed parameter count, the size `linear` would write (the exact result
+        of three MiniLM adapters would hold about 15M factor parameters)."""
+        if params.budget is None:
+            return replace(params, budget=sum(a.num_params() for a in adapters))
+        return params
 
     def layers(self, adapters, params):
         spectra = {}

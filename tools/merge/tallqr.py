@@ -54,8 +54,8 @@ class TallQR:
         if not columns:
             raise ValueError("TallQR needs at least one column block")
         self.columns, self.dtype = columns, dtype
-        self.n = columns[0].shape[0]
-        self.blocks = row_blocks(self.n, sum(c.shape[1] for c in columns))
+        self.n, self.width = columns[0].shape[0], sum(c.shape[1] for c in columns)
+        self.blocks = row_blocks(self.n, self.width)
         block_r = [_householder(self.rows(b))[2] for b in self.blocks]
         self._block_k = [r.shape[0] for r in block_r]
         self._top_q: torch.Tensor | None = None
@@ -66,7 +66,7 @@ class TallQR:
 
     def rows(self, block: slice) -> torch.Tensor:
         """A[block] in the working dtype (the only copy of A's numbers ever made, one block at a time)."""
-        out = torch.empty(block.stop - block.start, sum(c.shape[1] for c in self.columns), dtype=self.dtype)
+        out = torch.empty(block.stop - block.start, self.width, dtype=self.dtype)
         offset = 0
         for c in self.columns:
             out[:, offset:offset + c.shape[1]] = c[block]
