@@ -106,36 +106,41 @@ def test_mixture_route_equals_weighted_sum_of_members():
     torch.testing.assert_close(batched_apply(x, torch.zeros(x.shape[0], dtype=torch.long), [mixed]), expected)
 
 
-# (tokens, distinct, sum_rank, max_rank) -> expected choice under the default cost model (fitted on the CPU)
+# (tokens, distinct, sum_rank, max_rank, calls) -> expected choice under the default cost model (fitted on the
+# CPU); calls = the forwards a plan serves (1: a prefill, or a decode batch that changes at once)
 CHOICES = [
-    ((8, 1, 8, 8), "group"),  # one adapter: no mask, no padding, no gather
-    ((8, 3, 24, 12), "packed"),  # decode, a few popular adapters: packed's extra columns are few
-    ((8, 8, 64, 12), "packed"),  # decode over 8: padded saves too little per call to pay for its plan builds
-    ((16, 16, 124, 12), "padded"),  # decode over 16: packed multiplies every token by 124 columns
-    ((32, 32, 256, 12), "padded"),
-    ((256, 1, 8, 8), "group"),  # prefill, one adapter
-    ((256, 8, 64, 12), "packed"),  # prefill of 8 prompts: group's row gathers cost more than the extra columns
-    ((4096, 16, 128, 12), "group"),  # long prefill over many adapters: packed's extra columns dominate
+    ((8, 1, 8, 8, 64), "group"),  # one adapter: no mask, no padding, no gather
+    ((8, 3, 24, 12, 1), "group"),  # a plan for one forward: group builds nothing
+    ((8, 3, 24, 12, 64), "packed"),  # decode, a few popular adapters: packed's extra columns are few
+    ((8, 8, 64, 12, 1), "group"),
+    ((8, 8, 64, 12, 64), "padded"),  # decode over 8 for 64 steps: padded's dearer build pays back
+    ((16, 5, 40, 12, 16), "packed"),
+    ((16, 16, 124, 12, 4), "padded"),  # decode over 16: packed multiplies every token by 124 columns
+    ((32, 32, 256, 12, 64), "padded"),
+    ((256, 1, 8, 8, 1), "group"),  # prefill, one adapter
+    ((256, 8, 64, 12, 1), "group"),  # prefill of 8 prompts: a plan built for one call
+    ((4096, 16, 128, 12, 1), "group"),  # long prefill over many adapters: packed's extra columns dominate
 ]
 
 
 @pytest.mark.parametrize("args,expected", CHOICES, ids=[c[1] + str(c[0]) for c in CHOICES])
 def test_cost_model_choice(args, expected):
-    assert choose_strategy(*args) == expected
+    *shape, calls = args
+    assert choose_strategy(*shape, calls=calls) == expected
 
 
 def test_cost_model_is_a_parameter():
     free_launches = CostModel(launch=0.0, gather=0.0)  # only the matmul work counts: group does the least
-    assert choose_strategy(8, 8, 64, 12, free_launches) == "group"
-    assert choose_strategy(16, 16, 124, 12, padded=False) == "packed"  # where a padded plan would not pre-gather
-    assert choose_strategy(8, 8, 64, 12, CostModel(padded_build=1.0)) == "padded"  # plan builds for free
+    assert choose_strategy(8, 8, 64, 12, free_launches, calls=64) == "group"
+    assert choose_strategy(16, 16, 124, 12, padded=False, calls=64) == "packed"  # a padded plan would not pre-gather
+    assert choose_strategy(8, 8, 64, 12, CostModel(build_group=0.0), calls=1) == "padded"  # plans build for free
 
 
 def test_auto_leaves_padded_out_where_it_would_not_pregather(monkeypatch):
     """make_plan's auto offers padded only while the plan fits PaddedPlan.pregather_bytes."""
     gen = torch.Generator().manual_seed(5)
     factors = [Factors(torch.randn(8, IN, generator=gen), torch.randn(OUT, 8, generator=gen)) for _ in range(16)]
-    routing = Routing(torch.arange(16), 16)  # a decode batch over 16 adapters
-    assert make_plan(routing, factors).strategy == "padded"
+    routing = Routing(torch.arange(16), 16)  # a decode batch over 16 adapters, for 64 steps
+    assert make_plan(routing, factors, calls=64).strategy == "padded"
     monkeypatch.setattr(PLANS["padded"], "pregather_bytes", 0)
-    assert make_plan(routing, factors).strategy == "packed"
+    assert make_plan(routing, factors, calls=64).strategy == "packed"

@@ -10,9 +10,9 @@ import torch
 from adalora_runtime.engine import AdapterEngine, EngineConfig
 from adalora_runtime.config import ConfigError
 from adalora_runtime.engine.apply import CostModel, Routing
-from adalora_runtime.engine.errors import AdapterNotFound
+from adalora_runtime.engine.errors import AdapterNotFound, BatchError
 from adalora_runtime.engine.sampling import SamplingParams
-from adalora_runtime.engine.scheduler import GenerationRequest, Generator, GeneratorConfig
+from adalora_runtime.engine.scheduler import CompositionLife, GenerationRequest, Generator, GeneratorConfig
 from tests.conftest import tiny_llama
 from tests.test_merge import random_adapter
 
@@ -109,13 +109,14 @@ def test_load_into_another_slot_keeps_the_plans(setup):
 
 
 def counting_contexts(engine):
-    """Wrap engine.context to count how many routing contexts the generator builds."""
+    """Wrap engine.context to record the routing contexts the generator builds: (rows, tokens per row, the
+    forwards it is expected to serve)."""
     calls = []
     build = engine.context
 
-    def context(requests, tokens_per_row, strategy="auto"):
-        calls.append((len(requests), tokens_per_row))
-        return build(requests, tokens_per_row, strategy)
+    def context(requests, tokens_per_row, strategy="auto", expected=1):
+        calls.append((len(requests), tokens_per_row, expected))
+        return build(requests, tokens_per_row, strategy, expected)
 
     engine.context = context
     return calls
@@ -129,20 +130,80 @@ def test_generator_builds_one_decode_context_per_batch_composition(setup):
     calls = counting_contexts(engine)  # after submit, which builds a one-row context to validate
     for _ in range(3):
         gen.step()  # step 1: prefill + decode (one new decode context), then two more decodes reuse it
-    assert calls == [(2, 3), (2, 1)]
+    # a prefill serves one forward; the decode rows may run 9 more steps together (no lives seen yet)
+    assert calls == [(2, 3, 1), (2, 1, 9)]
     gen.submit(GenerationRequest([7, 8], None, greedy(2)))  # a row joins: a new composition
     calls.clear()
     gen.step()
     gen.step()
-    # the join's prefill, a decode of 3 rows; the joined row then finishes (2 tokens): a decode of 2 rows
-    assert calls == [(1, 2), (3, 1), (2, 1)]
+    # the join's prefill; a decode of 3 rows, which the joined row leaves after 1 step (its 2nd token); then a
+    # decode of 2 rows, expected to live round(2.5) steps: the mean of the lives seen, 3 then 1 (weight 1/4)
+    assert calls == [(1, 2, 1), (3, 1, 1), (2, 1, 2)]
+    assert gen.life.mean == 2.5
     engine.load("c", setup[1]["c"])  # any load / unload re-resolves the running rows' adapter ids
     calls.clear()
     gen.step()
-    assert calls == [(2, 1)]
+    assert calls == [(2, 1, 2)]
     while gen.has_work():
         gen.step()
     assert all(len(h.result.token_ids) == 10 for h in first)
+
+
+def test_decode_context_of_a_batch_that_requests_join_next_step_serves_one_forward(setup):
+    """A request submitted while the step runs (here from a token callback) joins at the next step: the decode
+    context built before that is expected to serve one forward."""
+    engine = engine_with(setup)
+    gen = Generator(engine, GeneratorConfig(max_batch_size=4, eos_token_ids=()))
+    greedy = SamplingParams(max_new_tokens=6, temperature=0)
+    late = []
+    gen.submit(GenerationRequest([3, 4, 5], "a", greedy),
+               on_token=lambda _: late or late.append(gen.submit(GenerationRequest([6], "b", greedy))))
+    calls = counting_contexts(engine)
+    gen.step()
+    # the prefill, the late request's validation in submit, then the decode that it will end
+    assert calls == [(1, 3, 1), (1, 1, 1), (1, 1, 1)] and gen.waiting == 1
+    calls.clear()
+    gen.step()  # the late request joins; its rows may run 4 more steps, but the one life seen so far was 1
+    assert calls == [(1, 1, 1), (2, 1, 1)] and gen.life.mean == 1
+
+
+@pytest.mark.parametrize("observed,bound,expected", [
+    ([], 9, 9),  # nothing seen: the fewest steps any row may still run
+    ([3], 9, 3),
+    ([3], 2, 2),  # never beyond what a row may still run
+    ([3, 1], 9, 2),  # mean 2.5, rounded half to even
+    ([1, 1, 1], 9, 1),
+    ([64, 1], 60, 48),  # 64 + (1 - 64) / 4 = 48.25
+])
+def test_composition_life(observed, bound, expected):
+    life = CompositionLife()
+    for steps in observed:
+        life.observe(steps)
+    assert life.expect(bound) == expected
+
+
+def test_context_calls_reach_auto(setup):
+    """A context expected to serve many forwards shares each plan's build over them: where a cost model makes
+    padded the cheaper call but the dearer build, one forward picks packed and 64 forwards pick padded."""
+    base, adapters = setup
+    cost = CostModel(launch=0.0, gather=1e6, bmm=0.1, build_group=0.0, build_column=20.0)
+    engine = AdapterEngine(copy.deepcopy(base), EngineConfig(max_slots=4, cost=cost))
+    for adapter_id in ("a", "b"):
+        engine.load(adapter_id, adapters[adapter_id])
+    rows = ["a", "b", "a", "b"]
+    picks = {}
+    for calls in (1, 64):
+        context = engine.context(rows, 1, calls=calls)
+        forward(engine, context, ids_for(rows)[:, :1])
+        picks[calls] = set(context.chosen_strategies())
+    assert picks == {1: {"packed"}, 64: {"padded"}}
+
+
+@pytest.mark.parametrize("calls", [0, -1, 1.5, True])
+def test_context_refuses_calls_that_are_not_a_positive_integer(setup, calls):
+    engine = engine_with(setup)
+    with pytest.raises(BatchError, match="calls must be a positive integer"):
+        engine.context(["a"], 1, calls=calls)
 
 
 def test_engine_config_cost_model_decides_auto(setup):
@@ -155,7 +216,7 @@ def test_engine_config_cost_model_decides_auto(setup):
         engine = AdapterEngine(copy.deepcopy(base), EngineConfig(max_slots=4, cost=cost))
         for adapter_id in ("a", "b"):
             engine.load(adapter_id, adapters[adapter_id])
-        context = engine.context(rows, 1)
+        context = engine.context(rows, 1, calls=64)  # a decode batch that stays together
         forward(engine, context, ids_for(rows)[:, :1])
         picks[name] = set(context.chosen_strategies())
     assert picks["free launches"] == {"group"} and "group" not in picks["default"]

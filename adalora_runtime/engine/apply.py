@@ -25,6 +25,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from adalora_runtime.config import ConfigError
+
 
 class Factors(NamedTuple):
     """One group's folded factors: A (r, in) = Q * lam * scale [* weight], B (out, r) = P."""
@@ -186,71 +188,110 @@ STRATEGIES: dict[str, Callable[[torch.Tensor, torch.Tensor, list[Factors]], torc
 """Each strategy in one-shot form: (x, groups, factors) -> delta (N, out)."""
 
 
+COST_PARAMETERS = ("launch", "gather", "bmm", "build_group", "build_column")
+
+
+def cost_terms(strategy: str, tokens: int, distinct: int, sum_rank: int, max_rank: int,
+               build: bool = False) -> dict[str, float]:
+    """The coefficients of one call of a strategy's plan (or, with `build`, of building it): its cost under a
+    CostModel is terms['work'] + the sum of getattr(model, name) * terms[name] over the other names. The one
+    place of CostModel's formulas (written out in its docstring), shared with `engine.calibrate`'s fit."""
+    groups = max(distinct, 1)
+    if build:
+        columns = {"group": 0, "packed": sum_rank, "padded": (groups + 1 + tokens) * max_rank}[strategy]
+        return {} if strategy == "group" else {"build_group": groups, "build_column": columns}
+    if strategy == "group":
+        if groups == 1:
+            return {"launch": 2, "work": tokens * sum_rank}
+        return {"launch": 4 * groups, "work": tokens * sum_rank / groups, "gather": tokens}
+    if strategy == "packed":
+        return {"launch": 3, "work": tokens * sum_rank}
+    return {"launch": 2, "bmm": tokens * max_rank}
+
+
 @dataclass(frozen=True)
 class CostModel:
-    """Relative cost of each strategy for one layer call, in units of one token x one rank column of matmul
-    work (a layer's width scales every term about alike, so it drops out of the comparison).
+    """Relative cost of each strategy for one layer over a plan's life, in units of one token x one rank
+    column of matmul work (a layer's width scales every term about alike, so it drops out of the comparison).
 
-    - group:  launch * (2 if G == 1 else 4 * G)  +  N * (sum_rank / G  +  (gather if G > 1 else 0))
+    One call of a plan (N tokens, G groups, their summed rank S and max rank M):
+    - group:  launch * (2 if G == 1 else 4 * G)  +  N * (S / G  +  (gather if G > 1 else 0))
       (per group: gather its rows, two matmuls, scatter back; a single group needs no gather or scatter;
       each token multiplies only its own group's columns, but moving its row in and out costs `gather`)
-    - packed: 3 * launch  +  N * sum_rank
+    - packed: 3 * launch  +  N * S
       (every token multiplies every group's columns, masked between the two matmuls)
-    - padded: (2 * launch  +  bmm * N * max_rank) * padded_build, only where the plan pre-gathers
-      (`PaddedPlan.pregathers`; every token multiplies its own factors padded to the max rank; `bmm` > 1
-      because many small batched matrix-vector products run at a lower rate than one matmul;
-      `padded_build` > 1 because its plan takes about twice as long as packed's to build, 5.1 vs 2.6 ms per
-      SmolLM2 block at batch 8 over 8 adapters, and a continuously batched decode rebuilds at every join or
-      leave: padded is picked only where it saves about a third of a call or more)
+    - padded: 2 * launch  +  bmm * N * M, only where the plan pre-gathers (`PaddedPlan.pregathers`; every
+      token multiplies its own factors padded to the max rank; `bmm` > 1 because many small batched
+      matrix-vector products run at a lower rate than one matmul)
 
-    `launch` is the fixed cost of one operator call (dispatch, kernel launch) in the same units. The
-    defaults are fitted to `benchmarks/engine_apply.py` on SmolLM2-135M's layer shapes, float32 on a 2-core
-    CPU (docs/BENCHMARKS.md): decode over many adapters favours padded, a few adapters packed, one adapter
-    group, and prefill over several adapters packed (group's row gathers cost more than packed's
-    extra columns until a batch holds about 9 adapters). Ties go to group, then packed. Another device
-    wants its own numbers: rerun that benchmark and pass a CostModel.
+    Building a plan, paid once per batch composition (a decode batch keeps its plans until a request joins
+    or leaves):
+    - group:  nothing (its row indices are the batch's, shared by every layer)
+    - packed: build_group * G  +  build_column * S  (concatenate every group's factors once)
+    - padded: build_group * G  +  build_column * (G + 1 + N) * M  (pad each group to M, then gather a copy
+      per token)
+
+    A plan expected to serve `calls` forwards costs call + build / calls per forward: a prefill (1 call)
+    or a decode batch that changes at every step pays the whole build, a batch that decodes 64 tokens
+    unchanged hardly any. So group, which builds nothing, wins a single forward; packed and padded, whose
+    calls are cheaper over several adapters, win once a composition lives a few steps, padded (the cheapest
+    call over many adapters) from about 8 of them. `launch` is the fixed cost of one operator call
+    (dispatch, kernel launch) in the same units. The defaults are the fit that `benchmarks/engine_apply.py`
+    printed on SmolLM2-135M's layer shapes, float32, 2 threads of a 2-core CPU (docs/BENCHMARKS.md), to two
+    digits; there a plan's build cost is all per-group work (build_column fitted to 0). Ties go to group,
+    then packed. Another device wants its own numbers: rerun that benchmark and pass the CostModel it prints.
     """
 
-    launch: float = 200.0
-    gather: float = 60.0
-    bmm: float = 6.0
-    padded_build: float = 1.5
+    launch: float = 150.0
+    gather: float = 47.0
+    bmm: float = 4.9
+    build_group: float = 1300.0
+    build_column: float = 0.0
 
-    def costs(self, tokens: int, distinct: int, sum_rank: int, max_rank: int, padded: bool = True) -> dict[str, float]:
-        """Cost per strategy; `padded` False leaves padded out (its plan would not pre-gather)."""
-        groups = max(distinct, 1)
-        costs = {
-            "group": (self.launch * (2 if groups == 1 else 4 * groups)
-                      + tokens * (sum_rank / groups + (self.gather if groups > 1 else 0.0))),
-            "packed": 3 * self.launch + tokens * sum_rank,
-        }
-        if padded:
-            costs["padded"] = (2 * self.launch + self.bmm * tokens * max_rank) * self.padded_build
-        return costs
+    def __post_init__(self) -> None:
+        for name in COST_PARAMETERS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ConfigError(f"CostModel.{name} must be a finite number >= 0, got {value!r}")
+
+    def cost(self, terms: dict[str, float]) -> float:
+        """The cost of `cost_terms(...)` under this model."""
+        return terms.get("work", 0.0) + sum(getattr(self, name) * c for name, c in terms.items() if name != "work")
+
+    def costs(self, tokens: int, distinct: int, sum_rank: int, max_rank: int, padded: bool = True,
+              calls: int = 1) -> dict[str, float]:
+        """Cost per forward of each strategy over a plan that serves `calls` forwards (its build shared);
+        `padded` False leaves padded out (its plan would not pre-gather)."""
+        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
+            raise ValueError(f"calls must be a positive integer, got {calls!r}")
+        return {name: (self.cost(cost_terms(name, tokens, distinct, sum_rank, max_rank))
+                       + self.cost(cost_terms(name, tokens, distinct, sum_rank, max_rank, build=True)) / calls)
+                for name in PLANS if padded or name != "padded"}
 
 
 DEFAULT_COST = CostModel()
 
 
 def choose_strategy(tokens: int, distinct: int, sum_rank: int, max_rank: int, cost: CostModel = DEFAULT_COST,
-                    padded: bool = True) -> str:
-    """The cheapest strategy under `cost` for N tokens, G distinct groups, their summed and max rank;
-    `padded` False when a padded plan would not pre-gather its factors."""
-    costs = cost.costs(tokens, distinct, sum_rank, max_rank, padded)
+                    padded: bool = True, calls: int = 1) -> str:
+    """The cheapest strategy under `cost` for N tokens, G distinct groups, their summed and max rank, over a
+    plan expected to serve `calls` forwards; `padded` False when a padded plan would not pre-gather."""
+    costs = cost.costs(tokens, distinct, sum_rank, max_rank, padded, calls)
     return min(costs, key=lambda name: (costs[name], list(STRATEGIES).index(name)))
 
 
 def make_plan(routing: Routing, factors: list[Factors], strategy: str = "auto",
-              cost: CostModel = DEFAULT_COST) -> Plan | None:
-    """The prepared tensors of one layer for one batch, by the named strategy or the cost model's choice;
-    None when no group has a nonzero rank (the layer adds nothing). Call the plan on x (N, in)."""
+              cost: CostModel = DEFAULT_COST, calls: int = 1) -> Plan | None:
+    """The prepared tensors of one layer for one batch, by the named strategy or the cost model's choice for a
+    plan expected to serve `calls` forwards; None when no group has a nonzero rank (the layer adds nothing).
+    Call the plan on x (N, in)."""
     ranks = [f.rank for f in factors]
     if sum(ranks) == 0:
         return None
     if strategy == "auto":
         A = factors[0].A
         padded = PaddedPlan.pregathers(routing.tokens, max(ranks), A.shape[1], factors[0].B.shape[0], A.element_size())
-        strategy = choose_strategy(routing.tokens, len(factors), sum(ranks), max(ranks), cost, padded)
+        strategy = choose_strategy(routing.tokens, len(factors), sum(ranks), max(ranks), cost, padded, calls)
     return PLANS[strategy](routing, factors)
 
 

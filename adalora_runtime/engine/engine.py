@@ -91,8 +91,10 @@ class AdapterEngine:
                 raise BatchError(f"row {row}: weight of {adapter_id!r} must be a finite number, got {weight!r}")
         return tuple(sorted((self.slots.slot(a), float(w)) for a, w in request.items()))
 
-    def context(self, requests: Sequence[Request], tokens_per_row: int, strategy: str = "auto") -> BatchContext:
-        """Routing for a (rows, tokens_per_row) batch in which row b runs requests[b] on every token."""
+    def context(self, requests: Sequence[Request], tokens_per_row: int, strategy: str = "auto",
+                calls: int = 1) -> BatchContext:
+        """Routing for a (rows, tokens_per_row) batch in which row b runs requests[b] on every token, over
+        `calls` expected forwards (see BatchContext.calls)."""
         if tokens_per_row < 1:
             raise BatchError(f"tokens_per_row must be at least 1, got {tokens_per_row}")
         routes: dict[Route, int] = {}
@@ -101,7 +103,8 @@ class AdapterEngine:
             route = self._route(request, row)
             row_groups.append(-1 if route is None else routes.setdefault(route, len(routes)))
         groups = torch.tensor(row_groups, dtype=torch.long, device=self.device).repeat_interleave(tokens_per_row)
-        return BatchContext(groups=groups, routes=tuple(routes), strategy=strategy, cost=self.config.cost)
+        return BatchContext(groups=groups, routes=tuple(routes), strategy=strategy, cost=self.config.cost,
+                            calls=calls)
 
     def context_from_slots(self, slots: torch.Tensor, strategy: str = "auto") -> BatchContext:
         """Routing from raw per-token slot indices (any shape, flattened in order; -1 = base model)."""

@@ -35,12 +35,17 @@ class BatchContext:
     """'auto' (the cost model decides per layer) or one of 'group', 'packed', 'padded'."""
     cost: CostModel = DEFAULT_COST
     """The cost model 'auto' decides by."""
+    calls: int = 1
+    """Forwards this context is expected to serve: 'auto' shares each plan's build over them (a prefill runs
+    once; a decode batch runs until a request joins or leaves)."""
     _plans: dict[SlotBank, list] = field(default_factory=dict, init=False, repr=False, compare=False)
     """bank -> [its generation when last checked, its versions of `slots` when the plan was built, the plan];
     filled lazily by `plan`."""
 
     def __post_init__(self) -> None:
         check_strategy(self.strategy)
+        if isinstance(self.calls, bool) or not isinstance(self.calls, int) or self.calls < 1:
+            raise BatchError(f"calls must be a positive integer (forwards the context serves), got {self.calls!r}")
         if self.groups.dim() != 1 or self.groups.dtype != torch.long:
             raise BatchError(f"groups must be a 1-D long tensor, got {self.groups.dtype} of shape {tuple(self.groups.shape)}")
 
@@ -66,7 +71,8 @@ class BatchContext:
         versions = bank.versions(self.slots)
         if cached is None or cached[1] != versions:
             cached = [bank.generation, versions,
-                      make_plan(self.routing, [bank.route(r) for r in self.routes], self.strategy, self.cost)]
+                      make_plan(self.routing, [bank.route(r) for r in self.routes], self.strategy, self.cost,
+                                self.calls)]
             self._plans[bank] = cached
         cached[0] = bank.generation  # a write elsewhere in the bank leaves this plan as it was
         return cached[2]

@@ -60,6 +60,27 @@ class GeneratorConfig:
         check_strategy(self.strategy)
 
 
+@dataclass
+class CompositionLife:
+    """How many decode steps a running batch keeps its composition, and so each layer's plan ('auto' shares a
+    plan's build over them: `BatchContext.calls`). A new composition is expected to live the fewest steps any
+    of its rows may still run (1 when waiting requests join at the next step), and no longer than the running
+    mean of the lives seen so far: rows also leave early (eos, a stop, a cancel) and requests arrive between
+    steps."""
+
+    weight: float = 0.25
+    """Of the newest life in the running mean."""
+    mean: float | None = None
+    """Running mean of the observed lives in steps; None before the first ended."""
+
+    def observe(self, steps: int) -> None:
+        self.mean = float(steps) if self.mean is None else self.mean + self.weight * (steps - self.mean)
+
+    def expect(self, bound: int) -> int:
+        """Expected steps of a composition that cannot outlive `bound` steps."""
+        return bound if self.mean is None else max(1, min(bound, round(self.mean)))
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt: Sequence[int]
@@ -137,6 +158,9 @@ class Generator:
         self._decode_context: tuple[tuple, BatchContext] | None = None
         """(key, context) of the last decode step: reused, with the layers' plans it holds, while the key
         (the running requests in order, and the engine's load/unload count) stays the same."""
+        self._decode_steps = 0
+        """Decode steps run with the context of `_decode_context`."""
+        self.life = CompositionLife()
 
     # ---- requests -------------------------------------------------------------------------------------------
 
@@ -256,9 +280,21 @@ class Generator:
         adapters changed, so each layer's plan is built once per batch composition."""
         key = (tuple(r.handle.request_id for r in self._rows), self.engine.slots.version)
         if self._decode_context is None or self._decode_context[0] != key:
-            context = self.engine.context([r.handle.request.adapter for r in self._rows], 1, self.config.strategy)
-            self._decode_context = (key, context)
+            if self._decode_context is not None:
+                self.life.observe(self._decode_steps)
+            context = self.engine.context([r.handle.request.adapter for r in self._rows], 1, self.config.strategy,
+                                          self._expected_steps())
+            self._decode_context, self._decode_steps = (key, context), 0
+        self._decode_steps += 1
         return self._decode_context[1]
+
+    def _expected_steps(self) -> int:
+        """Decode steps the running rows are expected to stay together (CompositionLife)."""
+        with self._lock:
+            joining = bool(self._waiting) and len(self._rows) < self.config.max_batch_size
+        if joining:
+            return 1
+        return self.life.expect(min(r.handle.request.params.max_new_tokens - len(r.handle.tokens) for r in self._rows))
 
     def _decode(self) -> torch.Tensor:
         attention_mask, position_ids = self._kv.decode_inputs()  # (B, L + 1), (B, 1)
