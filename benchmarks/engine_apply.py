@@ -7,7 +7,9 @@ SmolLM2-135M block (q, k, v, o, gate, up, down), with adapters at the rank patte
 engine_throughput.py (a layer is 0 with probability 0.08, else 5..12). The strategies run side by side in
 one process, in a rotated order each repeat; a cell is the median over repeats of the block's summed time.
 The last columns say what `make_plan` under 'auto' (the engine's cost model) picks for the block's layers and how much
-slower that is than the fastest strategy: this is the table the CostModel defaults are calibrated on.
+slower that is than the fastest strategy, over a plan's life of 1 call (a prefill, or a decode batch that changes at
+every step: the build counts in full) and of LIFE calls (a decode batch that stays together: the build shared over
+LIFE steps): this is the table the CostModel defaults are calibrated on.
 
     python benchmarks/engine_apply.py [--quick] [--device cpu|cuda] [--dtype ...] [--threads N] [--repeats 7]
 """
@@ -26,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from _common import markdown_table, median, write_json  # noqa: E402
-from adalora_runtime.engine.apply import PLANS, Factors, Routing, make_plan  # noqa: E402
+from adalora_runtime.engine.apply import (COST_PARAMETERS, DEFAULT_COST, PLANS, CostModel, Factors,  # noqa: E402
+                                          Routing, choose_strategy, cost_terms)
+from adalora_runtime.engine.calibrate import fit_cost_model  # noqa: E402
 
 INIT_R, R_MIN, P_ZERO = 12, 5, 0.08  # engine_throughput.py's rank pattern
 HIDDEN, INTER, KV = 576, 1536, 192  # SmolLM2-135M
@@ -35,6 +39,7 @@ BLOCK = {"q": (HIDDEN, HIDDEN), "k": (HIDDEN, KV), "v": (HIDDEN, KV), "o": (HIDD
 QUICK_BLOCK = {"q": (64, 64), "up": (64, 160), "down": (160, 64)}
 DECODE = [(1, 1), (8, 1), (8, 3), (8, 8), (16, 1), (16, 5), (16, 16), (32, 8), (32, 32)]
 PREFILL = [(256, 1), (256, 3), (256, 8), (1024, 8)]
+LIFE = 64  # the decode steps of engine_throughput.py's requests
 
 
 def make_factors(in_f: int, out_f: int, groups: int, gen: torch.Generator, device, dtype) -> list[Factors]:
@@ -62,11 +67,12 @@ def time_calls(fn, calls: int, device: torch.device) -> float:
 
 
 def composition(tokens: int, distinct: int, block: dict, args, seed: int) -> dict:
-    """Median block time per strategy (microseconds), the fastest, and auto's picks."""
+    """Median block time per strategy and per plan build (microseconds), and each layer's (summed rank, max
+    rank, whether a padded plan pre-gathers): what a cost model decides by."""
     gen = torch.Generator().manual_seed(seed)
     groups = (torch.arange(tokens) % distinct).to(args.device)
     routing = Routing(groups, distinct)
-    layers, picks, builds = [], Counter(), []
+    layers, builds, shapes = [], [], []
     for in_f, out_f in block.values():
         factors = make_factors(in_f, out_f, distinct, gen, args.device, args.dtype)
         ranks = [f.rank for f in factors]
@@ -77,7 +83,7 @@ def composition(tokens: int, distinct: int, block: dict, args, seed: int) -> dic
         plans = {name: plan(routing, factors) for name, plan in PLANS.items()}
         layers.append((plans, x, y))
         builds.append(factors)
-        picks[make_plan(routing, factors).strategy] += 1  # exactly what the engine's 'auto' builds
+        shapes.append((sum(ranks), max(ranks), plans["padded"].index is None))
     calls = max(3, args.calls // max(1, tokens // 16))
     samples = {name: [] for name in PLANS}
     names = list(PLANS)
@@ -88,14 +94,44 @@ def composition(tokens: int, distinct: int, block: dict, args, seed: int) -> dic
                         for plans, x, y in layers)
             if repeat:
                 samples[name].append(total * 1e6)
-    us = {name: median(v) for name, v in samples.items()}
     build_us = {name: median([time_calls(lambda: [plan(routing, f) for f in builds], 1, args.device)
                               for _ in range(args.repeats)]) * 1e6 for name, plan in PLANS.items()}
-    fastest = min(us, key=us.get)
-    auto_us = sum(us[name] * n for name, n in picks.items()) / max(1, sum(picks.values()))
-    return {"tokens": tokens, "distinct": distinct, "us": us, "build_us": build_us, "fastest": fastest,
-            "auto": dict(picks),
-            "auto_vs_fastest": auto_us / us[fastest]}
+    return {"tokens": tokens, "distinct": distinct, "us": {name: median(v) for name, v in samples.items()},
+            "build_us": build_us, "layers": shapes}
+
+
+def lives(row: dict) -> tuple[int, ...]:
+    """Plan lives (calls) a composition is judged at: a prefill runs once."""
+    return (1, LIFE) if row["tokens"] <= 32 else (1,)
+
+
+def judge(row: dict, cost: CostModel, life: int) -> dict:
+    """What 'auto' under `cost` picks for the block's layers (make_plan's own choice, layer by layer), the
+    fastest strategy per forward with its plan's build shared over `life` calls, and auto / fastest."""
+    picks = Counter(choose_strategy(row["tokens"], row["distinct"], sum_rank, max_rank, cost, pregathers, life)
+                    for sum_rank, max_rank, pregathers in row["layers"])
+    total = {name: row["us"][name] + row["build_us"][name] / life for name in PLANS}
+    fastest = min(total, key=total.get)
+    auto_us = sum(total[name] * n for name, n in picks.items()) / max(1, sum(picks.values()))
+    return {"fastest": fastest, "auto": dict(picks), "auto_vs_fastest": auto_us / total[fastest]}
+
+
+def equations(rows: list[dict]) -> list[tuple[Counter, float]]:
+    """One (the block's summed cost terms, microseconds) per strategy's call and per plan build of every
+    composition: what `fit_cost_model` reads. Padded calls of a block where a plan would not pre-gather (it
+    gathers per call) and group builds (nothing to build) are left out."""
+    out = []
+    for r in rows:
+        for name in PLANS:
+            for build in (False, True):
+                if (build and name == "group") or (not build and name == "padded" and not all(
+                        pregathers for _, _, pregathers in r["layers"])):
+                    continue
+                terms = Counter()
+                for sum_rank, max_rank, _ in r["layers"]:
+                    terms.update(cost_terms(name, r["tokens"], r["distinct"], sum_rank, max_rank, build))
+                out.append((terms, r["build_us" if build else "us"][name]))
+    return out
 
 
 def main() -> None:
@@ -116,19 +152,28 @@ def main() -> None:
     block = QUICK_BLOCK if args.quick else BLOCK
     started = time.perf_counter()
     rows = [composition(n, g, block, args, seed=i) for i, (n, g) in enumerate(DECODE + PREFILL)]
-    headers = ["tokens", "distinct", *(f"{s} us" for s in PLANS), "fastest", "auto picks", "auto / fastest",
-               "plan build us (" + " / ".join(PLANS) + ")"]
-    table = markdown_table(headers, [[r["tokens"], r["distinct"], *(f"{r['us'][s]:.0f}" for s in PLANS), r["fastest"],
-                                      ", ".join(f"{k} {v}" for k, v in sorted(r["auto"].items())),
-                                      f"{r['auto_vs_fastest']:.2f}",
-                                      " / ".join(f"{r['build_us'][s]:.0f}" for s in PLANS)] for r in rows])
+    headers = ["tokens", "distinct", "life (calls)", *(f"{s} us" for s in PLANS),
+               "plan build us (" + " / ".join(PLANS) + ")", "fastest over the life", "auto picks", "auto / fastest"]
+    cases = [(r, life, judge(r, DEFAULT_COST, life)) for r in rows for life in lives(r)]
+    table = markdown_table(headers, [[r["tokens"], r["distinct"], life, *(f"{r['us'][s]:.0f}" for s in PLANS),
+                                      " / ".join(f"{r['build_us'][s]:.0f}" for s in PLANS), c["fastest"],
+                                      ", ".join(f"{k} {v}" for k, v in sorted(c["auto"].items())),
+                                      f"{c['auto_vs_fastest']:.2f}"] for r, life, c in cases])
     print(f"one block ({', '.join(block)}), {args.device} {str(args.dtype).removeprefix('torch.')}, "
-          f"{args.threads} threads; microseconds per block call, medians of {args.repeats}\n")
+          f"{args.threads} threads; microseconds per block call, medians of {args.repeats}; 'fastest' and "
+          f"'auto / fastest' per forward with the plan build shared over the life\n")
     print(table)
-    worst = max(r["auto_vs_fastest"] for r in rows)
-    print(f"\nauto picks the fastest in {sum(r['auto_vs_fastest'] == 1.0 for r in rows)}/{len(rows)} compositions; "
-          f"worst auto / fastest {worst:.2f}")
-    payload = {"quick": args.quick, "device": str(args.device), "dtype": str(args.dtype), "threads": args.threads,
+    fitted = fit_cost_model(equations(rows))
+    summary = {}
+    for label, cost in (("the default CostModel", DEFAULT_COST), ("the model fitted here", fitted)):
+        ratios = [judge(r, cost, life)["auto_vs_fastest"] for r in rows for life in lives(r)]
+        summary[label] = ratios
+        print(f"\nauto under {label} picks the fastest in {sum(x == 1.0 for x in ratios)}/{len(ratios)} cases; "
+              f"worst auto / fastest {max(ratios):.2f}, mean {sum(ratios) / len(ratios):.3f}")
+    print("\nfitted to this table (pass it as EngineConfig(cost=...) on this device):\n  CostModel("
+          + ", ".join(f"{n}={getattr(fitted, n):.4g}" for n in COST_PARAMETERS) + ")")
+    payload = {"fitted": {n: getattr(fitted, n) for n in COST_PARAMETERS}, "summary": summary,
+               "quick": args.quick, "device": str(args.device), "dtype": str(args.dtype), "threads": args.threads,
                "repeats": args.repeats, "rows": rows, "seconds": time.perf_counter() - started}
     print(f"wrote {write_json('engine_apply' + ('_quick' if args.quick else ''), payload)}")
 
