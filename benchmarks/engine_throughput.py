@@ -393,8 +393,8 @@ def auto_table(results: dict) -> str:
         for mix, c in res["auto"].items():
             rows.append([batch, mix, c["distinct"], c["auto_layers"], c["fastest_forced"], c["auto_is_fastest"],
                          f"{c['auto_vs_fastest']:.2f}"])
-    return markdown_table(["batch", "mix", "distinct", "auto picks (decode layers)", "fastest forced (of those run)", "match",
-                           "auto / fastest"], rows)
+    return markdown_table(["batch", "mix", "distinct", "auto picks (decode layers)", "fastest forced (of those run)",
+                           "match", "auto / fastest"], rows)
 
 
 def plot(results: dict, path: Path) -> None:
