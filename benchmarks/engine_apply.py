@@ -9,7 +9,8 @@ one process, in a rotated order each repeat; a cell is the median over repeats o
 The last columns say what `make_plan` under 'auto' (the engine's cost model) picks for the block's layers and how much
 slower that is than the fastest strategy, over a plan's life of 1 call (a prefill, or a decode batch that changes at
 every step: the build counts in full) and of LIFE calls (a decode batch that stays together: the build shared over
-LIFE steps): this is the table the CostModel defaults are calibrated on.
+LIFE steps). It ends with the CostModel fitted to the table (`engine.calibrate`), which the defaults are, on
+the CPU of docs/BENCHMARKS.md; on another device pass the one it prints as EngineConfig(cost=...).
 
     python benchmarks/engine_apply.py [--quick] [--device cpu|cuda] [--dtype ...] [--threads N] [--repeats 7]
 """
