@@ -198,8 +198,10 @@ def cost_terms(strategy: str, tokens: int, distinct: int, sum_rank: int, max_ran
     place of CostModel's formulas (written out in its docstring), shared with `engine.calibrate`'s fit."""
     groups = max(distinct, 1)
     if build:
-        columns = {"group": 0, "packed": sum_rank, "padded": (groups + 1 + tokens) * max_rank}[strategy]
-        return {} if strategy == "group" else {"build_group": groups, "build_column": columns}
+        if strategy == "group":
+            return {}
+        columns = sum_rank if strategy == "packed" else (groups + 1 + tokens) * max_rank
+        return {"build_group": groups, "build_column": columns}
     if strategy == "group":
         if groups == 1:
             return {"launch": 2, "work": tokens * sum_rank}
