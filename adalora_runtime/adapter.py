@@ -60,6 +60,12 @@ class Adapter:
     def scale(self) -> float:
         return self.lora_alpha / self.init_r
 
+    def module_scales(self) -> dict[str, float]:
+        """The factor each module's P diag(lam) Q runs at: `scale`, times a LoRA-mode module's lam (uniform there:
+        the per-module scale of a PEFT LoRA with alpha / rank patterns or rsLoRA, folded in at import)."""
+        return {path: self.scale * (float(self.layers[path].lam[0]) if self.mode == "lora" and path in self.layers
+                                    else 1.0) for path in self.shapes}
+
     def ranks(self) -> dict[str, int]:
         return {path: (self.layers[path].rank if path in self.layers else 0) for path in self.shapes}
 

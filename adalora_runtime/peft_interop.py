@@ -34,6 +34,7 @@ from adalora_runtime.adapter_file import (
     FILE_NAME, AdapterFormatError, adapter_file, load_adapter, read_manifest, tensors_sha256, to_tensors, validate,
 )
 from adalora_runtime.atomic import atomic_dir
+from adalora_runtime.delta import fold
 from adalora_runtime.layers import ADAPTABLE, linear_dims
 
 CONFIG_NAME = "adapter_config.json"
@@ -52,8 +53,13 @@ UNSUPPORTED_KEYS = {
     "trainable_tokens": "trainable token embeddings",
 }
 # Config switches whose non-default value changes the math beyond P diag(lam) Q * scale.
-UNSUPPORTED_CONFIG = {"use_dora": False, "lora_bias": False, "bias": "none", "use_qalora": False,
+# `bias` is judged by the saved keys instead (_check_keys): bias="all" on a model without biases saves none.
+UNSUPPORTED_CONFIG = {"use_dora": False, "lora_bias": False, "use_qalora": False,
                       "trainable_token_indices": None, "target_parameters": None, "layer_replication": None}
+MAX_CONFIG_NUMBER = 1e6
+"""Bound on r, init_r, lora_alpha and pattern values: a larger one is a broken file, not a real adapter."""
+TASK_SOURCE = "task_source"
+"""info key of a PEFT import: where its task type came from (--task, the adapter's config, its base, a guess)."""
 
 
 class InteropError(AdapterFormatError):
@@ -116,6 +122,57 @@ def to_peft(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict]:
     return state, config
 
 
+def to_peft_lora(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict]:
+    """A plain PEFT LoRA (state_dict, adapter_config dict) computing the same delta as `adapter`, for LoRA servers.
+
+    Each module's lam and scale are folded into lora_A (delta.fold), rank-0 modules are left out, r is the
+    largest rank and lora_alpha = r, and rank_pattern = alpha_pattern = each module's rank: every module's
+    scale is 1 both as PEFT reads it (alpha_pattern / rank_pattern) and as a server that ignores the patterns
+    and applies one global lora_alpha / r reads it (vLLM; SGLang and LoRAX pad ranks to r).
+    """
+    if not adapter.layers:
+        raise InteropError("every module of this adapter is at rank 0: there is nothing to export as a LoRA")
+    ranks = {path: layer.rank for path, layer in adapter.layers.items()}
+    r = max(ranks.values())
+    state = {}
+    for path, layer in adapter.layers.items():
+        A, B = fold(layer.P, layer.lam, layer.Q, adapter.scale)  # (rank, in), (out, rank)
+        state[f"{PREFIX}{path}.lora_A.weight"] = A.detach().float().cpu().contiguous()
+        state[f"{PREFIX}{path}.lora_B.weight"] = B.detach().float().cpu().contiguous()
+    for name, t in adapter.head.items():
+        state[f"{PREFIX}{name}"] = t.detach().cpu().contiguous()
+    config = {
+        "peft_type": "LORA",
+        "task_type": TASK_TO_PEFT[adapter.task_type],
+        "base_model_name_or_path": adapter.base.get("name"),
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": ranks,
+        "alpha_pattern": dict(ranks),
+        "use_rslora": False,
+        "target_modules": sorted(ranks),
+        "modules_to_save": sorted({name.rsplit(".", 1)[0] for name in adapter.head}) or None,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "peft_version": "0.21.2",
+    }
+    return state, config
+
+
+def save_peft_lora(adapter: Adapter, out: str | os.PathLike) -> Path:
+    """Write to_peft_lora's directory atomically, whole (no native metadata: its factors are folded)."""
+    validate(adapter, source=str(out))
+    state, config = to_peft_lora(adapter)
+    with atomic_dir(out) as tmp:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return Path(out)
+
+
 def native_metadata(adapter: Adapter) -> dict:
     """What PEFT has no field for, kept so that the round trip back to native is exact."""
     return {
@@ -147,7 +204,9 @@ def pattern_key(patterns, path: str) -> str | None:
     return None
 
 
-def _check_config(config: dict) -> str:
+def _check_config(config: object) -> str:
+    if not isinstance(config, dict):
+        raise InteropError(f"{CONFIG_NAME} holds a JSON {type(config).__name__}, expected an object of PEFT config fields")
     peft_type = config.get("peft_type")
     if peft_type not in ("ADALORA", "LORA"):
         raise InteropError(f"peft_type {peft_type!r} is not supported: only ADALORA and LORA adapters convert")
@@ -156,17 +215,42 @@ def _check_config(config: dict) -> str:
         if value != default and not (default is None and value in ({}, [])):
             what = "DoRA" if key == "use_dora" else f"{key}={value!r}"
             raise InteropError(f"{what} cannot be represented in the SVD form (needs {key}={default!r})")
+    modules_to_save = config.get("modules_to_save")
+    if modules_to_save is not None and not (isinstance(modules_to_save, list)
+                                            and all(isinstance(m, str) for m in modules_to_save)):
+        raise InteropError(f"modules_to_save must be a list of module names, got {modules_to_save!r}")
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(field_name) or {}, dict):
+            raise InteropError(f"{field_name} must be an object {{module pattern: value}}, got {config[field_name]!r}")
     return peft_type
+
+
+def _head_names(config: dict) -> set[str]:
+    return set(config.get("modules_to_save") or ())
+
+
+def _is_head(key: str, head_names: set[str]) -> bool:
+    return key.startswith(PREFIX) and key[len(PREFIX):].split(".")[0] in head_names
+
+
+def _check_keys(keys: list[str], config: dict) -> None:
+    """Refuse, from the key names alone (before any tensor is read), what the SVD form cannot carry exactly."""
+    head_names = _head_names(config)
+    for key in keys:
+        for marker, what in UNSUPPORTED_KEYS.items():
+            if f".{marker}" in f".{key}":
+                raise InteropError(f"key {key!r} belongs to {what}, which cannot be represented in the SVD form")
+        if key.endswith(".bias") and not _is_head(key, head_names):
+            raise InteropError(
+                f"key {key!r} is a trained bias of the base model (PEFT bias={config.get('bias')!r}): an SVD-form "
+                f"adapter carries no bias change; retrain with bias='none', or merge this adapter into the base "
+                f"with PEFT's merge_and_unload()")
 
 
 def _split_keys(state: dict[str, torch.Tensor], parts: tuple[str, ...], head_names: set[str]):
     """{path: {part: tensor}} for adapter tensors and {name.param: tensor} for the head."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     head: dict[str, torch.Tensor] = {}
-    for key in state:  # name an unsupported variant before any other complaint about its keys
-        for marker, what in UNSUPPORTED_KEYS.items():
-            if f".{marker}" in f".{key}":
-                raise InteropError(f"key {key!r} belongs to {what}, which cannot be represented in the SVD form")
     for key, t in state.items():
         if not key.startswith(PREFIX):
             raise InteropError(f"key {key!r} does not start with {PREFIX!r}: not a PEFT adapter state dict")
@@ -196,8 +280,31 @@ def _module_tensors(path: str, parts: dict[str, torch.Tensor], names: tuple[str,
     return A, B
 
 
+def config_number(config: dict, key: str, kind: type = float) -> float:
+    """config[key] as a finite number of `kind` (0 when missing or null); InteropError names the field."""
+    value = config.get(key)
+    if value is None:
+        return kind(0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise InteropError(f"{CONFIG_NAME} field {key!r} must be {'an integer' if kind is int else 'a number'}, "
+                           f"got {value!r}")
+    if not math.isfinite(value) or abs(value) > MAX_CONFIG_NUMBER:
+        raise InteropError(f"{CONFIG_NAME} field {key!r} = {value!r} is not a finite number of at most "
+                           f"{MAX_CONFIG_NUMBER:g}")
+    return kind(value)
+
+
+def check_module_shapes(dims: dict[str, tuple[int, int]], shapes: dict[str, tuple[int, int]]) -> None:
+    """BaseMismatch naming the first adapted module the base lacks, or whose (in, out) differs, with both shapes."""
+    for path, d in dims.items():
+        if path not in shapes:
+            raise BaseMismatch(f"module {path!r} is not a Linear / Conv1D module of the base model")
+        if tuple(shapes[path]) != tuple(d):
+            raise BaseMismatch(f"module {path}: adapter has (in, out)={tuple(d)}, base model has {tuple(shapes[path])}")
+
+
 def _adalora_layers(modules: dict, config: dict) -> tuple[dict, dict, int, float]:
-    init_r = int(config.get("init_r") or 0)
+    init_r = config_number(config, "init_r", int)
     pattern = config.get("rank_pattern") or {}
     shapes, layers = {}, {}
     for path, parts in modules.items():
@@ -207,6 +314,8 @@ def _adalora_layers(modules: dict, config: dict) -> tuple[dict, dict, int, float
         if tuple(E.shape) != (r, 1):
             raise InteropError(f"module {path}: lora_E has shape {tuple(E.shape)}, expected ({r}, 1)")
         kept = pattern.get(f"{path}.lora_E")
+        if kept is not None and not isinstance(kept, list):
+            raise InteropError(f"rank_pattern[{path}.lora_E] must be a list of booleans, got {kept!r}")
         expected = init_r if kept is None else sum(bool(k) for k in kept)
         if kept is not None and len(kept) != init_r:
             raise InteropError(f"rank_pattern[{path}.lora_E] has {len(kept)} entries, expected init_r={init_r}")
@@ -215,7 +324,7 @@ def _adalora_layers(modules: dict, config: dict) -> tuple[dict, dict, int, float
         shapes[path] = (A.shape[1], B.shape[0])
         if r > 0:
             layers[path] = AdapterLayer(P=B.float().contiguous(), lam=E[:, 0].float().contiguous(), Q=A.float().contiguous())
-    return shapes, layers, init_r, float(config.get("lora_alpha") or 0)
+    return shapes, layers, init_r, config_number(config, "lora_alpha")
 
 
 def _lora_scale(alpha: float, r: int, rslora: bool) -> float:
@@ -224,7 +333,7 @@ def _lora_scale(alpha: float, r: int, rslora: bool) -> float:
 
 def _lora_layers(modules: dict, config: dict) -> tuple[dict, dict, int, float]:
     """One global scale s0 = lora_alpha / r (config defaults); layer scale / s0 goes into lam."""
-    r0, alpha0 = int(config.get("r") or 0), float(config.get("lora_alpha") or 0)
+    r0, alpha0 = config_number(config, "r", int), config_number(config, "lora_alpha")
     if r0 < 1 or alpha0 <= 0:
         raise InteropError(f"LoRA config needs r >= 1 and lora_alpha > 0 (got r={r0}, lora_alpha={alpha0})")
     rslora = bool(config.get("use_rslora"))
@@ -238,7 +347,9 @@ def _lora_layers(modules: dict, config: dict) -> tuple[dict, dict, int, float]:
         if r == 0:
             continue
         key = pattern_key(alpha_pattern, path)
-        alpha = float(alpha_pattern[key]) if key is not None else alpha0
+        alpha = config_number(alpha_pattern, key) if key is not None else alpha0
+        if alpha <= 0:
+            raise InteropError(f"alpha_pattern[{key!r}] = {alpha_pattern[key]!r}: a LoRA alpha must be > 0")
         lam = torch.full((r,), _lora_scale(alpha, r, rslora) / s0)
         layers[path] = AdapterLayer(P=B.float().contiguous(), lam=lam, Q=A.float().contiguous())
     return shapes, layers, r0, s0 * r0
@@ -270,25 +381,20 @@ def from_peft(
     against (None skips the check). `task_type` overrides PEFT's task_type.
     """
     peft_type = _check_config(config)
-    task = task_type or PEFT_TO_TASK.get(config.get("task_type"))
+    _check_keys(list(state_dict), config)
+    task = task_type or config_task(config, None)
     if task is None:
         raise InteropError(
-            f"PEFT task_type {config.get('task_type')!r} has no native equivalent; pass the task "
-            f"(one of {sorted(TASK_TO_PEFT)})"
-        )
-    head_names = set(config.get("modules_to_save") or ())
+            f"PEFT task_type is null and no base model tells the task: pass the task (one of {sorted(TASK_TO_PEFT)}) "
+            f"or the base model folder")
     parts = ADALORA_PARTS if peft_type == "ADALORA" else LORA_PARTS
-    modules, head = _split_keys(state_dict, parts, head_names)
+    modules, head = _split_keys(state_dict, parts, _head_names(config))
     if not modules:
         raise InteropError("no adapter tensors found (no lora_A / lora_B keys)")
     build = _adalora_layers if peft_type == "ADALORA" else _lora_layers
     mod_shapes, layers, init_r, alpha = build(modules, config)
     if shapes is not None:
-        for path, dims in mod_shapes.items():
-            if path not in shapes:
-                raise BaseMismatch(f"module {path!r} is not a Linear / Conv1D module of the base model")
-            if tuple(shapes[path]) != tuple(dims):
-                raise BaseMismatch(f"module {path}: adapter has (in, out)={dims}, base model has {tuple(shapes[path])}")
+        check_module_shapes(mod_shapes, shapes)
     if task == "seq-cls":
         labels = _head_labels(head, labels)
     elif head:
@@ -328,33 +434,84 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def read_peft(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict | None]:
-    """(state_dict, adapter_config, embedded native metadata or None) of a PEFT directory."""
+    """(state_dict, adapter_config, embedded native metadata or None) of a PEFT directory. The config and the
+    key names are checked before any tensor is read, so an unsupported variant is refused without allocating."""
     path = Path(path)
     try:
-        config = json.loads((path / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as e:
-        raise InteropError(f"{path / CONFIG_NAME}: not valid JSON ({e})") from e
+        config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise InteropError(f"{path / CONFIG_NAME}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
+    try:
+        _check_config(config)
+    except InteropError as e:
+        raise InteropError(f"{path / CONFIG_NAME}: {e}") from e
     try:
         with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            keys = list(f.keys())
+            _check_keys(keys, config)
+            state = {k: f.get_tensor(k) for k in keys}
             raw = (f.metadata() or {}).get(NATIVE_META_KEY)
+    except InteropError:
+        raise
     except Exception as e:  # safetensors raises its own error types for a bad header
         raise InteropError(f"{path / WEIGHTS_NAME}: not a readable safetensors file ({e})") from e
-    return state, config, (json.loads(raw) if raw else None)
+    try:
+        native = json.loads(raw) if raw else None
+    except json.JSONDecodeError as e:
+        raise InteropError(f"{path / WEIGHTS_NAME}: its {NATIVE_META_KEY!r} metadata is not valid JSON ({e})") from e
+    if native is not None and not isinstance(native, dict):
+        raise InteropError(f"{path / WEIGHTS_NAME}: its {NATIVE_META_KEY!r} metadata is not a JSON object")
+    return state, config, native
+
+
+def config_task(config: dict, native: dict | None) -> str | None:
+    """The task an adapter states itself (save_peft's metadata, else PEFT's task_type); None when task_type is null."""
+    if native is not None and native.get("task_type") is not None:
+        return native["task_type"]
+    peft_task = config.get("task_type")
+    if peft_task is None:
+        return None
+    if peft_task not in PEFT_TO_TASK:
+        raise InteropError(f"PEFT task_type {peft_task!r} is not supported: adapters of task_type null or one of "
+                           f"{sorted(PEFT_TO_TASK)} convert")
+    return PEFT_TO_TASK[peft_task]
+
+
+def base_task(base_model_dir: str | os.PathLike, has_head: bool) -> str:
+    """The task of an adapter that states none, from what it is used with: seq-cls when it carries a classifier
+    head, causal-lm on a *ForCausalLM base, feature-extraction on any other."""
+    if has_head:
+        return "seq-cls"
+    architectures = _base_config(base_model_dir).architectures or []
+    return "causal-lm" if any(a.endswith("ForCausalLM") for a in architectures) else "feature-extraction"
+
+
+def _base_config(base_model_dir: str | os.PathLike):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(base_model_dir))
+    except (OSError, ValueError) as e:
+        raise InteropError(f"base model {base_model_dir}: cannot read a transformers config there ({e})") from e
 
 
 def base_skeleton(base_model_dir: str | os.PathLike, task_type: str) -> torch.nn.Module:
     """The base model built from its config on the meta device (no weights read): identity and shapes."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     classes = {"seq-cls": AutoModelForSequenceClassification, "causal-lm": AutoModelForCausalLM,
                "feature-extraction": AutoModel}
-    try:
-        config = AutoConfig.from_pretrained(str(base_model_dir))
-    except (OSError, ValueError) as e:
-        raise InteropError(f"--base-model {base_model_dir}: cannot read a transformers config there ({e})") from e
+    config = _base_config(base_model_dir)
     with torch.device("meta"):
         return classes[task_type].from_config(config)
+
+
+def local_base(config: dict) -> Path | None:
+    """base_model_name_or_path when it names a model folder on this machine (a hub name is never fetched)."""
+    name = config.get("base_model_name_or_path")
+    if isinstance(name, str) and name and (Path(name) / "config.json").is_file():
+        return Path(name)
+    return None
 
 
 def linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
@@ -380,41 +537,59 @@ def load_peft(
     labels: list[str] | None = None,
     task_type: str | None = None,
     require_base: bool = True,
+    find_base: bool = True,
 ) -> Adapter:
     """Read a PEFT AdaLoRA / LoRA directory as a native Adapter.
 
-    The base identity comes from `base_model_dir` (its module shapes are checked too) or, for a
-    directory written by save_peft, from the embedded native metadata; require_base=False (inspect)
-    accepts neither and leaves config_sha256 None.
+    The base (identity, and module shapes to check) is `base_model_dir`; else, for a directory written by
+    save_peft, the embedded native metadata; else (find_base) the folder base_model_name_or_path names when it
+    exists on this machine and fits the adapter's module shapes. require_base=False (inspect) accepts none of
+    them and leaves config_sha256 None. The task type comes from, in order: `task_type`, the adapter's own
+    config, the base (base_task). info[TASK_SOURCE] says which.
     """
     path = Path(path)
     state, config, native = read_peft(path)
-    task = task_type or (native or {}).get("task_type")
-    if task is None:
-        task = PEFT_TO_TASK.get(config.get("task_type"))
-    if base_model_dir is not None:
+    has_head = any(_is_head(key, _head_names(config)) for key in state)
+    try:
+        task = task_type or config_task(config, native)
+    except InteropError as e:
+        raise InteropError(f"{path}: {e}") from e
+    source = "--task" if task_type else "adapter config" if task else None
+    found = local_base(config) if base_model_dir is None and native is None and find_base else None
+    base_dir = base_model_dir if base_model_dir is not None else found
+    if base_dir is not None:
         if task is None:
-            raise InteropError(f"{path}: PEFT task_type {config.get('task_type')!r} is unknown: pass the task type")
-        model = base_skeleton(base_model_dir, task)
+            task, source = base_task(base_dir, has_head), f"base model {base_dir}"
+        model = base_skeleton(base_dir, task)
         base, shapes = base_identity(model), linear_shapes(model)
-        if native is not None and native["base"].get("config_sha256") != base["config_sha256"]:
-            raise BaseMismatch(f"{path}: adapter was made for base {native['base'].get('name')!r}, not {base_model_dir}")
+        if native is not None and (native.get("base") or {}).get("config_sha256") != base["config_sha256"]:
+            raise BaseMismatch(f"{path}: adapter was made for base {native['base'].get('name')!r}, not {base_dir}")
     elif native is not None:
         base, shapes = native["base"], None
     elif require_base:
         raise InteropError(
-            f"{path}: a PEFT adapter does not record its base model's identity (base_model_name_or_path="
-            f"{config.get('base_model_name_or_path')!r}); pass --base-model DIR (the base model folder)"
+            f"{path}: a PEFT adapter does not record its base model's identity and its base_model_name_or_path "
+            f"{config.get('base_model_name_or_path')!r} is no model folder on this machine; pass --base-model DIR "
+            f"(the base model folder)"
         )
     else:
         base = {"name": str(config.get("base_model_name_or_path")), "model_type": "unknown", "config_sha256": None}
         shapes = None
+        if task is None:
+            task = "seq-cls" if has_head else "causal-lm"
+            source = "guessed: adapter_config.json has no task_type and no base model was given (pass --task)"
     if labels is None:
-        labels = (native or {}).get("labels") or _config_labels(path, Path(base_model_dir) if base_model_dir else None)
+        labels = (native or {}).get("labels") or _config_labels(path, Path(base_dir) if base_dir else None)
     try:
         adapter = from_peft(state, config, base, shapes, labels=labels, task_type=task)
+    except BaseMismatch as e:
+        if found is not None:
+            raise InteropError(f"{path}: its base_model_name_or_path {found} does not fit it ({e}); pass "
+                               f"--base-model DIR (the base model folder)") from e
+        raise BaseMismatch(f"{path}: {e}") from e
     except InteropError as e:
-        raise type(e)(f"{path}: {e}") from e  # keeps BaseMismatch apart from a malformed file
+        raise InteropError(f"{path}: {e}") from e
+    adapter.info[TASK_SOURCE] = source
     if native is not None:
         adapter = _restore_native(adapter, native, path)
     return adapter
@@ -422,8 +597,11 @@ def load_peft(
 
 def _restore_native(adapter: Adapter, native: dict, path: Path) -> Adapter:
     """Put back init_r / lora_alpha / mode / info written by save_peft; the tensors must be unchanged."""
-    adapter.init_r, adapter.lora_alpha = int(native["init_r"]), float(native["lora_alpha"])
-    adapter.mode, adapter.info = native["mode"], native.get("info", {})
+    try:
+        adapter.init_r, adapter.lora_alpha = int(native["init_r"]), float(native["lora_alpha"])
+        adapter.mode, adapter.info = str(native["mode"]), dict(native.get("info") or {})
+    except (KeyError, TypeError, ValueError) as e:
+        raise InteropError(f"{path}: its {NATIVE_META_KEY!r} metadata lacks or garbles a field ({e!r})") from e
     if tensors_sha256(to_tensors(adapter)) != native["tensors_sha256"]:
         raise InteropError(f"{path}: tensor data does not match the sha256 recorded by save_peft (file edited?)")
     return adapter

@@ -159,9 +159,11 @@ def adapter_to_pb(view: AdapterView) -> pb.AdapterInfo:
                           device_bytes=view.device_bytes, pinned=view.pinned, in_flight=view.in_flight)
     if view.stored is not None:
         a = view.stored.adapter
+        scales = a.module_scales()
         info.MergeFrom(pb.AdapterInfo(
             task_type=a.task_type, mode=a.mode, init_r=a.init_r, lora_alpha=a.lora_alpha,
-            ranks=[pb.LayerRank(module=m, rank=r) for m, r in a.ranks().items()], num_params=a.num_params(),
+            ranks=[pb.LayerRank(module=m, rank=r, scale=scales[m]) for m, r in a.ranks().items()],
+            num_params=a.num_params(),
             head_params=a.head_params(), sha256=view.stored.sha256, version=view.stored.version,
             labels=a.labels or [], base_name=str(a.base.get("name", ""))))
     return info

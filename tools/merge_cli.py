@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from adalora_runtime.peft_interop import TASK_TO_PEFT
 from tools.merge import METHODS, MergeError, MergeParams, get_strategy, merge_into_base
 from tools.merge.pipeline import check_output, load_inputs, merge_adapters, merge_files
 
@@ -29,7 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="carry the classification head of input K (1-based); default: no head")
     p.add_argument("--into-base", action="store_true", help="write the base model with the merge added in")
     p.add_argument("--base-model", help="base model folder (safetensors + config + tokenizer): required by --into-base; "
-                   "also identifies the base of PEFT inputs not written by adalora")
+                   "also identifies the base of PEFT inputs not written by adalora (default: the local folder each "
+                   "one's base_model_name_or_path names, when that fits)")
+    p.add_argument("--task", choices=sorted(TASK_TO_PEFT),
+                   help="task type of PEFT inputs, overriding theirs (default: their task_type, else the base's kind)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,11 +44,11 @@ def run(args: argparse.Namespace) -> int:
         raise MergeError("--into-base needs --base-model DIR (the model the merge is added into)")
     if not args.into_base:
         target = merge_files(args.adapters, args.out, args.method, params, head_from=args.head_from,
-                             base_model_dir=args.base_model)
+                             base_model_dir=args.base_model, task_type=args.task)
         print(f"wrote {target}")
         return 0
     check_output(args.out, args.adapters)
-    adapters = load_inputs(args.adapters, args.base_model)
+    adapters = load_inputs(args.adapters, args.base_model, args.task)
     merged = merge_adapters(adapters, args.method, params, names=list(args.adapters), head_from=args.head_from)
     out = merge_into_base(merged, Path(args.base_model), Path(args.out))
     print(f"wrote {out} ({merged.num_params()} merged adapter params, ranks summed {sum(merged.ranks().values())})")

@@ -9,19 +9,24 @@ from adalora_runtime import peft_interop
 from adalora_runtime.adapter_file import save_adapter
 
 NAME = "convert"
-HELP = "Convert an adapter between the native format and a PEFT AdaLoRA directory (PEFT LoRA imports too)."
+HELP = ("Convert an adapter between the native format and a PEFT AdaLoRA directory (PEFT LoRA imports too), or "
+        "export it as a plain PEFT LoRA for other LoRA servers (--to peft-lora).")
+WRITERS = {"native": save_adapter, "peft": peft_interop.save_peft, "peft-lora": peft_interop.save_peft_lora}
 USER_ERRORS = (peft_interop.InteropError,)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="adapter directory (native or PEFT; detected)")
     parser.add_argument("dst", help="output directory (written atomically; must not exist unless --force)")
-    parser.add_argument("--to", required=True, choices=("peft", "native"), help="output format")
+    parser.add_argument("--to", required=True, choices=sorted(WRITERS),
+                        help="output format: native, peft (AdaLoRA, exact round trip) or peft-lora (plain LoRA with "
+                             "lambda and scales folded in, exact in PEFT and in servers that read one global scale)")
     parser.add_argument("--base-model", default=None,
-                        help="base model folder (PEFT -> native: computes the base identity, checks module shapes)")
+                        help="base model folder (a PEFT source: base identity and module shapes; default: the local "
+                             "folder its base_model_name_or_path names, when that fits)")
     parser.add_argument("--labels", default=None, help="comma-separated label names for a PEFT seq-cls import")
     parser.add_argument("--task", default=None, choices=sorted(peft_interop.TASK_TO_PEFT),
-                        help="task type when PEFT's task_type is missing or to override it")
+                        help="task type, overriding the adapter's (default: its task_type, else the base model's kind)")
     parser.add_argument("--force", action="store_true", help="replace an existing DST (never SRC)")
 
 
@@ -43,10 +48,7 @@ def run(args: argparse.Namespace) -> int:
     check_destination(src, dst, args.force)
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     adapter = peft_interop.load_any(src, base_model_dir=args.base_model, labels=labels, task_type=args.task)
-    if args.to == "peft":
-        peft_interop.save_peft(adapter, dst)
-    else:
-        save_adapter(adapter, dst)
+    WRITERS[args.to](adapter, dst)
     ranks = adapter.ranks()
     print(f"converted {src} ({source_format}) -> {dst} ({args.to}): {len(ranks)} modules, "
           f"{sum(ranks.values())} ranks, {adapter.num_params()} params")

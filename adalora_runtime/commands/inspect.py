@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapter", help="adapter directory (native or PEFT) or native .safetensors file")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--base-model", default=None, help="base model folder (PEFT: computes the base identity)")
+    parser.add_argument("--task", default=None, choices=sorted(peft_interop.TASK_TO_PEFT),
+                        help="task type of a PEFT adapter, overriding its task_type")
 
 
 def split_path(path: str) -> tuple[str, str]:
@@ -44,12 +46,12 @@ def short_kinds(kinds: list[str]) -> dict[str, str]:
     return out
 
 
-def rank_table(ranks: dict[str, int]) -> tuple[list[str], list[tuple[str, list[int | None]]]]:
-    """(column kinds, rows of (layer index, rank per kind or None)) in model order."""
+def rank_table(ranks: dict[str, float]) -> tuple[list[str], list[tuple[str, list[float | None]]]]:
+    """(column kinds, rows of (layer index, value per kind or None)) in model order: per-module ranks or scales."""
     split = {path: split_path(path) for path in ranks}
     full_kinds = list(dict.fromkeys(kind for _, kind in split.values()))
     names = short_kinds(full_kinds)
-    cells: dict[str, dict[str, int]] = {}
+    cells: dict[str, dict[str, float]] = {}
     for path, (index, kind) in split.items():
         cells.setdefault(index, {})[names[kind]] = ranks[path]
     columns = [names[k] for k in full_kinds]
@@ -59,6 +61,7 @@ def rank_table(ranks: dict[str, int]) -> tuple[list[str], list[tuple[str, list[i
 def describe(adapter: Adapter, fmt: str, path: Path) -> dict:
     files = [path] if path.is_file() else [f for f in path.iterdir() if f.is_file()]
     columns, rows = rank_table(adapter.ranks())
+    scales = adapter.module_scales()
     return {
         "path": str(path),
         "format": fmt,
@@ -71,6 +74,8 @@ def describe(adapter: Adapter, fmt: str, path: Path) -> dict:
         "modules": len(adapter.shapes),
         "total_rank": sum(adapter.ranks().values()),
         "ranks": adapter.ranks(),
+        "scales": scales,
+        "task_source": adapter.info.get(peft_interop.TASK_SOURCE, "adapter file"),
         "rank_table": {"columns": columns, "rows": {index: cells for index, cells in rows}},
         "num_params": adapter.num_params(),
         "head_params": adapter.head_params(),
@@ -80,22 +85,34 @@ def describe(adapter: Adapter, fmt: str, path: Path) -> dict:
     }
 
 
+def table_lines(columns: list[str], rows, cell) -> list[str]:
+    """A layer x module-kind table; `cell` formats one value (None: the layer has no such module)."""
+    width = max([5, *(len(c) for c in columns), *(len(cell(v)) for _, values in rows for v in values)])
+    lines = ["layer " + " ".join(c.rjust(width) for c in columns)]
+    for index, values in rows:
+        lines.append(index.rjust(5) + " " + " ".join(cell(v).rjust(width) for v in values))
+    return lines
+
+
 def format_text(d: dict) -> str:
-    columns, rows = d["rank_table"]["columns"], d["rank_table"]["rows"]
-    width = max([5, *(len(c) for c in columns)])
+    columns, rows = d["rank_table"]["columns"], list(d["rank_table"]["rows"].items())
     sha = d["base"].get("config_sha256")
+    distinct = sorted(set(d["scales"].values()))
+    scale = f"{d['scale']:.6g}" if distinct == [d["scale"]] else "per module, below"
     lines = [
         f"adapter      {d['path']} ({d['format']})",
         f"base         {d['base'].get('name')} ({d['base'].get('model_type')}, config sha256 "
         f"{sha[:16] if sha else 'unknown: pass --base-model'})",
-        f"task / mode  {d['task_type']} / {d['mode']}",
-        f"init_r       {d['init_r']}   lora_alpha {d['lora_alpha']:g}   scale {d['scale']:.6g}",
+        f"task / mode  {d['task_type']} / {d['mode']}   (task from {d['task_source']})",
+        f"init_r       {d['init_r']}   lora_alpha {d['lora_alpha']:g}   scale {scale}",
         f"ranks        {d['total_rank']} over {d['modules']} modules",
         "",
-        "layer " + " ".join(c.rjust(width) for c in columns),
+        *table_lines(columns, rows, lambda v: "." if v is None else str(v)),
     ]
-    for index, cells in rows.items():
-        lines.append(index.rjust(5) + " " + " ".join(("." if c is None else str(c)).rjust(width) for c in cells))
+    if distinct != [d["scale"]]:
+        scale_columns, scale_rows = rank_table(d["scales"])
+        lines += ["", "scale per module (lora_alpha / r of each, as it runs)",
+                  *table_lines(scale_columns, scale_rows, lambda v: "." if v is None else f"{v:.4g}")]
     lines += [
         "",
         f"params       {d['num_params']:,} adapter + {d['head_params']:,} head",
@@ -109,7 +126,7 @@ def format_text(d: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     path = Path(args.adapter)
     fmt = peft_interop.detect_format(path)
-    adapter = peft_interop.load_any(path, base_model_dir=args.base_model, require_base=False)
+    adapter = peft_interop.load_any(path, base_model_dir=args.base_model, require_base=False, task_type=args.task)
     d = describe(adapter, fmt, path)
     print(json.dumps(d, indent=2, sort_keys=True) if args.json else format_text(d))
     return 0

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
+from adalora_runtime import delta
 from adalora_runtime.adapter import Adapter
 from adalora_runtime.engine.apply import Factors
 from adalora_runtime.engine.errors import AdapterExists, AdapterMismatch, AdapterNotFound, SlotsFull
@@ -25,8 +26,8 @@ def fold(adapter: Adapter, path: str, in_f: int, out_f: int, device: torch.devic
     layer = adapter.layers.get(path)
     if layer is None:
         return Factors(torch.zeros(0, in_f, device=device, dtype=dtype), torch.zeros(out_f, 0, device=device, dtype=dtype))
-    A = layer.Q.float() * (layer.lam.float() * adapter.scale)[:, None]  # (r, in)
-    return Factors(A.to(device=device, dtype=dtype).contiguous(), layer.P.to(device=device, dtype=dtype).contiguous())
+    A, B = delta.fold(layer.P, layer.lam, layer.Q, adapter.scale)  # (r, in), (out, r)
+    return Factors(A.to(device=device, dtype=dtype).contiguous(), B.to(device=device, dtype=dtype).contiguous())
 
 
 def check_adapter(adapter: Adapter, identity: dict, shapes: Mapping[str, tuple[int, int]]) -> None:

@@ -20,13 +20,15 @@ from tools.merge.lowrank import union_shapes
 from tools.merge.strategies import MergeError, MergeParams, get_strategy
 
 
-def load_inputs(paths: list[str | os.PathLike], base_model_dir: str | os.PathLike | None = None) -> list[Adapter]:
-    """Native or PEFT inputs; a PEFT folder not written by us needs base_model_dir for its base identity."""
+def load_inputs(paths: list[str | os.PathLike], base_model_dir: str | os.PathLike | None = None,
+                task_type: str | None = None) -> list[Adapter]:
+    """Native or PEFT inputs. A PEFT folder not written by us takes its base from base_model_dir, else from the
+    local folder its base_model_name_or_path names; its task from task_type, its config, else that base."""
     adapters = []
     for path in paths:
         if not Path(path).exists():
             raise MergeError(f"input adapter {path}: no such file or folder")
-        adapters.append(load_any(path, base_model_dir=base_model_dir))
+        adapters.append(load_any(path, base_model_dir=base_model_dir, task_type=task_type))
     return adapters
 
 
@@ -107,11 +109,12 @@ def check_output(out: str | os.PathLike, inputs: list[str | os.PathLike]) -> Non
 
 
 def merge_files(paths: list[str | os.PathLike], out: str | os.PathLike, method: str, params: MergeParams,
-                head_from: int | None = None, base_model_dir: str | os.PathLike | None = None) -> Path:
+                head_from: int | None = None, base_model_dir: str | os.PathLike | None = None,
+                task_type: str | None = None) -> Path:
     """Load the inputs, merge, write OUT/adapter.safetensors atomically; nothing is written on error."""
     check_output(out, paths)
     get_strategy(method).validate(params, len(paths))
-    adapters = load_inputs(paths, base_model_dir)
+    adapters = load_inputs(paths, base_model_dir, task_type)
     params = get_strategy(method).file_params(params, adapters)
     merged, ranks, layers = merge_stream(adapters, method, params, names=[str(p) for p in paths], head_from=head_from)
     for entry, path in zip(merged.info["merge"]["inputs"], paths):

@@ -204,12 +204,14 @@ class EmbedResponse(_message.Message):
     def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ...) -> None: ...
 
 class LayerRank(_message.Message):
-    __slots__ = ("module", "rank")
+    __slots__ = ("module", "rank", "scale")
     MODULE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
     module: str
     rank: int
-    def __init__(self, module: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
+    scale: float
+    def __init__(self, module: _Optional[str] = ..., rank: _Optional[int] = ..., scale: _Optional[float] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
     __slots__ = ("id", "residency", "format", "task_type", "mode", "init_r", "lora_alpha", "ranks", "num_params", "head_params", "device_bytes", "sha256", "version", "labels", "base_name", "pinned", "in_flight")
