@@ -92,3 +92,14 @@ def base_identity(model: nn.Module) -> dict:
     digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
     name = config.get("_name_or_path") or config.get("model_type", "unknown")
     return {"name": str(name), "model_type": config.get("model_type", "unknown"), "config_sha256": digest}
+
+
+def is_causal_lm(config) -> bool:
+    """Whether a transformers config's architectures name a causal LM class: *ForCausalLM, or another class
+    transformers maps to causal LM (GPT2LMHeadModel, ...). Decides how a base folder is served and read."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = {name for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+              for name in ((names,) if isinstance(names, str) else names)}
+    architectures = getattr(config, "architectures", None) or []
+    return any(a.endswith("ForCausalLM") or a in causal for a in architectures)

@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from adalora_runtime.adapter import Adapter, AdapterLayer, base_identity
+from adalora_runtime.adapter import Adapter, AdapterLayer, base_identity, is_causal_lm
 from adalora_runtime.adapter_file import (
     FILE_NAME, AdapterFormatError, adapter_file, load_adapter, read_manifest, tensors_sha256, to_tensors, validate,
 )
@@ -479,11 +479,10 @@ def config_task(config: dict, native: dict | None) -> str | None:
 
 def base_task(base_model_dir: str | os.PathLike, has_head: bool) -> str:
     """The task of an adapter that states none, from what it is used with: seq-cls when it carries a classifier
-    head, causal-lm on a *ForCausalLM base, feature-extraction on any other."""
+    head, causal-lm on a causal LM base (is_causal_lm), feature-extraction on any other."""
     if has_head:
         return "seq-cls"
-    architectures = _base_config(base_model_dir).architectures or []
-    return "causal-lm" if any(a.endswith("ForCausalLM") for a in architectures) else "feature-extraction"
+    return "causal-lm" if is_causal_lm(_base_config(base_model_dir)) else "feature-extraction"
 
 
 def _base_config(base_model_dir: str | os.PathLike):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from adalora_runtime.adapter import is_causal_lm
 from adalora_runtime.engine import (AdapterEngine, AsyncDriver, Classification, EncoderRunner, EngineConfig,
                                     GenerationRequest, Generator, GeneratorConfig, SamplingParams, TokenStream)
 from adalora_runtime.engine.engine import Request
@@ -36,9 +37,8 @@ MODEL_CLASSES = {"causal-lm": AutoModelForCausalLM, "encoder": AutoModelForSeque
 
 
 def model_kind(config) -> str:
-    """'causal-lm' when the folder's architectures name a *ForCausalLM class, else 'encoder'."""
-    architectures = getattr(config, "architectures", None) or []
-    return "causal-lm" if any(a.endswith("ForCausalLM") for a in architectures) else "encoder"
+    """'causal-lm' when the folder's architectures name a causal LM class (adapter.is_causal_lm), else 'encoder'."""
+    return "causal-lm" if is_causal_lm(config) else "encoder"
 
 
 # ---- domain requests and answers ----------------------------------------------------------------------------
