@@ -15,17 +15,26 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from adalora_runtime.adapter import TASK_TYPES, Adapter, AdapterLayer
 from adalora_runtime.atomic import atomic_file
-from adalora_runtime.safetensors_stream import StreamWriter
+from adalora_runtime.delta import fold
+from adalora_runtime.safetensors_stream import StreamWriter, read_file, read_header
 
 FORMAT = "adalora-native"
 FORMAT_VERSION = 1
 FILE_NAME = "adapter.safetensors"
 METADATA_KEY = "adalora"
+
+
+MAX_ALPHA = 1e6
+"""Largest lora_alpha an adapter may declare."""
+MAX_SCALE = 1e4
+"""Largest scale lora_alpha / init_r."""
+MAX_FOLDED = 1e6
+"""Largest |entry| of lambda * scale * Q, the factor serving multiplies inputs by: far beyond any trained adapter,
+far below where a float32 (or float16 after the other factor) forward overflows."""
 
 
 class AdapterFormatError(ValueError):
@@ -158,34 +167,84 @@ def save_adapter_streamed(adapter: Adapter, ranks: dict[str, int], layers: Itera
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
-    """The JSON manifest alone (no tensor data read)."""
+    """The JSON manifest alone (only the file's header is read), checked field by field."""
     file = adapter_file(path)
     if not file.is_file():
         raise AdapterFormatError(f"{file}: no such adapter file")
     try:
-        with safe_open(str(file), framework="pt") as f:
-            raw = (f.metadata() or {}).get(METADATA_KEY)
-    except Exception as e:  # safetensors raises its own error types for a bad header
+        metadata = read_header(file).get("__metadata__") or {}
+    except (OSError, ValueError) as e:
         raise AdapterFormatError(f"{file}: not a readable safetensors file ({e})") from e
-    if raw is None:
+    return manifest_of(metadata, file)
+
+
+def manifest_of(metadata: dict, file: Path) -> dict:
+    """The checked manifest in a safetensors file's metadata; AdapterFormatError names the file and the field."""
+    raw = metadata.get(METADATA_KEY)
+    if not isinstance(raw, str):
         raise AdapterFormatError(f"{file}: no '{METADATA_KEY}' manifest in the safetensors header (not a native adapter)")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise AdapterFormatError(f"{file}: manifest is not valid JSON ({e})") from e
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise AdapterFormatError(f"{file}: manifest is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(meta, dict):
+        raise AdapterFormatError(f"{file}: manifest is a JSON {type(meta).__name__}, expected an object")
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise AdapterFormatError(
             f"{file}: format {meta.get('format')!r} v{meta.get('format_version')} is not {FORMAT!r} v{FORMAT_VERSION}"
         )
+    problem = manifest_problem(meta)
+    if problem:
+        raise AdapterFormatError(f"{file}: manifest {problem}")
     return meta
 
 
+def _count(x: object, low: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def manifest_problem(meta: dict) -> str | None:
+    """What is wrong with a parsed manifest's fields ("lacks field 'x'" or "field 'x' must be ..."), or None."""
+    for name in ("modules", "base", "task_type", "init_r", "lora_alpha", "tensors_sha256"):
+        if name not in meta:
+            return f"lacks field {name!r}"
+    modules = meta["modules"]
+    if not isinstance(modules, dict):
+        return f"field 'modules' must be an object {{module path: {{in, out, rank}}}}, got {type(modules).__name__}"
+    for path, m in modules.items():
+        if not isinstance(m, dict) or not (_count(m.get("in"), 1) and _count(m.get("out"), 1) and _count(m.get("rank"))):
+            return f"field 'modules.{path}' must be {{\"in\": int >= 1, \"out\": int >= 1, \"rank\": int >= 0}}, " \
+                   f"got {m!r:.200}"
+    checks = {
+        "base": (isinstance(meta.get("base"), dict), "an object"),
+        "task_type": (isinstance(meta.get("task_type"), str), "a string"),
+        "init_r": (_count(meta.get("init_r"), 1), "an integer >= 1"),
+        "lora_alpha": (isinstance(meta.get("lora_alpha"), (int, float)) and not isinstance(meta.get("lora_alpha"), bool),
+                       "a number"),
+        "tensors_sha256": (isinstance(meta.get("tensors_sha256"), str), "a string"),
+        "labels": (meta.get("labels") is None or (isinstance(meta["labels"], list)
+                                                  and all(isinstance(x, str) for x in meta["labels"])),
+                   "null or a list of strings"),
+        "info": (isinstance(meta.get("info", {}), dict), "an object"),
+        "mode": (isinstance(meta.get("mode", "adalora"), str), "a string"),
+    }
+    for name, (ok, what) in checks.items():
+        if not ok:
+            return f"field {name!r} must be {what}, got {meta.get(name)!r:.200}"
+    return None
+
+
 def load_adapter(path: str | os.PathLike, verify: bool = True) -> Adapter:
-    """Read and validate a native adapter (DIR or the .safetensors file itself)."""
+    """Read and validate a native adapter (DIR or the .safetensors file itself). The file is read into memory
+    once: the adapter owns its bytes (safetensors_stream.read_file)."""
     file = adapter_file(path)
-    meta = read_manifest(file)
-    with safe_open(str(file), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if not file.is_file():
+        raise AdapterFormatError(f"{file}: no such adapter file")
+    try:
+        tensors, metadata = read_file(file)
+    except (OSError, ValueError) as e:
+        raise AdapterFormatError(f"{file}: not a readable safetensors file ({e})") from e
+    meta = manifest_of(metadata, file)
     if verify and tensors_sha256(tensors) != meta["tensors_sha256"]:
         raise AdapterFormatError(f"{file}: tensor data does not match its sha256 (file corrupted or edited)")
     try:
@@ -226,12 +285,18 @@ def validate(adapter: Adapter, source: str) -> None:
     """Shapes consistent with the declared modules, ranks as declared, values finite."""
     if adapter.task_type not in TASK_TYPES:
         raise AdapterFormatError(f"{source}: task_type {adapter.task_type!r} is not one of {TASK_TYPES}")
-    if adapter.init_r < 1 or adapter.lora_alpha <= 0:
-        raise AdapterFormatError(f"{source}: need init_r >= 1 and lora_alpha > 0")
+    if adapter.init_r < 1 or not 0 < adapter.lora_alpha <= MAX_ALPHA or not 0 < adapter.scale <= MAX_SCALE:
+        raise AdapterFormatError(f"{source}: need init_r >= 1, 0 < lora_alpha <= {MAX_ALPHA:g} and a scale "
+                                 f"lora_alpha / init_r in (0, {MAX_SCALE:g}]; got init_r={adapter.init_r!r}, "
+                                 f"lora_alpha={adapter.lora_alpha!r}")
     for path, layer in adapter.layers.items():
         if path not in adapter.shapes:
             raise AdapterFormatError(f"{source}: layer {path} is not among the adapted modules")
         validate_layer(path, layer, adapter.shapes[path], source)
+        A, _ = fold(layer.P, layer.lam, layer.Q, adapter.scale)  # what serving multiplies by
+        if A.numel() and not float(A.abs().max()) <= MAX_FOLDED:  # NaN fails the comparison too
+            raise AdapterFormatError(f"{source}: {path}: lambda * scale * Q reaches beyond {MAX_FOLDED:g} (or "
+                                     f"overflows): the adapter would serve NaN; check lora_alpha and lambda")
     for name, t in adapter.head.items():
         if not torch.isfinite(t).all():
             raise AdapterFormatError(f"{source}: head tensor {name} holds NaN or inf values")

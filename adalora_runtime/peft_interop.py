@@ -26,7 +26,6 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from adalora_runtime.adapter import Adapter, AdapterLayer, base_identity, is_causal_lm
@@ -35,6 +34,7 @@ from adalora_runtime.adapter_file import (
 )
 from adalora_runtime.atomic import atomic_dir
 from adalora_runtime.delta import fold
+from adalora_runtime.safetensors_stream import read_file, read_header
 from adalora_runtime.layers import ADAPTABLE, linear_dims
 
 CONFIG_NAME = "adapter_config.json"
@@ -439,25 +439,24 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, d
     path = Path(path)
     try:
         config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as e:
         raise InteropError(f"{path / CONFIG_NAME}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
     try:
         _check_config(config)
     except InteropError as e:
         raise InteropError(f"{path / CONFIG_NAME}: {e}") from e
+    weights = path / WEIGHTS_NAME
     try:
-        with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
-            keys = list(f.keys())
-            _check_keys(keys, config)
-            state = {k: f.get_tensor(k) for k in keys}
-            raw = (f.metadata() or {}).get(NATIVE_META_KEY)
-    except InteropError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for a bad header
-        raise InteropError(f"{path / WEIGHTS_NAME}: not a readable safetensors file ({e})") from e
+        _check_keys([k for k in read_header(weights) if k != "__metadata__"], config)  # before any tensor is read
+        state, metadata = read_file(weights)  # owns its bytes: no memory map of the store's file
+    except (OSError, ValueError) as e:
+        if isinstance(e, InteropError):
+            raise
+        raise InteropError(f"{weights}: not a readable safetensors file ({e})") from e
+    raw = metadata.get(NATIVE_META_KEY)
     try:
         native = json.loads(raw) if raw else None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise InteropError(f"{path / WEIGHTS_NAME}: its {NATIVE_META_KEY!r} metadata is not valid JSON ({e})") from e
     if native is not None and not isinstance(native, dict):
         raise InteropError(f"{path / WEIGHTS_NAME}: its {NATIVE_META_KEY!r} metadata is not a JSON object")

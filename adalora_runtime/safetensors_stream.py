@@ -1,4 +1,5 @@
-"""Write a safetensors file tensor by tensor, holding only the tensors that arrive before their turn.
+"""Write a safetensors file tensor by tensor, holding only the tensors that arrive before their turn; read one
+whole into memory (read_file) or its header alone (read_header).
 
 safetensors puts its header (every tensor's dtype, shape and byte offsets, and the string metadata) before the
 data, so the names, dtypes and shapes must be known when writing starts; the data then follows in sorted name
@@ -11,16 +12,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Callable
+from pathlib import Path
 from typing import BinaryIO
 
+import safetensors.torch
 import torch
 
 DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
           torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 
 Spec = tuple[torch.dtype, tuple[int, ...]]
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+"""safetensors' own cap on a header."""
 
 
 class StreamWriter:
@@ -82,3 +88,43 @@ class StreamWriter:
             self._file.seek(8 + self._header.index(key))
             self._file.write(value.encode())
         self._file.seek(0, 2)
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The JSON header of a safetensors file (tensor entries and "__metadata__"), reading only its first bytes.
+    ValueError for a file that is no safetensors file."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError("too short for a safetensors file (it starts with an 8-byte header length)")
+        (length,) = struct.unpack("<Q", prefix)
+        return parse_header(f.read(min(length, MAX_HEADER_BYTES + 1)), length)
+
+
+def parse_header(raw: bytes, length: int) -> dict:
+    """The header dict from its `length` raw bytes; ValueError names what is wrong."""
+    if length > MAX_HEADER_BYTES or len(raw) != length:
+        raise ValueError(f"header length {length} is over {MAX_HEADER_BYTES} bytes or past the end of the file")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"the header is not JSON ({type(e).__name__})") from e
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+        raise ValueError("the header is not a JSON object of tensors")
+    return header
+
+
+def read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file read into memory in one read: the tensors own their bytes (no
+    memory map), so a file truncated or overwritten later can neither crash their reader (SIGBUS) nor change what
+    was loaded. ValueError for a malformed file."""
+    data = Path(path).read_bytes()
+    if len(data) < 8:
+        raise ValueError("too short for a safetensors file (it starts with an 8-byte header length)")
+    (length,) = struct.unpack("<Q", data[:8])
+    metadata = parse_header(data[8:8 + length], length).get("__metadata__") or {}
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as e:  # safetensors raises its own error type for a malformed data section
+        raise ValueError(f"not a readable safetensors file ({e})") from e
+    return {name: tensors[name] for name in sorted(tensors)}, metadata  # name order, as safe_open lists them

@@ -7,7 +7,8 @@ import grpc
 from adalora_runtime.adapter_file import AdapterFormatError
 from adalora_runtime.config import ConfigError
 from adalora_runtime.engine.errors import (AdapterExists, AdapterMismatch, AdapterNotFound, BatchError,
-                                           DeadlineExpired, InvalidRequest, RequestCancelled, SlotsFull)
+                                           DeadlineExpired, InvalidRequest, NonFiniteOutput, RequestCancelled,
+                                           SlotsFull)
 
 
 class ServerError(Exception):
@@ -61,6 +62,7 @@ STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (AdapterMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+    (NonFiniteOutput, grpc.StatusCode.FAILED_PRECONDITION),
     (StoreError, grpc.StatusCode.FAILED_PRECONDITION),
     (AdapterFormatError, grpc.StatusCode.FAILED_PRECONDITION),
     (WrongModelKind, grpc.StatusCode.FAILED_PRECONDITION),

@@ -26,6 +26,8 @@ from adalora_runtime.layers import linear_dims
 
 Request = str | Mapping[str, float] | None
 """What one row runs: an adapter id, a weighted mixture {id: weight}, or None for the base model."""
+MAX_MIX_WEIGHT = 100.0
+"""Largest |weight| of one adapter in a mixture: beyond it the mixed delta overflows (a mix is a blend of tasks)."""
 
 
 class AdapterEngine:
@@ -87,8 +89,10 @@ class AdapterEngine:
         if not request:
             raise BatchError(f"row {row}: an empty mixture; name at least one adapter id, or None for the base model")
         for adapter_id, weight in request.items():
-            if not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise BatchError(f"row {row}: weight of {adapter_id!r} must be a finite number, got {weight!r}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                    or abs(weight) > MAX_MIX_WEIGHT:
+                raise BatchError(f"row {row}: weight of {adapter_id!r} must be a finite number, got {weight!r} "
+                                 f"(|weight| <= {MAX_MIX_WEIGHT:g})")
         return tuple(sorted((self.slots.slot(a), float(w)) for a, w in request.items()))
 
     def context(self, requests: Sequence[Request], tokens_per_row: int, strategy: str = "auto",

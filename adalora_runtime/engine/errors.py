@@ -29,6 +29,11 @@ class InvalidRequest(EngineError):
     """A generation request or sampling parameter out of range (INVALID_ARGUMENT)."""
 
 
+class NonFiniteOutput(EngineError):
+    """A row whose logits or sampling probabilities went NaN or infinite (its adapter or mix overflows): that row
+    alone fails, the rest of its batch goes on (FAILED_PRECONDITION)."""
+
+
 class DeadlineExpired(EngineError):
     """A request whose deadline passed while it waited for a batch row; it never ran (DEADLINE_EXCEEDED)."""
 

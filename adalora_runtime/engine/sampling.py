@@ -12,10 +12,19 @@ from dataclasses import dataclass
 
 import torch
 
-from adalora_runtime.engine.errors import InvalidRequest
+from adalora_runtime.engine.errors import InvalidRequest, NonFiniteOutput
 
 Stop = str | tuple[int, ...]
 """A stop sequence: token ids, or a string matched in the decoded completion (needs a tokenizer)."""
+
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-2, 1e2
+"""A sampling temperature is 0 (greedy) or within these: below, logits / t overflows; above, it is uniform noise."""
+MIN_PENALTY, MAX_PENALTY = 1e-2, 1e6
+"""repetition_penalty bounds: a smaller one divides logits into infinity, a larger one pushes them past the float
+range."""
+MAX_STOPS, MAX_STOP_LENGTH = 16, 256
+"""At most this many stop sequences, each of at most this many characters or token ids: per-token stop matching
+then costs a bounded amount whatever a request asks (OpenAI allows 4)."""
 
 
 @dataclass(frozen=True)
@@ -40,16 +49,21 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise InvalidRequest(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not _finite(self.temperature) or self.temperature < 0:
-            raise InvalidRequest(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not _finite(self.temperature) or not (self.temperature == 0
+                                                 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            raise InvalidRequest(f"temperature must be >= 0 (0 = greedy), and when sampling in [{MIN_TEMPERATURE:g}, "
+                                 f"{MAX_TEMPERATURE:g}]; got {self.temperature!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise InvalidRequest(f"top_k must be an integer >= 0 (0 = no limit), got {self.top_k!r}")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
             raise InvalidRequest(f"top_p must be in (0, 1] (1 = no limit), got {self.top_p!r}")
-        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise InvalidRequest(f"repetition_penalty must be > 0 (1 = none), got {self.repetition_penalty!r}")
+        if not _finite(self.repetition_penalty) or not MIN_PENALTY <= self.repetition_penalty <= MAX_PENALTY:
+            raise InvalidRequest(f"repetition_penalty must be > 0 (1 = none), within [{MIN_PENALTY:g}, "
+                                 f"{MAX_PENALTY:g}]; got {self.repetition_penalty!r}")
         if isinstance(self.stop, (str, list)) or not isinstance(self.stop, tuple):
-            raise InvalidRequest(f"stop must be a tuple of stop sequences, got {self.stop!r}; write ({self.stop!r},)")
+            raise InvalidRequest(f"stop must be a tuple of stop sequences, got {self.stop!r:.200}; write (stop,)")
+        if len(self.stop) > MAX_STOPS:
+            raise InvalidRequest(f"{len(self.stop)} stop sequences given; at most {MAX_STOPS} are accepted")
         object.__setattr__(self, "stop", tuple(_stop(s, i) for i, s in enumerate(self.stop)))
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise InvalidRequest(f"seed must be a non-negative integer or None, got {self.seed!r}")
@@ -70,12 +84,16 @@ def _finite(x: object) -> bool:
 
 
 def _stop(s: object, i: int) -> Stop:
+    if isinstance(s, (str, tuple, list)) and len(s) > MAX_STOP_LENGTH:
+        raise InvalidRequest(f"stop[{i}] is {len(s)} long; a stop sequence has at most {MAX_STOP_LENGTH} characters "
+                             f"or token ids")
     if isinstance(s, str):
         if not s:
             raise InvalidRequest(f"stop[{i}] is an empty string; remove it or give at least one character")
         return s
     if not isinstance(s, (tuple, list)) or not s:
-        raise InvalidRequest(f"stop[{i}] must be a non-empty string or a non-empty sequence of token ids, got {s!r}")
+        raise InvalidRequest(f"stop[{i}] must be a non-empty string or a non-empty sequence of token ids, "
+                             f"got {s!r:.200}")
     if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in s):
         raise InvalidRequest(f"stop[{i}] token ids must be non-negative integers, got {list(s)!r}")
     return tuple(s)
@@ -114,12 +132,16 @@ def top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def next_token(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One row: logits (V,) float, seen (S,) ids of prompt + completion -> the chosen token id."""
+    """One row: logits (V,) float, seen (S,) ids of prompt + completion -> the chosen token id. NonFiniteOutput
+    when the row's probabilities are not finite (the caller fails that row alone)."""
     logits = repetition_penalty(logits.float(), seen, params.repetition_penalty)
     if params.greedy:
         return int(logits.argmax())
     logits = top_p(top_k(temperature(logits, params.temperature), params.top_k), params.top_p)
-    probs = torch.softmax(logits, dim=-1).to(generator.device)
+    probs = torch.softmax(logits, dim=-1).to(generator.device)  # (V,)
+    if not bool(torch.isfinite(probs).all()):
+        raise NonFiniteOutput("sampling probabilities are NaN or infinite: the adapter or mix overflows this model; "
+                              "lower its weights or check the adapter")
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -31,7 +31,8 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from adalora_runtime.config import ConfigError
 from adalora_runtime.engine.config import check_strategy
 from adalora_runtime.engine.engine import AdapterEngine, Request
-from adalora_runtime.engine.errors import DeadlineExpired, EngineError, InvalidRequest, RequestCancelled
+from adalora_runtime.engine.errors import (DeadlineExpired, EngineError, InvalidRequest, NonFiniteOutput,
+                                           RequestCancelled)
 from adalora_runtime.engine.kv import BatchKV, cache_argument, concat, prefill_inputs, select
 from adalora_runtime.engine.multi_linear import BatchContext
 from adalora_runtime.engine.sampling import SamplingParams, next_token, request_generator
@@ -307,18 +308,26 @@ class Generator:
 
     def _sample_and_retire(self, logits: torch.Tensor, first: int = 0) -> list[Handle]:
         """Sample rows first.. from logits (B - first, V); drop finished rows from rows, cache and pending."""
-        tokens = []
-        for row, row_logits in zip(self._rows[first:], logits, strict=True):
-            params = row.handle.request.params
-            if params.repetition_penalty == 1.0:  # nothing reads the history: skip its host-to-device copy
-                seen = torch.empty(0, dtype=torch.long, device=row_logits.device)
-            else:
-                seen = torch.tensor(row.seen, dtype=torch.long, device=row_logits.device)
-            tokens.append(next_token(row_logits, seen, params, row.generator))
+        tokens: list[int] = []
+        failed: dict[int, NonFiniteOutput] = {}
+        finite = torch.isfinite(logits).all(dim=-1).tolist()  # (B - first,): one sync for the whole batch
+        for i, (row, row_logits) in enumerate(zip(self._rows[first:], logits, strict=True)):
+            try:
+                if not finite[i]:
+                    raise NonFiniteOutput("the model's logits for this request are NaN or infinite: its adapter or "
+                                          "mix overflows this model; lower the mix weights or check the adapter")
+                tokens.append(next_token(row_logits, self._seen(row, row_logits.device), row.handle.request.params,
+                                         row.generator))
+            except NonFiniteOutput as e:  # this row alone fails; the others sample as if it were not there
+                failed[i] = NonFiniteOutput(f"request {row.handle.request_id}, token {len(row.handle.tokens)}: {e}")
+                tokens.append(0)
         new = torch.tensor(tokens, dtype=torch.long, device=self.engine.device)
         self._pending = new if first == 0 or self._pending is None else torch.cat([self._pending, new])
         finished, keep = [], list(range(first))
         for index, (row, token) in enumerate(zip(self._rows[first:], tokens), start=first):
+            if index - first in failed:
+                finished.append(self._fail(row.handle, failed[index - first]))
+                continue
             reason = self._emit(row, token)
             if reason is None:
                 keep.append(index)
@@ -329,6 +338,13 @@ class Generator:
             self._kv = select(self._kv, keep)
             self._pending = self._pending[keep] if keep else None
         return finished
+
+    @staticmethod
+    def _seen(row: _Row, device: torch.device) -> torch.Tensor:
+        """(S,) the row's prompt + completion ids, when its repetition penalty reads them (else empty: no copy)."""
+        if row.handle.request.params.repetition_penalty == 1.0:
+            return torch.empty(0, dtype=torch.long, device=device)
+        return torch.tensor(row.seen, dtype=torch.long, device=device)
 
     def _emit(self, row: _Row, token: int) -> str | None:
         """Record one token; returns the finish reason if it ends the completion."""
