@@ -32,6 +32,9 @@ from server.metrics import Metrics
 from server.residency import Budget, Events, Residency, Resident
 from server.store import AdapterStore, StoredAdapter, check_id
 
+CHARS_PER_TOKEN = 32
+"""A text longer than this many characters per token of the request's limit is refused before tokenizing: real
+tokenizers average 3-5 characters a token, so such a text would exceed the token limit anyway."""
 MODEL_CLASSES = {"causal-lm": AutoModelForCausalLM, "encoder": AutoModelForSequenceClassification}
 """How a base model folder is loaded, by kind: a causal LM generates, anything else is served as an encoder."""
 
@@ -250,12 +253,22 @@ class Backend:
 
     # ---- generation -----------------------------------------------------------------------------------------
 
-    def _prompt_ids(self, prompt: str | tuple[int, ...]) -> list[int]:
+    def _check_text_size(self, text: str, what: str, max_tokens: int) -> None:
+        """Bound a text before the tokenizer sees it (tokenizing megabytes takes seconds)."""
+        if len(text) > max_tokens * CHARS_PER_TOKEN:
+            raise InvalidRequest(f"{what} has {len(text)} characters, over this server's limit of "
+                                 f"{max_tokens * CHARS_PER_TOKEN} ({CHARS_PER_TOKEN} per token of the "
+                                 f"{max_tokens}-token limit); shorten it")
+
+    async def _prompt_ids(self, prompt: str | tuple[int, ...]) -> list[int]:
+        """Token ids of a prompt: a text is bounded, then tokenized off the event loop."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise InvalidRequest(f"this server has no tokenizer (none in {self.config.base_model}); send the "
-                                     f"prompt as token_ids")
-            ids = list(self.tokenizer(prompt)["input_ids"])
+                raise InvalidRequest("this server's base model has no tokenizer; send the prompt as token_ids")
+            self._check_text_size(prompt, "the prompt", self.config.max_prompt_tokens)
+            ids = list((await asyncio.to_thread(self.tokenizer, prompt))["input_ids"])
+            if not ids:
+                raise InvalidRequest("the prompt text has no tokens (it is empty or only whitespace); send some text")
         else:
             ids = list(prompt)
         if len(ids) > self.config.max_prompt_tokens:
@@ -272,7 +285,7 @@ class Backend:
         consumer that stops early (a cancelled RPC) cancels the request: its batch row is freed at the next step."""
         received = time.perf_counter()
         self._require("causal-lm", "Generate")
-        prompt = self._prompt_ids(call.prompt)
+        prompt = await self._prompt_ids(call.prompt)
         self._check_admission(call.deadline)
         ids, label = adapter_ids(call.adapter), self.metrics.adapter_label(call.adapter)
         keys, held = await self._acquire(call.adapter, call.deadline)
@@ -345,6 +358,9 @@ class Backend:
             raise InvalidRequest(f"{len(call.inputs)} inputs, over this server's limit of {self.config.max_inputs} "
                                  f"per request; split them into several requests")
         limit = self.runner.max_length
+        for i, x in enumerate(call.inputs):
+            if isinstance(x, str):
+                self._check_text_size(x, f"input {i}", limit)
         long = [i for i, x in enumerate(call.inputs) if not isinstance(x, str) and len(x) > limit]
         if long:
             raise InvalidRequest(f"inputs {long[:5]} have more than {limit} token ids (this server's limit for "

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
 import grpc
 
 from adalora_runtime.adapter_file import AdapterFormatError
@@ -35,6 +40,10 @@ class WrongModelKind(ServerError):
     """Generate on an encoder base, or Classify / Embed on a decoder base (FAILED_PRECONDITION)."""
 
 
+class ResponseTooLarge(ServerError):
+    """An answer over max_message_bytes: refused before it is sent (RESOURCE_EXHAUSTED), so it is counted as such."""
+
+
 class QueueFull(ServerError):
     """max_queue generation requests already wait for a batch row (RESOURCE_EXHAUSTED)."""
 
@@ -56,6 +65,7 @@ STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (SlotsFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UploadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (StoreConflict, grpc.StatusCode.ABORTED),
     (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
     (RequestCancelled, grpc.StatusCode.CANCELLED),
@@ -76,3 +86,22 @@ def status_of(error: BaseException) -> grpc.StatusCode:
         if isinstance(error, cls):
             return code
     return grpc.StatusCode.INTERNAL
+
+
+UPLOAD_FOLDER = re.compile(r"\.upload-[a-z0-9._-]+\.[0-9a-f]+/?")
+"""An upload's staging folder name inside the store (server.store.STAGING_PREFIX)."""
+
+
+def redactor(config) -> Callable[[str], str]:
+    """A function that takes the server's own paths out of a message meant for a client: the store folder (an
+    adapter's files are then named relative to it), an upload's staging folder and the base model folder."""
+    store = {str(Path(config.adapter_dir)), str(Path(config.adapter_dir).resolve())}
+    base = {str(Path(config.base_model)), str(Path(config.base_model).resolve())}
+    swaps = sorted([(p, "") for p in store] + [(p, "the base model") for p in base], key=lambda x: -len(x[0]))
+
+    def redact(message: str) -> str:
+        for path, name in swaps:
+            message = message.replace(path + os.sep, name).replace(path, name or "the store")
+        return UPLOAD_FOLDER.sub("", message)
+
+    return redact

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Callable
 from contextlib import aclosing, asynccontextmanager
 
 import grpc
@@ -17,7 +18,7 @@ from server import convert
 from server.auth import check_admin
 from server.backend import Backend, Completion, GenerateCall, TokenDelta
 from server.config import ServerConfig
-from server.errors import NotReady, status_of
+from server.errors import NotReady, ResponseTooLarge, redactor, status_of
 from server.gen.adalora.v1 import adalora_pb2 as pb
 from server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc
 from server.metrics import Metrics
@@ -25,11 +26,12 @@ from server.metrics import Metrics
 log = logging.getLogger("adalora.server")
 
 
-async def abort_with(context: grpc.aio.ServicerContext, error: Exception) -> None:
-    """End the RPC with the status of `error` and its message; an unexpected error is logged with its
-    traceback here and reaches the client as INTERNAL without one."""
+async def abort_with(context: grpc.aio.ServicerContext, error: Exception,
+                     redact: Callable[[str], str] = str) -> None:
+    """End the RPC with the status of `error` and its message, the server's paths taken out (errors.redactor); an
+    unexpected error is logged with its traceback here and reaches the client as INTERNAL without one."""
     code = status_of(error)
-    message = str(error)
+    message = redact(str(error))
     if code == grpc.StatusCode.INTERNAL:
         log.exception("internal error", exc_info=error)
         message = f"internal server error ({type(error).__name__}); the server log has the details"
@@ -48,7 +50,7 @@ async def answered(servicer: AdaLoraServicer, rpc: str, request, context: grpc.a
         yield
     except Exception as error:  # noqa: BLE001 - every error becomes a status
         record(status_of(error))  # before abort sends the status: a client that then scrapes sees it counted
-        await abort_with(context, error)
+        await abort_with(context, error, servicer.redact)
     except (asyncio.CancelledError, GeneratorExit):  # the client went away
         record(grpc.StatusCode.CANCELLED)
         raise
@@ -60,7 +62,7 @@ def unary(method):
     @functools.wraps(method)
     async def wrapper(self, request, context):
         async with answered(self, method.__name__, request, context):
-            return await method(self, request, context)
+            return self.fits(await method(self, request, context))
     return wrapper
 
 
@@ -69,7 +71,7 @@ def streaming(method):
     async def wrapper(self, request, context):
         async with answered(self, method.__name__, request, context):
             async for message in method(self, request, context):
-                yield message
+                yield self.fits(message)
     return wrapper
 
 
@@ -92,6 +94,16 @@ class AdaLoraServicer(pb_grpc.AdaLoraServicer):
         self.config, self.metrics = config, metrics
         self.backend: Backend | None = None
         self.draining = False
+        self.redact = redactor(config)
+
+    def fits(self, message):
+        """The answer, unless it is over --max-message-bytes: then ResponseTooLarge now, counted as what it is
+        (gRPC itself would refuse it after the handler, and the metrics would have counted OK)."""
+        if message is not None and message.ByteSize() > self.config.max_message_bytes:
+            raise ResponseTooLarge(f"the answer is {message.ByteSize()} bytes, over this server's limit of "
+                                   f"{self.config.max_message_bytes} (--max-message-bytes); ask for less per request "
+                                   f"(fewer inputs or tokens)")
+        return message
 
     def _ready(self) -> Backend:
         if self.draining:

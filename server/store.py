@@ -85,6 +85,38 @@ class Recovery:
     """Where the folders that did not match their manifest now are."""
 
 
+def _real_dir(path: Path) -> bool:
+    """A directory that is not a symbolic link (the store never follows one)."""
+    return path.is_dir() and not path.is_symlink()
+
+
+def _remove(path: Path) -> None:
+    """Delete a leftover folder, or only the link if it is a symbolic link (never what a link points to)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
+
+
+def _recovered(action, what: str) -> bool:
+    """Run one start-up repair; a failure is logged and skipped, so recovery never blocks start-up."""
+    try:
+        action()
+        return True
+    except OSError as e:
+        log.error("store recovery: %s failed (%s); left as it is", what, e)
+        return False
+
+
+def check_no_links(folder: Path) -> None:
+    """AdapterRejected when the folder, or anything in it, is a symbolic link: the store never reads through one."""
+    links = [p for p in [folder, *folder.rglob("*")] if p.is_symlink()]
+    if links:
+        name = links[0].name if links[0] != folder else folder.name
+        raise AdapterRejected(f"adapter folder {folder.name!r} holds a symbolic link ({name}); the store never "
+                              f"follows links: put the real files there")
+
+
 def _token() -> str:
     """Unique, and sortable by creation time: 16 hex digits of nanoseconds, then 8 random ones."""
     return f"{time.time_ns():016x}{secrets.token_hex(4)}"
@@ -113,18 +145,22 @@ class AdapterStore:
             self.recover()
 
     def ids(self) -> list[str]:
-        """Ids of the folders in the store (names that are not valid ids are skipped)."""
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and ID_PATTERN.fullmatch(p.name))
+        """Ids of the folders in the store (names that are not valid ids, and symbolic links, are skipped)."""
+        return sorted(p.name for p in self.root.iterdir() if _real_dir(p) and ID_PATTERN.fullmatch(p.name))
 
     def holds(self, adapter_id: str) -> bool:
-        """Whether `adapter_id` is a valid id with a folder in the store (never raises)."""
-        return bool(ID_PATTERN.fullmatch(adapter_id)) and (self.root / adapter_id).is_dir()
+        """Whether `adapter_id` is a valid id with a folder (not a link) in the store (never raises)."""
+        return bool(ID_PATTERN.fullmatch(adapter_id)) and _real_dir(self.root / adapter_id)
 
     def folder(self, adapter_id: str) -> Path:
+        """The id's folder; a symbolic link is refused (the store never follows a link out of itself)."""
         folder = self.root / check_id(adapter_id)
+        if folder.is_symlink():
+            raise StoreError(f"adapter {adapter_id!r} is a symbolic link in the store, which is never followed; "
+                             f"the operator must put a real folder there")
         if not folder.is_dir():
-            raise AdapterNotFound(f"adapter {adapter_id!r} is not in the store {self.root}: put its folder (native or "
-                                  f"PEFT) at {folder}, or pick one of {self.ids()}")
+            raise AdapterNotFound(f"adapter {adapter_id!r} is not in the store: upload it, or list the stored ids "
+                                  f"with ListAdapters(include_store=true)")
         return folder
 
     def format(self, adapter_id: str) -> str:
@@ -153,6 +189,7 @@ class AdapterStore:
         """Validate and read the adapter in `folder` (a store folder, or an upload's staging folder) as
         `adapter_id`: its manifest if it has one, its files' headers within self.limits, then the format's reader.
         Raises one of READ_ERRORS for a folder that cannot be served."""
+        check_no_links(folder)
         digests = folder_digests(folder)
         problems = manifest_problems(folder, digests)
         if problems:
@@ -163,6 +200,7 @@ class AdapterStore:
         return StoredAdapter(adapter_id, fmt, adapter, tensors_sha256(to_tensors(adapter)), version_of(digests))
 
     def _checked_format(self, folder: Path) -> str:
+        check_no_links(folder)
         check_folder(folder, self.limits)
         for name in SAFETENSORS_FILES:
             if (folder / name).is_file():
@@ -211,6 +249,9 @@ class AdapterStore:
         """Move the complete folder `staged` (from staging()) into place as `adapter_id`; returns whether it
         replaced a stored version. A stored id without `overwrite`: AdapterExists. Crash safe (commit_steps)."""
         with self._lock:
+            if (self.root / adapter_id).is_symlink():
+                raise StoreError(f"adapter {adapter_id!r} is a symbolic link in the store, which is never replaced "
+                                 f"through; the operator must remove the link first")
             replacing = (self.root / adapter_id).exists()
             if replacing and not overwrite:
                 raise AdapterExists(f"adapter {adapter_id!r} is already in the store; upload with overwrite=true to "
@@ -245,7 +286,7 @@ class AdapterStore:
             raise
         fsync_dir(self.root)
         yield "moved in"
-        shutil.rmtree(trash)
+        _remove(trash)
         yield "old deleted"
 
     # ---- startup --------------------------------------------------------------------------------------------
@@ -261,32 +302,42 @@ class AdapterStore:
         Folders without a manifest are left as they are; they are validated when read."""
         removed, restored = [], []
         entries = sorted(self.root.iterdir())  # a trash token starts with its time: oldest first per id
+        for path in entries:
+            if path.is_symlink():
+                log.error("store entry %s is a symbolic link: the store never follows or serves it; replace it with "
+                          "a real folder", path.name)
         trash: dict[str, list[Path]] = {}
         for path in entries:
             match = TRASH_NAME.fullmatch(path.name)
-            if match and path.is_dir():
+            if match and (path.is_dir() or path.is_symlink()):
                 trash.setdefault(match["id"], []).append(path)
         for adapter_id, folders in trash.items():
-            if not (self.root / adapter_id).exists():
-                os.rename(folders.pop(), self.root / adapter_id)
-                restored.append(adapter_id)
-                log.warning("adapter %r: its replacement by an upload was interrupted; the old version is back",
-                            adapter_id)
+            target = self.root / adapter_id
+            if not target.exists() and not target.is_symlink() and _real_dir(folders[-1]):
+                if _recovered(lambda: os.rename(folders[-1], target), f"restoring {folders[-1].name}"):
+                    folders.pop()
+                    restored.append(adapter_id)
+                    log.warning("adapter %r: its replacement by an upload was interrupted; the old version is back",
+                                adapter_id)
             for folder in folders:
-                shutil.rmtree(folder)
-                removed.append(folder.name)
+                if _recovered(lambda f=folder: _remove(f), f"deleting {folder.name}"):
+                    removed.append(folder.name)
         for path in entries:
-            if path.name.startswith(STAGING_PREFIX) and path.is_dir():
-                shutil.rmtree(path)
-                removed.append(path.name)
-                log.warning("deleted %s: an upload that never finished", path)
+            if path.name.startswith(STAGING_PREFIX) and (path.is_dir() or path.is_symlink()):
+                if _recovered(lambda p=path: _remove(p), f"deleting {path.name}"):
+                    removed.append(path.name)
+                    log.warning("deleted %s: an upload that never finished", path.name)
         fsync_dir(self.root)
         quarantined = []
         for adapter_id in self.ids():
             folder = self.root / adapter_id
-            problems = manifest_problems(folder, folder_digests(folder)) if has_manifest(folder) else []
-            if problems:
-                quarantined.append(self._quarantine(folder, problems))
+            try:
+                problems = manifest_problems(folder, folder_digests(folder)) if has_manifest(folder) else []
+                if problems:
+                    quarantined.append(self._quarantine(folder, problems))
+            except (OSError, ValueError) as e:  # never blocks start-up: the folder is refused when read instead
+                log.error("adapter %r could not be checked at start-up (%s); it is validated when read",
+                          adapter_id, e)
         return Recovery(tuple(removed), tuple(restored), tuple(quarantined))
 
     def _quarantine(self, folder: Path, problems: list[str]) -> Path:

@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import json
 import math
 
 import pytest
@@ -14,6 +15,7 @@ from adalora_runtime.inject import attach_adapter, inject_adapters
 from tests.conftest import tiny_bert, tiny_llama
 from tools.merge import MergeError, MergeParams, merge_adapters, merge_files, merge_into_base, tallqr
 from tools.merge.dense import layer_generator
+from tools.merge.into_base import MERGE_RECORD
 
 LLAMA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -371,7 +373,8 @@ def test_into_base_streamed_shards_equal_a_naive_rewrite(tmp_path, inputs, dtype
             expected = (t.float() + merged.delta(path)).to(dtype) if path in merged.layers else t
             assert after[key].dtype == dtype and torch.equal(after[key], expected), key
         with safe_open(str(shard), "pt") as a, safe_open(str(tmp_path / "full" / shard.name), "pt") as b:
-            assert a.metadata() == b.metadata()
+            kept = {k: v for k, v in b.metadata().items() if k != MERGE_RECORD}  # plus the merge's provenance
+            assert kept == a.metadata() and json.loads(b.metadata()[MERGE_RECORD])["merge"]["method"] == "linear"
 
 
 def test_into_base_refuses_a_truncated_shard(tmp_path, inputs):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from adalora_runtime.peft_interop import TASK_TO_PEFT
 from tools.merge import METHODS, MergeError, MergeParams, get_strategy, merge_into_base
+from adalora_runtime.atomic import remove_stale
 from tools.merge.pipeline import check_output, load_inputs, merge_adapters, merge_files
 
 NAME = "merge"
@@ -47,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
                              base_model_dir=args.base_model, task_type=args.task)
         print(f"wrote {target}")
         return 0
-    check_output(args.out, args.adapters)
+    check_output(args.out, args.adapters, args.base_model)
+    remove_stale(args.out)
     adapters = load_inputs(args.adapters, args.base_model, args.task)
     merged = merge_adapters(adapters, args.method, params, names=list(args.adapters), head_from=args.head_from)
     out = merge_into_base(merged, Path(args.base_model), Path(args.out))

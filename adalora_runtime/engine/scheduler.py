@@ -364,12 +364,13 @@ class Generator:
         for ids in params.stop_ids():
             if len(completion) >= len(ids) and tuple(completion[-len(ids):]) == ids:
                 return True
-        for text in params.stop_strings():
-            # the stop string would end inside the newest token: it starts at most len(text) tokens back
-            # (a token decodes to at least one character, byte fragments aside)
-            if text in self.tokenizer.decode(completion[-(len(text) + 1):]):
-                return True
-        return False
+        strings = params.stop_strings()
+        if not strings:
+            return False
+        # a stop string that ends inside the newest token starts at most len(text) tokens back (a token decodes to
+        # at least one character, byte fragments aside): one decode of the longest such tail serves them all
+        tail = self.tokenizer.decode(completion[-(max(map(len, strings)) + 1):])
+        return any(text in tail for text in strings)
 
     def _finish(self, handle: Handle, reason: str) -> Handle:
         handle.result = GenerationResult(list(handle.tokens), reason, len(handle.request.prompt), len(handle.tokens))

@@ -24,6 +24,10 @@ from adalora_runtime.adapter import Adapter, base_identity
 from adalora_runtime.atomic import atomic_dir
 from tools.merge.strategies import MergeError
 
+MERGE_RECORD = "adalora_merge"
+"""Metadata key of every shard a merge writes: the merge's provenance, and the mark that lets a later merge
+replace this folder (tools.merge.pipeline.check_output)."""
+
 
 def _meta_model(base_dir: Path) -> torch.nn.Module:
     """The base architecture on the meta device (no weights): module types and the base identity."""
@@ -99,12 +103,13 @@ def merge_into_base(adapter: Adapter, base_dir: str | os.PathLike, out: str | os
         for f in base_dir.iterdir():
             if f.is_file() and f.suffix != ".safetensors":
                 shutil.copy2(f, tmp / f.name)
+        record = json.dumps({"base_model": str(base_dir.resolve()), "merge": adapter.info.get("merge")}, default=str)
         for shard in shards:
-            _merge_shard(adapter, shard, tmp / shard.name, weights, heads)
+            _merge_shard(adapter, shard, tmp / shard.name, weights, heads, record)
     return out
 
 
-def _merge_shard(adapter: Adapter, shard: Path, target: Path, weights: dict, heads: dict) -> None:
+def _merge_shard(adapter: Adapter, shard: Path, target: Path, weights: dict, heads: dict, record: str) -> None:
     """Stream one shard: read a tensor, add its delta (or swap in the head), write its bytes, release it.
 
     Plain reads instead of a memory map, so that the pages of tensors already written are not kept
@@ -113,7 +118,7 @@ def _merge_shard(adapter: Adapter, shard: Path, target: Path, weights: dict, hea
         entries, data_start = _read_header(src, shard)
         keys = sorted((k for k in entries if k != "__metadata__"), key=lambda k: entries[k]["data_offsets"][0])
         specs = {key: (entries[key]["dtype"], entries[key]["shape"]) for key in keys}
-        header = _header(specs, keys, entries.get("__metadata__"))
+        header = _header(specs, keys, {**(entries.get("__metadata__") or {}), MERGE_RECORD: record})
         out.write(len(header).to_bytes(8, "little"))
         out.write(header)
         for key in keys:

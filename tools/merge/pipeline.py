@@ -13,11 +13,18 @@ from pathlib import Path
 
 import torch
 
-from adalora_runtime.adapter import Adapter, AdapterLayer
-from adalora_runtime.adapter_file import save_adapter_streamed, tensors_sha256, to_tensors
-from adalora_runtime.peft_interop import load_any
+from adalora_runtime.adapter import Adapter, AdapterLayer, base_identity
+from adalora_runtime.adapter_file import (
+    FILE_NAME, AdapterFormatError, read_manifest, save_adapter_streamed, tensors_sha256, to_tensors,
+)
+from adalora_runtime.atomic import atomic_dir, remove_stale
+from adalora_runtime.engine.errors import AdapterMismatch
+from adalora_runtime.engine.slots import check_adapter
+from adalora_runtime.safetensors_stream import read_header
+from adalora_runtime.peft_interop import base_skeleton, linear_shapes, load_any
+from tools.merge.into_base import MERGE_RECORD
 from tools.merge.lowrank import union_shapes
-from tools.merge.strategies import MergeError, MergeParams, get_strategy
+from tools.merge.strategies import DenseStrategy, MergeError, MergeParams, get_strategy
 
 
 def load_inputs(paths: list[str | os.PathLike], base_model_dir: str | os.PathLike | None = None,
@@ -29,6 +36,8 @@ def load_inputs(paths: list[str | os.PathLike], base_model_dir: str | os.PathLik
         if not Path(path).exists():
             raise MergeError(f"input adapter {path}: no such file or folder")
         adapters.append(load_any(path, base_model_dir=base_model_dir, task_type=task_type))
+    if base_model_dir is not None:
+        check_against_base(adapters, [str(p) for p in paths], base_model_dir)
     return adapters
 
 
@@ -74,6 +83,8 @@ def merge_stream(adapters: list[Adapter], method: str, params: MergeParams, name
     if head_from is not None and not 1 <= head_from <= len(adapters):
         raise MergeError(f"--head-from {head_from} must be between 1 and {len(adapters)} (the input's position)")
     check_inputs(adapters, names)
+    if isinstance(strategy, DenseStrategy):
+        check_dense_sizes(adapters, names)
     ranks, layers = strategy.stream(adapters, params)
     r = max([*ranks.values(), 1])
     head_source = adapters[head_from - 1] if head_from is not None else None
@@ -100,23 +111,87 @@ def merge_adapters(adapters: list[Adapter], method: str, params: MergeParams, na
     return merged
 
 
-def check_output(out: str | os.PathLike, inputs: list[str | os.PathLike]) -> None:
+MAX_DENSE_ELEMENTS = 1 << 30
+"""Largest out x in of one module a dense method (ties, dare, magnitude_prune) builds: 4 GiB in float32, above
+any layer of a 70B model; a larger declared module is a broken file, refused before anything is allocated."""
+
+
+def is_merge_output(folder: Path) -> bool:
+    """Whether `folder` holds what a previous merge wrote (an adapter with merge provenance, or an into-base
+    model folder whose shards carry MERGE_RECORD), so that --out may replace it."""
+    shards = sorted(folder.glob("*.safetensors"))
+    if shards and all(_has_record(shard) for shard in shards):
+        return True
+    names = {p.name for p in folder.iterdir()}
+    if names != {FILE_NAME}:
+        return False
+    try:
+        return "merge" in (read_manifest(folder).get("info") or {})
+    except AdapterFormatError:
+        return False
+
+
+def _has_record(shard: Path) -> bool:
+    try:
+        return MERGE_RECORD in (read_header(shard).get("__metadata__") or {})
+    except (OSError, ValueError):
+        return False
+
+
+def check_output(out: str | os.PathLike, inputs: list[str | os.PathLike],
+                 base_model_dir: str | os.PathLike | None = None) -> None:
+    """OUT is never, contains, or lies inside an input or the base model folder; an existing OUT is replaced only
+    when it holds nothing but a previous merge's output. Checked before anything is read or written."""
     out_path = Path(out).resolve()
-    for path in inputs:
-        p = Path(path).resolve()
-        if out_path == p or out_path == p.parent and p.is_file():
-            raise MergeError(f"--out {out} is an input ({path}): inputs are never modified, choose a new folder")
+    sources = [(f"input {path}", Path(path).resolve()) for path in inputs]
+    if base_model_dir is not None:
+        sources.append((f"the base model {base_model_dir}", Path(base_model_dir).resolve()))
+    for what, p in sources:
+        folder = p.parent if p.is_file() else p
+        if out_path == p or out_path == folder or out_path in p.parents or folder in out_path.parents:
+            raise MergeError(f"--out {out} is, contains or lies inside {what}: inputs are never modified or "
+                             f"replaced; choose a new folder")
+    if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())) and not (
+            out_path.is_dir() and is_merge_output(out_path)):
+        raise MergeError(f"--out {out} exists and is not a previous merge's output: remove it or choose a new folder "
+                         f"(a merge replaces only its own earlier output)")
+
+
+def check_against_base(adapters: list[Adapter], names: list[str], base_model_dir: str | os.PathLike) -> None:
+    """Every input belongs to this base and declares only modules it has, of its shapes (engine.slots.check_adapter,
+    the server's check); before any tensor work."""
+    model = base_skeleton(base_model_dir, adapters[0].task_type)
+    identity, shapes = base_identity(model), linear_shapes(model)
+    for adapter, name in zip(adapters, names):
+        try:
+            check_adapter(adapter, identity, shapes)
+        except AdapterMismatch as e:
+            raise MergeError(f"{name} does not fit --base-model {base_model_dir}: {e}") from e
+
+
+def check_dense_sizes(adapters: list[Adapter], names: list[str]) -> None:
+    """A dense method builds out x in per module: refuse a declared shape past MAX_DENSE_ELEMENTS first."""
+    for adapter, name in zip(adapters, names):
+        for path, (in_f, out_f) in adapter.shapes.items():
+            if in_f * out_f > MAX_DENSE_ELEMENTS:
+                raise MergeError(f"{name}: module {path} declares (in, out)=({in_f}, {out_f}), {in_f * out_f:,} "
+                                 f"elements, over the {MAX_DENSE_ELEMENTS:,} a dense method builds per module: a "
+                                 f"broken file; pass --base-model to check inputs against the real model")
 
 
 def merge_files(paths: list[str | os.PathLike], out: str | os.PathLike, method: str, params: MergeParams,
                 head_from: int | None = None, base_model_dir: str | os.PathLike | None = None,
                 task_type: str | None = None) -> Path:
-    """Load the inputs, merge, write OUT/adapter.safetensors atomically; nothing is written on error."""
-    check_output(out, paths)
+    """Load the inputs, merge, write OUT/adapter.safetensors; OUT appears whole (built in a temp folder beside it
+    and renamed) or not at all, and a temp folder a killed run left is removed first."""
+    check_output(out, paths, base_model_dir)
+    remove_stale(out)
     get_strategy(method).validate(params, len(paths))
     adapters = load_inputs(paths, base_model_dir, task_type)
     params = get_strategy(method).file_params(params, adapters)
     merged, ranks, layers = merge_stream(adapters, method, params, names=[str(p) for p in paths], head_from=head_from)
     for entry, path in zip(merged.info["merge"]["inputs"], paths):
         entry["path"] = str(Path(path).resolve())
-    return save_adapter_streamed(merged, ranks, layers, out)  # one merged layer in memory at a time
+    with atomic_dir(out) as tmp:
+        save_adapter_streamed(merged, ranks, layers, tmp)  # one merged layer in memory at a time
+    return Path(out) / FILE_NAME
