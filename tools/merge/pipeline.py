@@ -193,5 +193,9 @@ def merge_files(paths: list[str | os.PathLike], out: str | os.PathLike, method: 
     for entry, path in zip(merged.info["merge"]["inputs"], paths):
         entry["path"] = str(Path(path).resolve())
     with atomic_dir(out) as tmp:
-        save_adapter_streamed(merged, ranks, layers, tmp)  # one merged layer in memory at a time
+        try:
+            save_adapter_streamed(merged, ranks, layers, tmp)  # one merged layer in memory at a time
+        except AdapterFormatError as e:  # the merged result itself is unwritable (it overflows float32, say)
+            raise MergeError(f"--out {out}: the merged adapter cannot be written: "
+                             f"{str(e).replace(str(tmp) + ': ', '')}") from e
     return Path(out) / FILE_NAME
