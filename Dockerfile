@@ -1,8 +1,13 @@
 # Runnable image of the adalora server (and every adalora command), CUDA torch by default.
 #
 #   docker build -t adalora .
-#   docker run --gpus all -p 50051:50051 -p 9090:9090 \
+#   docker run --gpus all -p 50051:50051 -p 9090:9090 -e ADALORA_ADMIN_TOKEN \
 #       -v $HOME/.cache/adalora/models/smollm2-135m:/models/base:ro -v $PWD/adapters:/adapters adalora
+#
+# Admin RPCs (Load/Unload/UploadAdapter): the server listens on 0.0.0.0, so without credentials they are closed
+# to every caller (PERMISSION_DENIED, and a warning in the log). Pass the token from the environment as above
+# (export ADALORA_ADMIN_TOKEN=... first; `-e NAME` copies it without putting it on the command line), never as a
+# flag baked into the image. The store holds at most 8 GiB (--max-store-bytes) and 4 uploads at once.
 #
 # The default command serves /models/base (any transformers causal LM or encoder folder with its tokenizer)
 # and the adapter store /adapters on cuda in bfloat16: gRPC on 50051, Prometheus /metrics and /healthz on 9090;

@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from adalora_runtime.atomic import write_text_atomic
 from server import tls
+from server.auth import CLOSED
 from server.backend import Backend
 from server.config import ServerConfig
 from server.gen.adalora.v1 import adalora_pb2 as pb
@@ -149,6 +150,20 @@ def write_ready_file(path: str, host: str, port: int, metrics_port: int | None) 
                                         "pid": os.getpid()}) + "\n")
 
 
+def log_admin_policy(config: ServerConfig) -> None:
+    """Say at start who may call the admin RPCs, loudly when they are open beyond loopback or closed to all."""
+    if config.admin_credentials:
+        log.info("admin RPCs need credentials (%s)", "token" if config.admin_token else "client certificate names")
+    elif config.insecure_open_admin:
+        log.warning("admin RPCs (Load/Unload/UploadAdapter) are OPEN to every caller that reaches %s "
+                    "(--insecure-open-admin): anyone can unload, reload and upload adapters", config.host)
+    elif config.loopback_only:
+        log.info("admin RPCs are open to callers on this machine (loopback host %s, no admin credentials)",
+                 config.host)
+    else:
+        log.warning("admin RPCs are closed to every caller: %s", CLOSED)
+
+
 async def serve(config: ServerConfig) -> None:
     """Listen at once (health NOT_SERVING), load the base model and preloaded adapters, turn SERVING (and write
     config.ready_file), and run until SIGTERM or SIGINT, then drain for config.grace_s seconds."""
@@ -157,6 +172,7 @@ async def serve(config: ServerConfig) -> None:
     server, port = await create_server(config)
     await server.start()
     log.info("listening on %s:%d (%s); loading %s", config.host, port, tls.describe(config), config.base_model)
+    log_admin_policy(config)
     if server.metrics_port is not None:
         log.info("metrics at http://%s:%d/metrics", config.host, server.metrics_port)
     stopping = asyncio.Event()

@@ -1,6 +1,7 @@
 """Who may call the admin RPCs (LoadAdapter, UnloadAdapter, ...): the holder of the admin token, sent as metadata
 `authorization: Bearer <token>`, or a client whose verified mTLS certificate carries one of the admin client
-names. With neither configured the admin RPCs are open."""
+names. With neither configured the admin RPCs are open on a loopback host only (or with --insecure-open-admin),
+and closed to everyone on any other address."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ if TYPE_CHECKING:
     from server.config import ServerConfig
 
 SCHEME = "bearer "
+CLOSED = ("the admin RPCs are closed: this server listens beyond loopback and has no admin credentials; its operator "
+          "sets ADALORA_ADMIN_TOKEN (then send 'authorization: Bearer <token>'), or mTLS --admin-client-name, or, on "
+          "a network where every client is trusted, --insecure-open-admin")
+"""Why an admin RPC is refused on a non-loopback server without credentials (also logged at start)."""
 NAME_KEYS = ("x509_common_name", "peer_dns")
 """auth_context() keys of a verified client certificate's subject CN and its SAN DNS names (grpc core's peer
 properties; 'x509_subject_alternative_name' would mix in IP, URI and email SANs). The context has neither key on a
@@ -58,11 +63,14 @@ def _how_to(config: ServerConfig) -> str:
 
 
 def check_admin(config: ServerConfig, context: CallContext, rpc: str) -> None:
-    """Raise unless the caller may run the admin RPC `rpc`: open when config has neither admin_token nor
-    admin_client_names; else the bearer token or an admin client certificate name lets it in. No credentials
-    at all: Unauthenticated; credentials that do not match: PermissionDenied."""
-    if config.admin_token is None and not config.admin_client_names:
-        return
+    """Raise unless the caller may run the admin RPC `rpc`. Without admin credentials configured: open when
+    config.admin_open (loopback host, or --insecure-open-admin), else PermissionDenied for everyone. With them:
+    the bearer token or an admin client certificate name lets it in; none sent: Unauthenticated; credentials that
+    do not match: PermissionDenied."""
+    if not config.admin_credentials:
+        if config.admin_open:
+            return
+        raise PermissionDenied(f"{rpc}: {CLOSED}")
     token = bearer_token(context.invocation_metadata())
     names = certificate_names(context.auth_context()) if config.admin_client_names else set()
     if _token_matches(token, config.admin_token) or names & set(config.admin_client_names):

@@ -219,7 +219,8 @@ class Backend:
     def open(cls, config: ServerConfig, metrics: Metrics | None = None) -> Backend:
         """Read the base model and load config.preload from the store (blocking: run it off the event loop);
         record into `metrics` (the Server's), or into a Metrics of its own."""
-        store = AdapterStore(config.adapter_dir, config.base_model, config.adapter_limits)
+        store = AdapterStore(config.adapter_dir, config.base_model, config.adapter_limits,
+                             max_bytes=config.max_store_bytes, max_uploads=config.max_concurrent_uploads)
         model, tokenizer = load_base(config)
         backend = cls(model, tokenizer, config, store, metrics)
         for adapter_id in config.preload:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 from dataclasses import dataclass
 
 from adalora_runtime.config import ConfigError
@@ -78,8 +80,17 @@ class ServerConfig:
 
     admin_token: str | None = None
     """Bearer token the admin RPCs (LoadAdapter, UnloadAdapter, UploadAdapter) require in metadata `authorization:
-    Bearer <token>` (missing: UNAUTHENTICATED, wrong: PERMISSION_DENIED); None = admin RPCs open. Other RPCs never
-    need it."""
+    Bearer <token>` (missing: UNAUTHENTICATED, wrong: PERMISSION_DENIED). None and no admin_client_names: the admin
+    RPCs are open on a loopback host and closed (PERMISSION_DENIED) on any other, unless insecure_open_admin. Other
+    RPCs never need it."""
+    insecure_open_admin: bool = False
+    """Open the admin RPCs to every caller on a non-loopback host without credentials (`--insecure-open-admin`);
+    logged as a warning at start. Only for a network where every client is trusted."""
+    max_store_bytes: int = 8 * 1024**3
+    """Quota of the adapter store: bytes of every file in it (uploads in flight counted at their declared size);
+    an upload that would pass it is RESOURCE_EXHAUSTED before any byte is written. 0 = no quota."""
+    max_concurrent_uploads: int = 4
+    """UploadAdapter calls receiving at once, whatever their ids; one more is RESOURCE_EXHAUSTED at once."""
 
     tls_cert: str | None = None
     """PEM certificate (chain) of the gRPC port; with tls_key the port speaks TLS. None (with tls_key None) =
@@ -116,8 +127,15 @@ class ServerConfig:
             raise ConfigError("admin_token must be a non-empty string without surrounding whitespace, or None to "
                               "leave the admin RPCs open; check --admin-token / ADALORA_ADMIN_TOKEN")
         for name in ("max_batch_size", "max_queue", "max_slots", "max_prompt_tokens", "max_new_tokens",
-                     "default_max_new_tokens", "max_inputs", "max_message_bytes", "max_upload_bytes"):
+                     "default_max_new_tokens", "max_inputs", "max_message_bytes", "max_upload_bytes",
+                     "max_concurrent_uploads"):
             _positive_int(name, getattr(self, name))
+        if isinstance(self.max_store_bytes, bool) or not isinstance(self.max_store_bytes, int) or \
+                self.max_store_bytes < 0:
+            raise ConfigError(f"max_store_bytes must be an integer >= 0 (0 = no quota), got {self.max_store_bytes!r}")
+        if self.insecure_open_admin and (self.admin_token is not None or self.admin_client_names):
+            raise ConfigError("insecure_open_admin (--insecure-open-admin) opens the admin RPCs to callers without "
+                              "credentials; it cannot be combined with an admin token or --admin-client-name")
         if self.max_device_bytes is not None:
             _positive_int("max_device_bytes", self.max_device_bytes)
         if not isinstance(self.adapter_limits, AdapterLimits):
@@ -130,6 +148,26 @@ class ServerConfig:
         if not isinstance(self.grace_s, (int, float)) or self.grace_s < 0:
             raise ConfigError(f"grace_s must be >= 0 seconds, got {self.grace_s!r}")
         self._check_tls()
+
+    @property
+    def loopback_only(self) -> bool:
+        """Whether `host` is a loopback address (127.0.0.0/8, ::1, localhost): only this machine can connect."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:  # a host name: it may resolve to any interface
+            return False
+
+    @property
+    def admin_credentials(self) -> bool:
+        return self.admin_token is not None or bool(self.admin_client_names)
+
+    @property
+    def admin_open(self) -> bool:
+        """Whether the admin RPCs take callers without credentials: no credentials are configured, and the
+        server listens on loopback only or was told --insecure-open-admin."""
+        return not self.admin_credentials and (self.loopback_only or self.insecure_open_admin)
 
     def _check_tls(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -40,6 +40,10 @@ class WrongModelKind(ServerError):
     """Generate on an encoder base, or Classify / Embed on a decoder base (FAILED_PRECONDITION)."""
 
 
+class StoreFull(ServerError):
+    """An upload past the store's quota, or past the uploads received at once (RESOURCE_EXHAUSTED)."""
+
+
 class ResponseTooLarge(ServerError):
     """An answer over max_message_bytes: refused before it is sent (RESOURCE_EXHAUSTED), so it is counted as such."""
 
@@ -66,6 +70,7 @@ STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UploadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (StoreConflict, grpc.StatusCode.ABORTED),
     (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
     (RequestCancelled, grpc.StatusCode.CANCELLED),

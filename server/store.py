@@ -39,7 +39,7 @@ from adalora_runtime.adapter_file import AdapterFormatError, tensors_sha256, to_
 from adalora_runtime.atomic import fsync_dir
 from adalora_runtime.engine.errors import AdapterExists, AdapterNotFound, InvalidRequest
 from server.adapter_checks import SAFETENSORS_FILES, AdapterLimits, AdapterRejected, check_folder, check_safetensors
-from server.errors import StoreConflict, StoreError
+from server.errors import StoreConflict, StoreError, StoreFull
 from server.manifest import MANIFEST_NAME, folder_digests, has_manifest, manifest_problems, version_of
 
 log = logging.getLogger("adalora.store")
@@ -83,6 +83,18 @@ class Recovery:
     """Ids whose replacement stopped before the new version arrived: the old version is back in place."""
     quarantined: tuple[Path, ...] = ()
     """Where the folders that did not match their manifest now are."""
+
+
+def _tree_bytes(path: Path) -> int:
+    """Bytes of the files under `path` (or of the file itself); symbolic links count as nothing."""
+    try:
+        if path.is_symlink():
+            return 0
+        if path.is_file():
+            return path.stat().st_size
+        return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    except OSError:  # removed while it was walked
+        return 0
 
 
 def _real_dir(path: Path) -> bool:
@@ -131,8 +143,12 @@ class AdapterStore:
     recover=False. Uploads write through staging() and commit()."""
 
     def __init__(self, root: str | Path, base_model_dir: str | Path, limits: AdapterLimits = AdapterLimits(),
-                 recover: bool = True) -> None:
+                 recover: bool = True, max_bytes: int = 0, max_uploads: int = 4) -> None:
         self.root, self.base_model_dir, self.limits = Path(root), Path(base_model_dir), limits
+        self.max_bytes, self.max_uploads = max_bytes, max_uploads
+        """Quota of the whole store in bytes (0 = none), and uploads received at once."""
+        self._reserved: dict[Path, int] = {}
+        """Staging folder -> the bytes its upload declared: counted at that size until it is done."""
         if not self.root.is_dir():
             raise FileNotFoundError(f"adapter store {self.root}: no such directory; create it and put one folder "
                                     f"per adapter id in it")
@@ -225,18 +241,39 @@ class AdapterStore:
 
     # ---- uploads --------------------------------------------------------------------------------------------
 
+    def used_bytes(self) -> int:
+        """Bytes the store holds: every file under it (links not followed), an upload in flight at its declared
+        size instead of what it has written so far."""
+        staging = set(self._reserved)
+        total = sum(self._reserved.values())
+        for entry in self.root.iterdir():
+            if entry not in staging:
+                total += _tree_bytes(entry)
+        return total
+
     @contextlib.contextmanager
-    def staging(self, adapter_id: str) -> Iterator[Path]:
-        """Reserve `adapter_id` for one upload and yield a new empty folder in the store to write it into
-        (.upload-<id>.<token>, never listed as an id); it is deleted on exit unless commit() moved it into place.
-        Another reservation of the id meanwhile is refused with StoreConflict (ABORTED)."""
+    def staging(self, adapter_id: str, size: int = 0) -> Iterator[Path]:
+        """Reserve `adapter_id` and `size` bytes of the quota for one upload and yield a new empty folder in the
+        store to write it into (.upload-<id>.<token>, never listed as an id); it is deleted on exit unless commit()
+        moved it into place. Refused before anything is written: another upload of the id meanwhile (StoreConflict,
+        ABORTED); max_uploads already receiving, or `size` past the quota (StoreFull, RESOURCE_EXHAUSTED)."""
         check_id(adapter_id)
+        folder = self.root / f"{STAGING_PREFIX}{adapter_id}.{_token()}"
         with self._lock:
             if adapter_id in self._claimed:
                 raise StoreConflict(f"another upload of adapter {adapter_id!r} is in progress; retry once it has "
                                     f"finished")
+            if len(self._claimed) >= self.max_uploads:
+                raise StoreFull(f"{len(self._claimed)} uploads are already being received, this server's limit "
+                                f"(--max-concurrent-uploads {self.max_uploads}); retry shortly")
+            if self.max_bytes:
+                used = self.used_bytes()
+                if used + size > self.max_bytes:
+                    raise StoreFull(f"the store holds {used} bytes (uploads in flight included); this upload of "
+                                    f"{size} bytes would pass its quota of {self.max_bytes} (--max-store-bytes): "
+                                    f"remove adapters from the store or raise the quota")
             self._claimed.add(adapter_id)
-        folder = self.root / f"{STAGING_PREFIX}{adapter_id}.{_token()}"
+            self._reserved[folder] = size
         try:
             folder.mkdir()
             yield folder
@@ -244,6 +281,7 @@ class AdapterStore:
             shutil.rmtree(folder, ignore_errors=True)
             with self._lock:
                 self._claimed.discard(adapter_id)
+                self._reserved.pop(folder, None)
 
     def commit(self, adapter_id: str, staged: Path, overwrite: bool) -> bool:
         """Move the complete folder `staged` (from staging()) into place as `adapter_id`; returns whether it

@@ -213,7 +213,7 @@ async def receive(store: AdapterStore, header: UploadHeader, chunks: AsyncIterab
     if not header.overwrite and store.holds(header.adapter_id):
         raise AdapterExists(f"adapter {header.adapter_id!r} is already in the store; upload with overwrite=true to "
                             f"replace it")
-    with store.staging(header.adapter_id) as folder:
+    with store.staging(header.adapter_id, header.total_bytes) as folder:
         staging = Staging(folder, header)
         try:
             async for name, data in chunks:

@@ -49,8 +49,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULTS.max_queue})")
     p.add_argument("--admin-token", default=None,
                    help="bearer token the admin RPCs (Load/Unload/UploadAdapter) require (default: "
-                        "$ADALORA_ADMIN_TOKEN; unset = open); prefer the environment variable, a flag shows in the "
-                        "process list")
+                        "$ADALORA_ADMIN_TOKEN); prefer the environment variable, a flag shows in the process list. "
+                        "Without any admin credentials the admin RPCs are open on a loopback --host only")
+    p.add_argument("--insecure-open-admin", action="store_true",
+                   help="open the admin RPCs to every caller on a non-loopback --host without credentials (logged "
+                        "as a warning); only where every client on the network is trusted")
+    p.add_argument("--max-store-bytes", type=int, default=DEFAULTS.max_store_bytes,
+                   help=f"quota of the adapter store; an upload that would pass it is RESOURCE_EXHAUSTED (default "
+                        f"{DEFAULTS.max_store_bytes}; 0 = none)")
+    p.add_argument("--max-concurrent-uploads", type=int, default=DEFAULTS.max_concurrent_uploads,
+                   help=f"UploadAdapter calls at once; more are RESOURCE_EXHAUSTED (default "
+                        f"{DEFAULTS.max_concurrent_uploads})")
     g = p.add_argument_group("TLS", "of the gRPC port (/metrics stays plain HTTP)")
     g.add_argument("--tls-cert", metavar="PEM", default=None, help="server certificate (chain); with --tls-key: TLS")
     g.add_argument("--tls-key", metavar="PEM", default=None, help="private key of --tls-cert")
@@ -119,6 +128,8 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
                         admin_token=args.admin_token or os.environ.get("ADALORA_ADMIN_TOKEN") or None,
                         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                         admin_client_names=tuple(args.admin_client_name),
+                        insecure_open_admin=args.insecure_open_admin, max_store_bytes=args.max_store_bytes,
+                        max_concurrent_uploads=args.max_concurrent_uploads,
                         adapter_limits=AdapterLimits(max_rank=args.max_adapter_rank,
                                                      max_tensor_bytes=args.max_adapter_bytes,
                                                      dtypes=tuple(args.adapter_dtypes)))
