@@ -409,3 +409,37 @@ def test_store_never_follows_a_symbolic_link(world, tmp_path):
         for link in [store / "linked", *store.glob(".trash-linked.*")]:
             if link.is_symlink():
                 link.unlink()
+
+
+# ---- no leaks ----------------------------------------------------------------------------------------------------
+
+def _resources() -> tuple[int, int, int]:
+    """(open file descriptors, threads, resident set in bytes) of this process, where the in-process server runs."""
+    fds = len(os.listdir("/proc/self/fd"))
+    status = Path("/proc/self/status").read_text()
+    rss = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
+    return fds, threading.active_count(), rss
+
+
+def test_repeated_load_unload_and_refusals_leak_nothing(world):
+    """200 cycles of load, a request, unload (and a refused load of a broken folder): no descriptor, thread or
+    memory growth beyond noise once warm."""
+    server, store = world["server"], world["store"]
+    save_adapter(world["adapters"]["a"], store / "cycle")
+    (store / "cycle-broken").mkdir(exist_ok=True)
+    (store / "cycle-broken" / FILE_NAME).write_bytes(b"\0" * 64)
+
+    def cycle() -> None:
+        server.client.load_adapter("cycle")
+        server.client.generate(PROMPT, "cycle", max_new_tokens=2, temperature=0)
+        server.client.unload_adapter("cycle")
+        assert status_of(lambda: server.client.load_adapter("cycle-broken"))[0] == PRECONDITION
+
+    for _ in range(20):  # warm: caches, thread pools, allocator arenas
+        cycle()
+    fds, threads, rss = _resources()
+    for _ in range(200):
+        cycle()
+    fds2, threads2, rss2 = _resources()
+    assert fds2 <= fds + 2 and threads2 <= threads + 2, (fds, fds2, threads, threads2)
+    assert rss2 - rss < 64 * 1024**2, (rss, rss2)
