@@ -14,6 +14,7 @@ killed the process, or the real CLI), each failing on the code before its fix:
   10 the store followed symbolic links
   11 an answer over the message limit was counted OK; a whitespace prompt was told to "tokenize text first"; error
      messages held the server's paths; NOT_FOUND listed every stored id
+and two of docs/RELIABILITY.md's checks that had no test: health under load, and no leaks.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ import struct
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
@@ -43,7 +46,8 @@ from adalora_runtime.peft_interop import save_peft
 from server.client import AdaLoraClient, generate_request
 from server.config import ServerConfig
 from server.gen.adalora.v1 import adalora_pb2 as pb
-from tests.server_setup import ServerThread, reference_engine, status_of, word_tokenizer, write_base, write_store
+from tests.server_setup import (ServerThread, reference_engine, status_of, until, word_tokenizer, write_base,
+                                write_store)
 from tests.test_engine_generate import varied_llama
 from tests.test_merge import random_adapter
 from tests.test_server_e2e import Served
@@ -61,7 +65,7 @@ def world(tmp_path_factory):
     store = write_store(root / "store", adapters)
     server = ServerThread(ServerConfig(base_model=str(base_dir), adapter_dir=str(store), preload=("a", "b"), port=0,
                                        max_batch_size=4, max_slots=8, max_prompt_tokens=32, max_new_tokens=24,
-                                       default_max_new_tokens=8, max_message_bytes=64 * 1024, metrics_port=None))
+                                       default_max_new_tokens=8, max_message_bytes=64 * 1024, metrics_port=0))
     yield {"root": root, "base": base, "base_dir": base_dir, "store": store, "adapters": adapters, "server": server}
     server.stop()
 
@@ -299,6 +303,23 @@ def test_huge_and_empty_text_prompts_are_refused_before_the_tokenizer(world):
     assert code == INVALID and "no tokens" in message and "tokenize" not in message
 
 
+def test_health_answers_while_every_generation_step_is_stalled(world):
+    """The model lock held (no step can run) with streams running and waiting: grpc.health.v1 and /healthz still
+    answer SERVING within a 2 s deadline, and the streams then finish whole."""
+    server = world["server"]
+    port = server.server.metrics_port
+    with server.backend.lock:
+        streams = [server.client.generate_stream(PROMPT, "a", max_new_tokens=6, temperature=0) for _ in range(6)]
+        assert until(lambda: server.backend.serial.generator.waiting >= 1)
+        reply = server.client.health_stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+            assert response.status == 200
+    expected = greedy_reference(world, "a", 6)
+    for stream in streams:
+        assert [t for reply in stream for t in reply.token_ids] == expected
+
+
 def test_answer_over_the_message_limit_is_counted_as_refused(world):
     """GetAdapter of an adapter declaring 2000 modules: an answer over the server's 64 KiB message limit."""
     from prometheus_client import generate_latest
@@ -443,3 +464,20 @@ def test_repeated_load_unload_and_refusals_leak_nothing(world):
     fds2, threads2, rss2 = _resources()
     assert fds2 <= fds + 2 and threads2 <= threads + 2, (fds, fds2, threads, threads2)
     assert rss2 - rss < 64 * 1024**2, (rss, rss2)
+
+
+ID_CASES = [("a", True), ("my-adapter_v2.1", True), ("0", True), ("x" * 64, True), ("x" * 65, False),
+            ("Upper", False), (".hidden", False), ("-lead", False), ("a/b", False), ("..", False), ("", False),
+            ("a b", False), ("a\x00", False), ("é", False), ("/etc", False)]
+
+
+@pytest.mark.parametrize("adapter_id,valid", ID_CASES)
+def test_adapter_ids_are_one_plain_folder_name(adapter_id, valid):
+    from adalora_runtime.engine.errors import InvalidRequest
+    from server.store import check_id
+
+    if valid:
+        assert check_id(adapter_id) == adapter_id
+    else:
+        with pytest.raises(InvalidRequest, match="must match"):
+            check_id(adapter_id)
