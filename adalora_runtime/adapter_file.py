@@ -28,6 +28,8 @@ FILE_NAME = "adapter.safetensors"
 METADATA_KEY = "adalora"
 
 
+MODES = ("adalora", "lora")
+"""How an adapter was trained: lambda learned (adalora) or fixed (lora, lambda holding a LoRA import's scales)."""
 MAX_ALPHA = 1e6
 """Largest lora_alpha an adapter may declare."""
 MAX_SCALE = 1e4
@@ -215,8 +217,11 @@ def manifest_problem(meta: dict) -> str | None:
         if not isinstance(m, dict) or not (_count(m.get("in"), 1) and _count(m.get("out"), 1) and _count(m.get("rank"))):
             return f"field 'modules.{path}' must be {{\"in\": int >= 1, \"out\": int >= 1, \"rank\": int >= 0}}, " \
                    f"got {m!r:.200}"
+    base = meta["base"]
     checks = {
-        "base": (isinstance(meta.get("base"), dict), "an object"),
+        "base": (isinstance(base, dict) and isinstance(base.get("name", ""), str)
+                 and isinstance(base.get("config_sha256"), (str, type(None))),
+                 'an object {"name": str, "config_sha256": str or null, ...}'),
         "task_type": (isinstance(meta.get("task_type"), str), "a string"),
         "init_r": (_count(meta.get("init_r"), 1), "an integer >= 1"),
         "lora_alpha": (isinstance(meta.get("lora_alpha"), (int, float)) and not isinstance(meta.get("lora_alpha"), bool),
@@ -226,7 +231,7 @@ def manifest_problem(meta: dict) -> str | None:
                                                   and all(isinstance(x, str) for x in meta["labels"])),
                    "null or a list of strings"),
         "info": (isinstance(meta.get("info", {}), dict), "an object"),
-        "mode": (isinstance(meta.get("mode", "adalora"), str), "a string"),
+        "mode": (meta.get("mode", "adalora") in MODES, f"one of {MODES}"),
     }
     for name, (ok, what) in checks.items():
         if not ok:
@@ -285,6 +290,8 @@ def validate(adapter: Adapter, source: str) -> None:
     """Shapes consistent with the declared modules, ranks as declared, values finite."""
     if adapter.task_type not in TASK_TYPES:
         raise AdapterFormatError(f"{source}: task_type {adapter.task_type!r} is not one of {TASK_TYPES}")
+    if adapter.mode not in MODES:
+        raise AdapterFormatError(f"{source}: mode {adapter.mode!r} is not one of {MODES}")
     if adapter.init_r < 1 or not 0 < adapter.lora_alpha <= MAX_ALPHA or not 0 < adapter.scale <= MAX_SCALE:
         raise AdapterFormatError(f"{source}: need init_r >= 1, 0 < lora_alpha <= {MAX_ALPHA:g} and a scale "
                                  f"lora_alpha / init_r in (0, {MAX_SCALE:g}]; got init_r={adapter.init_r!r}, "

@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from adalora_runtime.adapter import Adapter, AdapterLayer, base_identity, is_causal_lm
+from adalora_runtime.adapter import TASK_TYPES, Adapter, AdapterLayer, base_identity, is_causal_lm
 from adalora_runtime.adapter_file import (
-    FILE_NAME, AdapterFormatError, adapter_file, load_adapter, read_manifest, tensors_sha256, to_tensors, validate,
+    FILE_NAME, AdapterFormatError, adapter_file, load_adapter, manifest_problem, read_manifest, tensors_sha256,
+    to_tensors, validate,
 )
 from adalora_runtime.atomic import atomic_dir
 from adalora_runtime.delta import fold
@@ -220,8 +221,14 @@ def _check_config(config: object) -> str:
                                             and all(isinstance(m, str) for m in modules_to_save)):
         raise InteropError(f"modules_to_save must be a list of module names, got {modules_to_save!r}")
     for field_name in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(field_name) or {}, dict):
-            raise InteropError(f"{field_name} must be an object {{module pattern: value}}, got {config[field_name]!r}")
+        patterns = config.get(field_name) or {}
+        if not isinstance(patterns, dict):
+            raise InteropError(f"{field_name} must be an object {{module pattern: value}}, got {patterns!r:.200}")
+        for key in patterns:
+            try:
+                re.compile(key)
+            except (re.error, RecursionError) as e:
+                raise InteropError(f"{field_name} key {key!r:.100} is not a valid regular expression ({e})") from e
     return peft_type
 
 
@@ -285,7 +292,8 @@ def config_number(config: dict, key: str, kind: type = float) -> float:
     value = config.get(key)
     if value is None:
         return kind(0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (kind is int and math.isfinite(value) and value != int(value)):
         raise InteropError(f"{CONFIG_NAME} field {key!r} must be {'an integer' if kind is int else 'a number'}, "
                            f"got {value!r}")
     if not math.isfinite(value) or abs(value) > MAX_CONFIG_NUMBER:
@@ -405,7 +413,10 @@ def from_peft(
         labels=labels if task == "seq-cls" else None, head={k: v.float().contiguous() for k, v in head.items()},
         info={"imported_from": f"peft {peft_type}", "peft_base_model": config.get("base_model_name_or_path")},
     )
-    validate(adapter, source="PEFT adapter")
+    try:
+        validate(adapter, source="PEFT adapter")
+    except AdapterFormatError as e:
+        raise InteropError(str(e)) from e
     return adapter
 
 
@@ -458,9 +469,23 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, d
         native = json.loads(raw) if raw else None
     except (json.JSONDecodeError, RecursionError) as e:
         raise InteropError(f"{path / WEIGHTS_NAME}: its {NATIVE_META_KEY!r} metadata is not valid JSON ({e})") from e
-    if native is not None and not isinstance(native, dict):
-        raise InteropError(f"{path / WEIGHTS_NAME}: its {NATIVE_META_KEY!r} metadata is not a JSON object")
+    problem = None if native is None else native_problem(native)
+    if problem:
+        raise InteropError(f"{path / WEIGHTS_NAME}: its {NATIVE_META_KEY!r} metadata {problem}")
     return state, config, native
+
+
+def native_problem(native: object) -> str | None:
+    """What is wrong with the native metadata save_peft embeds (its fields and their types), or None."""
+    if not isinstance(native, dict):
+        return "is not a JSON object"
+    meta = {"modules": {}, **native}  # the embedded copy lists no modules: the PEFT tensors say them
+    problem = manifest_problem(meta)
+    if problem:
+        return problem
+    if native["task_type"] not in TASK_TYPES:
+        return f"field 'task_type' must be one of {TASK_TYPES}, got {native['task_type']!r:.100}"
+    return None
 
 
 def config_task(config: dict, native: dict | None) -> str | None:
@@ -470,7 +495,7 @@ def config_task(config: dict, native: dict | None) -> str | None:
     peft_task = config.get("task_type")
     if peft_task is None:
         return None
-    if peft_task not in PEFT_TO_TASK:
+    if not isinstance(peft_task, str) or peft_task not in PEFT_TO_TASK:
         raise InteropError(f"PEFT task_type {peft_task!r} is not supported: adapters of task_type null or one of "
                            f"{sorted(PEFT_TO_TASK)} convert")
     return PEFT_TO_TASK[peft_task]

@@ -102,7 +102,7 @@ def format_text(d: dict) -> str:
     lines = [
         f"adapter      {d['path']} ({d['format']})",
         f"base         {d['base'].get('name')} ({d['base'].get('model_type')}, config sha256 "
-        f"{sha[:16] if sha else 'unknown: pass --base-model'})",
+        f"{sha[:16] if isinstance(sha, str) else 'unknown: pass --base-model'})",
         f"task / mode  {d['task_type']} / {d['mode']}   (task from {d['task_source']})",
         f"init_r       {d['init_r']}   lora_alpha {d['lora_alpha']:g}   scale {scale}",
         f"ranks        {d['total_rank']} over {d['modules']} modules",
