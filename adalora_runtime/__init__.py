@@ -13,14 +13,14 @@ The public surface for people with their own training loop::
     save_adapter(adapters.export(allocator), "out/")
 """
 
-from adalora_runtime.config import AdaLoraConfig, ConfigError
-from adalora_runtime.delta import apply_delta, delta_weight
-from adalora_runtime.layers import SVDLinear
-from adalora_runtime.inject import AdapterSet, inject_adapters
-from adalora_runtime.allocator import RankAllocator, budget_schedule, keep_mask
-from adalora_runtime.regularizer import orth_penalty
-from adalora_runtime.adapter import Adapter, AdapterLayer
-from adalora_runtime.adapter_file import AdapterFormatError, load_adapter, save_adapter
+from adalora.config import AdaLoraConfig, ConfigError
+from adalora.delta import apply_delta, delta_weight
+from adalora.layers import SVDLinear
+from adalora.inject import AdapterSet, inject_adapters
+from adalora.allocator import RankAllocator, budget_schedule, keep_mask
+from adalora.regularizer import orth_penalty
+from adalora.adapter import Adapter, AdapterLayer
+from adalora.adapter_file import AdapterFormatError, load_adapter, save_adapter
 
 __all__ = [
     "AdaLoraConfig", "ConfigError", "apply_delta", "delta_weight", "SVDLinear", "AdapterSet",

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from adalora_runtime.delta import delta_weight
+from adalora.delta import delta_weight
 
 TASK_TYPES = ("seq-cls", "causal-lm", "feature-extraction")
 # Config keys that do not change the backbone's weights: two fine-tunes of one base differ in these.

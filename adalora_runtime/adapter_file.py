@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from adalora_runtime.adapter import TASK_TYPES, Adapter, AdapterLayer
-from adalora_runtime.atomic import atomic_file
-from adalora_runtime.delta import fold
-from adalora_runtime.safetensors_stream import StreamWriter, read_file, read_header
+from adalora.adapter import TASK_TYPES, Adapter, AdapterLayer
+from adalora.atomic import atomic_file
+from adalora.delta import fold
+from adalora.safetensors_stream import StreamWriter, read_file, read_header
 
 FORMAT = "adalora-native"
 FORMAT_VERSION = 1

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from adalora_runtime.config import AdaLoraConfig
-from adalora_runtime.inject import AdapterSet
+from adalora.config import AdaLoraConfig
+from adalora.inject import AdapterSet
 
 FACTORS = ("P", "lam", "Q")
 

@@ -9,7 +9,7 @@ Layout of the cache (default $ADALORA_CACHE or ~/.cache/adalora)::
     data/<name>/meta.json     source, task, labels, counts
     prepared.json             stamp, written last: its presence means everything above is complete
 
-Every output is written through adalora_runtime.atomic, so an interrupted run leaves either the
+Every output is written through adalora.atomic, so an interrupted run leaves either the
 old output or none, and `prepare` resumes where it stopped.
 """
 
@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from adalora_runtime.atomic import atomic_dir, write_text_atomic
+from adalora.atomic import atomic_dir, write_text_atomic
 
 STAMP_NAME = "prepared.json"
 STAMP_VERSION = 2

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from transformers import Trainer, TrainerCallback
 
-from adalora_runtime.allocator import RankAllocator
-from adalora_runtime.config import ConfigError
-from adalora_runtime.inject import AdapterSet
-from adalora_runtime.regularizer import orth_penalty
-from adalora_runtime.training import param_groups
+from adalora.allocator import RankAllocator
+from adalora.config import ConfigError
+from adalora.inject import AdapterSet
+from adalora.regularizer import orth_penalty
+from adalora.training import param_groups
 
 
 class AdaLoraCallback(TrainerCallback):

@@ -1,4 +1,8 @@
-"""`adalora` console command: each subcommand is a module in adalora_runtime.commands (or server/, tools/).
+"""`adalora` console command: train, inspect, convert and merge adapters, serve them and call the server.
+
+Each subcommand is a module in adalora.commands, adalora.server.commands or adalora.tools. The CLI sits on top:
+it is the one module of the library folder that may import the server and the tools (tests/test_layout.py
+checks that no other does).
 
 A subcommand module defines NAME, HELP, add_arguments(parser) and run(args) -> int.
 """
@@ -9,20 +13,20 @@ import argparse
 import importlib
 import sys
 
-from adalora_runtime.adapter_file import AdapterFormatError
-from adalora_runtime.config import ConfigError
+from adalora.adapter_file import AdapterFormatError
+from adalora.config import ConfigError
 
 COMMANDS = (
-    "adalora_runtime.commands.prepare",
-    "adalora_runtime.commands.train",
-    "adalora_runtime.commands.inspect",
-    "adalora_runtime.commands.convert",
-    "adalora_runtime.commands.demo",
-    "tools.merge_cli",
-    "server.commands.serve",
-    "server.commands.generate",
-    "server.commands.classify",
-    "server.commands.upload",
+    "adalora.commands.prepare",
+    "adalora.commands.train",
+    "adalora.commands.inspect",
+    "adalora.commands.convert",
+    "adalora.server.commands.demo",
+    "adalora.tools.merge_cli",
+    "adalora.server.commands.serve",
+    "adalora.server.commands.generate",
+    "adalora.server.commands.classify",
+    "adalora.server.commands.upload",
 )
 # Errors whose message is the whole story for the user: printed without a traceback, exit 2.
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, AdapterFormatError, FileNotFoundError)

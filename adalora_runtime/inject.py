@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from adalora_runtime.adapter import Adapter, AdapterLayer, base_identity
-from adalora_runtime.config import AdaLoraConfig, ConfigError
-from adalora_runtime.layers import ADAPTABLE, SVDLinear, linear_dims
+from adalora.adapter import Adapter, AdapterLayer, base_identity
+from adalora.config import AdaLoraConfig, ConfigError
+from adalora.layers import ADAPTABLE, SVDLinear, linear_dims
 
 _LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Every linear map of each block, as in the AdaLoRA paper (W_q, W_k, W_v, W_o, W_f1, W_f2).

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adalora_runtime.delta import apply_delta
+from adalora.delta import apply_delta
 
 ADAPTABLE = (nn.Linear, Conv1D)
 

@@ -28,15 +28,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from adalora_runtime.adapter import TASK_TYPES, Adapter, AdapterLayer, base_identity, is_causal_lm
-from adalora_runtime.adapter_file import (
+from adalora.adapter import TASK_TYPES, Adapter, AdapterLayer, base_identity, is_causal_lm
+from adalora.adapter_file import (
     FILE_NAME, AdapterFormatError, adapter_file, load_adapter, manifest_problem, read_manifest, tensors_sha256,
     to_tensors, validate,
 )
-from adalora_runtime.atomic import atomic_dir
-from adalora_runtime.delta import fold
-from adalora_runtime.safetensors_stream import read_file, read_header
-from adalora_runtime.layers import ADAPTABLE, linear_dims
+from adalora.atomic import atomic_dir
+from adalora.delta import fold
+from adalora.safetensors_stream import read_file, read_header
+from adalora.layers import ADAPTABLE, linear_dims
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -20,21 +20,21 @@ from pathlib import Path
 
 import torch
 
-from adalora_runtime import data as data_mod
-from adalora_runtime.adapter import base_identity
-from adalora_runtime.adapter_file import save_adapter
-from adalora_runtime.allocator import RankAllocator
-from adalora_runtime.atomic import write_text_atomic
-from adalora_runtime.config import DEFAULT_LAMBDA_LR_SCALE, INITS, MODES, AdaLoraConfig, schedule_from_fractions
-from adalora_runtime.inject import AdapterSet, inject_adapters
-from adalora_runtime.report import format_rank_table, plot_rank_heatmap, table_dict
-from adalora_runtime.training import (
+from adalora import data as data_mod
+from adalora.adapter import base_identity
+from adalora.adapter_file import save_adapter
+from adalora.allocator import RankAllocator
+from adalora.atomic import write_text_atomic
+from adalora.config import DEFAULT_LAMBDA_LR_SCALE, INITS, MODES, AdaLoraConfig, schedule_from_fractions
+from adalora.dtypes import DTYPES
+from adalora.inject import AdapterSet, inject_adapters
+from adalora.report import format_rank_table, plot_rank_heatmap, table_dict
+from adalora.training import (
     CHECKPOINT_NAME, StepLog, TrainArgs, TrainResult, env_world, seed_everything, steps_for_epochs, train,
 )
 
 REPORT_NAME = "report.json"
 HEATMAP_NAME = "ranks.png"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_TARGET_FRACTION = 2 / 3
 """adalora mode without target_r or budget: target_r = init_r * 2/3."""
 
@@ -52,7 +52,7 @@ class TrainSpec:
     task: str
     """'seq-cls' or 'causal-lm'."""
     data: str
-    """Training data (.jsonl or .csv, see adalora_runtime.data)."""
+    """Training data (.jsonl or .csv, see adalora.data)."""
     out: str
     """Output folder: adapter.safetensors, report.json, ranks.png (and checkpoint.pt)."""
     eval_data: str | None = None

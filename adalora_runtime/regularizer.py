@@ -2,7 +2,7 @@
 
 import torch
 
-from adalora_runtime.inject import AdapterSet
+from adalora.inject import AdapterSet
 
 
 def orth_penalty(adapters: AdapterSet) -> torch.Tensor:

@@ -76,7 +76,7 @@ def plot_rank_heatmap(ranks: dict[str, int], path: str | os.PathLike, title: str
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from adalora_runtime.atomic import atomic_file
+    from adalora.atomic import atomic_file
 
     layers, kinds, matrix = rank_table(ranks)
     values = np.ma.masked_invalid(np.array([[np.nan if r is None else r for r in row] for row in matrix], dtype=float))

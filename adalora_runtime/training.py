@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adalora_runtime.allocator import RankAllocator
-from adalora_runtime.atomic import atomic_file
-from adalora_runtime.inject import AdapterSet
-from adalora_runtime.regularizer import orth_penalty
+from adalora.allocator import RankAllocator
+from adalora.atomic import atomic_file
+from adalora.inject import AdapterSet
+from adalora.regularizer import orth_penalty
 
 CHECKPOINT_NAME = "checkpoint.pt"
 

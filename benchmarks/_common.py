@@ -8,7 +8,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from adalora_runtime.atomic import write_text_atomic
+from adalora.atomic import write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_WORDS = [f"w{i}" for i in range(40)]

@@ -51,11 +51,11 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from _common import RESULTS, markdown_table, median, write_json  # noqa: E402
-from adalora_runtime.adapter import Adapter, AdapterLayer, base_identity  # noqa: E402
-from adalora_runtime.engine import (AdapterEngine, EdgeMerger, EngineConfig, GenerationRequest, Generator,  # noqa: E402
+from adalora.adapter import Adapter, AdapterLayer, base_identity  # noqa: E402
+from adalora.engine import (AdapterEngine, EdgeMerger, EngineConfig, GenerationRequest, Generator,  # noqa: E402
                                     GeneratorConfig, SamplingParams)
-from adalora_runtime.inject import resolve_targets  # noqa: E402
-from adalora_runtime.layers import linear_dims  # noqa: E402
+from adalora.inject import resolve_targets  # noqa: E402
+from adalora.layers import linear_dims  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INIT_R, LORA_ALPHA, P_ZERO, R_MIN = 12, 16.0, 0.08, 5
@@ -81,7 +81,7 @@ def load_base(quick: bool, device: torch.device, dtype: torch.dtype) -> LlamaFor
             vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False))
     else:
-        from adalora_runtime.assets import model_path
+        from adalora.assets import model_path
         model = AutoModelForCausalLM.from_pretrained(model_path("smollm2-135m"), dtype=torch.float32)
     return model.to(device=device, dtype=dtype).eval()
 
@@ -210,7 +210,7 @@ def peft_adalora_mixed_error(model, adapters: list[Adapter], prompt: list[int], 
     """Try PEFT's mixed batch (adapter_names) on two AdaLoRA adapters; the error it gives, or 'no error'."""
     from peft import PeftModel
 
-    from adalora_runtime.peft_interop import save_peft
+    from adalora.peft_interop import save_peft
 
     with tempfile.TemporaryDirectory() as tmp:
         dirs = [save_peft(a, Path(tmp) / f"ada{i}") for i, a in enumerate(adapters[:2])]

@@ -42,10 +42,10 @@ from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adalora_runtime.adapter import Adapter, AdapterLayer, base_identity  # noqa: E402
-from adalora_runtime.adapter_file import load_adapter, read_manifest, save_adapter, save_adapter_streamed  # noqa: E402
-from adalora_runtime.inject import resolve_targets  # noqa: E402
-from adalora_runtime.layers import linear_dims  # noqa: E402
+from adalora.adapter import Adapter, AdapterLayer, base_identity  # noqa: E402
+from adalora.adapter_file import load_adapter, read_manifest, save_adapter, save_adapter_streamed  # noqa: E402
+from adalora.inject import resolve_targets  # noqa: E402
+from adalora.layers import linear_dims  # noqa: E402
 
 N_ADAPTERS, INIT_R = 8, 12
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -55,7 +55,7 @@ def base_config(quick: bool):
     if quick:
         return LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    from adalora_runtime.assets import model_path
+    from adalora.assets import model_path
     return AutoConfig.from_pretrained(model_path("smollm2-135m"))
 
 
@@ -98,8 +98,8 @@ def warm_up(adapters: list[Adapter]) -> None:
     """Run every route once on the inputs' widest layer, so that one-time costs (lazy imports; the BLAS and
     LAPACK workspaces that the first large call of each kind touches, about 3 MB) land before the baseline and
     are charged to none of the routes."""
-    from tools.merge import MergeParams, merge_adapters
-    from tools.merge.pipeline import merge_stream
+    from adalora.tools.merge import MergeParams, merge_adapters
+    from adalora.tools.merge.pipeline import merge_stream
     layer = one_layer(adapters)
     params = MergeParams(weights=(1.0 / len(layer),) * len(layer), budget=max(a.num_params() for a in layer))
     merge_adapters(layer, "svd", params)
@@ -143,8 +143,8 @@ def dense_route(adapters: list[Adapter], weights: list[float], budget: int) -> i
 def route(name: str, folder: Path, base_model: str | None) -> dict:
     """Runs inside a fresh subprocess: one route, its time and peak RSS above the loaded inputs."""
     torch.set_num_threads(1)
-    from tools.merge import MergeParams, merge_adapters, merge_into_base
-    from tools.merge.pipeline import merge_stream
+    from adalora.tools.merge import MergeParams, merge_adapters, merge_into_base
+    from adalora.tools.merge.pipeline import merge_stream
     adapters = [load_adapter(p) for p in sorted(folder.glob("a*"))]
     weights = [1.0 / len(adapters)] * len(adapters)
     budget = sum(a.num_params() for a in adapters) // len(adapters)  # one input's size
@@ -199,7 +199,7 @@ def main() -> None:
             LlamaForCausalLM(config).save_pretrained(folder / "base", max_shard_size="200KB")
             base_model = str(folder / "base")
         else:
-            from adalora_runtime.assets import model_path
+            from adalora.assets import model_path
             base_model = str(model_path("smollm2-135m"))
         svd, streamed, dense, into = (run_route(n, folder, base_model)
                                       for n in ("svd", "svd-streamed", "dense", "into-base"))

@@ -27,10 +27,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer  # no
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adalora_runtime.adapter_file import load_adapter  # noqa: E402
-from adalora_runtime.data import Example, evaluate, load_examples  # noqa: E402
-from adalora_runtime.inject import attach_adapter  # noqa: E402
-from tools.merge import MergeParams, merge_adapters  # noqa: E402
+from adalora.adapter_file import load_adapter  # noqa: E402
+from adalora.data import Example, evaluate, load_examples  # noqa: E402
+from adalora.inject import attach_adapter  # noqa: E402
+from adalora.tools.merge import MergeParams, merge_adapters  # noqa: E402
 
 TASKS = ("trec6", "sms-spam", "rt-sentiment")
 
@@ -98,10 +98,10 @@ def quick_setup(folder: Path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
-    from adalora_runtime.config import AdaLoraConfig
-    from adalora_runtime.data import make_batches
-    from adalora_runtime.inject import inject_adapters
-    from adalora_runtime.training import TrainArgs, train
+    from adalora.config import AdaLoraConfig
+    from adalora.data import make_batches
+    from adalora.inject import inject_adapters
+    from adalora.training import TrainArgs, train
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
     tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(specials + WORDS)}, unk_token="[UNK]"))
@@ -150,7 +150,7 @@ def main() -> None:
         else:
             if not args.adapters:
                 ap.error("give --adapters TREC_DIR SMS_DIR RT_DIR (or --quick)")
-            from adalora_runtime.assets import dataset_path, model_path
+            from adalora.assets import dataset_path, model_path
             base_dir = args.base_model or model_path("minilm-l6")
             adapters = [load_adapter(p) for p in args.adapters]
             evals = [load_examples(dataset_path(n, "eval"), "seq-cls")[:args.max_eval] for n in TASKS]

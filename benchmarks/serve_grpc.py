@@ -41,15 +41,15 @@ import torch  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from _common import RESULTS, markdown_table, write_json  # noqa: E402
-from adalora_runtime.adapter_file import save_adapter  # noqa: E402
-from adalora_runtime.engine import SamplingParams  # noqa: E402
-from adalora_runtime.inject import resolve_targets  # noqa: E402
-from adalora_runtime.layers import linear_dims  # noqa: E402
+from adalora.adapter_file import save_adapter  # noqa: E402
+from adalora.engine import SamplingParams  # noqa: E402
+from adalora.inject import resolve_targets  # noqa: E402
+from adalora.layers import linear_dims  # noqa: E402
 from engine_throughput import TARGETS, load_base, make_adapter  # noqa: E402
-from server.backend import Backend, Completion, GenerateCall, TokenDelta  # noqa: E402
-from server.client import generate_request  # noqa: E402
-from server.config import ServerConfig  # noqa: E402
-from server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc  # noqa: E402
+from adalora.server.backend import Backend, Completion, GenerateCall, TokenDelta  # noqa: E402
+from adalora.server.client import generate_request  # noqa: E402
+from adalora.server.config import ServerConfig  # noqa: E402
+from adalora.server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_LEN = 32
@@ -164,7 +164,7 @@ def summarize(outcomes: list[Outcome], dropped: int, wall: float) -> dict:
 def write_base(quick: bool, folder: Path) -> Path:
     """The prepared SmolLM2-135M folder, or (quick) engine_throughput's tiny random llama saved to `folder`."""
     if not quick:
-        from adalora_runtime.assets import model_path
+        from adalora.assets import model_path
         return model_path("smollm2-135m")
     load_base(True, torch.device("cpu"), torch.float32).save_pretrained(folder)
     return folder
@@ -189,7 +189,7 @@ def start_server(config: ServerConfig, log: Path) -> tuple[subprocess.Popen, int
     """`adalora serve` in a subprocess on port 0; returns once it is SERVING, with the port it bound (from its
     --ready-file, so no other process can take the port between choosing and binding it)."""
     ready = log.with_suffix(".ready.json")
-    cmd = [sys.executable, "-m", "adalora_runtime.cli", "serve", "--base-model", config.base_model,
+    cmd = [sys.executable, "-m", "adalora.cli", "serve", "--base-model", config.base_model,
            "--adapter-dir", config.adapter_dir, "--port", "0", "--ready-file", str(ready), "--device", config.device,
            "--dtype", config.dtype, "--max-batch-size", str(config.max_batch_size), "--max-slots",
            str(config.max_slots), "--max-new-tokens", str(config.max_new_tokens), "--preload", *config.preload]

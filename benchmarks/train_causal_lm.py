@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from _common import markdown_table, quick_assets, write_json  # noqa: E402
-from adalora_runtime import assets  # noqa: E402
-from adalora_runtime import data as data_mod  # noqa: E402
-from adalora_runtime.recipe import TrainSpec, load_base, resolve_device, run_train  # noqa: E402
+from adalora import assets  # noqa: E402
+from adalora import data as data_mod  # noqa: E402
+from adalora.recipe import TrainSpec, load_base, resolve_device, run_train  # noqa: E402
 
 METHODS = ("adalora", "lora")
 INIT_R, TARGET_R, LORA_R = 6, 4, 4

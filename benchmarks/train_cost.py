@@ -26,14 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from _common import markdown_table, median, quick_assets, write_json  # noqa: E402
-from adalora_runtime import assets  # noqa: E402
-from adalora_runtime import data as data_mod  # noqa: E402
-from adalora_runtime.allocator import RankAllocator  # noqa: E402
-from adalora_runtime.config import AdaLoraConfig, schedule_from_fractions  # noqa: E402
-from adalora_runtime.inject import DEFAULT_TARGETS, inject_adapters  # noqa: E402
-from adalora_runtime.recipe import TrainSpec, load_base, resolve_device  # noqa: E402
-from adalora_runtime.regularizer import orth_penalty  # noqa: E402
-from adalora_runtime.training import TrainArgs, make_optimizer, make_scheduler, seed_everything  # noqa: E402
+from adalora import assets  # noqa: E402
+from adalora import data as data_mod  # noqa: E402
+from adalora.allocator import RankAllocator  # noqa: E402
+from adalora.config import AdaLoraConfig, schedule_from_fractions  # noqa: E402
+from adalora.inject import DEFAULT_TARGETS, inject_adapters  # noqa: E402
+from adalora.recipe import TrainSpec, load_base, resolve_device  # noqa: E402
+from adalora.regularizer import orth_penalty  # noqa: E402
+from adalora.training import TrainArgs, make_optimizer, make_scheduler, seed_everything  # noqa: E402
 
 METHODS = ("adalora", "lora", "peft-adalora")
 INIT_R, TARGET_R, LORA_R = 3, 2, 2
@@ -67,7 +67,7 @@ def make_stepper(method: str, model_dir: str, data_path: str, args: argparse.Nam
     gamma = config.orth_reg_weight if allocator is not None else 0.0
     model.train()
 
-    def step(i: int) -> None:  # the body of adalora_runtime.training.train
+    def step(i: int) -> None:  # the body of adalora.training.train
         batch = {k: v.to(device) for k, v in batches(i).items()}
         loss = model(**batch).loss
         reg = orth_penalty(adapters) if gamma > 0 else torch.zeros((), device=device)

@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from _common import fmt_mean_std, markdown_table, mean_std, quick_assets, write_json  # noqa: E402
-from adalora_runtime import assets  # noqa: E402
-from adalora_runtime import data as data_mod  # noqa: E402
-from adalora_runtime.config import DEFAULT_LAMBDA_LR_SCALE, schedule_from_fractions  # noqa: E402
-from adalora_runtime.inject import DEFAULT_TARGETS  # noqa: E402
-from adalora_runtime.recipe import TrainSpec, load_base, resolve_device, run_train  # noqa: E402
-from adalora_runtime.training import TrainArgs, make_scheduler, seed_everything, steps_for_epochs  # noqa: E402
+from adalora import assets  # noqa: E402
+from adalora import data as data_mod  # noqa: E402
+from adalora.config import DEFAULT_LAMBDA_LR_SCALE, schedule_from_fractions  # noqa: E402
+from adalora.inject import DEFAULT_TARGETS  # noqa: E402
+from adalora.recipe import TrainSpec, load_base, resolve_device, run_train  # noqa: E402
+from adalora.training import TrainArgs, make_scheduler, seed_everything, steps_for_epochs  # noqa: E402
 
 DATASETS = ("trec6", "sms-spam", "rt-sentiment")
 METHODS = ("adalora", "lora", "peft-adalora")
@@ -53,8 +53,8 @@ def lora_params(model: str) -> int:
     """Parameters of LoRA at r=LORA_R on the default targets of `model`: LORA_R * (in + out) per module."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from adalora_runtime.inject import resolve_targets
-    from adalora_runtime.layers import linear_dims
+    from adalora.inject import resolve_targets
+    from adalora.layers import linear_dims
 
     with torch.device("meta"):
         net = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(model))

@@ -18,9 +18,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from adalora_runtime.adapter_file import FILE_NAME
-from adalora_runtime.config import ConfigError
-from adalora_runtime.peft_interop import CONFIG_NAME, WEIGHTS_NAME
+from adalora.adapter_file import FILE_NAME
+from adalora.config import ConfigError
+from adalora.peft_interop import CONFIG_NAME, WEIGHTS_NAME
 
 ADAPTER_FILES = {FILE_NAME: "native", CONFIG_NAME: "peft", WEIGHTS_NAME: "peft"}
 """The files the store reads an adapter from, by format: an upload may carry these and nothing else."""

@@ -23,16 +23,16 @@ from typing import TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from adalora_runtime.atomic import write_text_atomic
-from server import tls
-from server.auth import CLOSED
-from server.backend import Backend
-from server.config import ServerConfig
-from server.gen.adalora.v1 import adalora_pb2 as pb
-from server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc
-from server.health import DrainingHealth
-from server.metrics import Metrics, MetricsEndpoint
-from server.servicer import AdaLoraServicer
+from adalora.atomic import write_text_atomic
+from adalora.server import tls
+from adalora.server.auth import CLOSED
+from adalora.server.backend import Backend
+from adalora.server.config import ServerConfig
+from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
+from adalora.server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc
+from adalora.server.health import DrainingHealth
+from adalora.server.metrics import Metrics, MetricsEndpoint
+from adalora.server.servicer import AdaLoraServicer
 
 log = logging.getLogger("adalora.server")
 T = TypeVar("T")

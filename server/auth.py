@@ -9,10 +9,10 @@ import hmac
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from server.errors import PermissionDenied, Unauthenticated
+from adalora.server.errors import PermissionDenied, Unauthenticated
 
 if TYPE_CHECKING:
-    from server.config import ServerConfig
+    from adalora.server.config import ServerConfig
 
 SCHEME = "bearer "
 CLOSED = ("the admin RPCs are closed: this server listens beyond loopback and has no admin credentials; its operator "

@@ -18,19 +18,19 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from adalora_runtime.adapter import is_causal_lm
-from adalora_runtime.engine import (AdapterEngine, AsyncDriver, Classification, EncoderRunner, EngineConfig,
+from adalora.adapter import is_causal_lm
+from adalora.engine import (AdapterEngine, AsyncDriver, Classification, EncoderRunner, EngineConfig,
                                     GenerationRequest, Generator, GeneratorConfig, SamplingParams, TokenStream)
-from adalora_runtime.engine.engine import Request
-from adalora_runtime.engine.errors import AdapterExists, DeadlineExpired, InvalidRequest
-from adalora_runtime.recipe import DTYPES
-from server import upload
-from server.config import ServerConfig
-from server.errors import QueueFull, StoreError, WrongModelKind
-from server.locks import FairLock
-from server.metrics import Metrics
-from server.residency import Budget, Events, Residency, Resident
-from server.store import AdapterStore, StoredAdapter, check_id
+from adalora.engine.engine import Request
+from adalora.engine.errors import AdapterExists, DeadlineExpired, InvalidRequest
+from adalora.dtypes import DTYPES
+from adalora.server import upload
+from adalora.server.config import ServerConfig
+from adalora.server.errors import QueueFull, StoreError, WrongModelKind
+from adalora.server.locks import FairLock
+from adalora.server.metrics import Metrics
+from adalora.server.residency import Budget, Events, Residency, Resident
+from adalora.server.store import AdapterStore, StoredAdapter, check_id
 
 CHARS_PER_TOKEN = 32
 """A text longer than this many characters per token of the request's limit is refused before tokenizing: real

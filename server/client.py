@@ -18,9 +18,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.gen.adalora.v1 import adalora_pb2 as pb
-from server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc
-from server.tls import ClientTLS
+from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
+from adalora.server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc
+from adalora.server.tls import ClientTLS
 
 Adapter = str | Mapping[str, float] | None
 Prompt = str | Sequence[int]

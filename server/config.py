@@ -6,10 +6,10 @@ import ipaddress
 
 from dataclasses import dataclass
 
-from adalora_runtime.config import ConfigError
-from adalora_runtime.recipe import DTYPES
-from server import tls
-from server.adapter_checks import AdapterLimits
+from adalora.config import ConfigError
+from adalora.dtypes import DTYPES
+from adalora.server import tls
+from adalora.server.adapter_checks import AdapterLimits
 
 
 def _positive_int(name: str, value: object) -> None:

@@ -10,14 +10,14 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from adalora_runtime.engine import Classification, SamplingParams
-from adalora_runtime.engine.engine import Request
-from adalora_runtime.engine.errors import InvalidRequest
-from server.backend import AdapterView, Completion, EncodeCall, GenerateCall, Timings, TokenDelta
-from server.config import ServerConfig
-from server.gen.adalora.v1 import adalora_pb2 as pb
-from server.store import check_id
-from server.upload import UploadFile, UploadHeader
+from adalora.engine import Classification, SamplingParams
+from adalora.engine.engine import Request
+from adalora.engine.errors import InvalidRequest
+from adalora.server.backend import AdapterView, Completion, EncodeCall, GenerateCall, Timings, TokenDelta
+from adalora.server.config import ServerConfig
+from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
+from adalora.server.store import check_id
+from adalora.server.upload import UploadFile, UploadHeader
 
 FINISH_REASONS = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS}
 RESIDENCY = {"device": pb.RESIDENCY_DEVICE, "host": pb.RESIDENCY_HOST, "disk": pb.RESIDENCY_DISK}

@@ -11,12 +11,12 @@ from collections.abc import Mapping, Sequence
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.app import create_server
-from server.backend import Backend
-from server.client import encoder_inputs, selection
-from server.config import ServerConfig
-from server.gen.adalora.v1 import adalora_pb2 as pb
-from server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc
+from adalora.server.app import create_server
+from adalora.server.backend import Backend
+from adalora.server.client import encoder_inputs, selection
+from adalora.server.config import ServerConfig
+from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
+from adalora.server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc
 
 SHOWN_METRICS = ("adalora_requests", "adalora_adapter_device_bytes", "adalora_adapters")
 """Metric families printed (a counter's family name has no _total)."""

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import grpc
 
-from adalora_runtime.adapter_file import AdapterFormatError
-from adalora_runtime.config import ConfigError
-from adalora_runtime.engine.errors import (AdapterExists, AdapterMismatch, AdapterNotFound, BatchError,
+from adalora.adapter_file import AdapterFormatError
+from adalora.config import ConfigError
+from adalora.engine.errors import (AdapterExists, AdapterMismatch, AdapterNotFound, BatchError,
                                            DeadlineExpired, InvalidRequest, NonFiniteOutput, RequestCancelled,
                                            SlotsFull)
 

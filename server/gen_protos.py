@@ -1,22 +1,26 @@
 """Generate the Python stubs of protos/adalora/v1/*.proto into server/gen/ with grpcio-tools.
 
-    python -m server.gen_protos            # rewrite the committed stubs
-    python -m server.gen_protos --out DIR  # write them under DIR instead (the staleness test compares)
+    python -m adalora.server.gen_protos            # rewrite the committed stubs
+    python -m adalora.server.gen_protos --out DIR  # write them under DIR instead (the staleness test compares)
 
-The proto root is mapped to the virtual path server/gen, so the generated grpc module imports
-`server.gen.adalora.v1.adalora_pb2` and needs no sys.path changes.
+The proto root is mapped to the virtual path adalora/server/gen (the import path of the folder server/gen), so the
+generated grpc module imports `adalora.server.gen.adalora.v1.adalora_pb2` and needs no sys.path changes.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 PACKAGE = Path("server/gen")
-"""Where the stubs live, relative to the repository root (and the import path they are generated for)."""
+"""Where the stubs live, relative to the repository root."""
+IMPORT_PATH = Path("adalora/server/gen")
+"""The import path of that folder (setuptools maps adalora.server to server/), which the stubs are generated for."""
 
 
 def proto_files() -> list[Path]:
@@ -28,12 +32,18 @@ def generate(out: Path) -> list[Path]:
     the written files relative to `out`."""
     from grpc_tools import protoc  # dev dependency: only this script needs it
 
-    protos = [str(PACKAGE / p.relative_to(PROTO_ROOT)) for p in proto_files()]
-    args = ["grpc_tools.protoc", f"--proto_path={PACKAGE}={PROTO_ROOT}", f"--python_out={out}",
-            f"--pyi_out={out}", f"--grpc_python_out={out}", *protos]
-    if protoc.main(args) != 0:
-        raise RuntimeError(f"protoc failed on {protos}; its message is above")
-    for package in {(out / proto).parent for proto in protos}:
+    protos = [str(IMPORT_PATH / p.relative_to(PROTO_ROOT)) for p in proto_files()]
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ["grpc_tools.protoc", f"--proto_path={IMPORT_PATH}={PROTO_ROOT}", f"--python_out={tmp}",
+                f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", *protos]
+        if protoc.main(args) != 0:
+            raise RuntimeError(f"protoc failed on {protos}; its message is above")
+        for file in Path(tmp, IMPORT_PATH).rglob("*"):
+            if file.is_file():
+                target = out / PACKAGE / file.relative_to(Path(tmp, IMPORT_PATH))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(file, target)
+    for package in {(out / PACKAGE / Path(proto).relative_to(IMPORT_PATH)).parent for proto in protos}:
         while package != out / PACKAGE.parent:
             (package / "__init__.py").touch()
             package = package.parent

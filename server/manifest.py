@@ -15,8 +15,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from adalora_runtime.atomic import write_text_atomic
-from server.adapter_checks import ADAPTER_FILES, PICKLE_SUFFIXES
+from adalora.atomic import write_text_atomic
+from adalora.server.adapter_checks import ADAPTER_FILES, PICKLE_SUFFIXES
 
 MANIFEST_NAME = "MANIFEST.sha256.json"
 FORMAT = "adalora-store-manifest"

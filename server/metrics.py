@@ -60,9 +60,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_a
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from adalora_runtime.engine.engine import Request
-from adalora_runtime.engine.scheduler import GenerationResult
-from server.store import AdapterStore
+from adalora.engine.engine import Request
+from adalora.engine.scheduler import GenerationResult
+from adalora.server.store import AdapterStore
 
 NO_ADAPTER, MIX, UNKNOWN = "", "__mix__", "__unknown__"
 """`adapter` label values other than a known adapter id (see the module docstring)."""

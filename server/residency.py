@@ -31,12 +31,12 @@ from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
-from adalora_runtime.adapter import Adapter
-from adalora_runtime.engine import AdapterEngine
-from adalora_runtime.engine.errors import AdapterNotFound, DeadlineExpired, InvalidRequest, SlotsFull
-from adalora_runtime.engine.slots import check_adapter
-from server.locks import FairLock
-from server.store import AdapterStore, StoredAdapter
+from adalora.adapter import Adapter
+from adalora.engine import AdapterEngine
+from adalora.engine.errors import AdapterNotFound, DeadlineExpired, InvalidRequest, SlotsFull
+from adalora.engine.slots import check_adapter
+from adalora.server.locks import FairLock
+from adalora.server.store import AdapterStore, StoredAdapter
 
 
 def host_nbytes(adapter: Adapter) -> int:

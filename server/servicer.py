@@ -14,14 +14,14 @@ from contextlib import aclosing, asynccontextmanager
 
 import grpc
 
-from server import convert
-from server.auth import check_admin
-from server.backend import Backend, Completion, GenerateCall, TokenDelta
-from server.config import ServerConfig
-from server.errors import NotReady, ResponseTooLarge, redactor, status_of
-from server.gen.adalora.v1 import adalora_pb2 as pb
-from server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc
-from server.metrics import Metrics
+from adalora.server import convert
+from adalora.server.auth import check_admin
+from adalora.server.backend import Backend, Completion, GenerateCall, TokenDelta
+from adalora.server.config import ServerConfig
+from adalora.server.errors import NotReady, ResponseTooLarge, redactor, status_of
+from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
+from adalora.server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc
+from adalora.server.metrics import Metrics
 
 log = logging.getLogger("adalora.server")
 

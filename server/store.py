@@ -33,14 +33,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from adalora_runtime import peft_interop
-from adalora_runtime.adapter import Adapter
-from adalora_runtime.adapter_file import AdapterFormatError, tensors_sha256, to_tensors
-from adalora_runtime.atomic import fsync_dir
-from adalora_runtime.engine.errors import AdapterExists, AdapterNotFound, InvalidRequest
-from server.adapter_checks import SAFETENSORS_FILES, AdapterLimits, AdapterRejected, check_folder, check_safetensors
-from server.errors import StoreConflict, StoreError, StoreFull
-from server.manifest import MANIFEST_NAME, folder_digests, has_manifest, manifest_problems, version_of
+from adalora import peft_interop
+from adalora.adapter import Adapter
+from adalora.adapter_file import AdapterFormatError, tensors_sha256, to_tensors
+from adalora.atomic import fsync_dir
+from adalora.engine.errors import AdapterExists, AdapterNotFound, InvalidRequest
+from adalora.server.adapter_checks import SAFETENSORS_FILES, AdapterLimits, AdapterRejected, check_folder, check_safetensors
+from adalora.server.errors import StoreConflict, StoreError, StoreFull
+from adalora.server.manifest import MANIFEST_NAME, folder_digests, has_manifest, manifest_problems, version_of
 
 log = logging.getLogger("adalora.store")
 

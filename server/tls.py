@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from adalora_runtime.config import ConfigError
+from adalora.config import ConfigError
 
 if TYPE_CHECKING:
-    from server.config import ServerConfig
+    from adalora.server.config import ServerConfig
 
 CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
 PRIVATE_KEY = b"PRIVATE KEY-----"  # PKCS#8 'BEGIN PRIVATE KEY', PKCS#1 'BEGIN RSA PRIVATE KEY', SEC1 'BEGIN EC ...'

@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from adalora_runtime.atomic import fsync_dir
-from adalora_runtime.engine.errors import AdapterExists, AdapterMismatch, InvalidRequest
-from adalora_runtime.engine.slots import AdapterSlots, check_adapter
-from adalora_runtime.peft_interop import BaseMismatch
-from server.adapter_checks import ADAPTER_FILES, PICKLE_SUFFIXES
-from server.errors import UploadTooLarge
-from server.manifest import FileDigest, write_manifest
-from server.store import READ_ERRORS, AdapterStore, StoredAdapter, check_id
+from adalora.atomic import fsync_dir
+from adalora.engine.errors import AdapterExists, AdapterMismatch, InvalidRequest
+from adalora.engine.slots import AdapterSlots, check_adapter
+from adalora.peft_interop import BaseMismatch
+from adalora.server.adapter_checks import ADAPTER_FILES, PICKLE_SUFFIXES
+from adalora.server.errors import UploadTooLarge
+from adalora.server.manifest import FileDigest, write_manifest
+from adalora.server.store import READ_ERRORS, AdapterStore, StoredAdapter, check_id
 
 T = TypeVar("T")
 

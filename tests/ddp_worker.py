@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from adalora_runtime.recipe import TrainSpec, run_train
-from adalora_runtime.training import env_world
+from adalora.recipe import TrainSpec, run_train
+from adalora.training import env_world
 
 
 def main(base: str, data: str, out: str, dump_dir: str) -> None:

@@ -13,12 +13,12 @@ import grpc
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from adalora_runtime.adapter_file import save_adapter
-from adalora_runtime.engine import AdapterEngine, EngineConfig
-from server.app import create_server
-from server.backend import Backend
-from server.client import AdaLoraClient
-from server.config import ServerConfig
+from adalora.adapter_file import save_adapter
+from adalora.engine import AdapterEngine, EngineConfig
+from adalora.server.app import create_server
+from adalora.server.backend import Backend
+from adalora.server.client import AdaLoraClient
+from adalora.server.config import ServerConfig
 
 SPECIALS = ["[PAD]", "[UNK]", "</s>", "[CLS]", "[SEP]"]
 

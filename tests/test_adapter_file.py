@@ -7,8 +7,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from adalora_runtime import AdaLoraConfig, AdapterFormatError, inject_adapters, load_adapter, save_adapter
-from adalora_runtime.adapter_file import METADATA_KEY, read_manifest, tensors_sha256
+from adalora import AdaLoraConfig, AdapterFormatError, inject_adapters, load_adapter, save_adapter
+from adalora.adapter_file import METADATA_KEY, read_manifest, tensors_sha256
 from tests.conftest import tiny_bert, tiny_llama
 
 
@@ -114,7 +114,7 @@ def test_seq_cls_adapter_needs_labels(tmp_path):
 
 
 def test_crash_during_write_leaves_no_partial_file(tmp_path, monkeypatch):
-    import adalora_runtime.adapter_file as af
+    import adalora.adapter_file as af
 
     def crash(tensors, filename, metadata=None):
         with open(filename, "wb") as f:

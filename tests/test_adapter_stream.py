@@ -8,10 +8,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load
 
-from adalora_runtime import AdapterFormatError, load_adapter, save_adapter
-from adalora_runtime.adapter import AdapterLayer
-from adalora_runtime.adapter_file import read_manifest, save_adapter_streamed, tensors_sha256
-from adalora_runtime.safetensors_stream import StreamWriter
+from adalora import AdapterFormatError, load_adapter, save_adapter
+from adalora.adapter import AdapterLayer
+from adalora.adapter_file import read_manifest, save_adapter_streamed, tensors_sha256
+from adalora.safetensors_stream import StreamWriter
 from tests.test_adapter_file import make_adapter
 
 

@@ -7,7 +7,7 @@ import torch
 from peft import AdaLoraConfig as PeftAdaLoraConfig
 from peft import get_peft_model
 
-from adalora_runtime import AdaLoraConfig, RankAllocator, budget_schedule, inject_adapters, keep_mask
+from adalora import AdaLoraConfig, RankAllocator, budget_schedule, inject_adapters, keep_mask
 from tests.conftest import tiny_llama
 
 TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")

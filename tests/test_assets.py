@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from adalora_runtime import assets
+from adalora import assets
 
 
 def rows(texts, labels=None):
@@ -97,7 +97,7 @@ def test_cache_dir_env(monkeypatch, tmp_path):
 def test_prepared_assets_exist_and_load():
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from adalora_runtime.data import load_examples
+    from adalora.data import load_examples
 
     assert assets.is_prepared(), "run `adalora prepare` first"
     for name in assets.DATASETS:

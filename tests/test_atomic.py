@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from adalora_runtime.atomic import atomic_dir, atomic_file, write_text_atomic
+from adalora.atomic import atomic_dir, atomic_file, write_text_atomic
 
 
 def test_atomic_file_keeps_old_content_on_error(tmp_path):

@@ -7,12 +7,12 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import TrainingArguments
 
-from adalora_runtime.allocator import RankAllocator
-from adalora_runtime.callback import AdaLoraCallback, AdaLoraTrainer
-from adalora_runtime.config import AdaLoraConfig, ConfigError
-from adalora_runtime.data import Example, make_batches
-from adalora_runtime.inject import inject_adapters
-from adalora_runtime.training import TrainArgs, train
+from adalora.allocator import RankAllocator
+from adalora.callback import AdaLoraCallback, AdaLoraTrainer
+from adalora.config import AdaLoraConfig, ConfigError
+from adalora.data import Example, make_batches
+from adalora.inject import inject_adapters
+from adalora.training import TrainArgs, train
 from tests.conftest import tiny_bert
 from tests.test_train_cli import cls_rows, make_tokenizer
 

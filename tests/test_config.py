@@ -2,8 +2,8 @@
 
 import pytest
 
-from adalora_runtime import AdaLoraConfig, ConfigError, inject_adapters
-from adalora_runtime.config import schedule_from_fractions
+from adalora import AdaLoraConfig, ConfigError, inject_adapters
+from adalora.config import schedule_from_fractions
 from tests.conftest import tiny_bert, tiny_llama
 
 BAD = [

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from adalora_runtime.data import (
+from adalora.data import (
     DataError, Example, IGNORE_INDEX, batch_indices, evaluate, label_set, load_examples, make_batches,
     steps_per_epoch,
 )

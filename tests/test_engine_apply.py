@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from adalora_runtime.delta import apply_delta
-from adalora_runtime.engine.apply import (PLANS, STRATEGIES, CostModel, Factors, Routing, batched_apply,
+from adalora.delta import apply_delta
+from adalora.engine.apply import (PLANS, STRATEGIES, CostModel, Factors, Routing, batched_apply,
                                           choose_strategy, make_plan)
-from adalora_runtime.engine.slots import SlotBank
+from adalora.engine.slots import SlotBank
 
 IN, OUT = 24, 20
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from adalora_runtime.engine.errors import DeadlineExpired, RequestCancelled
+from adalora.engine.errors import DeadlineExpired, RequestCancelled
 from tests.test_engine_generate import greedy, generator, setup  # noqa: F401 - setup is a fixture
 
 OTHERS = [([3, 17, 9, 40], "a", 10), ([12, 13], "b", 8), ([8, 1, 30], None, 9)]

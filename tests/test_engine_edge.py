@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-from adalora_runtime.engine import EdgeMerger
-from adalora_runtime.inject import attach_adapter
+from adalora.engine import EdgeMerger
+from adalora.inject import attach_adapter
 from tests.test_engine_model import MODELS, ids_for, run, three_adapters
 
 

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from transformers import BertModel, BertTokenizer, LlamaForSequenceClassification
 
-from adalora_runtime.engine import (AdapterEngine, AdapterMismatch, AdapterNotFound, BatchError, EdgeMerger,
+from adalora.engine import (AdapterEngine, AdapterMismatch, AdapterNotFound, BatchError, EdgeMerger,
                                     EncodedBatch, EncoderRunner, EngineConfig, EngineError, InvalidRequest, encode,
                                     from_token_ids)
-from adalora_runtime.inject import attach_adapter
+from adalora.inject import attach_adapter
 from tests.conftest import tiny_bert, tiny_bert_config, tiny_llama_config
 from tests.test_engine_model import BERT_ALL
 from tests.test_merge import random_adapter
-from tools.merge import MergeParams, merge_adapters
+from adalora.tools.merge import MergeParams, merge_adapters
 
 ATOL = 1e-5
 NUM_LABELS = {"sent": 2, "topic": 5, "plain": 3, "topic_twin": 5}

@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 import torch
 
-from adalora_runtime.config import ConfigError
-from adalora_runtime.engine import (AdapterEngine, AdapterExists, AdapterMismatch, AdapterNotFound, BatchContext,
+from adalora.config import ConfigError
+from adalora.engine import (AdapterEngine, AdapterExists, AdapterMismatch, AdapterNotFound, BatchContext,
                                     BatchError, EdgeMerger, EngineConfig, EngineError, SlotsFull, install_multi_linear)
 from tests.conftest import tiny_bert, tiny_llama
 from tests.test_merge import random_adapter

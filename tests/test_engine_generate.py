@@ -8,15 +8,15 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from adalora_runtime.config import ConfigError
-from adalora_runtime.engine import AdapterEngine, EdgeMerger, EngineConfig
-from adalora_runtime.engine.errors import AdapterNotFound, EngineError, InvalidRequest
-from adalora_runtime.engine.sampling import SamplingParams
-from adalora_runtime.engine.scheduler import GenerationRequest, Generator, GeneratorConfig
-from adalora_runtime.engine.stream import AsyncDriver
+from adalora.config import ConfigError
+from adalora.engine import AdapterEngine, EdgeMerger, EngineConfig
+from adalora.engine.errors import AdapterNotFound, EngineError, InvalidRequest
+from adalora.engine.sampling import SamplingParams
+from adalora.engine.scheduler import GenerationRequest, Generator, GeneratorConfig
+from adalora.engine.stream import AsyncDriver
 from tests.conftest import tiny_llama_config
 from tests.test_merge import random_adapter
-from tools.merge import MergeParams, merge_adapters
+from adalora.tools.merge import MergeParams, merge_adapters
 
 MIX = {"a": 0.6, "c": 0.8}
 

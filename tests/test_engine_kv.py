@@ -6,7 +6,7 @@ import inspect
 import torch
 from transformers import DynamicCache, LlamaForCausalLM
 
-from adalora_runtime.engine.kv import BatchKV, cache_argument, concat, prefill_inputs, select
+from adalora.engine.kv import BatchKV, cache_argument, concat, prefill_inputs, select
 from tests.conftest import tiny_llama_config
 
 H, D, LAYERS = 2, 3, 2

@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from adalora_runtime.engine import AdapterEngine, EngineConfig
-from adalora_runtime.inject import attach_adapter
+from adalora.engine import AdapterEngine, EngineConfig
+from adalora.inject import attach_adapter
 from tests.conftest import tiny_bert, tiny_llama
 from tests.test_merge import random_adapter
-from tools.merge import MergeParams, merge_adapters
+from adalora.tools.merge import MergeParams, merge_adapters
 
 BERT_ALL = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 GPT2_ALL = ("c_attn", "c_proj", "c_fc")

@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 
-from adalora_runtime.engine import AdapterEngine, EngineConfig
-from adalora_runtime.config import ConfigError
-from adalora_runtime.engine.apply import CostModel, Routing
-from adalora_runtime.engine.errors import AdapterNotFound, BatchError
-from adalora_runtime.engine.sampling import SamplingParams
-from adalora_runtime.engine.scheduler import CompositionLife, GenerationRequest, Generator, GeneratorConfig
+from adalora.engine import AdapterEngine, EngineConfig
+from adalora.config import ConfigError
+from adalora.engine.apply import CostModel, Routing
+from adalora.engine.errors import AdapterNotFound, BatchError
+from adalora.engine.sampling import SamplingParams
+from adalora.engine.scheduler import CompositionLife, GenerationRequest, Generator, GeneratorConfig
 from tests.conftest import tiny_llama
 from tests.test_merge import random_adapter
 

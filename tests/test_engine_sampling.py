@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from adalora_runtime.engine.errors import InvalidRequest
-from adalora_runtime.engine.sampling import (SamplingParams, next_token, repetition_penalty, request_generator,
+from adalora.engine.errors import InvalidRequest
+from adalora.engine.sampling import (SamplingParams, next_token, repetition_penalty, request_generator,
                                              temperature, top_k, top_p)
 
 V = 40

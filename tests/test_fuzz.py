@@ -38,17 +38,17 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from adalora_runtime import cli, peft_interop
-from adalora_runtime.adapter import TASK_TYPES, Adapter
-from adalora_runtime.adapter_file import (
+from adalora import cli, peft_interop
+from adalora.adapter import TASK_TYPES, Adapter
+from adalora.adapter_file import (
     FILE_NAME, METADATA_KEY, AdapterFormatError, load_adapter, save_adapter, tensors_sha256, to_tensors, validate,
 )
-from adalora_runtime.config import MODES
-from adalora_runtime.peft_interop import CONFIG_NAME, NATIVE_META_KEY, WEIGHTS_NAME, InteropError
-from server.adapter_checks import AdapterLimits
-from server.client import generate_request
-from server.config import ServerConfig
-from server.gen.adalora.v1 import adalora_pb2 as pb
+from adalora.config import MODES
+from adalora.peft_interop import CONFIG_NAME, NATIVE_META_KEY, WEIGHTS_NAME, InteropError
+from adalora.server.adapter_checks import AdapterLimits
+from adalora.server.client import generate_request
+from adalora.server.config import ServerConfig
+from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
 from tests.server_setup import ServerThread, word_tokenizer, write_base, write_store
 from tests.test_engine_generate import varied_llama
 from tests.test_merge import random_adapter

@@ -10,9 +10,9 @@ from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from adalora_runtime.adapter_file import load_adapter, save_adapter, tensors_sha256, to_tensors
-from adalora_runtime.cli import main
-from adalora_runtime.commands.inspect import rank_table
+from adalora.adapter_file import load_adapter, save_adapter, tensors_sha256, to_tensors
+from adalora.cli import main
+from adalora.commands.inspect import rank_table
 from tests.test_peft_interop import base_dir, llama_base, native_adapter, train_peft_adalora
 
 

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adalora_runtime import AdaLoraConfig, RankAllocator, SVDLinear, apply_delta, delta_weight, inject_adapters
-from adalora_runtime.inject import attach_adapter
-from adalora_runtime.regularizer import orth_penalty
+from adalora import AdaLoraConfig, RankAllocator, SVDLinear, apply_delta, delta_weight, inject_adapters
+from adalora.inject import attach_adapter
+from adalora.regularizer import orth_penalty
 from tests.conftest import tiny_bert, tiny_llama
 
 

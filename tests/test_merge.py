@@ -9,13 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from adalora_runtime.adapter_file import load_adapter, read_manifest, save_adapter
-from adalora_runtime.config import AdaLoraConfig, ConfigError
-from adalora_runtime.inject import attach_adapter, inject_adapters
+from adalora.adapter_file import load_adapter, read_manifest, save_adapter
+from adalora.config import AdaLoraConfig, ConfigError
+from adalora.inject import attach_adapter, inject_adapters
 from tests.conftest import tiny_bert, tiny_llama
-from tools.merge import MergeError, MergeParams, merge_adapters, merge_files, merge_into_base, tallqr
-from tools.merge.dense import layer_generator
-from tools.merge.into_base import MERGE_RECORD
+from adalora.tools.merge import MergeError, MergeParams, merge_adapters, merge_files, merge_into_base, tallqr
+from adalora.tools.merge.dense import layer_generator
+from adalora.tools.merge.into_base import MERGE_RECORD
 
 LLAMA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -1,11 +1,11 @@
-"""`adalora merge` through adalora_runtime.cli.main: outputs, provenance, and clean exit-2 errors writing nothing."""
+"""`adalora merge` through adalora.cli.main: outputs, provenance, and clean exit-2 errors writing nothing."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from adalora_runtime.adapter_file import load_adapter, save_adapter, tensors_sha256, to_tensors
-from adalora_runtime.cli import main
+from adalora.adapter_file import load_adapter, save_adapter, tensors_sha256, to_tensors
+from adalora.cli import main
 from tests.conftest import tiny_llama
 from tests.test_merge import close, dense_sum, logits, other_base, random_adapter
 

@@ -32,11 +32,11 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from adalora_runtime.adapter import is_causal_lm
-from adalora_runtime.adapter_file import load_adapter
-from adalora_runtime.cli import main as cli
-from adalora_runtime.inject import attach_adapter
-from server.config import ServerConfig
+from adalora.adapter import is_causal_lm
+from adalora.adapter_file import load_adapter
+from adalora.cli import main as cli
+from adalora.inject import attach_adapter
+from adalora.server.config import ServerConfig
 from tests.server_setup import ServerThread, status_of, word_tokenizer, write_base
 
 ATOL = 1e-5

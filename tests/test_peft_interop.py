@@ -13,11 +13,11 @@ from peft import AdaLoraConfig as PeftAdaLoraConfig
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from adalora_runtime import AdaLoraConfig, inject_adapters
-from adalora_runtime.adapter_file import load_adapter, save_adapter, tensors_sha256, to_tensors
-from adalora_runtime.inject import attach_adapter
-from adalora_runtime.peft_interop import detect_format, load_any, load_peft, save_peft, to_peft
-from adalora_runtime.training import TrainArgs, train
+from adalora import AdaLoraConfig, inject_adapters
+from adalora.adapter_file import load_adapter, save_adapter, tensors_sha256, to_tensors
+from adalora.inject import attach_adapter
+from adalora.peft_interop import detect_format, load_any, load_peft, save_peft, to_peft
+from adalora.training import TrainArgs, train
 
 ATOL = 1e-5
 LABELS = ["neg", "neu", "pos"]

@@ -23,15 +23,15 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from adalora_runtime import assets  # noqa: E402
-from adalora_runtime.adapter_file import load_adapter  # noqa: E402
-from adalora_runtime.cli import main  # noqa: E402
-from adalora_runtime.engine import (AdapterEngine, EngineConfig, GenerationRequest, Generator,  # noqa: E402
+from adalora import assets  # noqa: E402
+from adalora.adapter_file import load_adapter  # noqa: E402
+from adalora.cli import main  # noqa: E402
+from adalora.engine import (AdapterEngine, EngineConfig, GenerationRequest, Generator,  # noqa: E402
                                     GeneratorConfig, SamplingParams)
-from adalora_runtime.inject import attach_adapter  # noqa: E402
-from adalora_runtime.peft_interop import load_any  # noqa: E402
-from adalora_runtime.recipe import TrainSpec, run_train  # noqa: E402
-from server.config import ServerConfig  # noqa: E402
+from adalora.inject import attach_adapter  # noqa: E402
+from adalora.peft_interop import load_any  # noqa: E402
+from adalora.recipe import TrainSpec, run_train  # noqa: E402
+from adalora.server.config import ServerConfig  # noqa: E402
 from tests.server_setup import ServerThread  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -36,16 +36,16 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 
-from adalora_runtime.adapter_file import FILE_NAME, METADATA_KEY, save_adapter, tensors_sha256
-from adalora_runtime.cli import main as cli
-from adalora_runtime.engine import (
+from adalora.adapter_file import FILE_NAME, METADATA_KEY, save_adapter, tensors_sha256
+from adalora.cli import main as cli
+from adalora.engine import (
     AdapterEngine, EngineConfig, GenerationRequest, Generator, GeneratorConfig, SamplingParams,
 )
-from adalora_runtime.engine.errors import NonFiniteOutput
-from adalora_runtime.peft_interop import save_peft
-from server.client import AdaLoraClient, generate_request
-from server.config import ServerConfig
-from server.gen.adalora.v1 import adalora_pb2 as pb
+from adalora.engine.errors import NonFiniteOutput
+from adalora.peft_interop import save_peft
+from adalora.server.client import AdaLoraClient, generate_request
+from adalora.server.config import ServerConfig
+from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
 from tests.server_setup import (ServerThread, reference_engine, status_of, until, word_tokenizer, write_base,
                                 write_store)
 from tests.test_engine_generate import varied_llama
@@ -473,8 +473,8 @@ ID_CASES = [("a", True), ("my-adapter_v2.1", True), ("0", True), ("x" * 64, True
 
 @pytest.mark.parametrize("adapter_id,valid", ID_CASES)
 def test_adapter_ids_are_one_plain_folder_name(adapter_id, valid):
-    from adalora_runtime.engine.errors import InvalidRequest
-    from server.store import check_id
+    from adalora.engine.errors import InvalidRequest
+    from adalora.server.store import check_id
 
     if valid:
         assert check_id(adapter_id) == adapter_id

@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from adalora_runtime import recipe
-from adalora_runtime.adapter_file import load_adapter
-from adalora_runtime.recipe import TrainSpec, run_train
-from adalora_runtime.training import CHECKPOINT_NAME
+from adalora import recipe
+from adalora.adapter_file import load_adapter
+from adalora.recipe import TrainSpec, run_train
+from adalora.training import CHECKPOINT_NAME
 from tests.test_train_cli import cls_rows, save_tiny_model, write_jsonl
 
 N = 16
@@ -44,7 +44,7 @@ def test_resume_matches_uninterrupted(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == [CHECKPOINT_NAME]  # Ctrl-C keeps the checkpoint only
     assert torch.load(out / CHECKPOINT_NAME, weights_only=True)["next_step"] == N // 2
 
-    cmd = [sys.executable, "-m", "adalora_runtime.cli", "train", "--base-model", str(base), "--task", "seq-cls",
+    cmd = [sys.executable, "-m", "adalora.cli", "train", "--base-model", str(base), "--task", "seq-cls",
            "--data", str(tmp_path / "train.jsonl"), "--out", str(out), "--init-r", "4", "--target-r", "2",
            "--total-steps", str(N), "--tinit", "2", "--tfinal", "4", "--deltaT", "2", "--batch-size", "4",
            "--lr", "1e-2", "--device", "cpu", "--no-progress", "--resume"]

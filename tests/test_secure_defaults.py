@@ -12,10 +12,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from adalora_runtime.adapter_file import save_adapter
-from adalora_runtime.config import ConfigError
-from server.client import AdaLoraClient, upload_files, upload_header, upload_requests
-from server.config import ServerConfig
+from adalora.adapter_file import save_adapter
+from adalora.config import ConfigError
+from adalora.server.client import AdaLoraClient, upload_files, upload_header, upload_requests
+from adalora.server.config import ServerConfig
 from tests.server_setup import ServerThread, status_of, until, word_tokenizer, write_base, write_store
 from tests.test_engine_generate import varied_llama
 from tests.test_merge import random_adapter

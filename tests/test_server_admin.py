@@ -11,10 +11,10 @@ import pytest
 from grpc_health.v1 import health_pb2
 from transformers import LlamaForCausalLM
 
-from adalora_runtime.adapter_file import save_adapter, tensors_sha256, to_tensors
-from server.adapter_checks import AdapterLimits
-from server.config import ServerConfig
-from server.gen.adalora.v1 import adalora_pb2 as pb
+from adalora.adapter_file import save_adapter, tensors_sha256, to_tensors
+from adalora.server.adapter_checks import AdapterLimits
+from adalora.server.config import ServerConfig
+from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
 from tests.conftest import tiny_llama_config
 from tests.server_setup import ServerThread, status_of, word_tokenizer, write_base, write_store
 from tests.test_engine_generate import varied_llama

@@ -35,13 +35,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import LlamaForCausalLM
 
-from adalora_runtime.adapter_file import save_adapter
-from adalora_runtime.config import ConfigError
-from adalora_runtime.engine import GenerationRequest, Generator, GeneratorConfig, SamplingParams
-from server.client import AdaLoraClient, generate_request
-from server.commands import serve as serve_command
-from server.config import ServerConfig
-from server.gen.adalora.v1 import adalora_pb2 as pb
+from adalora.adapter_file import save_adapter
+from adalora.config import ConfigError
+from adalora.engine import GenerationRequest, Generator, GeneratorConfig, SamplingParams
+from adalora.server.client import AdaLoraClient, generate_request
+from adalora.server.commands import serve as serve_command
+from adalora.server.config import ServerConfig
+from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
 from tests.conftest import tiny_llama_config
 from tests.server_setup import reference_engine, status_of, until, word_tokenizer, write_base, write_store
 from tests.test_engine_generate import varied_llama
@@ -88,7 +88,7 @@ class Served:
         env.pop("ADALORA_ADMIN_TOKEN", None)
         if admin_token is not None:
             env["ADALORA_ADMIN_TOKEN"] = admin_token  # the way the README recommends: not in the process list
-        cmd = [sys.executable, "-m", "adalora_runtime.cli", "serve", "--base-model", str(base), "--adapter-dir",
+        cmd = [sys.executable, "-m", "adalora.cli", "serve", "--base-model", str(base), "--adapter-dir",
                str(store), "--port", "0", "--ready-file", str(ready), *flags, "--preload", *preload]
         with log.open("w") as out:
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -624,7 +624,7 @@ BAD_PRELOADS = [("absent", "is not in the store"), ("Bad/Id", "must match"), ("a
 @pytest.mark.parametrize("preload, fragment", BAD_PRELOADS)
 def test_a_bad_preload_exits_2_with_the_reason(tmp_path, capsys, preload, fragment):
     """The CLI's own contract: the message, no traceback, exit 2 (it was an uncaught engine error, exit 1)."""
-    from adalora_runtime.cli import main
+    from adalora.cli import main
     alien_config = tiny_llama_config()
     alien_config.num_hidden_layers = 3
     store = write_store(tmp_path / "adapters", {"alien": random_adapter(LlamaForCausalLM(alien_config), 5)})

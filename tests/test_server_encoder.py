@@ -5,9 +5,9 @@ import grpc
 import pytest
 import torch
 
-from adalora_runtime.cli import main
-from adalora_runtime.engine import EncoderRunner
-from server.config import ServerConfig
+from adalora.cli import main
+from adalora.engine import EncoderRunner
+from adalora.server.config import ServerConfig
 from tests.conftest import tiny_bert
 from tests.server_setup import ServerThread, reference_engine, status_of, word_tokenizer, write_base, write_store
 from tests.test_engine_generate import varied_llama

@@ -5,11 +5,11 @@ alone; streaming equals unary; every request-side refusal has its status code.""
 import grpc
 import pytest
 
-from adalora_runtime.engine import GenerationRequest, Generator, GeneratorConfig, SamplingParams
-from adalora_runtime.peft_interop import save_peft
-from server.client import generate_request
-from server.config import ServerConfig
-from server.gen.adalora.v1 import adalora_pb2 as pb
+from adalora.engine import GenerationRequest, Generator, GeneratorConfig, SamplingParams
+from adalora.peft_interop import save_peft
+from adalora.server.client import generate_request
+from adalora.server.config import ServerConfig
+from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
 from tests.server_setup import ServerThread, reference_engine, status_of, word_tokenizer, write_base, write_store
 from tests.test_engine_generate import varied_llama
 from tests.test_merge import random_adapter

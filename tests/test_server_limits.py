@@ -11,14 +11,14 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from adalora_runtime.config import ConfigError
-from adalora_runtime.engine import GenerationRequest, Generator, GeneratorConfig, SamplingParams
-from adalora_runtime.engine.errors import DeadlineExpired
-from server.backend import GenerateCall
-from server.client import AdaLoraClient, generate_request
-from server.commands import serve
-from server.config import ServerConfig
-from server.gen.adalora.v1 import adalora_pb2 as pb
+from adalora.config import ConfigError
+from adalora.engine import GenerationRequest, Generator, GeneratorConfig, SamplingParams
+from adalora.engine.errors import DeadlineExpired
+from adalora.server.backend import GenerateCall
+from adalora.server.client import AdaLoraClient, generate_request
+from adalora.server.commands import serve
+from adalora.server.config import ServerConfig
+from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
 from tests.server_setup import (ServerThread, reference_engine, status_of, until, word_tokenizer, write_base,
                                 write_store)
 from tests.test_engine_generate import varied_llama

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from server.locks import FairLock
+from adalora.server.locks import FairLock
 
 
 def test_a_waiting_thread_gets_the_lock_at_the_next_release():

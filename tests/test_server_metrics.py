@@ -18,13 +18,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from adalora_runtime.adapter_file import save_adapter
-from adalora_runtime.config import ConfigError
-from server.client import generate_request
-from server.commands import serve as serve_command
-from server.config import ServerConfig
-from server.gen.adalora.v1 import adalora_pb2 as pb
-from server.metrics import MetricsEndpoint
+from adalora.adapter_file import save_adapter
+from adalora.config import ConfigError
+from adalora.server.client import generate_request
+from adalora.server.commands import serve as serve_command
+from adalora.server.config import ServerConfig
+from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
+from adalora.server.metrics import MetricsEndpoint
 from tests.server_setup import ServerThread, word_tokenizer, write_base, write_store
 from tests.test_engine_generate import varied_llama
 from tests.test_merge import random_adapter

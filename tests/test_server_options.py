@@ -12,12 +12,12 @@ import pytest
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from adalora_runtime.assets import NotPreparedError
-from adalora_runtime.config import ConfigError
-from server.adapter_checks import AdapterLimits
-from server.app import in_daemon_thread
-from server.commands import serve as serve_command
-from server.config import ServerConfig
+from adalora.assets import NotPreparedError
+from adalora.config import ConfigError
+from adalora.server.adapter_checks import AdapterLimits
+from adalora.server.app import in_daemon_thread
+from adalora.server.commands import serve as serve_command
+from adalora.server.config import ServerConfig
 from tests.server_setup import ServerThread, word_tokenizer, write_base
 from tests.test_engine_generate import varied_llama
 

@@ -11,13 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from adalora_runtime.adapter_file import save_adapter
-from adalora_runtime.config import ConfigError
-from adalora_runtime.engine import (AdapterEngine, EngineConfig, GenerationRequest, Generator, GeneratorConfig,
+from adalora.adapter_file import save_adapter
+from adalora.config import ConfigError
+from adalora.engine import (AdapterEngine, EngineConfig, GenerationRequest, Generator, GeneratorConfig,
                                     SamplingParams)
-from server.client import generate_request
-from server.config import ServerConfig
-from server.gen.adalora.v1 import adalora_pb2 as pb
+from adalora.server.client import generate_request
+from adalora.server.config import ServerConfig
+from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
 from tests.server_setup import (ServerThread, reference_engine, status_of, until, word_tokenizer, write_base,
                                 write_store)
 from tests.test_engine_generate import varied_llama

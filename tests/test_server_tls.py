@@ -15,15 +15,15 @@ from pathlib import Path
 import grpc
 import pytest
 
-from adalora_runtime.cli import build_parser, main
-from adalora_runtime.config import ConfigError
-from server import tls
-from server.auth import check_admin
-from server.client import AdaLoraClient
-from server.commands import serve
-from server.config import ServerConfig
-from server.errors import PermissionDenied, Unauthenticated
-from server.tls import ClientTLS
+from adalora.cli import build_parser, main
+from adalora.config import ConfigError
+from adalora.server import tls
+from adalora.server.auth import check_admin
+from adalora.server.client import AdaLoraClient
+from adalora.server.commands import serve
+from adalora.server.config import ServerConfig
+from adalora.server.errors import PermissionDenied, Unauthenticated
+from adalora.server.tls import ClientTLS
 from tests.server_setup import ServerThread, status_of, word_tokenizer, write_base, write_store
 from tests.test_engine_generate import varied_llama
 from tests.test_merge import random_adapter

@@ -17,14 +17,14 @@ import grpc
 import pytest
 from transformers import LlamaForCausalLM
 
-from adalora_runtime import cli
-from adalora_runtime.adapter_file import save_adapter, tensors_sha256, to_tensors
-from adalora_runtime.peft_interop import save_peft
-from server.client import AdaLoraClient
-from server.config import ServerConfig
-from server.gen.adalora.v1 import adalora_pb2 as pb
-from server.manifest import MANIFEST_NAME
-from server.store import QUARANTINE, STAGING_PREFIX, TRASH_PREFIX
+from adalora import cli
+from adalora.adapter_file import save_adapter, tensors_sha256, to_tensors
+from adalora.peft_interop import save_peft
+from adalora.server.client import AdaLoraClient
+from adalora.server.config import ServerConfig
+from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
+from adalora.server.manifest import MANIFEST_NAME
+from adalora.server.store import QUARANTINE, STAGING_PREFIX, TRASH_PREFIX
 from tests.conftest import tiny_llama_config
 from tests.server_setup import ServerThread, status_of, word_tokenizer, write_base, write_store
 from tests.test_engine_generate import varied_llama

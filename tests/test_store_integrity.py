@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 
-from adalora_runtime.adapter_file import METADATA_KEY, manifest, save_adapter, tensors_sha256, to_tensors
-from adalora_runtime.config import ConfigError
-from adalora_runtime.engine import AdapterEngine, EngineConfig
-from adalora_runtime.peft_interop import save_peft
-from server.adapter_checks import ADAPTER_FILES, AdapterLimits
-from server.client import UPLOAD_FILES, file_sha256, upload_files
-from server.errors import StoreConflict, StoreError
-from server.manifest import MANIFEST_NAME
-from server.store import QUARANTINE, STAGING_PREFIX, AdapterStore
-from server.upload import Staging, UploadFile, UploadHeader, finish, prepare
+from adalora.adapter_file import METADATA_KEY, manifest, save_adapter, tensors_sha256, to_tensors
+from adalora.config import ConfigError
+from adalora.engine import AdapterEngine, EngineConfig
+from adalora.peft_interop import save_peft
+from adalora.server.adapter_checks import ADAPTER_FILES, AdapterLimits
+from adalora.server.client import UPLOAD_FILES, file_sha256, upload_files
+from adalora.server.errors import StoreConflict, StoreError
+from adalora.server.manifest import MANIFEST_NAME
+from adalora.server.store import QUARANTINE, STAGING_PREFIX, AdapterStore
+from adalora.server.upload import Staging, UploadFile, UploadHeader, finish, prepare
 from tests.conftest import tiny_llama
 from tests.server_setup import write_base
 from tests.test_merge import random_adapter

@@ -4,8 +4,8 @@ them, some with fewer rows than columns) and in one block, full rank and rank de
 import pytest
 import torch
 
-from tools.merge import tallqr
-from tools.merge.tallqr import TallQR, row_blocks
+from adalora.tools.merge import tallqr
+from adalora.tools.merge.tallqr import TallQR, row_blocks
 
 
 @pytest.fixture

@@ -8,10 +8,10 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertForSequenceClassification, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from adalora_runtime.adapter_file import load_adapter
-from adalora_runtime.cli import main
-from adalora_runtime.config import AdaLoraConfig
-from adalora_runtime.inject import attach_adapter, inject_adapters
+from adalora.adapter_file import load_adapter
+from adalora.cli import main
+from adalora.config import AdaLoraConfig
+from adalora.inject import attach_adapter, inject_adapters
 from tests.conftest import tiny_bert_config, tiny_llama_config
 
 WORDS = ["good", "bad", "movie", "film", "great", "awful", "plot", "actor", "fun", "boring", "the", "a", "is",
@@ -230,7 +230,7 @@ RANK_TABLE_CASES = [
 
 @pytest.mark.parametrize("name,ranks,layers,kinds,matrix", RANK_TABLE_CASES, ids=[c[0] for c in RANK_TABLE_CASES])
 def test_rank_table(tmp_path, name, ranks, layers, kinds, matrix):
-    from adalora_runtime.report import format_rank_table, plot_rank_heatmap, rank_table
+    from adalora.report import format_rank_table, plot_rank_heatmap, rank_table
 
     assert rank_table(ranks) == (layers, kinds, matrix)
     text = format_rank_table(ranks)

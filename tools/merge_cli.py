@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from adalora_runtime.peft_interop import TASK_TO_PEFT
-from tools.merge import METHODS, MergeError, MergeParams, get_strategy, merge_into_base
-from adalora_runtime.atomic import remove_stale
-from tools.merge.pipeline import check_output, load_inputs, merge_adapters, merge_files
+from adalora.peft_interop import TASK_TO_PEFT
+from adalora.tools.merge import METHODS, MergeError, MergeParams, get_strategy, merge_into_base
+from adalora.atomic import remove_stale
+from adalora.tools.merge.pipeline import check_output, load_inputs, merge_adapters, merge_files
 
 NAME = "merge"
 HELP = "merge adapters: OUT/adapter.safetensors, or with --into-base a full model folder"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from adalora_runtime import peft_interop
-from adalora_runtime.adapter_file import save_adapter
+from adalora import peft_interop
+from adalora.adapter_file import save_adapter
 
 NAME = "convert"
 HELP = ("Convert an adapter between the native format and a PEFT AdaLoRA directory (PEFT LoRA imports too), or "

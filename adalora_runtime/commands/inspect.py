@@ -7,9 +7,9 @@ import json
 import re
 from pathlib import Path
 
-from adalora_runtime import peft_interop
-from adalora_runtime.adapter import Adapter
-from adalora_runtime.adapter_file import tensors_sha256, to_tensors
+from adalora import peft_interop
+from adalora.adapter import Adapter
+from adalora.adapter_file import tensors_sha256, to_tensors
 
 NAME = "inspect"
 HELP = "Show an adapter's base, task, mode, ranks per layer, sizes and tensor sha256 (native or PEFT)."

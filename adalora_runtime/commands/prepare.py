@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from adalora_runtime import assets
+from adalora import assets
 
 NAME = "prepare"
 HELP = "Prepare the real models (SmolLM2-135M, MiniLM-L6) and data sets into the local cache (no downloads)."

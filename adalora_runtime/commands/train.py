@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from adalora_runtime.config import DEFAULT_LAMBDA_LR_SCALE
-from adalora_runtime.data import DataError
-from adalora_runtime.recipe import REPORT_NAME, SpecError, TrainSpec, print_summary, run_train
-from adalora_runtime.training import TrainingError
+from adalora.config import DEFAULT_LAMBDA_LR_SCALE
+from adalora.data import DataError
+from adalora.recipe import REPORT_NAME, SpecError, TrainSpec, print_summary, run_train
+from adalora.training import TrainingError
 
 NAME = "train"
 HELP = "train an adapter: writes OUT/adapter.safetensors, OUT/report.json and OUT/ranks.png"

@@ -5,7 +5,7 @@ Reference semantics (every strategy computes exactly this, up to floating-point 
     for each token i with group g[i] (-1 = base model only):
         delta[i] = x[i] @ A_g.T @ B_g.T            where A_g = Q_g * lam_g[:, None] * scale_g,  B_g = P_g
 
-which is `apply_delta(x[i], P_g, lam_g, Q_g, scale_g)` of `adalora_runtime.delta`, with lambda and the
+which is `apply_delta(x[i], P_g, lam_g, Q_g, scale_g)` of `adalora.delta`, with lambda and the
 scale folded into the down factor A once, when the adapter is loaded. A group is one adapter, or a weighted
 mixture whose factors are the concatenation of its members' (weight folded into A). Ranks differ per
 group and may be 0; nothing is padded except inside the `padded` strategy's plan.
@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from adalora_runtime.config import ConfigError
+from adalora.config import ConfigError
 
 
 class Factors(NamedTuple):

@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from adalora_runtime.config import ConfigError
-from adalora_runtime.engine.apply import COST_PARAMETERS, CostModel
+from adalora.config import ConfigError
+from adalora.engine.apply import COST_PARAMETERS, CostModel
 
 
 def fit_cost_model(equations: Sequence[tuple[Mapping[str, float], float]]) -> CostModel:

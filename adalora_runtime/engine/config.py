@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adalora_runtime.config import ConfigError
-from adalora_runtime.engine.apply import DEFAULT_COST, CostModel
-from adalora_runtime.engine.apply import STRATEGIES as APPLY_STRATEGIES
+from adalora.config import ConfigError
+from adalora.engine.apply import DEFAULT_COST, CostModel
+from adalora.engine.apply import STRATEGIES as APPLY_STRATEGIES
 
 STRATEGIES = ("auto", *APPLY_STRATEGIES)
 

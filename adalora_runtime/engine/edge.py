@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adalora_runtime.adapter import Adapter, base_identity
-from adalora_runtime.delta import delta_weight
-from adalora_runtime.engine.errors import AdapterMismatch
-from adalora_runtime.engine.slots import check_adapter
-from adalora_runtime.layers import ADAPTABLE, linear_dims
+from adalora.adapter import Adapter, base_identity
+from adalora.delta import delta_weight
+from adalora.engine.errors import AdapterMismatch
+from adalora.engine.slots import check_adapter
+from adalora.layers import ADAPTABLE, linear_dims
 
 
 def _merged(original: torch.Tensor, delta: torch.Tensor, module: nn.Module) -> torch.Tensor:

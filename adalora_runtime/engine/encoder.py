@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from adalora_runtime.engine.engine import AdapterEngine, Request
-from adalora_runtime.engine.errors import AdapterMismatch, EngineError, InvalidRequest
-from adalora_runtime.engine.heads import Head
-from adalora_runtime.engine.multi_linear import BatchContext
+from adalora.engine.engine import AdapterEngine, Request
+from adalora.engine.errors import AdapterMismatch, EngineError, InvalidRequest
+from adalora.engine.heads import Head
+from adalora.engine.multi_linear import BatchContext
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,14 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from adalora_runtime.adapter import Adapter, base_identity
-from adalora_runtime.engine.config import EngineConfig
-from adalora_runtime.engine.errors import BatchError, EngineError
-from adalora_runtime.engine.heads import Head, HeadBank
-from adalora_runtime.engine.multi_linear import BatchContext, ContextHolder, MultiAdapterLinear, install_multi_linear
-from adalora_runtime.engine.slots import AdapterSlots, Route, SlotBank
-from adalora_runtime.inject import resolve_targets
-from adalora_runtime.layers import linear_dims
+from adalora.adapter import Adapter, base_identity
+from adalora.engine.config import EngineConfig
+from adalora.engine.errors import BatchError, EngineError
+from adalora.engine.heads import Head, HeadBank
+from adalora.engine.multi_linear import BatchContext, ContextHolder, MultiAdapterLinear, install_multi_linear
+from adalora.engine.slots import AdapterSlots, Route, SlotBank
+from adalora.inject import resolve_targets
+from adalora.layers import linear_dims
 
 Request = str | Mapping[str, float] | None
 """What one row runs: an adapter id, a weighted mixture {id: weight}, or None for the base model."""

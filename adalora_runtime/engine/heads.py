@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from adalora_runtime.adapter import Adapter
-from adalora_runtime.engine.errors import AdapterMismatch
-from adalora_runtime.inject import HEAD_NAMES
+from adalora.adapter import Adapter
+from adalora.engine.errors import AdapterMismatch
+from adalora.inject import HEAD_NAMES
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,12 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from adalora_runtime.engine.apply import DEFAULT_COST, CostModel, Plan, Routing, make_plan
-from adalora_runtime.engine.config import check_strategy
-from adalora_runtime.engine.errors import BatchError, EngineError
-from adalora_runtime.engine.slots import Route, SlotBank
-from adalora_runtime.inject import _set_submodule
-from adalora_runtime.layers import linear_dims
+from adalora.engine.apply import DEFAULT_COST, CostModel, Plan, Routing, make_plan
+from adalora.engine.config import check_strategy
+from adalora.engine.errors import BatchError, EngineError
+from adalora.engine.slots import Route, SlotBank
+from adalora.inject import _set_submodule
+from adalora.layers import linear_dims
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adalora_runtime.engine.errors import InvalidRequest, NonFiniteOutput
+from adalora.engine.errors import InvalidRequest, NonFiniteOutput
 
 Stop = str | tuple[int, ...]
 """A stop sequence: token ids, or a string matched in the decoded completion (needs a tokenizer)."""

@@ -28,14 +28,14 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from adalora_runtime.config import ConfigError
-from adalora_runtime.engine.config import check_strategy
-from adalora_runtime.engine.engine import AdapterEngine, Request
-from adalora_runtime.engine.errors import (DeadlineExpired, EngineError, InvalidRequest, NonFiniteOutput,
+from adalora.config import ConfigError
+from adalora.engine.config import check_strategy
+from adalora.engine.engine import AdapterEngine, Request
+from adalora.engine.errors import (DeadlineExpired, EngineError, InvalidRequest, NonFiniteOutput,
                                            RequestCancelled)
-from adalora_runtime.engine.kv import BatchKV, cache_argument, concat, prefill_inputs, select
-from adalora_runtime.engine.multi_linear import BatchContext
-from adalora_runtime.engine.sampling import SamplingParams, next_token, request_generator
+from adalora.engine.kv import BatchKV, cache_argument, concat, prefill_inputs, select
+from adalora.engine.multi_linear import BatchContext
+from adalora.engine.sampling import SamplingParams, next_token, request_generator
 
 FINISH_REASONS = ("length", "stop", "eos")
 

@@ -12,10 +12,10 @@ from collections.abc import Mapping
 
 import torch
 
-from adalora_runtime import delta
-from adalora_runtime.adapter import Adapter
-from adalora_runtime.engine.apply import Factors
-from adalora_runtime.engine.errors import AdapterExists, AdapterMismatch, AdapterNotFound, SlotsFull
+from adalora import delta
+from adalora.adapter import Adapter
+from adalora.engine.apply import Factors
+from adalora.engine.errors import AdapterExists, AdapterMismatch, AdapterNotFound, SlotsFull
 
 Route = tuple[tuple[int, float], ...]
 """What one group of tokens runs: (slot, weight) pairs; ((s, 1.0),) is adapter s alone."""

@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from adalora_runtime.engine.errors import EngineError
-from adalora_runtime.engine.scheduler import GenerationRequest, GenerationResult, Generator, Handle
+from adalora.engine.errors import EngineError
+from adalora.engine.scheduler import GenerationRequest, GenerationResult, Generator, Handle
 
 _END = object()
 

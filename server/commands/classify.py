@@ -7,8 +7,8 @@ import json
 
 from google.protobuf.json_format import MessageToDict
 
-from server.commands import connect
-from server.commands.rpc_errors import RPC_ERRORS, rpc_call
+from adalora.server.commands import connect
+from adalora.server.commands.rpc_errors import RPC_ERRORS, rpc_call
 
 NAME = "classify"
 HELP = "classify texts with a running `adalora serve` (encoder base); prints one label per text (--json for scores)"

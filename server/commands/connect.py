@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from server.client import AdaLoraClient
-from server.tls import ClientTLS
+from adalora.server.client import AdaLoraClient
+from adalora.server.tls import ClientTLS
 
 
 def add_arguments(p: argparse.ArgumentParser, admin: bool = False) -> None:

@@ -7,8 +7,8 @@ import json
 
 from google.protobuf.json_format import MessageToDict
 
-from server.commands import connect
-from server.commands.rpc_errors import RPC_ERRORS, rpc_call
+from adalora.server.commands import connect
+from adalora.server.commands.rpc_errors import RPC_ERRORS, rpc_call
 
 NAME = "generate"
 HELP = "generate with a running `adalora serve`; prints only the generated text (--json for everything)"

@@ -7,12 +7,12 @@ import asyncio
 import logging
 import os
 
-from adalora_runtime.engine.errors import EngineError
-from adalora_runtime.peft_interop import InteropError
-from server.adapter_checks import AdapterLimits
-from server.app import serve
-from server.config import ServerConfig
-from server.errors import StoreError
+from adalora.engine.errors import EngineError
+from adalora.peft_interop import InteropError
+from adalora.server.adapter_checks import AdapterLimits
+from adalora.server.app import serve
+from adalora.server.config import ServerConfig
+from adalora.server.errors import StoreError
 
 NAME = "serve"
 HELP = "serve a base model and its adapters over gRPC (adalora.v1, grpc.health.v1); SIGTERM drains"
@@ -106,7 +106,7 @@ def default_paths(args: argparse.Namespace) -> tuple[str, str]:
     says to run `adalora prepare` when it is not) and ./adapters, created when missing."""
     base = args.base_model
     if base is None:
-        from adalora_runtime.assets import model_path
+        from adalora.assets import model_path
         base = str(model_path(DEFAULT_BASE))
     store = args.adapter_dir
     if store is None:

@@ -4,7 +4,7 @@ Peak memory is about one tensor plus its dense update, whatever the shard size: 
 tensor by tensor (plain reads, no memory map), an adapted weight gets W + delta (Conv1D stores (in, out): delta
 transposed), and its bytes are streamed into the output shard behind a header computed up front (the
 same names, dtypes, shapes and metadata as the input shard), then released. Config, tokenizer and index files are copied. The folder appears
-atomically (adalora_runtime.atomic.atomic_dir), after every check passed.
+atomically (adalora.atomic.atomic_dir), after every check passed.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import transformers
 from safetensors import safe_open
 from transformers.pytorch_utils import Conv1D
 
-from adalora_runtime.adapter import Adapter, base_identity
-from adalora_runtime.atomic import atomic_dir
-from tools.merge.strategies import MergeError
+from adalora.adapter import Adapter, base_identity
+from adalora.atomic import atomic_dir
+from adalora.tools.merge.strategies import MergeError
 
 MERGE_RECORD = "adalora_merge"
 """Metadata key of every shard a merge writes: the merge's provenance, and the mark that lets a later merge

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from adalora_runtime.adapter import Adapter, AdapterLayer
-from adalora_runtime.allocator import keep_mask
-from adalora_runtime.delta import delta_weight
-from tools.merge.tallqr import TallQR
+from adalora.adapter import Adapter, AdapterLayer
+from adalora.allocator import keep_mask
+from adalora.delta import delta_weight
+from adalora.tools.merge.tallqr import TallQR
 
 WORK_DTYPE = torch.float64
 """QR/SVD of the small stacked factors run in float64 (cheap at these ranks); outputs are float32."""

@@ -13,18 +13,18 @@ from pathlib import Path
 
 import torch
 
-from adalora_runtime.adapter import Adapter, AdapterLayer, base_identity
-from adalora_runtime.adapter_file import (
+from adalora.adapter import Adapter, AdapterLayer, base_identity
+from adalora.adapter_file import (
     FILE_NAME, AdapterFormatError, read_manifest, save_adapter_streamed, tensors_sha256, to_tensors,
 )
-from adalora_runtime.atomic import atomic_dir, remove_stale
-from adalora_runtime.engine.errors import AdapterMismatch
-from adalora_runtime.engine.slots import check_adapter
-from adalora_runtime.safetensors_stream import read_header
-from adalora_runtime.peft_interop import base_skeleton, linear_shapes, load_any
-from tools.merge.into_base import MERGE_RECORD
-from tools.merge.lowrank import union_shapes
-from tools.merge.strategies import DenseStrategy, MergeError, MergeParams, get_strategy
+from adalora.atomic import atomic_dir, remove_stale
+from adalora.engine.errors import AdapterMismatch
+from adalora.engine.slots import check_adapter
+from adalora.safetensors_stream import read_header
+from adalora.peft_interop import base_skeleton, linear_shapes, load_any
+from adalora.tools.merge.into_base import MERGE_RECORD
+from adalora.tools.merge.lowrank import union_shapes
+from adalora.tools.merge.strategies import DenseStrategy, MergeError, MergeParams, get_strategy
 
 
 def load_inputs(paths: list[str | os.PathLike], base_model_dir: str | os.PathLike | None = None,

@@ -12,9 +12,9 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from adalora_runtime.adapter import Adapter, AdapterLayer
-from tools.merge import dense
-from tools.merge.lowrank import (concat_layer, head, kept_ranks, layer_parts, select, singular_values_of_factors,
+from adalora.adapter import Adapter, AdapterLayer
+from adalora.tools.merge import dense
+from adalora.tools.merge.lowrank import (concat_layer, head, kept_ranks, layer_parts, select, singular_values_of_factors,
                                  spectrum_of_dense, top_triplets_of_factors, union_shapes)
 
 

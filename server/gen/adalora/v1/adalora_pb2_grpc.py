@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from server.gen.adalora.v1 import adalora_pb2 as server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2
+from adalora.server.gen.adalora.v1 import adalora_pb2 as adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in server/gen/adalora/v1/adalora_pb2_grpc.py depends on'
+        + ' but the generated code in adalora/server/gen/adalora/v1/adalora_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,48 +37,48 @@ class AdaLoraStub:
         """
         self.Generate = channel.unary_unary(
                 '/adalora.v1.AdaLora/Generate',
-                request_serializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GenerateResponse.FromString,
+                request_serializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
                 '/adalora.v1.AdaLora/GenerateStream',
-                request_serializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GenerateStreamResponse.FromString,
+                request_serializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
         self.Classify = channel.unary_unary(
                 '/adalora.v1.AdaLora/Classify',
-                request_serializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.ClassifyRequest.SerializeToString,
-                response_deserializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.ClassifyResponse.FromString,
+                request_serializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
         self.Embed = channel.unary_unary(
                 '/adalora.v1.AdaLora/Embed',
-                request_serializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.EmbedRequest.SerializeToString,
-                response_deserializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.EmbedResponse.FromString,
+                request_serializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.EmbedResponse.FromString,
                 _registered_method=True)
         self.LoadAdapter = channel.unary_unary(
                 '/adalora.v1.AdaLora/LoadAdapter',
-                request_serializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.LoadAdapterRequest.SerializeToString,
-                response_deserializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.LoadAdapterResponse.FromString,
+                request_serializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.LoadAdapterResponse.FromString,
                 _registered_method=True)
         self.UnloadAdapter = channel.unary_unary(
                 '/adalora.v1.AdaLora/UnloadAdapter',
-                request_serializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UnloadAdapterRequest.SerializeToString,
-                response_deserializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UnloadAdapterResponse.FromString,
+                request_serializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UnloadAdapterResponse.FromString,
                 _registered_method=True)
         self.ListAdapters = channel.unary_unary(
                 '/adalora.v1.AdaLora/ListAdapters',
-                request_serializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.ListAdaptersRequest.SerializeToString,
-                response_deserializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.ListAdaptersResponse.FromString,
+                request_serializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.ListAdaptersResponse.FromString,
                 _registered_method=True)
         self.GetAdapter = channel.unary_unary(
                 '/adalora.v1.AdaLora/GetAdapter',
-                request_serializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GetAdapterRequest.SerializeToString,
-                response_deserializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GetAdapterResponse.FromString,
+                request_serializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GetAdapterRequest.SerializeToString,
+                response_deserializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GetAdapterResponse.FromString,
                 _registered_method=True)
         self.UploadAdapter = channel.stream_unary(
                 '/adalora.v1.AdaLora/UploadAdapter',
-                request_serializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UploadAdapterRequest.SerializeToString,
-                response_deserializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UploadAdapterResponse.FromString,
+                request_serializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UploadAdapterRequest.SerializeToString,
+                response_deserializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UploadAdapterResponse.FromString,
                 _registered_method=True)
 
 
@@ -165,48 +165,48 @@ def add_AdaLoraServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GenerateRequest.FromString,
-                    response_serializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GenerateRequest.FromString,
+                    response_serializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GenerateResponse.SerializeToString,
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GenerateRequest.FromString,
-                    response_serializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GenerateStreamResponse.SerializeToString,
+                    request_deserializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GenerateRequest.FromString,
+                    response_serializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'Classify': grpc.unary_unary_rpc_method_handler(
                     servicer.Classify,
-                    request_deserializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.ClassifyRequest.FromString,
-                    response_serializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.ClassifyResponse.SerializeToString,
+                    request_deserializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.ClassifyRequest.FromString,
+                    response_serializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.ClassifyResponse.SerializeToString,
             ),
             'Embed': grpc.unary_unary_rpc_method_handler(
                     servicer.Embed,
-                    request_deserializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.EmbedRequest.FromString,
-                    response_serializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.EmbedResponse.SerializeToString,
+                    request_deserializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.EmbedRequest.FromString,
+                    response_serializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.EmbedResponse.SerializeToString,
             ),
             'LoadAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadAdapter,
-                    request_deserializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.LoadAdapterRequest.FromString,
-                    response_serializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.LoadAdapterResponse.SerializeToString,
+                    request_deserializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.LoadAdapterResponse.SerializeToString,
             ),
             'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.UnloadAdapter,
-                    request_deserializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UnloadAdapterRequest.FromString,
-                    response_serializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UnloadAdapterResponse.SerializeToString,
+                    request_deserializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UnloadAdapterResponse.SerializeToString,
             ),
             'ListAdapters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAdapters,
-                    request_deserializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.ListAdaptersRequest.FromString,
-                    response_serializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.ListAdaptersResponse.SerializeToString,
+                    request_deserializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.ListAdaptersResponse.SerializeToString,
             ),
             'GetAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.GetAdapter,
-                    request_deserializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GetAdapterRequest.FromString,
-                    response_serializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GetAdapterResponse.SerializeToString,
+                    request_deserializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GetAdapterRequest.FromString,
+                    response_serializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GetAdapterResponse.SerializeToString,
             ),
             'UploadAdapter': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadAdapter,
-                    request_deserializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UploadAdapterRequest.FromString,
-                    response_serializer=server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UploadAdapterResponse.SerializeToString,
+                    request_deserializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UploadAdapterRequest.FromString,
+                    response_serializer=adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UploadAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -235,8 +235,8 @@ class AdaLora:
             request,
             target,
             '/adalora.v1.AdaLora/Generate',
-            server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GenerateRequest.SerializeToString,
-            server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GenerateResponse.FromString,
+            adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GenerateRequest.SerializeToString,
+            adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -262,8 +262,8 @@ class AdaLora:
             request,
             target,
             '/adalora.v1.AdaLora/GenerateStream',
-            server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GenerateRequest.SerializeToString,
-            server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GenerateStreamResponse.FromString,
+            adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GenerateRequest.SerializeToString,
+            adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -289,8 +289,8 @@ class AdaLora:
             request,
             target,
             '/adalora.v1.AdaLora/Classify',
-            server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.ClassifyRequest.SerializeToString,
-            server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.ClassifyResponse.FromString,
+            adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.ClassifyRequest.SerializeToString,
+            adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -316,8 +316,8 @@ class AdaLora:
             request,
             target,
             '/adalora.v1.AdaLora/Embed',
-            server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.EmbedRequest.SerializeToString,
-            server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.EmbedResponse.FromString,
+            adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.EmbedRequest.SerializeToString,
+            adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -343,8 +343,8 @@ class AdaLora:
             request,
             target,
             '/adalora.v1.AdaLora/LoadAdapter',
-            server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.LoadAdapterRequest.SerializeToString,
-            server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.LoadAdapterResponse.FromString,
+            adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.LoadAdapterRequest.SerializeToString,
+            adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.LoadAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -370,8 +370,8 @@ class AdaLora:
             request,
             target,
             '/adalora.v1.AdaLora/UnloadAdapter',
-            server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UnloadAdapterRequest.SerializeToString,
-            server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UnloadAdapterResponse.FromString,
+            adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UnloadAdapterRequest.SerializeToString,
+            adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UnloadAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -397,8 +397,8 @@ class AdaLora:
             request,
             target,
             '/adalora.v1.AdaLora/ListAdapters',
-            server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.ListAdaptersRequest.SerializeToString,
-            server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.ListAdaptersResponse.FromString,
+            adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.ListAdaptersRequest.SerializeToString,
+            adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.ListAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -424,8 +424,8 @@ class AdaLora:
             request,
             target,
             '/adalora.v1.AdaLora/GetAdapter',
-            server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GetAdapterRequest.SerializeToString,
-            server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GetAdapterResponse.FromString,
+            adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GetAdapterRequest.SerializeToString,
+            adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.GetAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -451,8 +451,8 @@ class AdaLora:
             request_iterator,
             target,
             '/adalora.v1.AdaLora/UploadAdapter',
-            server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UploadAdapterRequest.SerializeToString,
-            server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UploadAdapterResponse.FromString,
+            adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UploadAdapterRequest.SerializeToString,
+            adalora_dot_server_dot_gen_dot_adalora_dot_v1_dot_adalora__pb2.UploadAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from adalora_runtime import assets
-from adalora_runtime.data import DataError
-from adalora_runtime.recipe import (HEATMAP_NAME, REPORT_NAME, SpecError, TrainSpec, print_summary, resolve_device,
+from adalora import assets
+from adalora.data import DataError
+from adalora.recipe import (HEATMAP_NAME, REPORT_NAME, SpecError, TrainSpec, print_summary, resolve_device,
                                     run_train)
-from adalora_runtime.training import TrainingError
+from adalora.training import TrainingError
 
 NAME = "demo"
 HELP = ("train three small AdaLoRA adapters on MiniLM (a few minutes on a CPU), show where the ranks went, "
@@ -65,7 +65,7 @@ def demo_spec(out: Path, cache: str | None, task: str, steps: int, seed: int, de
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.demo import serve_and_classify  # the serving half lives with the server
+    from adalora.server.demo import serve_and_classify  # the serving half lives with the server
 
     assets.prepare(args.cache)
     out = Path(args.out)
