@@ -68,8 +68,8 @@ def test_the_images_files_install_apart_from_the_source_and_serve(tmp_path):
     (wheel,) = wheels.glob("adalora-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, cwd=tmp_path)
     env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    where = subprocess.run([sys.executable, "-c", "import adalora, server.app, tools.merge as m; "
-                            "print(adalora.__file__, server.app.__file__, m.__file__)"],
+    where = subprocess.run([sys.executable, "-c", "import adalora, adalora.server.app, adalora.tools.merge as m; "
+                            "print(adalora.__file__, adalora.server.app.__file__, m.__file__)"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
     assert all(Path(f).is_relative_to(site) for f in where.stdout.split()), where.stdout  # not the source tree
 
