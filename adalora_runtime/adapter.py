@@ -85,6 +85,15 @@ class Adapter:
         return delta_weight(layer.P, layer.lam, layer.Q, self.scale)
 
 
+def base_mismatch(made_for: dict, base: dict) -> str | None:
+    """The one base check: None when an adapter made for base identity `made_for` fits `base` (the same digest of
+    the architecture-defining config); else the message every caller raises its own error with."""
+    if made_for.get("config_sha256") == base.get("config_sha256"):
+        return None
+    return (f"adapter was trained on base {made_for.get('name')!r} (config {str(made_for.get('config_sha256'))[:12]}), "
+            f"not on {base.get('name')!r} (config {str(base.get('config_sha256'))[:12]})")
+
+
 def base_identity(model: nn.Module) -> dict:
     """Name and a hash of the architecture-defining config of a transformers model."""
     config = model.config.to_dict()

@@ -300,7 +300,7 @@ def validate(adapter: Adapter, source: str) -> None:
         if path not in adapter.shapes:
             raise AdapterFormatError(f"{source}: layer {path} is not among the adapted modules")
         validate_layer(path, layer, adapter.shapes[path], source)
-        A, _ = fold(layer.P, layer.lam, layer.Q, adapter.scale)  # what serving multiplies by
+        A, _ = fold(layer.P.float(), layer.lam.float(), layer.Q.float(), adapter.scale)  # what serving multiplies by
         if A.numel() and not float(A.abs().max()) <= MAX_FOLDED:  # NaN fails the comparison too
             raise AdapterFormatError(f"{source}: {path}: lambda * scale * Q reaches beyond {MAX_FOLDED:g} (or "
                                      f"overflows): the adapter would serve NaN; check lora_alpha and lambda")

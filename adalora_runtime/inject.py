@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from adalora.adapter import Adapter, AdapterLayer, base_identity
+from adalora.adapter import Adapter, AdapterLayer, base_identity, base_mismatch
 from adalora.config import AdaLoraConfig, ConfigError
 from adalora.layers import ADAPTABLE, SVDLinear, linear_dims
 
@@ -168,11 +168,9 @@ def inject_adapters(
 def attach_adapter(model: nn.Module, adapter: Adapter, dropout: float = 0.0) -> AdapterSet:
     """Inject a loaded compact adapter into a fresh base model (shapes checked) for inference."""
     identity = base_identity(model)
-    if identity["config_sha256"] != adapter.base["config_sha256"]:
-        raise ConfigError(
-            f"adapter was trained on base {adapter.base.get('name')!r} (config {adapter.base['config_sha256'][:12]}), "
-            f"this model is {identity['name']!r} (config {identity['config_sha256'][:12]})"
-        )
+    problem = base_mismatch(adapter.base, identity)
+    if problem:
+        raise ConfigError(f"{problem}, this model")
     for path, (in_f, out_f) in adapter.shapes.items():
         try:
             module = model.get_submodule(path)

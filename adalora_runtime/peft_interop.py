@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from adalora.adapter import TASK_TYPES, Adapter, AdapterLayer, base_identity, is_causal_lm
+from adalora.adapter import TASK_TYPES, Adapter, AdapterLayer, base_identity, base_mismatch, is_causal_lm
 from adalora.adapter_file import (
     FILE_NAME, AdapterFormatError, adapter_file, load_adapter, manifest_problem, read_manifest, tensors_sha256,
     to_tensors, validate,
@@ -137,7 +137,7 @@ def to_peft_lora(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict]:
     r = max(ranks.values())
     state = {}
     for path, layer in adapter.layers.items():
-        A, B = fold(layer.P, layer.lam, layer.Q, adapter.scale)  # (rank, in), (out, rank)
+        A, B = fold(layer.P.float(), layer.lam.float(), layer.Q.float(), adapter.scale)  # (rank, in), (out, rank)
         state[f"{PREFIX}{path}.lora_A.weight"] = A.detach().float().cpu().contiguous()
         state[f"{PREFIX}{path}.lora_B.weight"] = B.detach().float().cpu().contiguous()
     for name, t in adapter.head.items():
@@ -585,8 +585,9 @@ def load_peft(
             task, source = base_task(base_dir, has_head), f"base model {base_dir}"
         model = base_skeleton(base_dir, task)
         base, shapes = base_identity(model), linear_shapes(model)
-        if native is not None and (native.get("base") or {}).get("config_sha256") != base["config_sha256"]:
-            raise BaseMismatch(f"{path}: adapter was made for base {native['base'].get('name')!r}, not {base_dir}")
+        problem = None if native is None else base_mismatch(native["base"], base)
+        if problem:
+            raise BaseMismatch(f"{path}: {problem}, the base of {base_dir}")
     elif native is not None:
         base, shapes = native["base"], None
     elif require_base:

@@ -25,6 +25,8 @@ DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", to
           torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 
 Spec = tuple[torch.dtype, tuple[int, ...]]
+ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+"""Bytes per element of each safetensors dtype name."""
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 """safetensors' own cap on a header."""
 
@@ -43,15 +45,8 @@ class StreamWriter:
         self._file, self._specs, self._on_write = file, specs, on_write
         self._order = sorted(specs)
         self._position = {name: i for i, name in enumerate(self._order)}
-        header: dict = {"__metadata__": metadata}
-        offset = 0
-        for name in self._order:
-            dtype, shape = specs[name]
-            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-            offset += size
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        self._header = raw + b" " * (-len(raw) % 8)
+        self._header = encode_header([(name, DTYPES[specs[name][0]], list(specs[name][1])) for name in self._order],
+                                     metadata)
         file.write(struct.pack("<Q", len(self._header)))
         file.write(self._header)
         self._pending: dict[str, torch.Tensor] = {}
@@ -102,16 +97,37 @@ def read_header(path: str | os.PathLike) -> dict:
 
 
 def parse_header(raw: bytes, length: int) -> dict:
-    """The header dict from its `length` raw bytes; ValueError names what is wrong."""
+    """The one header decoder: the header dict from its `length` raw bytes. ValueError names what is wrong (a
+    length past the file or the cap, not UTF-8 JSON, a key named twice, not an object of tensors)."""
     if length > MAX_HEADER_BYTES or len(raw) != length:
-        raise ValueError(f"header length {length} is over {MAX_HEADER_BYTES} bytes or past the end of the file")
+        raise ValueError(f"header length {length} is over {MAX_HEADER_BYTES} bytes or runs past the end of the file")
+
+    def no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise ValueError("the safetensors header names a key twice")
+        return dict(pairs)
+
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"the header is not JSON ({type(e).__name__})") from e
+        raise ValueError(f"the safetensors header is not JSON ({type(e).__name__}): not a safetensors file") from e
     if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
-        raise ValueError("the header is not a JSON object of tensors")
+        raise ValueError("the safetensors header is not a JSON object of tensors: not a safetensors file")
     return header
+
+
+def encode_header(entries: list[tuple[str, str, list[int]]], metadata: dict[str, str] | None) -> bytes:
+    """The one header encoder: (name, safetensors dtype name, shape) laid out in the given order, contiguous
+    offsets, padded with spaces to 8 bytes as the format asks."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, dtype, shape in entries:
+        size = math.prod(shape) * ITEM_BYTES[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)
 
 
 def read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

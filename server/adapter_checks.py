@@ -12,7 +12,6 @@ module shapes against the base model) and engine.slots.check_adapter (base ident
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 from adalora.adapter_file import FILE_NAME
 from adalora.config import ConfigError
 from adalora.peft_interop import CONFIG_NAME, WEIGHTS_NAME
+from adalora.safetensors_stream import parse_header
 
 ADAPTER_FILES = {FILE_NAME: "native", CONFIG_NAME: "peft", WEIGHTS_NAME: "peft"}
 """The files the store reads an adapter from, by format: an upload may carry these and nothing else."""
@@ -113,20 +113,10 @@ def check_safetensors(path: Path, limits: AdapterLimits) -> None:
 
 
 def _parse_header(path: Path, raw: bytes) -> dict:
-    def no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-        keys = [k for k, _ in pairs]
-        if len(set(keys)) != len(keys):
-            raise AdapterRejected(f"{path}: the safetensors header names a key twice")
-        return dict(pairs)
-
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise AdapterRejected(f"{path}: the safetensors header is not JSON ({type(e).__name__}): not a safetensors "
-                              f"file") from e
-    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
-        raise AdapterRejected(f"{path}: the safetensors header is not a JSON object of tensors: not a safetensors file")
-    return header
+        return parse_header(raw, len(raw))
+    except ValueError as e:
+        raise AdapterRejected(f"{path}: {e}") from e
 
 
 def _span(path: Path, name: str, entry: object, limits: AdapterLimits) -> tuple[int, int, str]:

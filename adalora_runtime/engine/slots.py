@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 
 from adalora import delta
-from adalora.adapter import Adapter
+from adalora.adapter import Adapter, base_mismatch
 from adalora.engine.apply import Factors
 from adalora.engine.errors import AdapterExists, AdapterMismatch, AdapterNotFound, SlotsFull
 
@@ -26,18 +26,16 @@ def fold(adapter: Adapter, path: str, in_f: int, out_f: int, device: torch.devic
     layer = adapter.layers.get(path)
     if layer is None:
         return Factors(torch.zeros(0, in_f, device=device, dtype=dtype), torch.zeros(out_f, 0, device=device, dtype=dtype))
-    A, B = delta.fold(layer.P, layer.lam, layer.Q, adapter.scale)  # (r, in), (out, r)
+    A, B = delta.fold(layer.P.float(), layer.lam.float(), layer.Q.float(), adapter.scale)  # (r, in), (out, r)
     return Factors(A.to(device=device, dtype=dtype).contiguous(), B.to(device=device, dtype=dtype).contiguous())
 
 
 def check_adapter(adapter: Adapter, identity: dict, shapes: Mapping[str, tuple[int, int]]) -> None:
     """Raise AdapterMismatch unless `adapter` was trained on this base and adapts only served modules of
     the same (in, out); the message names the module."""
-    if adapter.base.get("config_sha256") != identity["config_sha256"]:
-        raise AdapterMismatch(
-            f"adapter was trained on base {adapter.base.get('name')!r} (config "
-            f"{str(adapter.base.get('config_sha256'))[:12]}), this engine serves {identity['name']!r} (config "
-            f"{identity['config_sha256'][:12]}); load it into an engine over its own base model")
+    problem = base_mismatch(adapter.base, identity)
+    if problem:
+        raise AdapterMismatch(f"{problem}, which this engine serves; load it into an engine over its own base model")
     for path, (in_f, out_f) in adapter.shapes.items():
         if path not in shapes:
             raise AdapterMismatch(f"adapter adapts module {path!r}, which this engine does not serve; create the "

@@ -10,7 +10,6 @@ atomically (adalora.atomic.atomic_dir), after every check passed.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -20,8 +19,9 @@ import transformers
 from safetensors import safe_open
 from transformers.pytorch_utils import Conv1D
 
-from adalora.adapter import Adapter, base_identity
+from adalora.adapter import Adapter, base_identity, base_mismatch
 from adalora.atomic import atomic_dir
+from adalora.safetensors_stream import MAX_HEADER_BYTES, encode_header, parse_header
 from adalora.tools.merge.strategies import MergeError
 
 MERGE_RECORD = "adalora_merge"
@@ -62,10 +62,9 @@ def plan(adapter: Adapter, base_dir: Path) -> tuple[dict[str, tuple[str, bool]],
         raise MergeError(f"--base-model {base_dir}: no .safetensors weights (save the model with safe_serialization)")
     model = _meta_model(base_dir)
     identity = base_identity(model)
-    if identity["config_sha256"] != adapter.base.get("config_sha256"):
-        raise MergeError(f"the adapters belong to base {adapter.base.get('name')!r} "
-                         f"(config {str(adapter.base.get('config_sha256'))[:12]}), --base-model {base_dir} is "
-                         f"{identity['name']!r} (config {identity['config_sha256'][:12]})")
+    problem = base_mismatch(adapter.base, identity)
+    if problem:
+        raise MergeError(f"the merged {problem}, the base of --base-model {base_dir}")
     index = _shard_index(shards)
     weights = {}
     for path in adapter.layers:
@@ -117,8 +116,8 @@ def _merge_shard(adapter: Adapter, shard: Path, target: Path, weights: dict, hea
     with open(shard, "rb") as src, open(target, "wb") as out:
         entries, data_start = _read_header(src, shard)
         keys = sorted((k for k in entries if k != "__metadata__"), key=lambda k: entries[k]["data_offsets"][0])
-        specs = {key: (entries[key]["dtype"], entries[key]["shape"]) for key in keys}
-        header = _header(specs, keys, {**(entries.get("__metadata__") or {}), MERGE_RECORD: record})
+        header = encode_header([(key, entries[key]["dtype"], entries[key]["shape"]) for key in keys],
+                               {**(entries.get("__metadata__") or {}), MERGE_RECORD: record})
         out.write(len(header).to_bytes(8, "little"))
         out.write(header)
         for key in keys:
@@ -138,16 +137,15 @@ def _merge_shard(adapter: Adapter, shard: Path, target: Path, weights: dict, hea
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
-_ITEM_BYTES = {name: torch.empty(0, dtype=dtype).element_size() for name, dtype in _DTYPES.items()}
 
 
 def _read_header(src, shard: Path) -> tuple[dict, int]:
     """(header entries, byte offset where tensor data starts) of an open safetensors file."""
     size = int.from_bytes(src.read(8), "little")
     try:
-        entries = json.loads(src.read(size))
+        entries = parse_header(src.read(min(size, MAX_HEADER_BYTES + 1)), size)
     except ValueError as e:
-        raise MergeError(f"{shard}: not a safetensors file (unreadable header)") from e
+        raise MergeError(f"{shard}: not a safetensors file (unreadable header: {e})") from e
     return entries, 8 + size
 
 
@@ -161,19 +159,6 @@ def _read_tensor(src, entry: dict, data_start: int, key: str) -> torch.Tensor:
         raise MergeError(f"tensor {key}: the shard is truncated")
     flat = torch.frombuffer(buffer, dtype=_DTYPES[entry["dtype"]]) if buffer else torch.empty(0, dtype=_DTYPES[entry["dtype"]])
     return flat.reshape(entry["shape"])
-
-
-def _header(specs: dict[str, tuple[str, list[int]]], keys: list[str], metadata: dict | None) -> bytes:
-    """The safetensors JSON header for `keys` laid out in that order, padded to 8 bytes as the format asks."""
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for key in keys:
-        dtype, shape = specs[key]
-        size = _ITEM_BYTES[dtype] * math.prod(shape)
-        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    return raw + b" " * (-len(raw) % 8)
 
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:

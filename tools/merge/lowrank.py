@@ -13,7 +13,7 @@ import torch
 
 from adalora.adapter import Adapter, AdapterLayer
 from adalora.allocator import keep_mask
-from adalora.delta import delta_weight
+from adalora.delta import delta_weight, fold
 from adalora.tools.merge.tallqr import TallQR
 
 WORK_DTYPE = torch.float64
@@ -39,15 +39,17 @@ def union_shapes(adapters: list[Adapter]) -> dict[str, tuple[int, int]]:
 
 
 def folded_factors(adapter: Adapter, path: str, weight: float) -> AdapterLayer | None:
-    """The input's factors with `weight * scale` folded into lam; None where the module has rank 0."""
+    """The input's factors with lam, its scale and `weight` folded into Q (delta.fold; lam becomes ones), so that
+    P diag(1) Q is its weighted delta; None where the module has rank 0."""
     layer = adapter.layers.get(path)
     if layer is None:
         return None
-    return AdapterLayer(layer.P, layer.lam * (adapter.scale * weight), layer.Q)
+    A, B = fold(layer.P, layer.lam, layer.Q, adapter.scale * weight)  # (r, in), (out, r)
+    return AdapterLayer(B, torch.ones_like(layer.lam), A)
 
 
 def layer_parts(adapters: list[Adapter], weights: list[float], path: str) -> list[AdapterLayer]:
-    """One module's weighted inputs, each input's weight and scale folded into its lam (rank-0 inputs left out):
+    """One module's weighted inputs, each input's lam, weight and scale folded into its Q (rank-0 inputs left out):
     their deltas sum to the exact merged update."""
     return [f for a, w in zip(adapters, weights) if (f := folded_factors(a, path, w)) is not None]
 

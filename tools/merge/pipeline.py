@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from adalora.adapter import Adapter, AdapterLayer, base_identity
+from adalora.adapter import Adapter, AdapterLayer, base_identity, base_mismatch
 from adalora.adapter_file import (
     FILE_NAME, AdapterFormatError, read_manifest, save_adapter_streamed, tensors_sha256, to_tensors,
 )
@@ -47,11 +47,9 @@ def check_inputs(adapters: list[Adapter], names: list[str]) -> None:
         raise MergeError("give at least one adapter to merge")
     ref, ref_name = adapters[0], names[0]
     for adapter, name in zip(adapters, names):
-        if adapter.base.get("config_sha256") != ref.base.get("config_sha256"):
-            raise MergeError(
-                f"{name} belongs to base {adapter.base.get('name')!r} (config {str(adapter.base.get('config_sha256'))[:12]}) "
-                f"but {ref_name} to {ref.base.get('name')!r} (config {str(ref.base.get('config_sha256'))[:12]}): "
-                "merge only adapters of the same base model")
+        problem = base_mismatch(adapter.base, ref.base)
+        if problem:
+            raise MergeError(f"{name}: {problem}, the base of {ref_name}: merge only adapters of the same base model")
         if adapter.task_type != ref.task_type:
             raise MergeError(f"{name} is a {adapter.task_type!r} adapter but {ref_name} is {ref.task_type!r}: "
                              "merge adapters of one task type")
