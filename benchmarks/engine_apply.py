@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from _common import markdown_table, median, write_json  # noqa: E402
-from adalora.engine.apply import (COST_PARAMETERS, DEFAULT_COST, PLANS, CostModel, Factors,  # noqa: E402
-                                          Routing, choose_strategy, cost_terms)
+from adalora.engine.apply import PLANS, Factors, Routing  # noqa: E402
+from adalora.engine.cost import COST_PARAMETERS, DEFAULT_COST, CostModel, choose_strategy, cost_terms  # noqa: E402
 from adalora.engine.calibrate import fit_cost_model  # noqa: E402
 
 INIT_R, R_MIN, P_ZERO = 12, 5, 0.08  # engine_throughput.py's rank pattern

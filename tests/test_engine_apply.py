@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from adalora.delta import apply_delta
-from adalora.engine.apply import (PLANS, STRATEGIES, CostModel, Factors, Routing, batched_apply,
-                                          choose_strategy, make_plan)
+from adalora.engine.apply import PLANS, Factors, Routing, batched_apply, make_plan
+from adalora.engine.cost import CostModel, choose_strategy
 from adalora.engine.slots import SlotBank
 
 IN, OUT = 24, 20
@@ -53,7 +53,7 @@ def folded(adapters, dtype):
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
-@pytest.mark.parametrize("strategy", [*STRATEGIES, "auto"])
+@pytest.mark.parametrize("strategy", [*PLANS, "auto"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_strategy_matches_per_token_loop(case, strategy, dtype):
     x, groups, adapters = make_case(case)
@@ -70,12 +70,13 @@ def test_strategy_matches_per_token_loop(case, strategy, dtype):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_strategies_called_directly_agree(case):
-    """The strategy functions themselves (not batched_apply's rank-0 shortcut) on every case."""
+    """Each strategy's plan built and called directly (not batched_apply's rank-0 shortcut) on every case."""
     x, groups, adapters = make_case(case, seed=1)
     factors = folded(adapters, torch.float32)
     expected = naive(x, groups, adapters).float()
-    for name, fn in STRATEGIES.items():
-        torch.testing.assert_close(fn(x.float(), groups, factors), expected, atol=1e-5, rtol=1e-5, msg=name)
+    for name, plan in PLANS.items():
+        got = plan(Routing(groups, len(factors)), factors)(x.float())
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)

@@ -5,7 +5,8 @@ import random
 import pytest
 
 from adalora.config import ConfigError
-from adalora.engine.apply import COST_PARAMETERS, PLANS, CostModel, cost_terms
+from adalora.engine.apply import PLANS
+from adalora.engine.cost import COST_PARAMETERS, CostModel, cost_terms
 from adalora.engine.calibrate import fit_cost_model
 
 TRUE = CostModel(launch=180.0, gather=45.0, bmm=7.5, build_group=900.0, build_column=30.0)

@@ -9,7 +9,8 @@ import torch
 
 from adalora.engine import AdapterEngine, EngineConfig
 from adalora.config import ConfigError
-from adalora.engine.apply import CostModel, Routing
+from adalora.engine.apply import Routing
+from adalora.engine.cost import CostModel
 from adalora.engine.errors import AdapterNotFound, BatchError
 from adalora.engine.sampling import SamplingParams
 from adalora.engine.scheduler import CompositionLife, GenerationRequest, Generator, GeneratorConfig
@@ -223,5 +224,5 @@ def test_engine_config_cost_model_decides_auto(setup):
 
 
 def test_engine_config_refuses_a_cost_that_is_not_a_cost_model():
-    with pytest.raises(ConfigError, match="cost must be an engine.apply.CostModel, got str"):
+    with pytest.raises(ConfigError, match="cost must be an engine.cost.CostModel, got str"):
         EngineConfig(cost="fast")

@@ -2,7 +2,8 @@
 per-token routing, edge mode (one adapter merged into the weights), continuous-batching generation, and
 encoder serving (per-adapter classification heads, mean-pooled embeddings)."""
 
-from adalora.engine.apply import CostModel, Factors, batched_apply, choose_strategy
+from adalora.engine.apply import Factors, batched_apply
+from adalora.engine.cost import CostModel, choose_strategy
 from adalora.engine.config import EngineConfig
 from adalora.engine.edge import EdgeMerger
 from adalora.engine.encoder import Classification, EncodedBatch, EncoderRunner, encode, from_token_ids

@@ -19,13 +19,13 @@ Shapes: x (N, in), groups (N,) long in [-1, G), factors[g].A (r_g, in), factors[
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 from functools import cached_property
-from typing import Callable, NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
-from adalora.config import ConfigError
+from adalora.engine.cost import DEFAULT_COST, STRATEGY_TERMS, CostModel, choose_strategy
 
 
 class Factors(NamedTuple):
@@ -164,122 +164,25 @@ class PaddedPlan:
         y[:, None, :].baddbmm_(torch.bmm(x[:, None, :], AT), BT)
 
 
-Plan = GroupPlan | PackedPlan | PaddedPlan
-PLANS: dict[str, type[GroupPlan] | type[PackedPlan] | type[PaddedPlan]] = {
+class Plan(Protocol):
+    """One layer's prepared tensors for one batch (what every strategy's plan class offers)."""
+
+    strategy: str
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """delta (N, out) of the reference semantics for x (N, in)."""
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> None:
+        """y (N, out) += delta, in place."""
+
+
+PLANS: dict[str, Callable[[Routing, list[Factors]], Plan]] = {
     "group": GroupPlan, "packed": PackedPlan, "padded": PaddedPlan,
 }
-
-
-def _strategy(name: str) -> Callable[[torch.Tensor, torch.Tensor, list[Factors]], torch.Tensor]:
-    """The one-shot form of a plan: build it for (groups, factors) and call it on x."""
-    def apply(x: torch.Tensor, groups: torch.Tensor, factors: list[Factors]) -> torch.Tensor:
-        return PLANS[name](Routing(groups, len(factors)), factors)(x)
-    apply.__name__ = f"apply_{name}"
-    apply.__doc__ = PLANS[name].__doc__
-    return apply
-
-
-apply_group, apply_packed, apply_padded = _strategy("group"), _strategy("packed"), _strategy("padded")
-
-
-STRATEGIES: dict[str, Callable[[torch.Tensor, torch.Tensor, list[Factors]], torch.Tensor]] = {
-    "group": apply_group, "packed": apply_packed, "padded": apply_padded,
-}
-"""Each strategy in one-shot form: (x, groups, factors) -> delta (N, out)."""
-
-
-COST_PARAMETERS = ("launch", "gather", "bmm", "build_group", "build_column")
-
-
-def cost_terms(strategy: str, tokens: int, distinct: int, sum_rank: int, max_rank: int,
-               build: bool = False) -> dict[str, float]:
-    """The coefficients of one call of a strategy's plan (or, with `build`, of building it): its cost under a
-    CostModel is terms['work'] + the sum of getattr(model, name) * terms[name] over the other names. The one
-    place of CostModel's formulas (written out in its docstring), shared with `engine.calibrate`'s fit."""
-    groups = max(distinct, 1)
-    if build:
-        if strategy == "group":
-            return {}
-        columns = sum_rank if strategy == "packed" else (groups + 1 + tokens) * max_rank
-        return {"build_group": groups, "build_column": columns}
-    if strategy == "group":
-        if groups == 1:
-            return {"launch": 2, "work": tokens * sum_rank}
-        return {"launch": 4 * groups, "work": tokens * sum_rank / groups, "gather": tokens}
-    if strategy == "packed":
-        return {"launch": 3, "work": tokens * sum_rank}
-    return {"launch": 2, "bmm": tokens * max_rank}
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Relative cost of each strategy for one layer over a plan's life, in units of one token x one rank
-    column of matmul work (a layer's width scales every term about alike, so it drops out of the comparison).
-
-    One call of a plan (N tokens, G groups, their summed rank S and max rank M):
-    - group:  launch * (2 if G == 1 else 4 * G)  +  N * (S / G  +  (gather if G > 1 else 0))
-      (per group: gather its rows, two matmuls, scatter back; a single group needs no gather or scatter;
-      each token multiplies only its own group's columns, but moving its row in and out costs `gather`)
-    - packed: 3 * launch  +  N * S
-      (every token multiplies every group's columns, masked between the two matmuls)
-    - padded: 2 * launch  +  bmm * N * M, only where the plan pre-gathers (`PaddedPlan.pregathers`; every
-      token multiplies its own factors padded to the max rank; `bmm` > 1 because many small batched
-      matrix-vector products run at a lower rate than one matmul)
-
-    Building a plan, paid once per batch composition (a decode batch keeps its plans until a request joins
-    or leaves):
-    - group:  nothing (its row indices are the batch's, shared by every layer)
-    - packed: build_group * G  +  build_column * S  (concatenate every group's factors once)
-    - padded: build_group * G  +  build_column * (G + 1 + N) * M  (pad each group to M, then gather a copy
-      per token)
-
-    A plan expected to serve `calls` forwards costs call + build / calls per forward: a prefill (1 call)
-    or a decode batch that changes at every step pays the whole build, a batch that decodes 64 tokens
-    unchanged hardly any. So group, which builds nothing, wins a single forward; packed and padded, whose
-    calls are cheaper over several adapters, win once a composition lives a few steps, padded (the cheapest
-    call over many adapters) from about 8 of them. `launch` is the fixed cost of one operator call
-    (dispatch, kernel launch) in the same units. The defaults are the fit that `benchmarks/engine_apply.py`
-    printed on SmolLM2-135M's layer shapes, float32, 2 threads of a 2-core CPU (docs/BENCHMARKS.md), to two
-    digits; there a plan's build cost is all per-group work (build_column fitted to 0). Ties go to group,
-    then packed. Another device wants its own numbers: rerun that benchmark and pass the CostModel it prints.
-    """
-
-    launch: float = 150.0
-    gather: float = 47.0
-    bmm: float = 4.9
-    build_group: float = 1300.0
-    build_column: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in COST_PARAMETERS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-                raise ConfigError(f"CostModel.{name} must be a finite number >= 0, got {value!r}")
-
-    def cost(self, terms: dict[str, float]) -> float:
-        """The cost of `cost_terms(...)` under this model."""
-        return terms.get("work", 0.0) + sum(getattr(self, name) * c for name, c in terms.items() if name != "work")
-
-    def costs(self, tokens: int, distinct: int, sum_rank: int, max_rank: int, padded: bool = True,
-              calls: int = 1) -> dict[str, float]:
-        """Cost per forward of each strategy over a plan that serves `calls` forwards (its build shared);
-        `padded` False leaves padded out (its plan would not pre-gather)."""
-        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
-            raise ValueError(f"calls must be a positive integer, got {calls!r}")
-        return {name: (self.cost(cost_terms(name, tokens, distinct, sum_rank, max_rank))
-                       + self.cost(cost_terms(name, tokens, distinct, sum_rank, max_rank, build=True)) / calls)
-                for name in PLANS if padded or name != "padded"}
-
-
-DEFAULT_COST = CostModel()
-
-
-def choose_strategy(tokens: int, distinct: int, sum_rank: int, max_rank: int, cost: CostModel = DEFAULT_COST,
-                    padded: bool = True, calls: int = 1) -> str:
-    """The cheapest strategy under `cost` for N tokens, G distinct groups, their summed and max rank, over a
-    plan expected to serve `calls` forwards; `padded` False when a padded plan would not pre-gather."""
-    costs = cost.costs(tokens, distinct, sum_rank, max_rank, padded, calls)
-    return min(costs, key=lambda name: (costs[name], list(STRATEGIES).index(name)))
+"""The one registry of apply strategies: name -> plan class (built from a batch's Routing and its groups' factors).
+engine.cost prices each by the same name; EngineConfig and BatchContext accept these names and 'auto'."""
+if set(PLANS) != set(STRATEGY_TERMS):
+    raise ImportError(f"engine.cost prices {sorted(STRATEGY_TERMS)}, but the plans are {sorted(PLANS)}")
 
 
 def make_plan(routing: Routing, factors: list[Factors], strategy: str = "auto",

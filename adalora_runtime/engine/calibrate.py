@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from adalora.config import ConfigError
-from adalora.engine.apply import COST_PARAMETERS, CostModel
+from adalora.engine.cost import COST_PARAMETERS, CostModel
 
 
 def fit_cost_model(equations: Sequence[tuple[Mapping[str, float], float]]) -> CostModel:
@@ -24,7 +24,7 @@ def fit_cost_model(equations: Sequence[tuple[Mapping[str, float], float]]) -> Co
         raise ConfigError(f"a cost model fit needs at least {len(names)} measurements, got {len(equations)}")
     unknown = sorted({n for terms, _ in equations for n in terms} - set(names))
     if unknown:
-        raise ConfigError(f"unknown cost terms {unknown}; terms come from engine.apply.cost_terms")
+        raise ConfigError(f"unknown cost terms {unknown}; terms come from engine.cost.cost_terms")
     if any(not us > 0 for _, us in equations):
         raise ConfigError("every measured time must be positive")
     X = np.array([[terms.get(n, 0.0) / us for n in names] for terms, us in equations])

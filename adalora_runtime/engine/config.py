@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adalora.config import ConfigError
-from adalora.engine.apply import DEFAULT_COST, CostModel
-from adalora.engine.apply import STRATEGIES as APPLY_STRATEGIES
+from adalora.engine.apply import PLANS
+from adalora.engine.cost import DEFAULT_COST, CostModel
 
-STRATEGIES = ("auto", *APPLY_STRATEGIES)
+STRATEGIES = ("auto", *PLANS)
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class EngineConfig:
         if not isinstance(self.max_slots, int) or self.max_slots < 1:
             raise ConfigError(f"max_slots must be a positive integer, got {self.max_slots!r}")
         if not isinstance(self.cost, CostModel):
-            raise ConfigError(f"cost must be an engine.apply.CostModel, got {type(self.cost).__name__}")
+            raise ConfigError(f"cost must be an engine.cost.CostModel, got {type(self.cost).__name__}")
         if isinstance(self.target_modules, str):
             raise ConfigError(f"target_modules must be a tuple of names, got the string {self.target_modules!r}; "
                               f"write ({self.target_modules!r},)")

@@ -15,12 +15,25 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from adalora.engine.apply import DEFAULT_COST, CostModel, Plan, Routing, make_plan
+from adalora.engine.apply import Plan, Routing, make_plan
+from adalora.engine.cost import DEFAULT_COST, CostModel
 from adalora.engine.config import check_strategy
 from adalora.engine.errors import BatchError, EngineError
 from adalora.engine.slots import Route, SlotBank
 from adalora.inject import _set_submodule
 from adalora.layers import linear_dims
+
+
+@dataclass
+class CachedPlan:
+    """A layer's plan for one batch, with what tells whether it is still valid."""
+
+    generation: int
+    """The bank's write counter when this entry was last checked: equal now means no slot was written since."""
+    versions: tuple
+    """The versions of the context's slots when the plan was built: equal means the plan's factors are current."""
+    plan: Plan | None
+    """None: no route has a nonzero rank in this layer."""
 
 
 @dataclass(frozen=True)
@@ -38,9 +51,8 @@ class BatchContext:
     calls: int = 1
     """Forwards this context is expected to serve: 'auto' shares each plan's build over them (a prefill runs
     once; a decode batch runs until a request joins or leaves)."""
-    _plans: dict[SlotBank, list] = field(default_factory=dict, init=False, repr=False, compare=False)
-    """bank -> [its generation when last checked, its versions of `slots` when the plan was built, the plan];
-    filled lazily by `plan`."""
+    _plans: dict[SlotBank, CachedPlan] = field(default_factory=dict, init=False, repr=False, compare=False)
+    """bank -> its plan for this batch and what it was built from; filled lazily by `plan`."""
 
     def __post_init__(self) -> None:
         check_strategy(self.strategy)
@@ -66,20 +78,20 @@ class BatchContext:
         """The layer's prepared factors for this batch; rebuilt only when a slot of the routes was written
         since (an adapter loaded or unloaded there). None: no route has a nonzero rank in this layer."""
         cached = self._plans.get(bank)
-        if cached is not None and cached[0] == bank.generation:  # no slot of this bank was written since
-            return cached[2]
+        if cached is not None and cached.generation == bank.generation:  # no slot of this bank was written since
+            return cached.plan
         versions = bank.versions(self.slots)
-        if cached is None or cached[1] != versions:
-            cached = [bank.generation, versions,
-                      make_plan(self.routing, [bank.route(r) for r in self.routes], self.strategy, self.cost,
-                                self.calls)]
+        if cached is None or cached.versions != versions:
+            cached = CachedPlan(bank.generation, versions,
+                                make_plan(self.routing, [bank.route(r) for r in self.routes], self.strategy,
+                                          self.cost, self.calls))
             self._plans[bank] = cached
-        cached[0] = bank.generation  # a write elsewhere in the bank leaves this plan as it was
-        return cached[2]
+        cached.generation = bank.generation  # a write elsewhere in the bank leaves this plan as it was
+        return cached.plan
 
     def built_plans(self) -> dict[SlotBank, Plan | None]:
         """bank -> the plan built for it so far (None: that layer adds nothing to this batch)."""
-        return {bank: cached[2] for bank, cached in self._plans.items()}
+        return {bank: cached.plan for bank, cached in self._plans.items()}
 
     def chosen_strategies(self) -> Counter[str]:
         """How many layers run each strategy under the plans built so far (what 'auto' picked)."""
