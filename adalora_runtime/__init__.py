@@ -1,16 +1,17 @@
 """AdaLoRA runtime: SVD-form adapters, the rank allocator, compact adapter files.
 
-The public surface for people with their own training loop::
+The public surface for people with their own training loop (tests/test_layers.py runs this example)::
 
-    adapters = inject_adapters(model, AdaLoraConfig(init_r=12, target_r=8, total_step=1000))
-    allocator = RankAllocator(adapters, adapters.config)
+    adapters = inject_adapters(model, AdaLoraConfig(init_r=12, target_r=8, total_step=total_step))
+    allocator = RankAllocator(adapters)
+    optimizer = torch.optim.AdamW(adapters.trainable_parameters(), lr=1e-3)
     for step in range(total_step):
         loss = model(**batch).loss + adapters.config.orth_reg_weight * orth_penalty(adapters)
         loss.backward()
         optimizer.step()
-        allocator.step(step)      # after backward, before zero_grad
+        allocator.step(step)      # after backward (and optimizer.step), before zero_grad
         optimizer.zero_grad()
-    save_adapter(adapters.export(allocator), "out/")
+    save_adapter(adapters.export(allocator.masks), out)
 """
 
 from adalora.config import AdaLoraConfig, ConfigError

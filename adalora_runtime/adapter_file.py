@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from adalora.config import is_int
 from adalora.adapter import TASK_TYPES, Adapter, AdapterLayer
 from adalora.atomic import atomic_file
 from adalora.delta import fold
@@ -201,10 +202,6 @@ def manifest_of(metadata: dict, file: Path) -> dict:
     return meta
 
 
-def _count(x: object, low: int = 0) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= low
-
-
 def manifest_problem(meta: dict) -> str | None:
     """What is wrong with a parsed manifest's fields ("lacks field 'x'" or "field 'x' must be ..."), or None."""
     for name in ("modules", "base", "task_type", "init_r", "lora_alpha", "tensors_sha256"):
@@ -214,7 +211,7 @@ def manifest_problem(meta: dict) -> str | None:
     if not isinstance(modules, dict):
         return f"field 'modules' must be an object {{module path: {{in, out, rank}}}}, got {type(modules).__name__}"
     for path, m in modules.items():
-        if not isinstance(m, dict) or not (_count(m.get("in"), 1) and _count(m.get("out"), 1) and _count(m.get("rank"))):
+        if not isinstance(m, dict) or not (is_int(m.get("in"), 1) and is_int(m.get("out"), 1) and is_int(m.get("rank"), 0)):
             return f"field 'modules.{path}' must be {{\"in\": int >= 1, \"out\": int >= 1, \"rank\": int >= 0}}, " \
                    f"got {m!r:.200}"
     base = meta["base"]
@@ -223,7 +220,7 @@ def manifest_problem(meta: dict) -> str | None:
                  and isinstance(base.get("config_sha256"), (str, type(None))),
                  'an object {"name": str, "config_sha256": str or null, ...}'),
         "task_type": (isinstance(meta.get("task_type"), str), "a string"),
-        "init_r": (_count(meta.get("init_r"), 1), "an integer >= 1"),
+        "init_r": (is_int(meta.get("init_r"), 1), "an integer >= 1"),
         "lora_alpha": (isinstance(meta.get("lora_alpha"), (int, float)) and not isinstance(meta.get("lora_alpha"), bool),
                        "a number"),
         "tensors_sha256": (isinstance(meta.get("tensors_sha256"), str), "a string"),

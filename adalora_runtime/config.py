@@ -15,6 +15,18 @@ class ConfigError(ValueError):
     """A configuration value is inconsistent; the message says which value to change."""
 
 
+def is_int(x: object, low: int | None = None, high: int | None = None) -> bool:
+    """Whether x is an int (never a bool) within [low, high] (either bound optional): the one integer check of
+    every config and request field."""
+    return isinstance(x, int) and not isinstance(x, bool) and (low is None or x >= low) and (high is None or x <= high)
+
+
+def is_number(x: object, low: float | None = None, high: float | None = None) -> bool:
+    """Whether x is a finite int or float (never a bool) within [low, high]."""
+    return (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+            and (low is None or x >= low) and (high is None or x <= high))
+
+
 @dataclass(frozen=True)
 class AdaLoraConfig:
     """Adapter shape, schedule and regularization for one training run.

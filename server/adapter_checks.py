@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adalora.adapter_file import FILE_NAME
-from adalora.config import ConfigError
+from adalora.config import ConfigError, is_int
 from adalora.peft_interop import CONFIG_NAME, WEIGHTS_NAME
 from adalora.safetensors_stream import parse_header
 
@@ -63,7 +63,7 @@ class AdapterLimits:
     def __post_init__(self) -> None:
         for name in ("max_header_bytes", "max_tensors", "max_tensor_bytes", "max_rank", "max_config_bytes"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value, 1):
                 raise ConfigError(f"AdapterLimits.{name} must be a positive integer, got {value!r}")
         if not isinstance(self.dtypes, tuple) or not self.dtypes or not set(self.dtypes) <= set(DTYPE_BYTES):
             raise ConfigError(f"AdapterLimits.dtypes must be a non-empty tuple of {sorted(DTYPE_BYTES)}, "

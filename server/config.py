@@ -6,14 +6,14 @@ import ipaddress
 
 from dataclasses import dataclass
 
-from adalora.config import ConfigError
+from adalora.config import ConfigError, is_int
 from adalora.dtypes import DTYPES
 from adalora.server import tls
 from adalora.server.adapter_checks import AdapterLimits
 
 
 def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value, 1):
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -108,11 +108,10 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if isinstance(self.preload, str) or not isinstance(self.preload, tuple):
             raise ConfigError(f"preload must be a tuple of adapter ids, got {self.preload!r}")
-        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+        if not is_int(self.port, 0, 65535):
             raise ConfigError(f"port must be in [0, 65535] (0 = any free port), got {self.port!r}")
         if self.metrics_port is not None:
-            if isinstance(self.metrics_port, bool) or not isinstance(self.metrics_port, int) or \
-                    not 0 <= self.metrics_port <= 65535:
+            if not is_int(self.metrics_port, 0, 65535):
                 raise ConfigError(f"metrics_port must be in [0, 65535] (0 = any free port), or None for no metrics "
                                   f"endpoint; got {self.metrics_port!r}")
             if self.metrics_port == self.port != 0:
@@ -130,8 +129,7 @@ class ServerConfig:
                      "default_max_new_tokens", "max_inputs", "max_message_bytes", "max_upload_bytes",
                      "max_concurrent_uploads"):
             _positive_int(name, getattr(self, name))
-        if isinstance(self.max_store_bytes, bool) or not isinstance(self.max_store_bytes, int) or \
-                self.max_store_bytes < 0:
+        if not is_int(self.max_store_bytes, 0):
             raise ConfigError(f"max_store_bytes must be an integer >= 0 (0 = no quota), got {self.max_store_bytes!r}")
         if self.insecure_open_admin and (self.admin_token is not None or self.admin_client_names):
             raise ConfigError("insecure_open_admin (--insecure-open-admin) opens the admin RPCs to callers without "
@@ -140,7 +138,7 @@ class ServerConfig:
             _positive_int("max_device_bytes", self.max_device_bytes)
         if not isinstance(self.adapter_limits, AdapterLimits):
             raise ConfigError(f"adapter_limits must be an AdapterLimits, got {self.adapter_limits!r}")
-        if isinstance(self.max_host_bytes, bool) or not isinstance(self.max_host_bytes, int) or self.max_host_bytes < 0:
+        if not is_int(self.max_host_bytes, 0):
             raise ConfigError(f"max_host_bytes must be an integer >= 0 (0 = no host tier), got {self.max_host_bytes!r}")
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ConfigError(f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds max_new_tokens "

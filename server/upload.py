@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
+from adalora.config import is_int
 from adalora.atomic import fsync_dir
 from adalora.engine.errors import AdapterExists, AdapterMismatch, InvalidRequest
 from adalora.engine.slots import AdapterSlots, check_adapter
@@ -89,7 +90,7 @@ def _check_file(f: UploadFile) -> None:
         else:
             why = "not an adapter file"
         raise InvalidRequest(f"upload file name {f.name!r} is {why}; allowed: {', '.join(sorted(ADAPTER_FILES))}")
-    if isinstance(f.size, bool) or not isinstance(f.size, int) or f.size < 1:
+    if not is_int(f.size, 1):
         raise InvalidRequest(f"upload file {f.name}: size {f.size!r} must be a positive number of bytes")
     if not isinstance(f.sha256, str) or not SHA256_HEX.fullmatch(f.sha256):
         raise InvalidRequest(f"upload file {f.name}: sha256 {f.sha256!r} must be 64 lower-case hex digits")

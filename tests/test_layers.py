@@ -119,3 +119,19 @@ def test_allocator_masks_export_to_the_reached_budget():
         opt.zero_grad()
     compact = adapters.export(allocator.masks)
     assert sum(compact.ranks().values()) == allocator.reached()["triplets"] == allocator.target_budget
+
+
+def test_the_package_docstring_example_runs(tmp_path):
+    """The training loop in adalora's docstring, run as written on a tiny Llama (it once called export(allocator))."""
+    import adalora
+    from adalora import load_adapter
+
+    example = adalora.__doc__.split("::", 1)[1]
+    code = "\n".join(line[4:] for line in example.strip("\n").splitlines())
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    namespace = {**{name: getattr(adalora, name) for name in adalora.__all__}, "torch": torch, "model": model,
+                 "batch": {"input_ids": ids, "labels": ids}, "total_step": 12, "out": tmp_path / "out"}
+    exec(compile(code, "adalora.__doc__", "exec"), namespace)
+    adapter = load_adapter(tmp_path / "out")
+    assert adapter.shapes and sum(adapter.ranks().values()) > 0

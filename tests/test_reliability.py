@@ -32,7 +32,6 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 
@@ -45,7 +44,6 @@ from adalora.engine.errors import NonFiniteOutput
 from adalora.peft_interop import save_peft
 from adalora.server.client import AdaLoraClient, generate_request
 from adalora.server.config import ServerConfig
-from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
 from tests.server_setup import (ServerThread, reference_engine, status_of, until, word_tokenizer, write_base,
                                 write_store)
 from tests.test_engine_generate import varied_llama

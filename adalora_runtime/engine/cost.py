@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adalora.config import ConfigError
+from adalora.config import ConfigError, is_int, is_number
 
 
 def _group_terms(tokens: int, groups: int, sum_rank: int, max_rank: int) -> dict[str, float]:
@@ -80,7 +80,7 @@ class CostModel:
     def __post_init__(self) -> None:
         for name in COST_PARAMETERS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            if not is_number(value, 0):
                 raise ConfigError(f"CostModel.{name} must be a finite number >= 0, got {value!r}")
 
     def cost(self, terms: dict[str, float]) -> float:
@@ -91,7 +91,7 @@ class CostModel:
               calls: int = 1) -> dict[str, float]:
         """Cost per forward of each strategy over a plan that serves `calls` forwards (its build shared);
         `padded` False leaves padded out (its plan would not pre-gather)."""
-        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
+        if not is_int(calls, 1):
             raise ValueError(f"calls must be a positive integer, got {calls!r}")
         return {name: (self.cost(cost_terms(name, tokens, distinct, sum_rank, max_rank))
                        + self.cost(cost_terms(name, tokens, distinct, sum_rank, max_rank, build=True)) / calls)

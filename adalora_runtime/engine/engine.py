@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from adalora.adapter import Adapter, base_identity
+from adalora.config import is_number
 from adalora.engine.config import EngineConfig
 from adalora.engine.errors import BatchError, EngineError
 from adalora.engine.heads import Head, HeadBank
@@ -89,8 +89,7 @@ class AdapterEngine:
         if not request:
             raise BatchError(f"row {row}: an empty mixture; name at least one adapter id, or None for the base model")
         for adapter_id, weight in request.items():
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
-                    or abs(weight) > MAX_MIX_WEIGHT:
+            if not is_number(weight, -MAX_MIX_WEIGHT, MAX_MIX_WEIGHT):
                 raise BatchError(f"row {row}: weight of {adapter_id!r} must be a finite number, got {weight!r} "
                                  f"(|weight| <= {MAX_MIX_WEIGHT:g})")
         return tuple(sorted((self.slots.slot(a), float(w)) for a, w in request.items()))

@@ -15,6 +15,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
+from adalora.config import is_int
 from adalora.engine.apply import Plan, Routing, make_plan
 from adalora.engine.cost import DEFAULT_COST, CostModel
 from adalora.engine.config import check_strategy
@@ -56,7 +57,7 @@ class BatchContext:
 
     def __post_init__(self) -> None:
         check_strategy(self.strategy)
-        if isinstance(self.calls, bool) or not isinstance(self.calls, int) or self.calls < 1:
+        if not is_int(self.calls, 1):
             raise BatchError(f"calls must be a positive integer (forwards the context serves), got {self.calls!r}")
         if self.groups.dim() != 1 or self.groups.dtype != torch.long:
             raise BatchError(f"groups must be a 1-D long tensor, got {self.groups.dtype} of shape {tuple(self.groups.shape)}")

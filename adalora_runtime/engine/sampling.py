@@ -7,11 +7,11 @@ whatever else shares its batch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from adalora.config import is_int, is_number
 from adalora.engine.errors import InvalidRequest, NonFiniteOutput
 
 Stop = str | tuple[int, ...]
@@ -47,17 +47,17 @@ class SamplingParams:
     """Seed of this request's own generator; None = a fresh random seed."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens, 1):
             raise InvalidRequest(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not _finite(self.temperature) or not (self.temperature == 0
+        if not is_number(self.temperature) or not (self.temperature == 0
                                                  or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
             raise InvalidRequest(f"temperature must be >= 0 (0 = greedy), and when sampling in [{MIN_TEMPERATURE:g}, "
                                  f"{MAX_TEMPERATURE:g}]; got {self.temperature!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if not is_int(self.top_k, 0):
             raise InvalidRequest(f"top_k must be an integer >= 0 (0 = no limit), got {self.top_k!r}")
-        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise InvalidRequest(f"top_p must be in (0, 1] (1 = no limit), got {self.top_p!r}")
-        if not _finite(self.repetition_penalty) or not MIN_PENALTY <= self.repetition_penalty <= MAX_PENALTY:
+        if not is_number(self.repetition_penalty) or not MIN_PENALTY <= self.repetition_penalty <= MAX_PENALTY:
             raise InvalidRequest(f"repetition_penalty must be > 0 (1 = none), within [{MIN_PENALTY:g}, "
                                  f"{MAX_PENALTY:g}]; got {self.repetition_penalty!r}")
         if isinstance(self.stop, (str, list)) or not isinstance(self.stop, tuple):
@@ -65,7 +65,7 @@ class SamplingParams:
         if len(self.stop) > MAX_STOPS:
             raise InvalidRequest(f"{len(self.stop)} stop sequences given; at most {MAX_STOPS} are accepted")
         object.__setattr__(self, "stop", tuple(_stop(s, i) for i, s in enumerate(self.stop)))
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+        if self.seed is not None and not is_int(self.seed, 0):
             raise InvalidRequest(f"seed must be a non-negative integer or None, got {self.seed!r}")
 
     @property
@@ -79,10 +79,6 @@ class SamplingParams:
         return tuple(s for s in self.stop if not isinstance(s, str))
 
 
-def _finite(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _stop(s: object, i: int) -> Stop:
     if isinstance(s, (str, tuple, list)) and len(s) > MAX_STOP_LENGTH:
         raise InvalidRequest(f"stop[{i}] is {len(s)} long; a stop sequence has at most {MAX_STOP_LENGTH} characters "
@@ -94,7 +90,7 @@ def _stop(s: object, i: int) -> Stop:
     if not isinstance(s, (tuple, list)) or not s:
         raise InvalidRequest(f"stop[{i}] must be a non-empty string or a non-empty sequence of token ids, "
                              f"got {s!r:.200}")
-    if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in s):
+    if not all(is_int(t, 0) for t in s):
         raise InvalidRequest(f"stop[{i}] token ids must be non-negative integers, got {list(s)!r}")
     return tuple(s)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from adalora.config import ConfigError
+from adalora.config import ConfigError, is_int
 from adalora.engine.config import check_strategy
 from adalora.engine.engine import AdapterEngine, Request
 from adalora.engine.errors import (DeadlineExpired, EngineError, InvalidRequest, NonFiniteOutput,
@@ -52,10 +52,10 @@ class GeneratorConfig:
     """Batched-apply strategy of the adapters ('auto' = the engine's cost model)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_batch_size, bool) or not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
+        if not is_int(self.max_batch_size, 1):
             raise ConfigError(f"max_batch_size must be a positive integer, got {self.max_batch_size!r}")
-        if self.eos_token_ids is not None and (not isinstance(self.eos_token_ids, tuple) or any(
-                isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.eos_token_ids)):
+        if self.eos_token_ids is not None and (not isinstance(self.eos_token_ids, tuple)
+                                               or not all(is_int(t, 0) for t in self.eos_token_ids)):
             raise ConfigError(f"eos_token_ids must be a tuple of token ids (or None for the model's), "
                               f"got {self.eos_token_ids!r}")
         check_strategy(self.strategy)
@@ -184,7 +184,7 @@ class Generator:
         prompt = request.prompt
         if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence) or len(prompt) == 0:
             raise InvalidRequest("prompt must be a non-empty sequence of token ids; tokenize text first")
-        bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab]
+        bad = [t for t in prompt if not is_int(t, 0, self.vocab - 1)]
         if bad:
             raise InvalidRequest(f"prompt token ids must be integers in [0, {self.vocab}), got {bad[:5]!r}")
         total = len(prompt) + request.params.max_new_tokens
