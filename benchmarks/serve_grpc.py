@@ -46,7 +46,8 @@ from adalora.engine import SamplingParams  # noqa: E402
 from adalora.inject import resolve_targets  # noqa: E402
 from adalora.layers import linear_dims  # noqa: E402
 from engine_throughput import TARGETS, load_base, make_adapter  # noqa: E402
-from adalora.server.backend import Backend, Completion, GenerateCall, TokenDelta  # noqa: E402
+from adalora.server.backend import Backend  # noqa: E402
+from adalora.server.domain import Completion, GenerateCall, TokenDelta  # noqa: E402
 from adalora.server.client import generate_request  # noqa: E402
 from adalora.server.config import ServerConfig  # noqa: E402
 from adalora.server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc  # noqa: E402

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from adalora.adapter import is_causal_lm
 from adalora.engine import (AdapterEngine, AsyncDriver, Classification, EncoderRunner, EngineConfig,
-                                    GenerationRequest, Generator, GeneratorConfig, SamplingParams, TokenStream)
+                            GenerationRequest, Generator, GeneratorConfig, StepHooks, TokenStream)
 from adalora.engine.engine import Request
 from adalora.engine.errors import AdapterExists, DeadlineExpired, InvalidRequest
 from adalora.dtypes import DTYPES
@@ -30,7 +29,9 @@ from adalora.server.errors import QueueFull, StoreError, WrongModelKind
 from adalora.server.locks import FairLock
 from adalora.server.metrics import Metrics
 from adalora.server.residency import Budget, Events, Residency, Resident
-from adalora.server.store import AdapterStore, StoredAdapter, check_id
+from adalora.server.domain import (AdapterView, Completion, EncodeCall, GenerateCall, Timings, TokenDelta,
+                                   adapter_ids)
+from adalora.server.store import AdapterStore, check_id
 
 CHARS_PER_TOKEN = 32
 """A text longer than this many characters per token of the request's limit is refused before tokenizing: real
@@ -42,129 +43,6 @@ MODEL_CLASSES = {"causal-lm": AutoModelForCausalLM, "encoder": AutoModelForSeque
 def model_kind(config) -> str:
     """'causal-lm' when the folder's architectures name a causal LM class (adapter.is_causal_lm), else 'encoder'."""
     return "causal-lm" if is_causal_lm(config) else "encoder"
-
-
-# ---- domain requests and answers ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class GenerateCall:
-    prompt: str | tuple[int, ...]
-    """Text (tokenized here) or token ids."""
-    adapter: Request
-    params: SamplingParams
-    """max_new_tokens already resolved against the server's default and cap."""
-    deadline: float | None = None
-    """time.monotonic() by which it must be admitted to the batch, else it is dropped unrun; None = none."""
-
-
-@dataclass(frozen=True)
-class EncodeCall:
-    inputs: tuple[str, ...] | tuple[tuple[int, ...], ...]
-    """Texts or token id rows (not a mix)."""
-    adapter: Request
-    normalize: bool = False
-    """Embed only: L2-normalize each embedding."""
-
-
-@dataclass(frozen=True)
-class Timings:
-    queue_ms: float
-    """Until the engine step that admitted the request began."""
-    first_token_ms: float
-    total_ms: float
-
-
-@dataclass(frozen=True)
-class TokenDelta:
-    """One generated token and the text it added (empty while a character is incomplete)."""
-
-    token_id: int
-    text: str
-
-
-@dataclass(frozen=True)
-class Completion:
-    """The end of a generation: the whole completion, why it ended, counts and timings."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    timings: Timings
-
-
-@dataclass(frozen=True)
-class AdapterView:
-    """What the admin RPCs report about one adapter."""
-
-    id: str
-    residency: str
-    """'device' (in a slot), 'host' (in host memory) or 'disk' (only in the store)."""
-    format: str
-    """'native', 'peft', or '' when the folder could not be read (listing only)."""
-    stored: StoredAdapter | None
-    """None for a store-only entry of a listing (the folder was not read)."""
-    device_bytes: int = 0
-    pinned: bool = False
-    in_flight: int = 0
-
-
-def adapter_ids(request: Request) -> set[str]:
-    if request is None:
-        return set()
-    return {request} if isinstance(request, str) else set(request)
-
-
-# ---- generation driver hook -------------------------------------------------------------------------------
-
-class SerialGenerator:
-    """The Generator as AsyncDriver drives it, plus three things: each step holds the backend's model lock (an
-    adapter load waits for the step in progress); the start of the step that admitted each request is kept, by
-    id() of its GenerationRequest, for its queue time, and `on_admit(key)` told; `on_decode(rows)` gets the rows
-    of each step's decode forward. Both callbacks run on the driver thread, inside the step."""
-
-    def __init__(self, generator: Generator, lock: FairLock, on_admit: Callable[[int], None],
-                 on_decode: Callable[[int], None]) -> None:
-        self.generator, self.lock = generator, lock
-        self.on_admit, self.on_decode = on_admit, on_decode
-        self.step_started = time.perf_counter()
-        self.admitted: dict[int, float] = {}
-        self.step_tokens = self.step_first_tokens = 0
-
-    def submit(self, request: GenerationRequest, on_token: Callable[[int], None] | None = None, on_finish=None,
-               deadline: float | None = None):
-        key = id(request)
-
-        def token(t: int) -> None:  # on the driver thread, inside the step
-            self.step_tokens += 1
-            if key not in self.admitted:  # a first token comes from the prefill of the step that admitted it
-                self.admitted[key] = self.step_started
-                self.step_first_tokens += 1
-                self.on_admit(key)
-            if on_token is not None:
-                on_token(t)
-
-        return self.generator.submit(request, on_token=token, on_finish=on_finish, deadline=deadline)
-
-    def cancel(self, handle) -> None:
-        self.generator.cancel(handle)
-
-    def has_work(self) -> bool:
-        return self.generator.has_work()
-
-    def step(self):
-        with self.lock:
-            self.step_started = time.perf_counter()
-            self.step_tokens = self.step_first_tokens = 0
-            finished = self.generator.step()
-            decoded = self.step_tokens - self.step_first_tokens  # the decode forward gives each row one token
-            if decoded:
-                self.on_decode(decoded)
-            return finished
-
-    def fail_all(self, error: BaseException):
-        return self.generator.fail_all(error)
 
 
 # ---- the backend --------------------------------------------------------------------------------------------
@@ -203,14 +81,15 @@ class Backend:
         self.residency = Residency(self.engine, store, self.lock, budget, events)
         self._admin = asyncio.Lock()
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
-        self.serial: SerialGenerator | None = None
+        self.generator: Generator | None = None
         self.driver: AsyncDriver | None = None
         self.runner: EncoderRunner | None = None
         if self.kind == "causal-lm":
-            generator = Generator(self.engine, GeneratorConfig(max_batch_size=config.max_batch_size), tokenizer)
-            self.serial = SerialGenerator(generator, self.lock, self.metrics.inflight.admitted,
-                                          self.metrics.batch_size.observe)
-            self.driver = AsyncDriver(self.serial)
+            hooks = StepHooks(lock=self.lock, on_admit=lambda handle: m.inflight.admitted(id(handle.request)),
+                              on_decode=m.batch_size.observe)
+            self.generator = Generator(self.engine, GeneratorConfig(max_batch_size=config.max_batch_size), tokenizer,
+                                       hooks)
+            self.driver = AsyncDriver(self.generator)
         else:
             limit = min(config.max_prompt_tokens, self.max_positions or config.max_prompt_tokens)
             self.runner = EncoderRunner(self.engine, tokenizer, max_length=limit)
@@ -245,9 +124,7 @@ class Backend:
         to release when it ends); loads what is not on the device."""
         if request is None:
             return None, []
-        for adapter_id in adapter_ids(request):
-            check_id(adapter_id)
-        held = await self.residency.acquire(adapter_ids(request), deadline)
+        held = await self.residency.acquire(adapter_ids(request), deadline)  # the ids were checked at the boundary
         if isinstance(request, str):
             return held[request].key, list(held.values())
         return {held[i].key: w for i, w in request.items()}, list(held.values())
@@ -312,7 +189,7 @@ class Backend:
                 yield TokenDelta(token, delta)
             end = time.perf_counter()
             result = stream.result
-            admitted = self.serial.admitted.get(id(request), received)
+            admitted = stream.handle.admitted_at or received
             ms = lambda t: (t - received) * 1e3  # noqa: E731
             self.metrics.generation_timed(label, admitted - received, (first or end) - received, end - received,
                                           len(tokens))
@@ -330,7 +207,7 @@ class Backend:
         if deadline is not None and deadline <= time.monotonic():
             raise DeadlineExpired("the request's deadline passed before it could be queued; allow a longer "
                                   "deadline")
-        waiting = self.serial.generator.waiting + self.residency.acquiring
+        waiting = self.generator.waiting + self.residency.acquiring
         if waiting >= self.config.max_queue:
             raise QueueFull(f"{waiting} generation requests already wait for a batch row, this server's limit "
                             f"(--max-queue {self.config.max_queue}); back off and retry, or raise --max-queue or "
@@ -349,7 +226,6 @@ class Backend:
 
     def _release(self, stream: TokenStream, request: GenerationRequest, held: list[Resident], label: str) -> None:
         self.metrics.generation_finished(id(request), label, stream.result)
-        self.serial.admitted.pop(id(request), None)
         self.residency.release(held)
 
     # ---- encoder --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 from adalora.engine import Classification, SamplingParams
 from adalora.engine.engine import Request
 from adalora.engine.errors import InvalidRequest
-from adalora.server.backend import AdapterView, Completion, EncodeCall, GenerateCall, Timings, TokenDelta
+from adalora.server.domain import AdapterView, Completion, EncodeCall, GenerateCall, Timings, TokenDelta
 from adalora.server.config import ServerConfig
 from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
 from adalora.server.store import check_id

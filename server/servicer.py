@@ -16,7 +16,8 @@ import grpc
 
 from adalora.server import convert
 from adalora.server.auth import check_admin
-from adalora.server.backend import Backend, Completion, GenerateCall, TokenDelta
+from adalora.server.backend import Backend
+from adalora.server.domain import Completion, GenerateCall, TokenDelta
 from adalora.server.config import ServerConfig
 from adalora.server.errors import NotReady, ResponseTooLarge, redactor, status_of
 from adalora.server.gen.adalora.v1 import adalora_pb2 as pb

@@ -308,7 +308,7 @@ def test_health_answers_while_every_generation_step_is_stalled(world):
     port = server.server.metrics_port
     with server.backend.lock:
         streams = [server.client.generate_stream(PROMPT, "a", max_new_tokens=6, temperature=0) for _ in range(6)]
-        assert until(lambda: server.backend.serial.generator.waiting >= 1)
+        assert until(lambda: server.backend.generator.waiting >= 1)
         reply = server.client.health_stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:

@@ -14,7 +14,7 @@ import pytest
 from adalora.config import ConfigError
 from adalora.engine import GenerationRequest, Generator, GeneratorConfig, SamplingParams
 from adalora.engine.errors import DeadlineExpired
-from adalora.server.backend import GenerateCall
+from adalora.server.domain import GenerateCall
 from adalora.server.client import AdaLoraClient, generate_request
 from adalora.server.commands import serve
 from adalora.server.config import ServerConfig
@@ -56,7 +56,7 @@ def reference(setup, prompt, adapter, n):
 
 
 def idle(server) -> bool:
-    return until(lambda: not server.backend.serial.has_work() and not server.backend.residency.in_use())
+    return until(lambda: not server.backend.generator.has_work() and not server.backend.residency.in_use())
 
 
 # ---- bounded admission ---------------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ REFUSED_CALLS = [
 @pytest.mark.parametrize("rpc, call", REFUSED_CALLS, ids=[r for r, _ in REFUSED_CALLS])
 def test_a_full_queue_refuses_at_once_and_accepts_again_once_drained(setup, rpc, call):
     server, *_ = setup
-    generator = server.backend.serial.generator
+    generator = server.backend.generator
     with server.backend.lock:  # no step can run: every request stays waiting
         queued = [server.client.generate_stream([5, 6, 7], "a", max_new_tokens=3, temperature=0)
                   for _ in range(MAX_QUEUE)]
@@ -91,20 +91,20 @@ def test_a_full_queue_refuses_at_once_and_accepts_again_once_drained(setup, rpc,
 
 def test_a_request_whose_deadline_passes_in_the_queue_never_runs(setup):
     server, *_ = setup
-    serial, admitted = server.backend.serial, []
-    observe = serial.on_admit
-    serial.on_admit = lambda key: (admitted.append(key), observe(key))
+    hooks, admitted = server.backend.generator.hooks, []
+    observe = hooks.on_admit
+    hooks.on_admit = lambda handle: (admitted.append(handle), observe(handle))
     try:
         with ThreadPoolExecutor(1) as pool, server.backend.lock:
             reply = pool.submit(status_of, lambda: server.client.stub.Generate(
                 generate_request([5, 6], "a", max_new_tokens=4, temperature=0), timeout=0.3))
-            assert until(lambda: serial.generator.waiting == 1)
+            assert until(lambda: server.backend.generator.waiting == 1)
             code, details = reply.result(30)  # the deadline passes while the lock holds every step
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert idle(server)
         assert admitted == []  # it never took a batch row
     finally:
-        serial.on_admit = observe
+        hooks.on_admit = observe
 
 
 async def _drain(backend, call):
@@ -135,8 +135,8 @@ def test_a_cancelled_stream_frees_its_row_within_a_step_and_the_other_request_is
     server, *_ = setup
     for request in (VICTIM, OTHER):
         assert reference(setup, *request).finish_reason == "length"  # precondition: neither ends early alone
-    serial = server.backend.serial
-    observe, rows, lock = serial.on_decode, [], threading.Lock()
+    hooks = server.backend.generator.hooks
+    observe, rows, lock = hooks.on_decode, [], threading.Lock()
 
     def slow(n: int) -> None:  # each decode step takes 20 ms, so the other request outlives the cancel
         observe(n)
@@ -144,7 +144,7 @@ def test_a_cancelled_stream_frees_its_row_within_a_step_and_the_other_request_is
             rows.append(n)
         time.sleep(0.02)
 
-    serial.on_decode = slow
+    hooks.on_decode = slow
     try:
         with ThreadPoolExecutor(1) as pool:
             victim = server.client.generate_stream(VICTIM[0], VICTIM[1], max_new_tokens=VICTIM[2], temperature=0)
@@ -164,7 +164,7 @@ def test_a_cancelled_stream_frees_its_row_within_a_step_and_the_other_request_is
         assert idle(server)
         assert server.backend.residency.in_use() == {} and server.server.metrics.inflight.snapshot() == ([], [])
     finally:
-        serial.on_decode = observe
+        hooks.on_decode = observe
 
 
 # ---- admin auth ------------------------------------------------------------------------------------------------

@@ -161,8 +161,8 @@ def test_live_gauges_while_a_request_runs_and_another_waits(setup):
     held = ([5, 6, 7], "a", 10)
     assert server.client.generate(*held[:2], max_new_tokens=held[2], temperature=0).finish_reason == \
         pb.FINISH_REASON_LENGTH  # precondition: it runs past its first decode step
-    serial, inflight = server.backend.serial, server.server.metrics.inflight
-    observe, entered, gate = serial.on_decode, threading.Event(), threading.Event()
+    hooks, inflight = server.backend.generator.hooks, server.server.metrics.inflight
+    observe, entered, gate = hooks.on_decode, threading.Event(), threading.Event()
 
     def hold(rows: int) -> None:  # on the generation thread, inside the step, with the model lock held
         observe(rows)
@@ -170,12 +170,12 @@ def test_live_gauges_while_a_request_runs_and_another_waits(setup):
             entered.set()
             gate.wait(30)
 
-    serial.on_decode = hold
+    hooks.on_decode = hold
     with ThreadPoolExecutor(2) as pool:
         try:
             running = pool.submit(run, server, "GenerateStream", held[0], "a", held[2])
             assert entered.wait(30)
-            serial.on_decode = observe
+            hooks.on_decode = observe
             waiting = pool.submit(run, server, "Generate", [9, 9], "b", 4)
             deadline = time.monotonic() + 30
             while len(inflight.snapshot()[0]) < 1 and time.monotonic() < deadline:

@@ -14,13 +14,13 @@ from adalora.engine.errors import (AdapterExists, AdapterMismatch, AdapterNotFou
 from adalora.engine.heads import Head, HeadBank
 from adalora.engine.multi_linear import BatchContext, MultiAdapterLinear, install_multi_linear
 from adalora.engine.sampling import SamplingParams
-from adalora.engine.scheduler import GenerationRequest, GenerationResult, Generator, GeneratorConfig, Handle
+from adalora.engine.scheduler import GenerationRequest, GenerationResult, Generator, GeneratorConfig, Handle, StepHooks
 from adalora.engine.slots import AdapterSlots, SlotBank
 from adalora.engine.stream import AsyncDriver, TokenStream
 
 __all__ = ["AdapterEngine", "AdapterExists", "AdapterMismatch", "AdapterNotFound", "AdapterSlots", "AsyncDriver",
            "BatchContext", "BatchError", "Classification", "CostModel", "DeadlineExpired", "EdgeMerger", "EncodedBatch",
            "EncoderRunner", "EngineConfig", "EngineError", "Factors", "GenerationRequest", "GenerationResult",
-           "Generator", "GeneratorConfig", "Handle", "Head", "HeadBank", "InvalidRequest", "MultiAdapterLinear",
+           "Generator", "GeneratorConfig", "Handle", "Head", "HeadBank", "StepHooks", "InvalidRequest", "MultiAdapterLinear",
            "Request", "RequestCancelled", "SamplingParams", "SlotBank", "SlotsFull", "TokenStream", "batched_apply",
            "choose_strategy", "encode", "from_token_ids", "install_multi_linear"]

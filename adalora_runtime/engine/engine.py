@@ -94,6 +94,11 @@ class AdapterEngine:
                                  f"(|weight| <= {MAX_MIX_WEIGHT:g})")
         return tuple(sorted((self.slots.slot(a), float(w)) for a, w in request.items()))
 
+    def check(self, request: Request) -> None:
+        """Raise AdapterNotFound or BatchError unless `request` could run now (what context() checks for each
+        row), building nothing on the device."""
+        self._route(request, 0)
+
     def context(self, requests: Sequence[Request], tokens_per_row: int, strategy: str = "auto",
                 calls: int = 1) -> BatchContext:
         """Routing for a (rows, tokens_per_row) batch in which row b runs requests[b] on every token, over

@@ -18,11 +18,13 @@ has passed; both end with an error (RequestCancelled, DeadlineExpired) and an ex
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -114,10 +116,26 @@ class Handle:
     on_finish: Callable[[Handle], None] | None = None
     deadline: float | None = None
     """time.monotonic() after which it may no longer be admitted; None = no deadline."""
+    admitted_at: float | None = None
+    """time.perf_counter() at the start of the step that admitted it (its prefill gave its first token); None
+    while it waits."""
 
     @property
     def done(self) -> bool:
         return self.result is not None or self.error is not None
+
+
+@dataclass
+class StepHooks:
+    """What a serving layer wraps around each step and observes in it (the server's metrics and model lock). The
+    observers run on the stepping thread, inside the step, with `lock` held."""
+
+    lock: AbstractContextManager = field(default_factory=contextlib.nullcontext)
+    """Held for the whole of each step: the server's model lock, so an adapter load waits for the step in progress."""
+    on_admit: Callable[[Handle], None] = lambda handle: None
+    """A request was admitted: its prefill gave its first token, not yet handed to its on_token (admitted_at set)."""
+    on_decode: Callable[[int], None] = lambda rows: None
+    """The step's decode forward ran over this many rows (one token each)."""
 
 
 @dataclass
@@ -132,8 +150,11 @@ class _Row:
 class Generator:
     """Continuous batching over `engine.model` (a transformers causal LM with full-attention layers)."""
 
-    def __init__(self, engine: AdapterEngine, config: GeneratorConfig = GeneratorConfig(), tokenizer=None) -> None:
+    def __init__(self, engine: AdapterEngine, config: GeneratorConfig = GeneratorConfig(), tokenizer=None,
+                 hooks: StepHooks | None = None) -> None:
         model = engine.model
+        self.hooks = hooks or StepHooks()
+        self._step_started = time.perf_counter()
         layers = DynamicCache(config=model.config).layers
         if any(type(layer) is not DynamicLayer for layer in layers):
             raise EngineError(f"{type(model).__name__} has sliding-window or other non-full-attention cache layers, "
@@ -194,7 +215,7 @@ class Generator:
         if request.params.stop_strings() and self.tokenizer is None:
             raise InvalidRequest(f"stop strings {request.params.stop_strings()!r} need a tokenizer: create the "
                                  f"Generator with tokenizer=..., or give stop sequences as token ids")
-        self.engine.context([request.adapter], tokens_per_row=1)  # raises AdapterNotFound / BatchError
+        self.engine.check(request.adapter)  # AdapterNotFound / BatchError
 
     def cancel(self, handle: Handle) -> None:
         """End `handle` at the next step boundary (thread-safe): it leaves the queue or frees its row, and
@@ -223,12 +244,16 @@ class Generator:
     def step(self) -> list[Handle]:
         """Drop cancelled requests, admit + prefill waiting ones, decode one token for every running row;
         returns finished handles (dropped ones included)."""
-        finished = self._drop_cancelled()
-        finished += self._admit()
-        if self._rows:
-            logits = self._decode()  # (B, V)
-            finished += self._sample_and_retire(logits)
-        return finished
+        with self.hooks.lock:
+            self._step_started = time.perf_counter()
+            finished = self._drop_cancelled()
+            finished += self._admit()
+            if self._rows:
+                rows = len(self._rows)
+                logits = self._decode()  # (B, V)
+                finished += self._sample_and_retire(logits)
+                self.hooks.on_decode(rows)
+            return finished
 
     def _drop_cancelled(self) -> list[Handle]:
         with self._lock:
@@ -350,6 +375,9 @@ class Generator:
         """Record one token; returns the finish reason if it ends the completion."""
         row.seen.append(token)
         row.handle.tokens.append(token)
+        if row.handle.admitted_at is None:  # its first token: the prefill of the step that admitted it
+            row.handle.admitted_at = self._step_started
+            self.hooks.on_admit(row.handle)
         if row.handle.on_token is not None:
             row.handle.on_token(token)
         if token in self.eos:

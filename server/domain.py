@@ -1,0 +1,81 @@
+"""The serving layer's domain types: what a front-end (adalora.v1 gRPC today; OpenAI HTTP and KServe v2 next) turns
+its wire messages into, and what the Backend answers with. No protobuf and no HTTP here: server.convert
+translates adalora.v1 messages to and from these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adalora.engine import SamplingParams
+from adalora.engine.engine import Request
+from adalora.server.store import StoredAdapter
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    prompt: str | tuple[int, ...]
+    """Text (tokenized here) or token ids."""
+    adapter: Request
+    params: SamplingParams
+    """max_new_tokens already resolved against the server's default and cap."""
+    deadline: float | None = None
+    """time.monotonic() by which it must be admitted to the batch, else it is dropped unrun; None = none."""
+
+
+@dataclass(frozen=True)
+class EncodeCall:
+    inputs: tuple[str, ...] | tuple[tuple[int, ...], ...]
+    """Texts or token id rows (not a mix)."""
+    adapter: Request
+    normalize: bool = False
+    """Embed only: L2-normalize each embedding."""
+
+
+@dataclass(frozen=True)
+class Timings:
+    queue_ms: float
+    """Until the engine step that admitted the request began."""
+    first_token_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """One generated token and the text it added (empty while a character is incomplete)."""
+
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The end of a generation: the whole completion, why it ended, counts and timings."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class AdapterView:
+    """What the admin RPCs report about one adapter."""
+
+    id: str
+    residency: str
+    """'device' (in a slot), 'host' (in host memory) or 'disk' (only in the store)."""
+    format: str
+    """'native', 'peft', or '' when the folder could not be read (listing only)."""
+    stored: StoredAdapter | None
+    """None for a store-only entry of a listing (the folder was not read)."""
+    device_bytes: int = 0
+    pinned: bool = False
+    in_flight: int = 0
+
+
+def adapter_ids(request: Request) -> set[str]:
+    if request is None:
+        return set()
+    return {request} if isinstance(request, str) else set(request)
