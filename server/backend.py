@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from adalora.adapter import is_causal_lm
 from adalora.engine import (AdapterEngine, AsyncDriver, Classification, EncoderRunner, EngineConfig,
                             GenerationRequest, Generator, GeneratorConfig, StepHooks, TokenStream)
-from adalora.engine.engine import Request
+from adalora.engine.engine import Selection
 from adalora.engine.errors import AdapterExists, DeadlineExpired, InvalidRequest
 from adalora.dtypes import DTYPES
 from adalora.server import upload
@@ -119,7 +119,7 @@ class Backend:
                                  f"{article[self.kind]} {self.kind} base "
                                  f"({self.config.base_model}); use {other}")
 
-    async def _acquire(self, request: Request, deadline: float | None) -> tuple[Request, list[Resident]]:
+    async def _acquire(self, request: Selection, deadline: float | None) -> tuple[Selection, list[Resident]]:
         """(the request with each adapter id replaced by the engine key of the version it runs, the residents
         to release when it ends); loads what is not on the device."""
         if request is None:

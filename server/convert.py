@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import torch
 
 from adalora.engine import Classification, SamplingParams
-from adalora.engine.engine import Request
+from adalora.engine.engine import Selection
 from adalora.engine.errors import InvalidRequest
 from adalora.server.domain import AdapterView, Completion, EncodeCall, GenerateCall, Timings, TokenDelta
 from adalora.server.config import ServerConfig
@@ -25,7 +25,7 @@ RESIDENCY = {"device": pb.RESIDENCY_DEVICE, "host": pb.RESIDENCY_HOST, "disk": p
 
 # ---- from_pb ------------------------------------------------------------------------------------------------
 
-def adapter_from_pb(selection: pb.AdapterSelection) -> Request:
+def adapter_from_pb(selection: pb.AdapterSelection) -> Selection:
     """An id, a {id: weight} mixture, or None (the base model)."""
     which = selection.WhichOneof("selection")
     if which is None:
@@ -42,7 +42,7 @@ def adapter_from_pb(selection: pb.AdapterSelection) -> Request:
     return mix
 
 
-def named_adapter(request) -> Request:
+def named_adapter(request) -> Selection:
     """The adapter a request names, unchecked (the metrics label comes from it, refused requests included): an
     AdapterSelection's id or {id: weight} mix, an admin request's id, or None when it names none."""
     if isinstance(request, (pb.LoadAdapterRequest, pb.UnloadAdapterRequest, pb.GetAdapterRequest)):

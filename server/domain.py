@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adalora.engine import SamplingParams
-from adalora.engine.engine import Request
+from adalora.engine.engine import Selection
 from adalora.server.store import StoredAdapter
 
 
@@ -15,7 +15,7 @@ from adalora.server.store import StoredAdapter
 class GenerateCall:
     prompt: str | tuple[int, ...]
     """Text (tokenized here) or token ids."""
-    adapter: Request
+    adapter: Selection
     params: SamplingParams
     """max_new_tokens already resolved against the server's default and cap."""
     deadline: float | None = None
@@ -26,7 +26,7 @@ class GenerateCall:
 class EncodeCall:
     inputs: tuple[str, ...] | tuple[tuple[int, ...], ...]
     """Texts or token id rows (not a mix)."""
-    adapter: Request
+    adapter: Selection
     normalize: bool = False
     """Embed only: L2-normalize each embedding."""
 
@@ -75,7 +75,7 @@ class AdapterView:
     in_flight: int = 0
 
 
-def adapter_ids(request: Request) -> set[str]:
+def adapter_ids(request: Selection) -> set[str]:
     if request is None:
         return set()
     return {request} if isinstance(request, str) else set(request)

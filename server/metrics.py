@@ -60,7 +60,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_a
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from adalora.engine.engine import Request
+from adalora.engine.engine import Selection
 from adalora.engine.scheduler import GenerationResult
 from adalora.server.store import AdapterStore
 
@@ -156,7 +156,7 @@ class Metrics:
     def registered(self, adapter_id: str) -> bool:
         return adapter_id in self.loaded or (self._store is not None and self._store.holds(adapter_id))
 
-    def adapter_label(self, adapter: Request) -> str:
+    def adapter_label(self, adapter: Selection) -> str:
         if adapter is None:
             return NO_ADAPTER
         if isinstance(adapter, Mapping):
@@ -165,7 +165,7 @@ class Metrics:
 
     # ---- recording ------------------------------------------------------------------------------------------
 
-    def rpc_done(self, rpc: str, adapter: Request, status: str, seconds: float) -> None:
+    def rpc_done(self, rpc: str, adapter: Selection, status: str, seconds: float) -> None:
         label = self.adapter_label(adapter)
         self.requests.labels(rpc, label, status).inc()
         self.request_seconds.labels(rpc, label).observe(seconds)

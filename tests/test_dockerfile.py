@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.server_setup import word_tokenizer, write_base
-from tests.test_engine_generate import varied_llama
+from tests.factories import varied_llama
 from tests.test_server_e2e import dockerfile_healthcheck
 
 ROOT = Path(__file__).resolve().parents[1]

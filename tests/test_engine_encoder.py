@@ -16,7 +16,7 @@ from adalora.engine import (AdapterEngine, AdapterMismatch, AdapterNotFound, Bat
 from adalora.inject import attach_adapter
 from tests.conftest import tiny_bert, tiny_bert_config, tiny_llama_config
 from tests.test_engine_model import BERT_ALL
-from tests.test_merge import random_adapter
+from tests.factories import random_adapter
 from adalora.tools.merge import MergeParams, merge_adapters
 
 ATOL = 1e-5

@@ -10,7 +10,7 @@ from adalora.config import ConfigError
 from adalora.engine import (AdapterEngine, AdapterExists, AdapterMismatch, AdapterNotFound, BatchContext,
                                     BatchError, EdgeMerger, EngineConfig, EngineError, SlotsFull, install_multi_linear)
 from tests.conftest import tiny_bert, tiny_llama
-from tests.test_merge import random_adapter
+from tests.factories import random_adapter
 
 BASE = tiny_llama()
 A = random_adapter(BASE, 1, init_r=4)

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
 
 from adalora.config import ConfigError
 from adalora.engine import AdapterEngine, EdgeMerger, EngineConfig
@@ -14,20 +13,10 @@ from adalora.engine.errors import AdapterNotFound, EngineError, InvalidRequest
 from adalora.engine.sampling import SamplingParams
 from adalora.engine.scheduler import GenerationRequest, Generator, GeneratorConfig
 from adalora.engine.stream import AsyncDriver
-from tests.conftest import tiny_llama_config
-from tests.test_merge import random_adapter
+from tests.factories import random_adapter, varied_llama
 from adalora.tools.merge import MergeParams, merge_adapters
 
 MIX = {"a": 0.6, "c": 0.8}
-
-
-def varied_llama() -> LlamaForCausalLM:
-    """The tiny Llama with larger random weights, so greedy outputs change token to token (at the default
-    init range most prompts repeat one token and an identity test could not fail)."""
-    torch.manual_seed(0)
-    config = tiny_llama_config()
-    config.initializer_range = 0.3
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from adalora.engine import AdapterEngine, EngineConfig
 from adalora.inject import attach_adapter
 from tests.conftest import tiny_bert, tiny_llama
-from tests.test_merge import random_adapter
+from tests.factories import random_adapter
 from adalora.tools.merge import MergeParams, merge_adapters
 
 BERT_ALL = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")

@@ -15,7 +15,7 @@ from adalora.engine.errors import AdapterNotFound, BatchError
 from adalora.engine.sampling import SamplingParams
 from adalora.engine.scheduler import CompositionLife, GenerationRequest, Generator, GeneratorConfig
 from tests.conftest import tiny_llama
-from tests.test_merge import random_adapter
+from tests.factories import random_adapter
 
 T = 4
 ROWS = ["a", None, "b", {"a": 0.5, "b": -0.7}, "a"]

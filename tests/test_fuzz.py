@@ -50,8 +50,8 @@ from adalora.server.client import generate_request
 from adalora.server.config import ServerConfig
 from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
 from tests.server_setup import ServerThread, word_tokenizer, write_base, write_store
-from tests.test_engine_generate import varied_llama
-from tests.test_merge import random_adapter
+from tests.factories import varied_llama
+from tests.factories import random_adapter
 
 
 def fuzz_settings(examples: int):

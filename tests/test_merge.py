@@ -10,36 +10,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from adalora.adapter_file import load_adapter, read_manifest, save_adapter
-from adalora.config import AdaLoraConfig, ConfigError
-from adalora.inject import attach_adapter, inject_adapters
+from adalora.config import ConfigError
+from adalora.inject import attach_adapter
 from tests.conftest import tiny_bert, tiny_llama
+from tests.factories import random_adapter
 from adalora.tools.merge import MergeError, MergeParams, merge_adapters, merge_files, merge_into_base, tallqr
 from adalora.tools.merge.dense import layer_generator
 from adalora.tools.merge.into_base import MERGE_RECORD
-
-LLAMA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def random_adapter(model, seed, init_r=4, lora_alpha=8.0, targets=LLAMA_ALL, task_type="causal-lm", labels=None):
-    """inject_adapters + random factors + random per-layer ranks in 0..init_r (some layers at rank 0), exported."""
-    model = copy.deepcopy(model)
-    config = AdaLoraConfig(init_r=init_r, lora_alpha=lora_alpha, target_r=init_r / 2, total_step=10,
-                           target_modules=targets)
-    adapters = inject_adapters(model, config, task_type=task_type, labels=labels)
-    gen = torch.Generator().manual_seed(seed)
-    masks = {}
-    with torch.no_grad():
-        for path, layer in adapters.layers.items():
-            layer.P.copy_(torch.randn(layer.P.shape, generator=gen) * 0.3)
-            layer.lam.copy_(torch.randn(layer.lam.shape, generator=gen))
-            layer.Q.copy_(torch.randn(layer.Q.shape, generator=gen) * 0.3)
-            r = int(torch.randint(0, init_r + 1, (1,), generator=gen))
-            masks[path] = torch.arange(init_r) < r
-        for module in adapters.head.values():
-            for p in module.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen))
-    return adapters.export(masks)
-
 
 @pytest.fixture(scope="module")
 def inputs():

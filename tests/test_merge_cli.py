@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 from adalora.adapter_file import load_adapter, save_adapter, tensors_sha256, to_tensors
 from adalora.cli import main
 from tests.conftest import tiny_llama
-from tests.test_merge import close, dense_sum, logits, other_base, random_adapter
+from tests.factories import random_adapter
+from tests.test_merge import close, dense_sum, logits, other_base
 
 
 @pytest.fixture(scope="module")

@@ -46,8 +46,8 @@ from adalora.server.client import AdaLoraClient, generate_request
 from adalora.server.config import ServerConfig
 from tests.server_setup import (ServerThread, reference_engine, status_of, until, word_tokenizer, write_base,
                                 write_store)
-from tests.test_engine_generate import varied_llama
-from tests.test_merge import random_adapter
+from tests.factories import varied_llama
+from tests.factories import random_adapter
 from tests.test_server_e2e import Served
 
 INVALID, PRECONDITION = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION

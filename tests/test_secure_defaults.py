@@ -17,8 +17,8 @@ from adalora.config import ConfigError
 from adalora.server.client import AdaLoraClient, upload_files, upload_header, upload_requests
 from adalora.server.config import ServerConfig
 from tests.server_setup import ServerThread, status_of, until, word_tokenizer, write_base, write_store
-from tests.test_engine_generate import varied_llama
-from tests.test_merge import random_adapter
+from tests.factories import varied_llama
+from tests.factories import random_adapter
 from tests.test_server_e2e import Served
 
 DENIED = grpc.StatusCode.PERMISSION_DENIED

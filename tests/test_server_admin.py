@@ -17,8 +17,8 @@ from adalora.server.config import ServerConfig
 from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
 from tests.conftest import tiny_llama_config
 from tests.server_setup import ServerThread, status_of, word_tokenizer, write_base, write_store
-from tests.test_engine_generate import varied_llama
-from tests.test_merge import random_adapter
+from tests.factories import varied_llama
+from tests.factories import random_adapter
 
 OK = grpc.StatusCode.OK
 

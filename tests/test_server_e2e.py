@@ -44,8 +44,8 @@ from adalora.server.config import ServerConfig
 from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
 from tests.conftest import tiny_llama_config
 from tests.server_setup import reference_engine, status_of, until, word_tokenizer, write_base, write_store
-from tests.test_engine_generate import varied_llama
-from tests.test_merge import random_adapter
+from tests.factories import varied_llama
+from tests.factories import random_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "e2e-admin-token"

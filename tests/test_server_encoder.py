@@ -10,9 +10,9 @@ from adalora.engine import EncoderRunner
 from adalora.server.config import ServerConfig
 from tests.conftest import tiny_bert
 from tests.server_setup import ServerThread, reference_engine, status_of, word_tokenizer, write_base, write_store
-from tests.test_engine_generate import varied_llama
+from tests.factories import varied_llama
 from tests.test_engine_model import BERT_ALL
-from tests.test_merge import random_adapter
+from tests.factories import random_adapter
 
 TEXTS = ["w5 w6 w7", "w30 w31", "w9 w40 w41 w42 w43"]
 

@@ -26,8 +26,8 @@ from adalora.server.config import ServerConfig
 from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
 from adalora.server.metrics import MetricsEndpoint
 from tests.server_setup import ServerThread, word_tokenizer, write_base, write_store
-from tests.test_engine_generate import varied_llama
-from tests.test_merge import random_adapter
+from tests.factories import varied_llama
+from tests.factories import random_adapter
 
 OK, NOT_FOUND, INVALID = grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT
 MAX_SLOTS, MAX_BATCH = 4, 4  # MAX_BATCH: a bucket bound of adalora_batch_size

@@ -19,7 +19,7 @@ from adalora.server.app import in_daemon_thread
 from adalora.server.commands import serve as serve_command
 from adalora.server.config import ServerConfig
 from tests.server_setup import ServerThread, word_tokenizer, write_base
-from tests.test_engine_generate import varied_llama
+from tests.factories import varied_llama
 
 SERVICES = {"adalora.v1.AdaLora", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
 

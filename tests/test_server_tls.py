@@ -25,8 +25,8 @@ from adalora.server.config import ServerConfig
 from adalora.server.errors import PermissionDenied, Unauthenticated
 from adalora.server.tls import ClientTLS
 from tests.server_setup import ServerThread, status_of, word_tokenizer, write_base, write_store
-from tests.test_engine_generate import varied_llama
-from tests.test_merge import random_adapter
+from tests.factories import varied_llama
+from tests.factories import random_adapter
 
 OPENSSL = shutil.which("openssl")
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason="needs the openssl command line tool to make the throwaway "

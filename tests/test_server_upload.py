@@ -27,8 +27,8 @@ from adalora.server.manifest import MANIFEST_NAME
 from adalora.server.store import QUARANTINE, STAGING_PREFIX, TRASH_PREFIX
 from tests.conftest import tiny_llama_config
 from tests.server_setup import ServerThread, status_of, word_tokenizer, write_base, write_store
-from tests.test_engine_generate import varied_llama
-from tests.test_merge import random_adapter
+from tests.factories import varied_llama
+from tests.factories import random_adapter
 from tests.test_store_integrity import Unpickled, float64, nan_values, native_with, snapshot
 
 TOKEN = "upload-token"

@@ -26,7 +26,7 @@ from adalora.server.store import QUARANTINE, STAGING_PREFIX, AdapterStore
 from adalora.server.upload import Staging, UploadFile, UploadHeader, finish, prepare
 from tests.conftest import tiny_llama
 from tests.server_setup import write_base
-from tests.test_merge import random_adapter
+from tests.factories import random_adapter
 
 SMALL = AdapterLimits(max_header_bytes=64 * 1024, max_tensors=50, max_tensor_bytes=1024 * 1024, max_rank=8)
 """Caps the tiny adapters fit under (42 tensors of rank <= 4, a few KB) and crafted files break."""

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from adalora.peft_interop import TASK_TO_PEFT
-from adalora.tools.merge import METHODS, MergeError, MergeParams, get_strategy, merge_into_base
+from adalora.tools.merge import METHODS, MergeError, MergeParams, merge_into_base
 from adalora.atomic import remove_stale
 from adalora.tools.merge.pipeline import check_output, load_inputs, merge_adapters, merge_files
 
@@ -40,7 +40,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     params = MergeParams(weights=tuple(args.weights), lambda_=args.lambda_, budget=args.budget,
                          density=args.density, majority=args.majority, seed=args.seed)
-    get_strategy(args.method).validate(params, len(args.adapters))
     if args.into_base and args.base_model is None:
         raise MergeError("--into-base needs --base-model DIR (the model the merge is added into)")
     if not args.into_base:

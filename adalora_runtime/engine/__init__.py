@@ -7,7 +7,7 @@ from adalora.engine.cost import CostModel, choose_strategy
 from adalora.engine.config import EngineConfig
 from adalora.engine.edge import EdgeMerger
 from adalora.engine.encoder import Classification, EncodedBatch, EncoderRunner, encode, from_token_ids
-from adalora.engine.engine import AdapterEngine, Request
+from adalora.engine.engine import AdapterEngine, Selection
 from adalora.engine.errors import (AdapterExists, AdapterMismatch, AdapterNotFound, BatchError,
                                            DeadlineExpired, EngineError, InvalidRequest, RequestCancelled,
                                            SlotsFull)
@@ -22,5 +22,5 @@ __all__ = ["AdapterEngine", "AdapterExists", "AdapterMismatch", "AdapterNotFound
            "BatchContext", "BatchError", "Classification", "CostModel", "DeadlineExpired", "EdgeMerger", "EncodedBatch",
            "EncoderRunner", "EngineConfig", "EngineError", "Factors", "GenerationRequest", "GenerationResult",
            "Generator", "GeneratorConfig", "Handle", "Head", "HeadBank", "StepHooks", "InvalidRequest", "MultiAdapterLinear",
-           "Request", "RequestCancelled", "SamplingParams", "SlotBank", "SlotsFull", "TokenStream", "batched_apply",
+           "Selection", "RequestCancelled", "SamplingParams", "SlotBank", "SlotsFull", "TokenStream", "batched_apply",
            "choose_strategy", "encode", "from_token_ids", "install_multi_linear"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from adalora.engine.engine import AdapterEngine, Request
+from adalora.engine.engine import AdapterEngine, Selection
 from adalora.engine.errors import AdapterMismatch, EngineError, InvalidRequest
 from adalora.engine.heads import Head
 from adalora.engine.multi_linear import BatchContext
@@ -155,7 +155,7 @@ class EncoderRunner:
             return from_token_ids(inputs, self.pad_token_id)
         raise InvalidRequest("inputs must be all texts or all token id rows, not a mix")
 
-    def _context(self, batch: EncodedBatch, requests: Sequence[Request]) -> BatchContext:
+    def _context(self, batch: EncodedBatch, requests: Sequence[Selection]) -> BatchContext:
         """Validates the requests (ids loaded, mixtures well-formed) without running anything."""
         if self.engine.model.training:
             raise EngineError("the model is in training mode (dropout active); call model.eval() before serving")
@@ -169,7 +169,7 @@ class EncoderRunner:
         with torch.no_grad(), self.engine.batch(context):
             return self.backbone(**batch.model_inputs(self.engine.device))
 
-    def _head(self, row: int, request: Request) -> Head:
+    def _head(self, row: int, request: Selection) -> Head:
         """The one head row `row` is classified with; InvalidRequest / AdapterMismatch naming the adapter."""
         if request is None:
             raise InvalidRequest(f"row {row}: classification needs an adapter with a head; None (the base model) "
@@ -194,7 +194,7 @@ class EncoderRunner:
                                   f"the pooler output, but this base has no pooler")
         return first
 
-    def classify(self, inputs: Inputs, adapters: Sequence[Request]) -> list[Classification]:
+    def classify(self, inputs: Inputs, adapters: Sequence[Selection]) -> list[Classification]:
         """Row b classified by adapters[b] (an id, or a mixture whose members share one head)."""
         batch = self.batch_of(inputs)
         context = self._context(batch, adapters)
@@ -209,7 +209,7 @@ class EncoderRunner:
                 logits[b] = out[i]
         return [classification(row_logits, head.labels) for row_logits, head in zip(logits, heads)]
 
-    def embed(self, inputs: Inputs, adapters: Sequence[Request], normalize: bool = False) -> torch.Tensor:
+    def embed(self, inputs: Inputs, adapters: Sequence[Selection], normalize: bool = False) -> torch.Tensor:
         """(B, hidden) float32: mean of the last hidden state over each row's tokens under adapters[b]
         (None = base), L2-normalized when `normalize`."""
         batch = self.batch_of(inputs)

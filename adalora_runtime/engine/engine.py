@@ -24,7 +24,7 @@ from adalora.engine.slots import AdapterSlots, Route, SlotBank
 from adalora.inject import resolve_targets
 from adalora.layers import linear_dims
 
-Request = str | Mapping[str, float] | None
+Selection = str | Mapping[str, float] | None
 """What one row runs: an adapter id, a weighted mixture {id: weight}, or None for the base model."""
 MAX_MIX_WEIGHT = 100.0
 """Largest |weight| of one adapter in a mixture: beyond it the mixed delta overflows (a mix is a blend of tasks)."""
@@ -81,7 +81,7 @@ class AdapterEngine:
         """Device bytes the adapter holds: its factors in every layer plus its head."""
         return self.slots.nbytes(adapter_id) + self.heads.nbytes(self.slots.slot(adapter_id))
 
-    def _route(self, request: Request, row: int) -> Route | None:
+    def _route(self, request: Selection, row: int) -> Route | None:
         if request is None:
             return None
         if isinstance(request, str):
@@ -94,12 +94,12 @@ class AdapterEngine:
                                  f"(|weight| <= {MAX_MIX_WEIGHT:g})")
         return tuple(sorted((self.slots.slot(a), float(w)) for a, w in request.items()))
 
-    def check(self, request: Request) -> None:
+    def check(self, request: Selection) -> None:
         """Raise AdapterNotFound or BatchError unless `request` could run now (what context() checks for each
         row), building nothing on the device."""
         self._route(request, 0)
 
-    def context(self, requests: Sequence[Request], tokens_per_row: int, strategy: str = "auto",
+    def context(self, requests: Sequence[Selection], tokens_per_row: int, strategy: str = "auto",
                 calls: int = 1) -> BatchContext:
         """Routing for a (rows, tokens_per_row) batch in which row b runs requests[b] on every token, over
         `calls` expected forwards (see BatchContext.calls)."""

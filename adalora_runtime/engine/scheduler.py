@@ -32,7 +32,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from adalora.config import ConfigError, is_int
 from adalora.engine.config import check_strategy
-from adalora.engine.engine import AdapterEngine, Request
+from adalora.engine.engine import AdapterEngine, Selection
 from adalora.engine.errors import (DeadlineExpired, EngineError, InvalidRequest, NonFiniteOutput,
                                            RequestCancelled)
 from adalora.engine.kv import BatchKV, cache_argument, concat, prefill_inputs, select
@@ -88,7 +88,7 @@ class CompositionLife:
 class GenerationRequest:
     prompt: Sequence[int]
     """Token ids of the prompt (at least one)."""
-    adapter: Request = None
+    adapter: Selection = None
     """An adapter id, a weighted mixture {id: weight}, or None for the base model."""
     params: SamplingParams = SamplingParams()
 

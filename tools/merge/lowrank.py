@@ -93,7 +93,7 @@ def spectrum_of_dense(delta: torch.Tensor) -> Spectrum:
     return Spectrum(U=U, s=s, Vh=Vh)
 
 
-def head(spectrum: Spectrum, r: int) -> Spectrum:
+def top_r(spectrum: Spectrum, r: int) -> Spectrum:
     """The top r triplets of a spectrum (all of it when it has fewer), copied so that the rest is freed."""
     return Spectrum(U=spectrum.U[:, :r].clone(), s=spectrum.s[:r].clone(), Vh=spectrum.Vh[:r].clone())
 

@@ -77,7 +77,7 @@ def merge_stream(adapters: list[Adapter], method: str, params: MergeParams, name
     """
     names = names or [f"input {i + 1}" for i in range(len(adapters))]
     strategy = get_strategy(method)
-    strategy.validate(params, len(adapters))
+    strategy.check(params, len(adapters))
     if head_from is not None and not 1 <= head_from <= len(adapters):
         raise MergeError(f"--head-from {head_from} must be between 1 and {len(adapters)} (the input's position)")
     check_inputs(adapters, names)
@@ -184,7 +184,6 @@ def merge_files(paths: list[str | os.PathLike], out: str | os.PathLike, method: 
     and renamed) or not at all, and a temp folder a killed run left is removed first."""
     check_output(out, paths, base_model_dir)
     remove_stale(out)
-    get_strategy(method).validate(params, len(paths))
     adapters = load_inputs(paths, base_model_dir, task_type)
     params = get_strategy(method).file_params(params, adapters)
     merged, ranks, layers = merge_stream(adapters, method, params, names=[str(p) for p in paths], head_from=head_from)

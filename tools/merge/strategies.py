@@ -6,16 +6,16 @@ layers with scale 1: {module path: AdapterLayer}.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 
 import torch
 
 from adalora.adapter import Adapter, AdapterLayer
+from adalora.config import is_int, is_number
 from adalora.tools.merge import dense
-from adalora.tools.merge.lowrank import (concat_layer, head, kept_ranks, layer_parts, select, singular_values_of_factors,
-                                 spectrum_of_dense, top_triplets_of_factors, union_shapes)
+from adalora.tools.merge.lowrank import (concat_layer, kept_ranks, layer_parts, select, singular_values_of_factors,
+                                         spectrum_of_dense, top_r, top_triplets_of_factors, union_shapes)
 
 
 LayerItem = tuple[str, AdapterLayer]
@@ -43,6 +43,21 @@ class MergeParams:
     seed: int | None = None
     """Seed of DARE's random drops (default 0)."""
 
+    def __post_init__(self) -> None:
+        """The values, checked once here; which of them a method takes is Strategy.check's business."""
+        if not isinstance(self.weights, tuple) or not all(is_number(w) for w in self.weights):
+            raise MergeError(f"--weights {list(self.weights)} must all be finite numbers")
+        if self.lambda_ is not None and not is_number(self.lambda_):
+            raise MergeError(f"--lambda {self.lambda_} must be a finite number")
+        if self.budget is not None and not is_int(self.budget, 1):
+            raise MergeError(f"--budget {self.budget} must be a positive number of parameters")
+        if self.density is not None and not (is_number(self.density) and 0.0 < self.density <= 1.0):
+            raise MergeError(f"--density {self.density} must be in (0, 1] (the fraction of entries kept)")
+        if self.majority is not None and self.majority not in dense.MAJORITY:
+            raise MergeError(f"--majority {self.majority!r} must be one of {dense.MAJORITY}")
+        if self.seed is not None and not is_int(self.seed, 0):
+            raise MergeError(f"--seed {self.seed} must be a non-negative integer")
+
     @property
     def scale(self) -> float:
         return 1.0 if self.lambda_ is None else self.lambda_
@@ -65,11 +80,11 @@ class Strategy:
     accepts: frozenset[str] = frozenset()
     requires: frozenset[str] = frozenset()
 
-    def validate(self, params: MergeParams, n_inputs: int) -> None:
+    def check(self, params: MergeParams, n_inputs: int) -> None:
+        """One weight per input, and the parameters this method takes (their values were checked when
+        `params` was made)."""
         if len(params.weights) != n_inputs:
             raise MergeError(f"--weights has {len(params.weights)} value(s) for {n_inputs} adapter(s): give one per adapter")
-        if not all(math.isfinite(w) for w in params.weights):
-            raise MergeError(f"--weights {list(params.weights)} must all be finite numbers")
         unused = sorted(OPTION[n] for n in params.given() - self.accepts)
         if unused:
             raise MergeError(f"method {self.name!r} does not use {', '.join(unused)}; "
@@ -77,14 +92,6 @@ class Strategy:
         missing = sorted(OPTION[n] for n in self.requires - params.given())
         if missing:
             raise MergeError(f"method {self.name!r} needs {', '.join(missing)}")
-        if params.lambda_ is not None and not math.isfinite(params.lambda_):
-            raise MergeError(f"--lambda {params.lambda_} must be a finite number")
-        if params.budget is not None and params.budget < 1:
-            raise MergeError(f"--budget {params.budget} must be a positive number of parameters")
-        if params.density is not None and not 0.0 < params.density <= 1.0:
-            raise MergeError(f"--density {params.density} must be in (0, 1] (the fraction of entries kept)")
-        if params.majority is not None and params.majority not in dense.MAJORITY:
-            raise MergeError(f"--majority {params.majority!r} must be one of {dense.MAJORITY}")
 
     def file_params(self, params: MergeParams, adapters: list[Adapter]) -> MergeParams:
         """The parameters an adapter file is merged with (`merge_files`); --into-base keeps `params` as given."""
@@ -175,7 +182,7 @@ class DenseStrategy(Strategy):
                                    for a in adapters])  # (n, out, in), input scales applied by Adapter.delta
             spectrum = spectrum_of_dense(self.combine(stacked, params, path) * params.scale)
             if params.budget is not None:  # no layer can keep more triplets than the whole budget pays for
-                spectrum = head(spectrum, params.budget // (in_f + out_f + 1))
+                spectrum = top_r(spectrum, params.budget // (in_f + out_f + 1))
             spectra[path] = spectrum
         return select(spectra, params.budget)
 
