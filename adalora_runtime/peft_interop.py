@@ -560,12 +560,11 @@ def load_peft(
     labels: list[str] | None = None,
     task_type: str | None = None,
     require_base: bool = True,
-    find_base: bool = True,
 ) -> Adapter:
     """Read a PEFT AdaLoRA / LoRA directory as a native Adapter.
 
     The base (identity, and module shapes to check) is `base_model_dir`; else, for a directory written by
-    save_peft, the embedded native metadata; else (find_base) the folder base_model_name_or_path names when it
+    save_peft, the embedded native metadata; else the folder base_model_name_or_path names when it
     exists on this machine and fits the adapter's module shapes. require_base=False (inspect) accepts none of
     them and leaves config_sha256 None. The task type comes from, in order: `task_type`, the adapter's own
     config, the base (base_task). info[TASK_SOURCE] says which.
@@ -578,7 +577,7 @@ def load_peft(
     except InteropError as e:
         raise InteropError(f"{path}: {e}") from e
     source = "--task" if task_type else "adapter config" if task else None
-    found = local_base(config) if base_model_dir is None and native is None and find_base else None
+    found = local_base(config) if base_model_dir is None and native is None else None
     base_dir = base_model_dir if base_model_dir is not None else found
     if base_dir is not None:
         if task is None:
