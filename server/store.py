@@ -169,7 +169,8 @@ class AdapterStore:
         return bool(ID_PATTERN.fullmatch(adapter_id)) and _real_dir(self.root / adapter_id)
 
     def folder(self, adapter_id: str) -> Path:
-        """The id's folder; a symbolic link is refused (the store never follows a link out of itself)."""
+        """The id's folder, which every read goes through; a symbolic link, the folder or one in it, is refused (the
+        store never follows a link out of itself)."""
         folder = self.root / check_id(adapter_id)
         if folder.is_symlink():
             raise StoreError(f"adapter {adapter_id!r} is a symbolic link in the store, which is never followed; "
@@ -177,6 +178,10 @@ class AdapterStore:
         if not folder.is_dir():
             raise AdapterNotFound(f"adapter {adapter_id!r} is not in the store: upload it, or list the stored ids "
                                   f"with ListAdapters(include_store=true)")
+        try:
+            check_no_links(folder)  # every read of a store folder comes through here, the version's digest too
+        except AdapterRejected as e:
+            raise StoreError(f"adapter {adapter_id!r} in the store cannot be read: {e}") from e
         return folder
 
     def format(self, adapter_id: str) -> str:
@@ -205,7 +210,6 @@ class AdapterStore:
         """Validate and read the adapter in `folder` (a store folder, or an upload's staging folder) as
         `adapter_id`: its manifest if it has one, its files' headers within self.limits, then the format's reader.
         Raises one of READ_ERRORS for a folder that cannot be served."""
-        check_no_links(folder)
         digests = folder_digests(folder)
         problems = manifest_problems(folder, digests)
         if problems:
@@ -216,7 +220,6 @@ class AdapterStore:
         return StoredAdapter(adapter_id, fmt, adapter, tensors_sha256(to_tensors(adapter)), version_of(digests))
 
     def _checked_format(self, folder: Path) -> str:
-        check_no_links(folder)
         check_folder(folder, self.limits)
         for name in SAFETENSORS_FILES:
             if (folder / name).is_file():
