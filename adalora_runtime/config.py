@@ -9,6 +9,8 @@ MODES = ("adalora", "lora")
 DEFAULT_LAMBDA_LR_SCALE = 10.0
 """lam learns this much faster than P and Q by default; docs/METHOD.md shows why and what it changes."""
 INITS = ("orthogonal", "peft")
+DEFAULT_TARGET_FRACTION = 2 / 3
+"""adalora mode without target_r or budget: target_r = init_r * 2/3."""
 
 
 class ConfigError(ValueError):
@@ -28,12 +30,11 @@ def is_number(x: object, low: float | None = None, high: float | None = None) ->
 
 
 @dataclass(frozen=True)
-class AdaLoraConfig:
-    """Adapter shape, schedule and regularization for one training run.
+class AdapterShape:
+    """What an adapter is, before the run's length is known: form, rank budget, scale, regularization.
 
-    Budget: give exactly one of `target_r` (average rank per adapted matrix, PEFT's unit) or
-    `budget` (total trainable adapter parameters, counting r * (in + out + 1) per layer) in
-    adalora mode. In lora mode every layer keeps `init_r` and nothing is pruned.
+    `scheduled(total_step)` turns it into the AdaLoraConfig of one run; `adalora train` holds one of these
+    (TrainSpec.adapter) because with `--epochs` the step count is known only after the data is read.
     """
 
     mode: str = "adalora"
@@ -50,20 +51,12 @@ class AdaLoraConfig:
     """Dropout on the adapter's input."""
     target_modules: tuple[str, ...] = ()
     """Module path suffixes to adapt (e.g. 'q_proj'); empty = the architecture's default."""
-    tinit: int = 0
-    """Steps at the full budget before pruning starts."""
-    tfinal: int = 0
-    """Final steps with the mask frozen at the target budget."""
-    deltaT: int = 1
-    """Re-mask every deltaT steps during the cubic phase."""
     beta1: float = 0.85
     """EMA factor of the sensitivity |w * grad|."""
     beta2: float = 0.85
     """EMA factor of the uncertainty |I - Ibar|."""
     orth_reg_weight: float = 0.5
     """Weight gamma of the orthogonal regularizer (0 disables it)."""
-    total_step: int = 1
-    """Total optimizer steps of the run (the schedule needs it up front)."""
     init: str = "orthogonal"
     """'orthogonal': P and Q start with orthonormal columns / rows (see docs/METHOD.md);
     'peft': N(0, 0.02) as PEFT does."""
@@ -89,22 +82,60 @@ class AdaLoraConfig:
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
                 raise ConfigError(f"{name}={value} must be in (0, 1)")
-        if self.total_step < 1:
-            raise ConfigError(f"total_step={self.total_step} must be >= 1")
         if self.mode == "lora":
             if self.target_r is not None or self.budget is not None:
                 raise ConfigError("lora mode prunes nothing: drop target_r / budget, or use mode='adalora'")
             return
-        self._validate_budget()
-        self._validate_schedule()
-
-    def _validate_budget(self) -> None:
-        if (self.target_r is None) == (self.budget is None):
+        if self.target_r is not None and self.budget is not None:
             raise ConfigError("give exactly one of target_r (average rank) or budget (parameter count)")
         if self.target_r is not None and not 0 <= self.target_r <= self.init_r:
             raise ConfigError(f"target_r={self.target_r} must be in [0, init_r={self.init_r}]")
         if self.budget is not None and self.budget < 0:
             raise ConfigError(f"budget={self.budget} must be >= 0")
+
+    def scheduled(self, total_step: int, tinit: int | None = None, tfinal: int | None = None,
+                  deltaT: int | None = None) -> AdaLoraConfig:
+        """The config of a run of total_step steps. In adalora mode the schedule is `schedule_from_fractions`
+        except where tinit / tfinal / deltaT are given, and target_r = init_r * DEFAULT_TARGET_FRACTION where
+        neither target_r nor budget is (ConfigError names an inconsistent schedule)."""
+        fields = {name: getattr(self, name) for name in AdapterShape.__dataclass_fields__}
+        if self.mode == "lora":
+            return AdaLoraConfig(**fields, total_step=total_step)
+        if self.target_r is None and self.budget is None:
+            fields["target_r"] = self.init_r * DEFAULT_TARGET_FRACTION
+        schedule = schedule_from_fractions(total_step)
+        given = {"tinit": tinit, "tfinal": tfinal, "deltaT": deltaT}
+        schedule.update({name: value for name, value in given.items() if value is not None})
+        return AdaLoraConfig(**fields, total_step=total_step, **schedule)
+
+
+@dataclass(frozen=True)
+class AdaLoraConfig(AdapterShape):
+    """Adapter shape, schedule and regularization for one training run.
+
+    Budget: give exactly one of `target_r` (average rank per adapted matrix, PEFT's unit) or
+    `budget` (total trainable adapter parameters, counting r * (in + out + 1) per layer) in
+    adalora mode. In lora mode every layer keeps `init_r` and nothing is pruned.
+    """
+
+    tinit: int = 0
+    """Steps at the full budget before pruning starts."""
+    tfinal: int = 0
+    """Final steps with the mask frozen at the target budget."""
+    deltaT: int = 1
+    """Re-mask every deltaT steps during the cubic phase."""
+    total_step: int = 1
+    """Total optimizer steps of the run (the schedule needs it up front)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.total_step < 1:
+            raise ConfigError(f"total_step={self.total_step} must be >= 1")
+        if self.mode == "lora":
+            return
+        if self.target_r is None and self.budget is None:
+            raise ConfigError("give exactly one of target_r (average rank) or budget (parameter count)")
+        self._validate_schedule()
 
     def _validate_schedule(self) -> None:
         if self.tinit < 0 or self.tfinal < 0 or self.deltaT < 1:

@@ -25,7 +25,7 @@ from adalora.adapter import base_identity
 from adalora.adapter_file import save_adapter
 from adalora.allocator import RankAllocator
 from adalora.atomic import write_text_atomic
-from adalora.config import DEFAULT_LAMBDA_LR_SCALE, INITS, MODES, AdaLoraConfig, schedule_from_fractions
+from adalora.config import AdaLoraConfig, AdapterShape
 from adalora.dtypes import DTYPES
 from adalora.inject import AdapterSet, inject_adapters
 from adalora.report import format_rank_table, plot_rank_heatmap, table_dict
@@ -35,8 +35,6 @@ from adalora.training import (
 
 REPORT_NAME = "report.json"
 HEATMAP_NAME = "ranks.png"
-DEFAULT_TARGET_FRACTION = 2 / 3
-"""adalora mode without target_r or budget: target_r = init_r * 2/3."""
 
 
 class SpecError(ValueError):
@@ -56,14 +54,8 @@ class TrainSpec:
     out: str
     """Output folder: adapter.safetensors, report.json, ranks.png (and checkpoint.pt)."""
     eval_data: str | None = None
-    mode: str = "adalora"
-    init_r: int = 12
-    target_r: float | None = None
-    """Average kept rank per module; with neither target_r nor budget, init_r * 2/3 (adalora mode)."""
-    budget: int | None = None
-    """Total kept adapter parameters (alternative to target_r)."""
-    lora_alpha: float = 8.0
-    target_modules: tuple[str, ...] = ()
+    adapter: AdapterShape = AdapterShape()
+    """Form, rank budget, scale and regularization of the adapter (validated by AdapterShape)."""
     total_steps: int | None = None
     epochs: float | None = None
     tinit: int | None = None
@@ -75,12 +67,6 @@ class TrainSpec:
     """Per-process batch size (the global batch is batch_size * world_size)."""
     seed: int = 0
     max_length: int = 128
-    orth_reg_weight: float = 0.5
-    beta1: float = 0.85
-    beta2: float = 0.85
-    init: str = "orthogonal"
-    lambda_lr_scale: float = DEFAULT_LAMBDA_LR_SCALE
-    dropout: float = 0.0
     warmup_steps: int = 0
     device: str = "auto"
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N'."""
@@ -111,10 +97,8 @@ class TrainSpec:
         for name in ("eval_every", "checkpoint_every", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise SpecError(f"{name}={getattr(self, name)} must be >= 0")
-        if self.mode not in MODES:
-            raise SpecError(f"mode={self.mode!r} is not one of {MODES}")
-        if self.init not in INITS:
-            raise SpecError(f"init={self.init!r} is not one of {INITS}")
+        if not isinstance(self.adapter, AdapterShape):
+            raise SpecError(f"adapter must be an adalora.config.AdapterShape, got {type(self.adapter).__name__}")
         if self.dtype not in DTYPES:
             raise SpecError(f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
         if self.labels is not None and self.task != "seq-cls":
@@ -129,20 +113,7 @@ class TrainSpec:
 
     def adalora_config(self, total_steps: int) -> AdaLoraConfig:
         """The adapter config of this run (ConfigError names an inconsistent schedule or budget)."""
-        common = dict(mode=self.mode, init_r=self.init_r, lora_alpha=self.lora_alpha, dropout=self.dropout,
-                      target_modules=tuple(self.target_modules), beta1=self.beta1, beta2=self.beta2,
-                      orth_reg_weight=self.orth_reg_weight, total_step=total_steps, init=self.init,
-                      lambda_lr_scale=self.lambda_lr_scale)
-        if self.mode == "lora":
-            return AdaLoraConfig(**common, target_r=self.target_r, budget=self.budget)
-        target_r, budget = self.target_r, self.budget
-        if target_r is None and budget is None:
-            target_r = self.init_r * DEFAULT_TARGET_FRACTION
-        schedule = schedule_from_fractions(total_steps)
-        for name in ("tinit", "tfinal", "deltaT"):
-            if getattr(self, name) is not None:
-                schedule[name] = getattr(self, name)
-        return AdaLoraConfig(**common, target_r=target_r, budget=budget, **schedule)
+        return self.adapter.scheduled(total_steps, self.tinit, self.tfinal, self.deltaT)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from _common import markdown_table, quick_assets, write_json  # noqa: E402
 from adalora import assets  # noqa: E402
 from adalora import data as data_mod  # noqa: E402
+from adalora.config import AdapterShape  # noqa: E402
 from adalora.recipe import TrainSpec, load_base, resolve_device, run_train  # noqa: E402
 
 METHODS = ("adalora", "lora")
@@ -38,8 +39,8 @@ def spec_for(method: str, model: str, train: str, eval_path: str, out: str, args
     budget = dict(mode="lora", init_r=LORA_R) if method == "lora" else dict(mode="adalora", init_r=INIT_R, target_r=TARGET_R)
     return TrainSpec(base_model=model, task="causal-lm", data=train, eval_data=eval_path, out=out,
                      total_steps=args.steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
-                     target_modules=tuple(args.target_modules), seed=args.seed, device=args.device,
-                     lora_alpha=args.lora_alpha, progress=False, **budget)
+                     seed=args.seed, device=args.device, progress=False,
+                     adapter=AdapterShape(target_modules=tuple(args.target_modules), lora_alpha=args.lora_alpha, **budget))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from _common import fmt_mean_std, markdown_table, mean_std, quick_assets, write_json  # noqa: E402
 from adalora import assets  # noqa: E402
 from adalora import data as data_mod  # noqa: E402
-from adalora.config import DEFAULT_LAMBDA_LR_SCALE, schedule_from_fractions  # noqa: E402
+from adalora.config import DEFAULT_LAMBDA_LR_SCALE, AdapterShape, schedule_from_fractions  # noqa: E402
 from adalora.inject import DEFAULT_TARGETS  # noqa: E402
 from adalora.recipe import TrainSpec, load_base, resolve_device, run_train  # noqa: E402
 from adalora.training import TrainArgs, make_scheduler, seed_everything, steps_for_epochs  # noqa: E402
@@ -70,9 +70,9 @@ def spec_for(method: str, model: str, train: str, eval_path: str, out: str, lr: 
     else:
         budget = dict(mode="adalora", init_r=INIT_R, target_r=TARGET_R)
     return TrainSpec(base_model=model, task="seq-cls", data=train, eval_data=eval_path, out=out, epochs=args.epochs,
-                     lr=lr, seed=seed, batch_size=args.batch_size, max_length=args.max_length, init=args.init,
-                     lambda_lr_scale=args.lambda_lr_scale, device=args.device, progress=False,
-                     lora_alpha=args.lora_alpha, **budget)
+                     lr=lr, seed=seed, batch_size=args.batch_size, max_length=args.max_length, device=args.device,
+                     progress=False, adapter=AdapterShape(init=args.init, lambda_lr_scale=args.lambda_lr_scale,
+                                                          lora_alpha=args.lora_alpha, **budget))
 
 
 def run_ours(spec: TrainSpec) -> dict:
@@ -105,9 +105,11 @@ def run_peft(spec: TrainSpec) -> dict:
     seed_everything(spec.seed)
     model, tokenizer = load_base(spec, labels)
     model_type = model.config.model_type
-    config = AdaLoraConfig(task_type="SEQ_CLS", init_r=spec.init_r, target_r=spec.target_r, lora_alpha=spec.lora_alpha,
+    config = AdaLoraConfig(task_type="SEQ_CLS", init_r=spec.adapter.init_r, target_r=spec.adapter.target_r,
+                           lora_alpha=spec.adapter.lora_alpha,
                            lora_dropout=0.0, target_modules=list(DEFAULT_TARGETS[model_type]), total_step=total,
-                           beta1=spec.beta1, beta2=spec.beta2, orth_reg_weight=spec.orth_reg_weight,
+                           beta1=spec.adapter.beta1, beta2=spec.adapter.beta2,
+                           orth_reg_weight=spec.adapter.orth_reg_weight,
                            **schedule_from_fractions(total))
     model = get_peft_model(model, config).to(resolve_device(spec.device))
     device = next(model.parameters()).device

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from adalora.config import AdapterShape
 from adalora.recipe import TrainSpec, run_train
 from adalora.training import env_world
 
@@ -26,7 +27,7 @@ def main(base: str, data: str, out: str, dump_dir: str) -> None:
         }
         torch.save(state, Path(dump_dir) / f"rank{rank}.pt")
 
-    spec = TrainSpec(base_model=base, task="seq-cls", data=data, out=out, init_r=4, target_r=2, total_steps=10,
+    spec = TrainSpec(base_model=base, task="seq-cls", data=data, out=out, adapter=AdapterShape(init_r=4, target_r=2), total_steps=10,
                      tinit=2, tfinal=3, deltaT=2, batch_size=4, lr=1e-2, device="cpu", progress=False)
     run_train(spec, on_trained=dump)
 

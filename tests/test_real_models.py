@@ -30,6 +30,7 @@ from adalora.engine import (AdapterEngine, EngineConfig, GenerationRequest, Gene
                                     GeneratorConfig, SamplingParams)
 from adalora.inject import attach_adapter  # noqa: E402
 from adalora.peft_interop import load_any  # noqa: E402
+from adalora.config import AdapterShape  # noqa: E402
 from adalora.recipe import TrainSpec, run_train  # noqa: E402
 from adalora.server.config import ServerConfig  # noqa: E402
 from tests.server_setup import ServerThread  # noqa: E402
@@ -208,7 +209,7 @@ def minilm(prepared, tmp_path_factory):
     for adapter_id, (data, targets) in CLASSIFIERS.items():
         out = root / "runs" / adapter_id
         spec = TrainSpec(base_model=str(folder), task="seq-cls", data=str(prepared[f"{data}/train"]), out=str(out),
-                         init_r=4, lora_alpha=8.0, target_modules=targets, total_steps=TRAIN_STEPS, lr=5e-3,
+                         adapter=AdapterShape(init_r=4, lora_alpha=8.0, target_modules=targets), total_steps=TRAIN_STEPS, lr=5e-3,
                          batch_size=16, max_length=32, seed=0, device="cpu", progress=False)
         report = run_train(spec)
         assert report["steps_run"] == TRAIN_STEPS and report["task"] == "seq-cls"

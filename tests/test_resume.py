@@ -9,6 +9,7 @@ import torch
 
 from adalora import recipe
 from adalora.adapter_file import load_adapter
+from adalora.config import AdapterShape
 from adalora.recipe import TrainSpec, run_train
 from adalora.training import CHECKPOINT_NAME
 from tests.test_train_cli import cls_rows, save_tiny_model, write_jsonl
@@ -18,7 +19,7 @@ N = 16
 
 def _spec(tmp_path, base, out, **kw) -> TrainSpec:
     return TrainSpec(base_model=str(base), task="seq-cls", data=str(tmp_path / "train.jsonl"), out=str(out),
-                     init_r=4, target_r=2, total_steps=N, tinit=2, tfinal=4, deltaT=2, batch_size=4, lr=1e-2,
+                     adapter=AdapterShape(init_r=4, target_r=2), total_steps=N, tinit=2, tfinal=4, deltaT=2, batch_size=4, lr=1e-2,
                      device="cpu", progress=False, **kw)
 
 

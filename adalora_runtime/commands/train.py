@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from adalora.config import DEFAULT_LAMBDA_LR_SCALE
+from adalora.config import DEFAULT_LAMBDA_LR_SCALE, AdapterShape
 from adalora.data import DataError
 from adalora.recipe import REPORT_NAME, SpecError, TrainSpec, print_summary, run_train
 from adalora.training import TrainingError
@@ -54,11 +54,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def spec_from_args(args: argparse.Namespace) -> TrainSpec:
     return TrainSpec(
         base_model=args.base_model, task=args.task, data=args.data, out=args.out, eval_data=args.eval_data,
-        mode=args.mode, init_r=args.init_r, target_r=args.target_r, budget=args.budget, lora_alpha=args.lora_alpha,
-        target_modules=tuple(args.target_modules), total_steps=args.total_steps, epochs=args.epochs,
+        adapter=AdapterShape(mode=args.mode, init_r=args.init_r, target_r=args.target_r, budget=args.budget,
+                             lora_alpha=args.lora_alpha, target_modules=tuple(args.target_modules),
+                             orth_reg_weight=args.orth_reg_weight, init=args.init,
+                             lambda_lr_scale=args.lambda_lr_scale),
+        total_steps=args.total_steps, epochs=args.epochs,
         tinit=args.tinit, tfinal=args.tfinal, deltaT=args.deltaT, lr=args.lr, batch_size=args.batch_size,
-        seed=args.seed, max_length=args.max_length, orth_reg_weight=args.orth_reg_weight, init=args.init,
-        lambda_lr_scale=args.lambda_lr_scale, warmup_steps=args.warmup_steps, device=args.device,
+        seed=args.seed, max_length=args.max_length, warmup_steps=args.warmup_steps, device=args.device,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, resume=args.resume,
         progress=not args.no_progress, dtype=args.dtype,
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from adalora import assets
 from adalora.data import DataError
+from adalora.config import AdapterShape
 from adalora.recipe import (HEATMAP_NAME, REPORT_NAME, SpecError, TrainSpec, print_summary, resolve_device,
                                     run_train)
 from adalora.training import TrainingError
@@ -59,7 +60,7 @@ def demo_spec(out: Path, cache: str | None, task: str, steps: int, seed: int, de
         base_model=str(assets.model_path("minilm-l6", cache)), task="seq-cls",
         data=str(assets.dataset_path(task, "train", cache)),
         eval_data=str(assets.dataset_path(task, "eval", cache)), out=str(out),
-        mode="adalora", init_r=8, target_r=4, lora_alpha=16.0, total_steps=steps, lr=3e-3,
+        adapter=AdapterShape(mode="adalora", init_r=8, target_r=4, lora_alpha=16.0), total_steps=steps, lr=3e-3,
         batch_size=32, max_length=64, seed=seed, device=device,
     )
 
@@ -74,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
     for task, share in TASKS.items():
         spec = demo_spec(out / "adapters" / task, args.cache, task, max(2, round(args.steps * share)), args.seed,
                          args.device)
-        print(f"training AdaLoRA on MiniLM-L6 + {task}: {spec.total_steps} steps, init_r={spec.init_r} -> "
-              f"target_r={spec.target_r} on every linear map of each block")
+        print(f"training AdaLoRA on MiniLM-L6 + {task}: {spec.total_steps} steps, init_r={spec.adapter.init_r} -> "
+              f"target_r={spec.adapter.target_r} on every linear map of each block")
         reports[task] = report = run_train(spec)
         if task == "trec6":
             print_summary(report)
