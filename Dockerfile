@@ -36,9 +36,9 @@ COPY protos ./protos
 COPY tools ./tools
 RUN pip install . && useradd --create-home --uid 10001 adalora
 USER adalora
-EXPOSE 50051 9090
+EXPOSE 50051 8000 9090
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 CMD ["python", "-c", \
     "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/healthz', timeout=4)"]
 ENTRYPOINT ["adalora"]
 CMD ["serve", "--base-model", "/models/base", "--adapter-dir", "/adapters", "--host", "0.0.0.0", "--port", "50051", \
-     "--metrics-port", "9090", "--device", "cuda", "--dtype", "bfloat16"]
+     "--http-port", "8000", "--metrics-port", "9090", "--device", "cuda", "--dtype", "bfloat16"]

@@ -1,7 +1,7 @@
 """The gRPC server: create_server() builds and binds it (tests bind port 0), serve() runs it until SIGTERM.
 
-    server, port = await create_server(config)              # also serves /metrics when config.metrics_port is set
-    await server.start()                                    # health: NOT_SERVING
+    server, port = await create_server(config)              # also /metrics (config.metrics_port), HTTP (http_port)
+    await server.start()                                    # health: NOT_SERVING; HTTP answers 503
     await server.attach(await asyncio.to_thread(Backend.open, config, server.metrics))   # health: SERVING
     ...
     await server.stop(grace=10)                             # health: NOT_SERVING, then in-flight RPCs finish
@@ -30,7 +30,9 @@ from adalora.server.backend import Backend
 from adalora.server.config import ServerConfig
 from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
 from adalora.server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc
+from adalora.server.gate import Gate
 from adalora.server.health import DrainingHealth
+from adalora.server.http import HttpApi, HttpFrontend
 from adalora.server.metrics import Metrics, MetricsEndpoint
 from adalora.server.servicer import AdaLoraServicer
 
@@ -43,13 +45,21 @@ SERVICE = pb.DESCRIPTOR.services_by_name["AdaLora"].full_name
 
 @dataclass
 class Server:
-    """A bound adalora.v1 server with its health service and metrics (and their /metrics endpoint, if any)."""
+    """A bound adalora.v1 server with its health service and metrics (and their /metrics endpoint, if any), and the
+    OpenAI HTTP API (if any): both front-ends ask one Gate whether requests are taken."""
 
     grpc: grpc.aio.Server
     servicer: AdaLoraServicer
     health: DrainingHealth
     metrics: Metrics
+    gate: Gate
     endpoint: MetricsEndpoint | None = None
+    http: HttpFrontend | None = None
+
+    @property
+    def http_port(self) -> int | None:
+        """The bound port of the HTTP API, None without one."""
+        return None if self.http is None else self.http.port
 
     @property
     def metrics_port(self) -> int | None:
@@ -62,23 +72,25 @@ class Server:
 
     async def start(self) -> None:
         await self.grpc.start()
+        if self.http is not None:
+            await self.http.start()
 
     async def attach(self, backend: Backend) -> None:
         """Serve with `backend` (its model and preloaded adapters ready): health turns SERVING."""
         if backend.metrics is not self.metrics:
             raise ValueError("the backend records into other metrics than this server serves; open it with "
                              "Backend.open(config, server.metrics)")
-        self.servicer.backend = backend
+        self.gate.backend = backend
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float | None) -> None:
         """Drain: health NOT_SERVING and new requests refused (UNAVAILABLE) at once; requests in flight get
         `grace` seconds to finish, then are cancelled; the generation thread ends last."""
-        self.servicer.draining = True
+        self.gate.draining = True
         await self.health.enter_graceful_shutdown()
-        await self.grpc.stop(grace)
-        if self.servicer.backend is not None:
-            self.servicer.backend.close()
+        await asyncio.gather(self.grpc.stop(grace), *([] if self.http is None else [self.http.stop()]))
+        if self.gate.backend is not None:
+            self.gate.backend.close()
         if self.endpoint is not None:
             await asyncio.to_thread(self.endpoint.close)
 
@@ -93,7 +105,8 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
                ("grpc.max_send_message_length", config.max_message_bytes)]
     server = grpc.aio.server(options=options)
     metrics = Metrics(config.max_slots, config.max_batch_size)
-    servicer = AdaLoraServicer(config, metrics)
+    gate = Gate()
+    servicer = AdaLoraServicer(config, metrics, gate)
     pb_grpc.add_AdaLoraServicer_to_server(servicer, server)
     health_servicer = DrainingHealth()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -109,7 +122,8 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
         raise OSError(f"cannot listen on {address} ({e}); pick another --port or --host") from e
     endpoint = None if config.metrics_port is None else MetricsEndpoint(metrics.registry, config.host,
                                                                          config.metrics_port, health_servicer.serving)
-    wrapped = Server(server, servicer, health_servicer, metrics, endpoint)
+    http = None if config.http_port is None else HttpFrontend(HttpApi(config, gate, metrics), config)
+    wrapped = Server(server, servicer, health_servicer, metrics, gate, endpoint, http)
     await wrapped._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
     return wrapped, port
 
@@ -143,11 +157,11 @@ def in_daemon_thread(fn: Callable[..., T], *args) -> asyncio.Future[T]:
     return future
 
 
-def write_ready_file(path: str, host: str, port: int, metrics_port: int | None) -> None:
+def write_ready_file(path: str, host: str, port: int, metrics_port: int | None, http_port: int | None) -> None:
     """Tell the process that started the server where it listens (it may have asked for port 0): JSON
-    {"host", "port", "metrics_port", "pid"}, written atomically, so a reader never sees half of it."""
+    {"host", "port", "metrics_port", "http_port", "pid"}, written atomically, so a reader never sees half of it."""
     write_text_atomic(path, json.dumps({"host": host, "port": port, "metrics_port": metrics_port,
-                                        "pid": os.getpid()}) + "\n")
+                                        "http_port": http_port, "pid": os.getpid()}) + "\n")
 
 
 def log_admin_policy(config: ServerConfig) -> None:
@@ -175,6 +189,9 @@ async def serve(config: ServerConfig) -> None:
     log_admin_policy(config)
     if server.metrics_port is not None:
         log.info("metrics at http://%s:%d/metrics", config.host, server.metrics_port)
+    if server.http_port is not None:
+        log.info("OpenAI API at http%s://%s:%d/v1 (model %r)", "s" if config.tls_cert else "", config.host,
+                 server.http_port, config.model_name)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -186,7 +203,7 @@ async def serve(config: ServerConfig) -> None:
             await server.attach(loading.result())
             log.info("serving %s on port %d (adapters: %s)", config.base_model, port, ", ".join(config.preload) or "-")
             if config.ready_file is not None:
-                write_ready_file(config.ready_file, config.host, port, server.metrics_port)
+                write_ready_file(config.ready_file, config.host, port, server.metrics_port, server.http_port)
             await stopping.wait()
         log.info("draining for up to %gs", config.grace_s)
     finally:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from adalora.adapter import is_causal_lm
@@ -153,6 +154,35 @@ class Backend:
             raise InvalidRequest(f"the prompt has {len(ids)} tokens, over this server's limit of "
                                  f"{self.config.max_prompt_tokens} (--max-prompt-tokens); shorten it")
         return ids
+
+    async def chat_prompt(self, messages: list[dict[str, str]]) -> tuple[int, ...]:
+        """Token ids of chat messages ({"role", "content"}) rendered by the tokenizer's chat template, ending with the
+        assistant's turn; bounded as a prompt text is."""
+        template = None if self.tokenizer is None else getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            raise InvalidRequest(f"the base model ({Path(self.config.base_model).name}) has no chat template; use "
+                                 f"/v1/completions with a prompt")
+        self._check_text_size("".join(m["content"] for m in messages), "the messages", self.config.max_prompt_tokens)
+
+        def render() -> list[int]:
+            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return list(out["input_ids"] if isinstance(out, Mapping) else out)
+
+        try:
+            ids = await asyncio.to_thread(render)
+        except (TemplateError, ValueError, TypeError, KeyError) as e:  # the template refused these messages
+            raise InvalidRequest(f"the chat template cannot render these messages: {e}") from e
+        return tuple(await self._prompt_ids(tuple(ids)))
+
+    async def count_tokens(self, inputs: Sequence[str | Sequence[int]]) -> int:
+        """Tokens of encoder inputs as the model reads them (texts truncated at its limit), for usage counts."""
+        limit = self.runner.max_length if self.runner is not None else self.config.max_prompt_tokens
+
+        def count() -> int:
+            return sum(len(x) if not isinstance(x, str) else
+                       min(len(self.tokenizer(x)["input_ids"]), limit) for x in inputs)
+
+        return await asyncio.to_thread(count)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return "" if self.tokenizer is None else self.tokenizer.decode(list(token_ids), skip_special_tokens=True)

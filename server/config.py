@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
-
 from dataclasses import dataclass
+from pathlib import Path
 
-from adalora.config import ConfigError, is_int
+from adalora.config import ConfigError, is_int, is_number
 from adalora.dtypes import DTYPES
+from adalora.engine.errors import InvalidRequest
 from adalora.server import tls
 from adalora.server.adapter_checks import AdapterLimits
 
@@ -71,11 +72,22 @@ class ServerConfig:
     metrics_port: int | None = None
     """Port of the Prometheus /metrics endpoint on `host`; None = no endpoint, 0 = any free port (the Server
     reports the one bound)."""
+    http_port: int | None = None
+    """Port of the OpenAI-compatible HTTP API (server.http) on `host`; None = off (`adalora serve` defaults to
+    8000), 0 = any free port (Server.http_port reports the one bound). TLS as the gRPC port when tls_cert is set."""
+    served_model_name: str | None = None
+    """The base model's name in the HTTP API's "model" field and /v1/models; None = the base folder's name."""
+    api_key: str | None = None
+    """Bearer token every /v1 HTTP route requires (`--api-key` / ADALORA_API_KEY), as vLLM's --api-key; None = none.
+    /health and /metrics never need it; the admin routes take the admin credentials instead."""
+    http_timeout_s: float = 600.0
+    """An HTTP request's deadline: not admitted to a batch row by then, it is dropped unrun (504); still running,
+    it is cancelled (504, or the stream ends)."""
     reflection: bool = False
     """Also serve gRPC server reflection (grpc.reflection.v1alpha) for tools such as grpcurl."""
     ready_file: str | None = None
     """`adalora serve` only: once health turns SERVING, this file is written atomically with JSON {"host", "port",
-    "metrics_port", "pid"} (the bound ports, so whoever started it with port 0 learns them), and it is removed
+    "metrics_port", "http_port", "pid"} (the bound ports, so whoever started it with port 0 learns them), and it is removed
     when draining starts (and at startup, should an earlier run have left it). None = no file."""
 
     admin_token: str | None = None
@@ -116,6 +128,20 @@ class ServerConfig:
                                   f"endpoint; got {self.metrics_port!r}")
             if self.metrics_port == self.port != 0:
                 raise ConfigError(f"metrics_port and port are both {self.port}; give /metrics a port of its own")
+        if self.http_port is not None:
+            if not is_int(self.http_port, 0, 65535):
+                raise ConfigError(f"http_port must be in [0, 65535] (0 = any free port), or None for no HTTP API; got "
+                                  f"{self.http_port!r}")
+            if self.http_port != 0 and self.http_port in (self.port, self.metrics_port):
+                raise ConfigError(f"http_port {self.http_port} is also the gRPC or metrics port; give the HTTP API a "
+                                  f"port of its own (--http-port)")
+        for name in ("served_model_name", "api_key"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip() or value != value.strip()):
+                raise ConfigError(f"{name} must be a non-empty string without surrounding whitespace, or None; check "
+                                  f"--{name.replace('_', '-')}")
+        if not is_number(self.http_timeout_s) or self.http_timeout_s <= 0:
+            raise ConfigError(f"http_timeout_s must be a number of seconds > 0, got {self.http_timeout_s!r}")
         if self.ready_file is not None and (not isinstance(self.ready_file, str) or not self.ready_file.strip()):
             raise ConfigError(f"ready_file must be a file path, or None for no ready file; got {self.ready_file!r} "
                               f"(check --ready-file)")
@@ -146,6 +172,19 @@ class ServerConfig:
         if not isinstance(self.grace_s, (int, float)) or self.grace_s < 0:
             raise ConfigError(f"grace_s must be >= 0 seconds, got {self.grace_s!r}")
         self._check_tls()
+
+    @property
+    def model_name(self) -> str:
+        """The base model's name on the HTTP API."""
+        return self.served_model_name or Path(self.base_model).name
+
+    def max_new(self, requested: int | None) -> int:
+        """A request's max_new_tokens: default_max_new_tokens when it gives none (None or 0), refused over the cap."""
+        max_new = requested or self.default_max_new_tokens
+        if max_new > self.max_new_tokens:
+            raise InvalidRequest(f"max_new_tokens {max_new} is over this server's cap of {self.max_new_tokens}; ask "
+                                 f"for fewer (the cap is the server's --max-new-tokens)")
+        return max_new
 
     @property
     def loopback_only(self) -> bool:

@@ -65,12 +65,8 @@ def stop_from_pb(stop: pb.StopSequence, index: int) -> str | tuple[int, ...]:
 
 
 def params_from_pb(params: pb.SamplingParams, config: ServerConfig) -> SamplingParams:
-    max_new = params.max_new_tokens or config.default_max_new_tokens
-    if max_new > config.max_new_tokens:
-        raise InvalidRequest(f"max_new_tokens {max_new} is over this server's cap of {config.max_new_tokens}; ask for "
-                             f"fewer (the cap is the server's --max-new-tokens)")
     return SamplingParams(
-        max_new_tokens=max_new,
+        max_new_tokens=config.max_new(params.max_new_tokens),
         temperature=params.temperature if params.HasField("temperature") else 1.0,
         top_k=params.top_k,
         top_p=params.top_p if params.HasField("top_p") else 1.0,

@@ -60,37 +60,53 @@ class PermissionDenied(ServerError):
     """An admin RPC whose bearer token is not the server's admin token (PERMISSION_DENIED)."""
 
 
-STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
-    (BatchError, grpc.StatusCode.INVALID_ARGUMENT),
-    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
-    (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
-    (AdapterExists, grpc.StatusCode.ALREADY_EXISTS),
-    (SlotsFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (UploadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (StoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (StoreConflict, grpc.StatusCode.ABORTED),
-    (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (RequestCancelled, grpc.StatusCode.CANCELLED),
-    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (AdapterMismatch, grpc.StatusCode.FAILED_PRECONDITION),
-    (NonFiniteOutput, grpc.StatusCode.FAILED_PRECONDITION),
-    (StoreError, grpc.StatusCode.FAILED_PRECONDITION),
-    (AdapterFormatError, grpc.StatusCode.FAILED_PRECONDITION),
-    (WrongModelKind, grpc.StatusCode.FAILED_PRECONDITION),
-    (NotReady, grpc.StatusCode.UNAVAILABLE),
+class RequestTooLarge(ServerError):
+    """An HTTP request body over max_message_bytes (413 / RESOURCE_EXHAUSTED)."""
+
+
+STATUS: tuple[tuple[type[BaseException], grpc.StatusCode, int], ...] = (
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT, 400),
+    (BatchError, grpc.StatusCode.INVALID_ARGUMENT, 400),
+    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT, 400),
+    (AdapterNotFound, grpc.StatusCode.NOT_FOUND, 404),
+    (AdapterExists, grpc.StatusCode.ALREADY_EXISTS, 409),
+    (SlotsFull, grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    (UploadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+    (ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+    (RequestTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+    (StoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+    (StoreConflict, grpc.StatusCode.ABORTED, 409),
+    (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+    (RequestCancelled, grpc.StatusCode.CANCELLED, 499),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, 401),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, 403),
+    (AdapterMismatch, grpc.StatusCode.FAILED_PRECONDITION, 400),
+    (NonFiniteOutput, grpc.StatusCode.FAILED_PRECONDITION, 422),
+    (StoreError, grpc.StatusCode.FAILED_PRECONDITION, 422),
+    (AdapterFormatError, grpc.StatusCode.FAILED_PRECONDITION, 400),
+    (WrongModelKind, grpc.StatusCode.FAILED_PRECONDITION, 400),
+    (NotReady, grpc.StatusCode.UNAVAILABLE, 503),
 )
-"""First matching class wins; an error of no listed class is a server bug (INTERNAL)."""
+"""Each error a request can meet, with its gRPC status (adalora.v1, KServe) and its HTTP status (the OpenAI API).
+First matching class wins; an error of no listed class is a server bug (INTERNAL, 500)."""
+RETRYABLE_HTTP = frozenset({429, 503})
+"""HTTP statuses answered with a Retry-After header."""
+
+
+def _entry(error: BaseException) -> tuple[grpc.StatusCode, int]:
+    for cls, code, http in STATUS:
+        if isinstance(error, cls):
+            return code, http
+    return grpc.StatusCode.INTERNAL, 500
 
 
 def status_of(error: BaseException) -> grpc.StatusCode:
-    for cls, code in STATUS:
-        if isinstance(error, cls):
-            return code
-    return grpc.StatusCode.INTERNAL
+    return _entry(error)[0]
+
+
+def http_status_of(error: BaseException) -> int:
+    return _entry(error)[1]
 
 
 UPLOAD_FOLDER = re.compile(r"\.upload-[a-z0-9._-]+\.[0-9a-f]+/?")

@@ -43,8 +43,13 @@ again under vLLM's (`vllm:num_requests_waiting`, `vllm:num_requests_running`, `v
 EPP with default settings reads them. lora_requests_info has exactly one series, valued at the scrape's unix time.
 KV-cache utilization: the generator's cache has no fixed pool to fill (it grows with its batch); what fills up is
 the batch's rows, past which requests queue. So `adalora_batch_rows_used_ratio` (running requests / max batch
-rows, 0..1) is also exported as `vllm:gpu_cache_usage_perc`, the EPP's default KV-cache metric: 1.0 means a new
-request will wait, as with a full KV cache.
+rows, 0..1) is also exported as `vllm:gpu_cache_usage_perc`, the EPP's default KV-cache metric, and as
+`vllm:kv_cache_usage_perc`, the name newer EPPs (and vLLM >= 0.10) default to: 1.0 means a new request will wait,
+as with a full KV cache.
+
+Names keep their colons in every exposition format (`exposition`): prometheus_client >= 0.23 escapes a name's colons
+to underscores in OpenMetrics unless the scraper asks otherwise, and a Prometheus that negotiates OpenMetrics (2.x
+does by default) then stores `vllm_num_requests_waiting`, which an EPP asking for the vLLM name never finds.
 """
 
 from __future__ import annotations
@@ -56,8 +61,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import openmetrics
+from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
+from prometheus_client.openmetrics import exposition as openmetrics_exposition
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from adalora.engine.engine import Selection
@@ -216,7 +223,7 @@ class LiveCollector:
         for name in ("adalora_running_requests", "vllm:num_requests_running"):
             yield gauge(name, "Generation requests in the batch", len(running))
         if m.max_batch_size:
-            for name in ("adalora_batch_rows_used_ratio", "vllm:gpu_cache_usage_perc"):
+            for name in ("adalora_batch_rows_used_ratio", "vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"):
                 yield gauge(name, "Running requests / batch rows (1 = new requests wait; the KV-cache "
                             "utilization signal)", len(running) / m.max_batch_size)
         for name in ("lora_requests_info", "vllm:lora_requests_info"):
@@ -232,6 +239,17 @@ class LiveCollector:
         yield gauge("adalora_adapter_device_bytes", "Bytes of adapter factors and heads in slots", m.device_bytes)
 
 
+def exposition(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:
+    """(body, content type) of a scrape whose Accept header is `accept`: prometheus_client's negotiation, except
+    that OpenMetrics keeps every name as it is (escaping=allow-utf-8; all our names are legal OpenMetrics names,
+    colons included, so none is quoted)."""
+    encoder, content_type = choose_encoder(accept or "")
+    if content_type.startswith("application/openmetrics-text"):
+        body = openmetrics_exposition.generate_latest(registry, escaping=openmetrics.exposition.ALLOWUTF8)
+        return body, "application/openmetrics-text; version=1.0.0; charset=utf-8; escaping=allow-utf-8"
+    return encoder(registry), content_type
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
         pass  # one line per scrape or probe on stderr is noise
@@ -239,20 +257,25 @@ class _QuietHandler(WSGIRequestHandler):
 
 class MetricsEndpoint:
     """Plain HTTP on a daemon thread; port 0 = any free port:
-      GET /metrics  `registry` in the Prometheus text format (prometheus_client's WSGI app)
+      GET /metrics  `registry` in the format the Accept header asks for (`exposition`)
       GET /healthz  200 "SERVING" or 503 "NOT_SERVING": the gRPC health status of the whole server (`serving`),
                     for probes that speak HTTP whatever the gRPC port's TLS (Docker HEALTHCHECK, kubelet httpGet)
+      anything else 404
     """
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int, serving: Callable[[], bool]) -> None:
-        metrics_app = make_wsgi_app(registry)
-
         def app(environ, start_response):
-            if environ.get("PATH_INFO") != "/healthz":
-                return metrics_app(environ, start_response)
-            ok = serving()
-            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
-            return [b"SERVING\n" if ok else b"NOT_SERVING\n"]
+            path = environ.get("PATH_INFO")
+            if path == "/metrics":
+                body, content_type = exposition(registry, environ.get("HTTP_ACCEPT"))
+                start_response("200 OK", [("Content-Type", content_type)])
+                return [body]
+            if path == "/healthz":
+                ok = serving()
+                start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+                return [b"SERVING\n" if ok else b"NOT_SERVING\n"]
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: this port serves /metrics and /healthz\n"]
 
         class Server(ThreadingWSGIServer):
             address_family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0][0]

@@ -19,7 +19,8 @@ from adalora.server.auth import check_admin
 from adalora.server.backend import Backend
 from adalora.server.domain import Completion, GenerateCall, TokenDelta
 from adalora.server.config import ServerConfig
-from adalora.server.errors import NotReady, ResponseTooLarge, redactor, status_of
+from adalora.server.errors import ResponseTooLarge, redactor, status_of
+from adalora.server.gate import Gate
 from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
 from adalora.server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc
 from adalora.server.metrics import Metrics
@@ -89,12 +90,10 @@ def client_streaming(method):
 
 
 class AdaLoraServicer(pb_grpc.AdaLoraServicer):
-    """Answers UNAVAILABLE until a Backend is attached and once draining starts."""
+    """Answers UNAVAILABLE while the gate is closed (the Backend not attached yet, or draining)."""
 
-    def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
-        self.config, self.metrics = config, metrics
-        self.backend: Backend | None = None
-        self.draining = False
+    def __init__(self, config: ServerConfig, metrics: Metrics, gate: Gate) -> None:
+        self.config, self.metrics, self.gate = config, metrics, gate
         self.redact = redactor(config)
 
     def fits(self, message):
@@ -107,11 +106,7 @@ class AdaLoraServicer(pb_grpc.AdaLoraServicer):
         return message
 
     def _ready(self) -> Backend:
-        if self.draining:
-            raise NotReady("the server is shutting down; retry on another replica or after it restarts")
-        if self.backend is None:
-            raise NotReady("the base model is still loading; retry when health reports SERVING")
-        return self.backend
+        return self.gate.ready()
 
     def _generate_call(self, request, context: grpc.aio.ServicerContext) -> GenerateCall:
         """The domain call, with the RPC's deadline (if any) as an absolute time.monotonic()."""

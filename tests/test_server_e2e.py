@@ -89,7 +89,7 @@ class Served:
         if admin_token is not None:
             env["ADALORA_ADMIN_TOKEN"] = admin_token  # the way the README recommends: not in the process list
         cmd = [sys.executable, "-m", "adalora.cli", "serve", "--base-model", str(base), "--adapter-dir",
-               str(store), "--port", "0", "--ready-file", str(ready), *flags, "--preload", *preload]
+               str(store), "--port", "0", "--http-port", "0", "--ready-file", str(ready), *flags, "--preload", *preload]
         with log.open("w") as out:
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         return cls(name, proc, log, ready)
@@ -629,8 +629,8 @@ def test_a_bad_preload_exits_2_with_the_reason(tmp_path, capsys, preload, fragme
     alien_config.num_hidden_layers = 3
     store = write_store(tmp_path / "adapters", {"alien": random_adapter(LlamaForCausalLM(alien_config), 5)})
     base = write_base(varied_llama(), tmp_path / "base")
-    code = main(["serve", "--base-model", str(base), "--adapter-dir", str(store), "--port", "0", "--ready-file",
-                 str(tmp_path / "ready.json"), "--preload", preload])
+    code = main(["serve", "--base-model", str(base), "--adapter-dir", str(store), "--port", "0", "--http-port", "off",
+                 "--ready-file", str(tmp_path / "ready.json"), "--preload", preload])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
     assert err.splitlines()[-1].startswith("adalora serve: error: ") and fragment in err, err

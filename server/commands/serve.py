@@ -1,4 +1,4 @@
-"""`adalora serve`: one base model, the adapters of --adapter-dir, served over gRPC (adalora.v1)."""
+"""`adalora serve`: one base model, the adapters of --adapter-dir, served over gRPC (adalora.v1) and the OpenAI HTTP API."""
 
 from __future__ import annotations
 
@@ -15,13 +15,15 @@ from adalora.server.config import ServerConfig
 from adalora.server.errors import StoreError
 
 NAME = "serve"
-HELP = "serve a base model and its adapters over gRPC (adalora.v1, grpc.health.v1); SIGTERM drains"
+HELP = "serve a base model and its adapters over gRPC (adalora.v1, grpc.health.v1) and HTTP (OpenAI API); SIGTERM drains"
 USER_ERRORS = (StoreError, InteropError, OSError, EngineError)
 """Printed without a traceback, exit 2; EngineError: a --preload id that is malformed, not in the store or for
 another base."""
 DEFAULTS = ServerConfig(base_model="", adapter_dir="")
 DEFAULT_BASE = "smollm2-135m"
 """--base-model default: this prepared model (`adalora prepare`, which `make demo` runs)."""
+DEFAULT_HTTP_PORT = 8000
+"""--http-port default (vLLM's)."""
 DEFAULT_ADAPTER_DIR = "adapters"
 """--adapter-dir default, relative to the working directory; created empty when missing (only this default)."""
 
@@ -41,6 +43,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"address to listen on (default {DEFAULTS.host}); gRPC is plaintext unless --tls-cert is "
                         f"given, /metrics is always plain HTTP")
     p.add_argument("--port", type=int, default=DEFAULTS.port, help=f"port (default {DEFAULTS.port}; 0 = any free)")
+    p.add_argument("--http-port", type=http_port, default=DEFAULT_HTTP_PORT, metavar="PORT|off",
+                   help=f"port of the OpenAI-compatible HTTP API (default {DEFAULT_HTTP_PORT}; 0 = any free; off = "
+                        f"none)")
+    p.add_argument("--served-model-name", default=None,
+                   help='the base model\'s name in the HTTP API\'s "model" field (default: its folder\'s name)')
+    p.add_argument("--api-key", default=None,
+                   help="bearer key every /v1 HTTP route requires (default: $ADALORA_API_KEY; none when unset)")
+    p.add_argument("--http-timeout", type=float, default=DEFAULTS.http_timeout_s,
+                   help=f"seconds an HTTP request may take, queue included (default {DEFAULTS.http_timeout_s:g})")
     p.add_argument("--device", default=DEFAULTS.device, help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--dtype", default=DEFAULTS.dtype, help="float32, bfloat16 or float16")
     p.add_argument("--max-batch-size", type=int, default=DEFAULTS.max_batch_size, help="generation rows per step")
@@ -101,6 +112,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         'removed on shutdown): how a parent that passed --port 0 learns the ports')
 
 
+def http_port(value: str) -> int | None:
+    if value == "off":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number or 'off'") from None
+
+
 def default_paths(args: argparse.Namespace) -> tuple[str, str]:
     """(base model folder, adapter store) from the flags, or the defaults: the prepared SmolLM2 (FileNotFoundError
     says to run `adalora prepare` when it is not) and ./adapters, created when missing."""
@@ -118,7 +138,9 @@ def default_paths(args: argparse.Namespace) -> tuple[str, str]:
 def config_from(args: argparse.Namespace) -> ServerConfig:
     base, store = default_paths(args)
     return ServerConfig(base_model=base, adapter_dir=store, preload=tuple(args.preload), reflection=args.reflection,
-                        host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+                        host=args.host, port=args.port, http_port=args.http_port,
+                        served_model_name=args.served_model_name, http_timeout_s=args.http_timeout,
+                        api_key=args.api_key or os.environ.get("ADALORA_API_KEY") or None, device=args.device, dtype=args.dtype,
                         max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_slots=args.max_slots,
                         max_device_bytes=args.max_device_bytes, max_host_bytes=args.max_host_bytes,
                         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
