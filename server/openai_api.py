@@ -283,7 +283,8 @@ class StopHold:
     def add(self, delta: str) -> str:
         """Text that can be sent now."""
         self.text += delta
-        safe = max(self.sent, len(self.text) - self.hold)
+        cut = len(cut_at_stop(self.text, self.stops))  # a whole stop sequence: the text ends before it
+        safe = max(self.sent, min(cut, len(self.text) - self.hold))
         out, self.sent = self.text[self.sent:safe], safe
         return out
 
@@ -300,7 +301,7 @@ def model_entry(model_id: str, created: int, parent: str | None, **extra) -> dic
 
 
 def base_entry(config: ServerConfig, created: int, max_positions: int | None) -> dict:
-    return model_entry(config.model_name, created, None, max_model_len=max_positions)
+    return model_entry(config.model_name, created, None, max_model_len=max_positions, loaded=True)
 
 
 def adapter_entry(view: AdapterView, config: ServerConfig, created: int) -> dict:

@@ -1,0 +1,118 @@
+"""The OpenAI-compatible HTTP API fuzzed from its own /openapi.json (schemathesis): every operation, with bodies that
+fit the schema (positive) and bodies that break it (negative), against a real running server (a tiny causal Llama
+with a chat template and 2 adapters; a tiny BERT with a seq-cls adapter). No answer may be a server error (>= 500),
+and every error answer is OpenAI's JSON {"error": {"message": str, "type": str, ...}}.
+
+The schema declares no response models, so schemathesis's schema-conformance checks have nothing to hold answers to:
+only its "not a server error" check and this file's error-shape check are run.
+
+The cases are drawn with `APIOperation.as_strategy` under a plain hypothesis `@given`, one test per (operation, mode):
+schemathesis's lazy pytest loader (`schemathesis.pytest.from_fixture`, needed for a schema served by a fixture)
+sets `request.node._nodeid`, which pytest 9.2 nodes no longer have."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+
+from adalora.server.config import ServerConfig
+from tests.conftest import tiny_bert
+from tests.factories import random_adapter, varied_llama
+from tests.server_setup import ServerThread, word_tokenizer, write_base, write_store
+from tests.test_engine_model import BERT_ALL
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}assistant{% endif %}")
+LIMITS = dict(max_new_tokens=8, default_max_new_tokens=8, max_prompt_tokens=32, max_batch_size=4, max_inputs=8,
+              http_timeout_s=30.0)
+EXAMPLES = 25
+"""Cases per (operation, mode)."""
+OPERATIONS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/v1/embeddings"),
+              ("POST", "/classify"), ("POST", "/v1/classify"), ("GET", "/v1/models"), ("GET", "/v1/models/{model_id}"),
+              ("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter"), ("GET", "/health"),
+              ("GET", "/metrics")]
+"""Every operation /openapi.json lists (test_the_table_is_every_operation holds this to the schema)."""
+NO_NEGATIVE = {("GET", "/v1/models"), ("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/models/{model_id}")}
+"""Operations with nothing a request can break (no parameters and no body, or one path segment any non-empty
+string fits): schemathesis can draw no negative case for them."""
+CASES = [(method, path, mode) for method, path in OPERATIONS for mode in GenerationMode
+         if not (mode.is_negative and (method, path) in NO_NEGATIVE)]
+
+
+def serve(root, base, tokenizer, adapters: dict) -> ServerThread:
+    config = ServerConfig(base_model=str(write_base(base, root / "base", tokenizer)),
+                          adapter_dir=str(write_store(root / "adapters", adapters)), preload=tuple(adapters), port=0,
+                          http_port=0, **LIMITS)
+    return ServerThread(config)
+
+
+def url(server: ServerThread) -> str:
+    return f"http://127.0.0.1:{server.server.http_port}"
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory):
+    base = varied_llama()
+    tokenizer = word_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    server = serve(tmp_path_factory.mktemp("llama"), base, tokenizer,
+                   {"a": random_adapter(base, 1), "b": random_adapter(base, 2, init_r=2)})
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def bert_server(tmp_path_factory):
+    adapters = {"sent": random_adapter(tiny_bert(num_labels=2), 1, targets=BERT_ALL, task_type="seq-cls",
+                                       labels=["neg", "pos"]),
+                "feat": random_adapter(tiny_bert(), 3, targets=BERT_ALL, task_type="feature-extraction")}
+    server = serve(tmp_path_factory.mktemp("bert"), tiny_bert(), word_tokenizer(), adapters)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module", params=["llama", "bert"])
+def api(request):
+    """(schema, base url, session) of one running server, the schema read from its /openapi.json."""
+    server = request.getfixturevalue(f"{request.param}_server")
+    with requests.Session() as session:
+        yield schemathesis.openapi.from_url(f"{url(server)}/openapi.json"), url(server), session
+
+
+def check_answer(case, response) -> None:
+    """No 5xx (schemathesis's own check, so its report names the case), and an error answer in OpenAI's shape."""
+    case.validate_response(response, checks=[not_a_server_error])
+    where = (case.as_curl_command(), response.status_code, response.text[:500])
+    assert response.status_code < 500, where
+    if response.status_code >= 400:
+        body = json.loads(response.content)
+        error = body.get("error") if isinstance(body, dict) else None
+        assert isinstance(error, dict), where
+        assert isinstance(error.get("message"), str) and error["message"], where
+        assert isinstance(error.get("type"), str) and error["type"], where
+
+
+def test_the_table_is_every_operation(api):
+    schema, _, _ = api
+    listed = {(op.ok().method.upper(), op.ok().path) for op in schema.get_all_operations()}
+    assert listed == set(OPERATIONS)
+
+
+@pytest.mark.parametrize("method,path,mode", CASES, ids=[f"{m} {p} {g.value}" for m, p, g in CASES])
+def test_no_case_gets_a_server_error(api, method, path, mode):
+    schema, base_url, session = api
+    operation = schema[path][method]
+
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    def fuzz(case):
+        check_answer(case, case.call(base_url=base_url, session=session, timeout=60))
+
+    fuzz()
