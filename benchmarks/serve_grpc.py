@@ -1,5 +1,6 @@
-"""Serving over gRPC: bounded open-loop load against `adalora serve` (a subprocess, loopback) vs the same
-load on the in-process Backend, with 4, 32 and 256 adapters loaded.
+"""Serving over gRPC and HTTP: bounded open-loop load against `adalora serve` (a subprocess, loopback) vs the same
+load on the in-process Backend, with 4, 32 and 256 adapters loaded; the fewest-adapters server also takes the same
+load over its OpenAI HTTP API (/v1/completions, streamed as server-sent events), one front-end after the other.
 
 Requests arrive as a Poisson process at --rate per second for --duration seconds (the same seeded arrival
 times, prompts and adapter draws for every configuration); each names one adapter drawn with Zipf(1)
@@ -12,7 +13,7 @@ only --on-demand S device slots and none preloaded, so requests load adapters on
 used ones are evicted to host memory (the residency tiers at work, including the first load of each).
 
 Reported per configuration: completed req/s, generated tokens/s, p50/p99 time to first token (TTFT) and
-time per output token after the first (TPOT), errors and drops. Targets: gRPC within 10% of in-process at
+time per output token after the first (TPOT), errors and drops. Targets: gRPC and HTTP within 10% of in-process at
 the same load; 256 adapters within 10% of 4.
 
     python benchmarks/serve_grpc.py --quick              # tiny random llama, seconds
@@ -37,8 +38,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpc  # noqa: E402
+import httpx2  # noqa: E402 - the HTTP client the openai package uses (a dev dependency)
 import torch  # noqa: E402
-from transformers import LlamaForCausalLM  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from _common import RESULTS, markdown_table, write_json  # noqa: E402
 from adalora.adapter_file import save_adapter  # noqa: E402
@@ -122,6 +125,31 @@ def grpc_sender(stub, new_tokens: int):
     return send
 
 
+def http_sender(client: httpx2.AsyncClient, new_tokens: int):
+    """POST /v1/completions with stream=true; each SSE chunk with text counts one token (the server sends one per
+    token, no stop sequences here)."""
+    async def send(arrival: Arrival, outcome: Outcome) -> None:
+        body = {"model": f"a{arrival.adapter}", "prompt": list(arrival.prompt), "max_tokens": new_tokens,
+                "temperature": 0, "stream": True}
+        try:
+            async with client.stream("POST", "/v1/completions", json=body) as reply:
+                if reply.status_code != 200:
+                    outcome.error = f"{reply.status_code} {(await reply.aread()).decode()[:200]}"
+                    return
+                async for line in reply.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    choice = json.loads(line[6:])["choices"][0]
+                    if choice["finish_reason"] is None:
+                        now = time.perf_counter()
+                        outcome.first = outcome.first or now
+                        outcome.last = now
+                        outcome.tokens += 1
+        except httpx2.HTTPError as e:
+            outcome.error = type(e).__name__
+    return send
+
+
 def backend_sender(backend: Backend, new_tokens: int):
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
 
@@ -167,8 +195,18 @@ def write_base(quick: bool, folder: Path) -> Path:
     if not quick:
         from adalora.assets import model_path
         return model_path("smollm2-135m")
-    load_base(True, torch.device("cpu"), torch.float32).save_pretrained(folder)
+    model = load_base(True, torch.device("cpu"), torch.float32)
+    model.save_pretrained(folder)
+    word_tokenizer(model.config.vocab_size).save_pretrained(folder)  # the HTTP API streams text
     return folder
+
+
+def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Words t0..t{vocab_size - 1}, one per token id, so every generated token decodes to text."""
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t1"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t1", pad_token="t0")
 
 
 def write_store(base: Path, folder: Path, count: int) -> None:
@@ -186,19 +224,20 @@ def server_config(args, base: Path, store: Path, loaded: int, port: int = 0, slo
                         max_slots=slots or max(loaded, 1), max_new_tokens=max(args.new_tokens, 64))
 
 
-def start_server(config: ServerConfig, log: Path) -> tuple[subprocess.Popen, int]:
-    """`adalora serve` in a subprocess on port 0; returns once it is SERVING, with the port it bound (from its
-    --ready-file, so no other process can take the port between choosing and binding it)."""
+def start_server(config: ServerConfig, log: Path) -> tuple[subprocess.Popen, dict]:
+    """`adalora serve` in a subprocess on ports 0; returns once it is SERVING, with its ready file ("port",
+    "http_port": the ports it bound, so no other process can take one between choosing and binding it)."""
     ready = log.with_suffix(".ready.json")
     cmd = [sys.executable, "-m", "adalora.cli", "serve", "--base-model", config.base_model,
-           "--adapter-dir", config.adapter_dir, "--port", "0", "--http-port", "0", "--ready-file", str(ready), "--device", config.device,
+           "--adapter-dir", config.adapter_dir, "--port", "0", "--http-port", "0", "--ready-file", str(ready),
+           "--device", config.device,
            "--dtype", config.dtype, "--max-batch-size", str(config.max_batch_size), "--max-slots",
            str(config.max_slots), "--max-new-tokens", str(config.max_new_tokens), "--preload", *config.preload]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     while time.time() < deadline:
         if ready.exists():
-            return proc, json.loads(ready.read_text())["port"]
+            return proc, json.loads(ready.read_text())
         if proc.poll() is not None:
             raise SystemExit(f"the server exited ({proc.returncode}); its log: {log}")
         time.sleep(0.2)
@@ -219,6 +258,13 @@ async def over_grpc(port: int, plan: list[Arrival], args) -> dict:
         stub = pb_grpc.AdaLoraStub(channel)
         await run_load(plan[:2], grpc_sender(stub, args.new_tokens), args.max_inflight)  # warm-up
         return summarize(*await run_load(plan, grpc_sender(stub, args.new_tokens), args.max_inflight))
+
+
+async def over_http(port: int, plan: list[Arrival], args) -> dict:
+    limits = httpx2.Limits(max_connections=args.max_inflight, max_keepalive_connections=args.max_inflight)
+    async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600, limits=limits) as client:
+        await run_load(plan[:2], http_sender(client, args.new_tokens), args.max_inflight)  # warm-up
+        return summarize(*await run_load(plan, http_sender(client, args.new_tokens), args.max_inflight))
 
 
 async def in_process(config: ServerConfig, plan: list[Arrival], args) -> dict:
@@ -263,18 +309,21 @@ def main() -> None:
         results["configs"][f"in-process/{first}"] = asyncio.run(in_process(server_config(args, base, store, first), plan, args))
         for loaded in args.adapters:
             plan = arrivals(args.rate, args.duration, loaded, vocab, args.seed)
-            proc, port = start_server(server_config(args, base, store, loaded), tmp / f"server-{loaded}.log")
+            proc, ports = start_server(server_config(args, base, store, loaded), tmp / f"server-{loaded}.log")
             try:
-                results["configs"][f"grpc/{loaded}"] = asyncio.run(over_grpc(port, plan, args))
+                results["configs"][f"grpc/{loaded}"] = asyncio.run(over_grpc(ports["port"], plan, args))
+                if loaded == first:
+                    results["configs"][f"http/{loaded}"] = asyncio.run(over_http(ports["http_port"], plan, args))
             finally:
                 stop_server(proc)
         most = max(args.adapters)
         if 0 < args.on_demand < most:
             plan = arrivals(args.rate, args.duration, most, vocab, args.seed)
             config = server_config(args, base, store, most, slots=args.on_demand)
-            proc, port = start_server(config, tmp / "server-on-demand.log")
+            proc, ports = start_server(config, tmp / "server-on-demand.log")
             try:
-                results["configs"][f"on-demand/{most}/{args.on_demand}"] = asyncio.run(over_grpc(port, plan, args))
+                results["configs"][f"on-demand/{most}/{args.on_demand}"] = asyncio.run(
+                    over_grpc(ports["port"], plan, args))
             finally:
                 stop_server(proc)
     ref = results["configs"][f"grpc/{first}"]
@@ -287,10 +336,14 @@ def main() -> None:
     print(table)
     inproc = results["configs"][f"in-process/{first}"]
     results["grpc_vs_in_process_tpot_p50"] = ref["tpot_p50_ms"] / inproc["tpot_p50_ms"]
+    http = results["configs"][f"http/{first}"]
+    results["http_vs_in_process_tpot_p50"] = http["tpot_p50_ms"] / inproc["tpot_p50_ms"]
+    results["http_vs_in_process_tok_s"] = http["tok_s"] / inproc["tok_s"]
     results["most_vs_fewest_tpot_p50"] = (results["configs"][f"grpc/{max(args.adapters)}"]["tpot_p50_ms"]
                                           / ref["tpot_p50_ms"])
     print(f"\nTPOT p50: grpc/{first} vs in-process {results['grpc_vs_in_process_tpot_p50']:.2f}x; "
-          f"grpc/{max(args.adapters)} vs grpc/{first} {results['most_vs_fewest_tpot_p50']:.2f}x")
+          f"grpc/{max(args.adapters)} vs grpc/{first} {results['most_vs_fewest_tpot_p50']:.2f}x; http/{first} vs "
+          f"in-process {results['http_vs_in_process_tpot_p50']:.2f}x (tok/s {results['http_vs_in_process_tok_s']:.2f}x)")
     results["table"] = table
     print(f"wrote {write_json('serve_grpc' + ('_quick' if args.quick else ''), results)}")
 

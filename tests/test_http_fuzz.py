@@ -1,10 +1,16 @@
-"""The OpenAI-compatible HTTP API fuzzed from its own /openapi.json (schemathesis): every operation, with bodies that
-fit the schema (positive) and bodies that break it (negative), against a real running server (a tiny causal Llama
-with a chat template and 2 adapters; a tiny BERT with a seq-cls adapter). No answer may be a server error (>= 500),
-and every error answer is OpenAI's JSON {"error": {"message": str, "type": str, ...}}.
+"""The OpenAI-compatible HTTP API fuzzed from its own /openapi.json (schemathesis), against a real running server: a
+tiny causal Llama with a chat template and 2 adapters, and a tiny BERT with a seq-cls and a feature adapter. No answer
+may be a server error (>= 500), and every error answer is OpenAI's JSON {"error": {"message": str, "type": str, ...}}.
 
-The schema declares no response models, so schemathesis's schema-conformance checks have nothing to hold answers to:
-only its "not a server error" check and this file's error-shape check are run.
+Two readings of the schema:
+  raw      the schema as served, with cases that fit it (positive) and cases that break it (negative). Its bodies
+           almost never name a served model and carry random unknown keys, so they test the refusals;
+  steered  the same schema with "model" (and lora_name, the adapters of a mix, the /v1/models/{id} segment) drawn
+           from the served names, no unknown keys and token ids inside the vocabulary, so that its positive cases
+           reach the engine (sampling parameters, stops, mixes, streams, token-id prompts, encoder inputs).
+
+The schema declares no response models (and says 422 where the server answers 400), so schemathesis's conformance
+checks have nothing to hold answers to: only its "not a server error" check and this file's error-shape check run.
 
 The cases are drawn with `APIOperation.as_strategy` under a plain hypothesis `@given`, one test per (operation, mode):
 schemathesis's lazy pytest loader (`schemathesis.pytest.from_fixture`, needed for a schema served by a fixture)
@@ -12,6 +18,7 @@ sets `request.node._nodeid`, which pytest 9.2 nodes no longer have."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -31,6 +38,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% e
                  "{% if add_generation_prompt %}assistant{% endif %}")
 LIMITS = dict(max_new_tokens=8, default_max_new_tokens=8, max_prompt_tokens=32, max_batch_size=4, max_inputs=8,
               http_timeout_s=30.0)
+VOCAB = 64
+"""The tiny models' vocabulary (steered token ids are drawn inside it)."""
 EXAMPLES = 25
 """Cases per (operation, mode)."""
 OPERATIONS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/v1/embeddings"),
@@ -41,8 +50,14 @@ OPERATIONS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("P
 NO_NEGATIVE = {("GET", "/v1/models"), ("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/models/{model_id}")}
 """Operations with nothing a request can break (no parameters and no body, or one path segment any non-empty
 string fits): schemathesis can draw no negative case for them."""
-CASES = [(method, path, mode) for method, path in OPERATIONS for mode in GenerationMode
-         if not (mode.is_negative and (method, path) in NO_NEGATIVE)]
+STATIC = {("GET", "/v1/models"), ("GET", "/health"), ("GET", "/metrics")}
+"""Operations a steered schema changes nothing of (the raw pass covers them)."""
+APIS = [("llama", "raw"), ("llama", "steered"), ("bert", "steered")]
+"""The raw schema is the same app on either base, and its cases stop at the refusals: fuzzed once."""
+CASES = [(api, method, path, mode) for api in APIS for method, path in OPERATIONS for mode in GenerationMode
+         if not (mode.is_negative and ((method, path) in NO_NEGATIVE or api[1] == "steered"))
+         and not (api[1] == "steered" and (method, path) in STATIC)]
+"""(server and reading, operation, mode): a steered schema's negative cases would be the raw one's."""
 
 
 def serve(root, base, tokenizer, adapters: dict) -> ServerThread:
@@ -77,12 +92,45 @@ def bert_server(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module", params=["llama", "bert"])
+def steer(raw: dict, base: str, adapters: list[str]) -> dict:
+    """`raw` with the served names in every name field, no unknown keys, and token ids inside the vocabulary."""
+    schema = copy.deepcopy(raw)
+    names = {"enum": [base, *adapters]}
+    token_ids = {"type": "integer", "minimum": 0, "maximum": VOCAB - 1}
+    for body in schema["components"]["schemas"].values():
+        if body.get("additionalProperties") is True:
+            body["additionalProperties"] = False
+        fields = body.get("properties", {})
+        if "model" in fields:
+            fields["model"] = {"type": "string", **names}
+        if "lora_name" in fields:
+            fields["lora_name"] = {"type": "string", "enum": [*adapters, "nope"]}
+        if "adapters" in fields:
+            fields["adapters"] = {"anyOf": [{"type": "object", "propertyNames": {"enum": adapters},
+                                             "additionalProperties": {"type": "number"}}, {"type": "null"}]}
+        for name in ("prompt", "input"):
+            for shape in fields.get(name, {}).get("anyOf", []):
+                items = shape.get("items", {})
+                if items.get("type") == "integer":
+                    shape["items"] = token_ids
+                elif items.get("type") == "array":
+                    items["items"] = token_ids
+    for parameter in schema["paths"]["/v1/models/{model_id}"]["get"]["parameters"]:
+        parameter["schema"] = {"type": "string", **names}
+    return schema
+
+
+@pytest.fixture(scope="module")
 def api(request):
-    """(schema, base url, session) of one running server, the schema read from its /openapi.json."""
-    server = request.getfixturevalue(f"{request.param}_server")
+    """(schema, reading, base url, session) of one running server, the schema read from its /openapi.json."""
+    base, reading = request.param
+    server = request.getfixturevalue(f"{base}_server")
     with requests.Session() as session:
-        yield schemathesis.openapi.from_url(f"{url(server)}/openapi.json"), url(server), session
+        raw = session.get(f"{url(server)}/openapi.json", timeout=30).json()
+        if reading == "steered":
+            adapters = sorted(server.backend.list_adapters(True), key=lambda v: v.id)
+            raw = steer(raw, server.config.model_name, [v.id for v in adapters])
+        yield schemathesis.openapi.from_dict(raw), reading, url(server), session
 
 
 def check_answer(case, response) -> None:
@@ -98,18 +146,19 @@ def check_answer(case, response) -> None:
         assert isinstance(error.get("type"), str) and error["type"], where
 
 
+@pytest.mark.parametrize("api", APIS, ids=["-".join(a) for a in APIS], indirect=True)
 def test_the_table_is_every_operation(api):
-    schema, _, _ = api
+    schema, _, _, _ = api
     listed = {(op.ok().method.upper(), op.ok().path) for op in schema.get_all_operations()}
     assert listed == set(OPERATIONS)
 
 
-@pytest.mark.parametrize("method,path,mode", CASES, ids=[f"{m} {p} {g.value}" for m, p, g in CASES])
+@pytest.mark.parametrize("api,method,path,mode", CASES, indirect=["api"],
+                         ids=[f"{'-'.join(a)} {m} {p} {g.value}" for a, m, p, g in CASES])
 def test_no_case_gets_a_server_error(api, method, path, mode):
-    schema, base_url, session = api
-    operation = schema[path][method]
+    schema, _, base_url, session = api
 
-    @given(case=operation.as_strategy(generation_mode=mode))
+    @given(case=schema[path][method].as_strategy(generation_mode=mode))
     @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     def fuzz(case):
