@@ -1,6 +1,7 @@
 """The serving half of `adalora demo`: a real adalora.v1 server on a free loopback port over the demo's base
-model and adapter store, concurrent Classify requests naming different adapters, their answers, and a few
-lines of the server's Prometheus metrics, then a graceful stop."""
+model and adapter store, concurrent Classify requests naming different adapters, their answers, the same texts
+through the `openai` package over the server's HTTP API (vLLM's /classify, and /v1/embeddings), and a few lines of
+the server's Prometheus metrics, then a graceful stop."""
 
 from __future__ import annotations
 
@@ -37,6 +38,22 @@ async def _classify_all(port: int, examples: Mapping[str, Sequence[str]]) -> dic
     return answers
 
 
+def _over_openai(http_port: int, examples: Mapping[str, Sequence[str]]) -> tuple[dict[str, list[str]], int]:
+    """(adapter -> labels of its texts from POST /v1/classify, the size of an /v1/embeddings vector) through the
+    openai client; its generic post() reaches routes the SDK has no method for."""
+    import httpx2
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0)
+    labels = {}
+    for adapter, texts in examples.items():
+        reply = client.post("/classify", body={"model": adapter, "input": list(texts)}, cast_to=httpx2.Response)
+        labels[adapter] = [row["label"] for row in reply.json()["data"]]
+    adapter, texts = next(iter(examples.items()))
+    size = len(client.embeddings.create(model=adapter, input=texts[0]).data[0].embedding)
+    return labels, size
+
+
 def _metric_lines(metrics_port: int) -> list[str]:
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
         text = reply.read().decode()
@@ -52,16 +69,17 @@ def _metric_lines(metrics_port: int) -> list[str]:
     return lines
 
 
-async def _run(config: ServerConfig, examples: Mapping[str, Sequence[str]]) -> tuple[dict, list[str], int]:
+async def _run(config: ServerConfig, examples: Mapping[str, Sequence[str]]) -> tuple[dict, tuple, list[str], int]:
     server, port = await create_server(config)
     await server.start()
     try:
         await server.attach(await asyncio.to_thread(Backend.open, config, server.metrics))
         answers = await _classify_all(port, examples)
+        http = await asyncio.to_thread(_over_openai, server.http_port, examples)
         lines = await asyncio.to_thread(_metric_lines, server.metrics_port)
     finally:
         await server.stop(grace=5)
-    return answers, lines, port
+    return answers, http, lines, port
 
 
 def serve_and_classify(base_model: str, adapter_dir: str, examples: Mapping[str, Sequence[str]],
@@ -69,14 +87,17 @@ def serve_and_classify(base_model: str, adapter_dir: str, examples: Mapping[str,
     """Start the server with every adapter of `examples` preloaded, classify each text with its adapter
     concurrently over gRPC, print the answers and the metrics, stop."""
     config = ServerConfig(base_model=base_model, adapter_dir=adapter_dir, preload=tuple(examples), port=0,
-                          metrics_port=0, device=device, max_slots=max(len(examples), 1))
-    answers, lines, port = asyncio.run(_run(config, examples))
+                          metrics_port=0, http_port=0, device=device, max_slots=max(len(examples), 1))
+    answers, (http_labels, size), lines, port = asyncio.run(_run(config, examples))
     total = sum(len(texts) for texts in examples.values())
     print(f"\nserved {len(examples)} adapters on one base over gRPC (127.0.0.1:{port}); "
           f"{total} Classify requests in flight at once:")
     for adapter, rows in answers.items():
         for text, label, prob in rows:
             print(f"  [{adapter}] {text!r} -> {label} ({prob:.2f})")
+    same = all(http_labels[a] == [label for _, label, _ in rows] for a, rows in answers.items())
+    print(f"the openai client over HTTP (/v1/classify) gives {'the same' if same else 'DIFFERENT'} labels; "
+          f"/v1/embeddings: {size}-dimensional vectors")
     print("metrics (from /metrics):")
     for line in lines:
         print(f"  {line}")
