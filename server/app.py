@@ -88,7 +88,12 @@ class Server:
         `grace` seconds to finish, then are cancelled; the generation thread ends last."""
         self.gate.draining = True
         await self.health.enter_graceful_shutdown()
-        await asyncio.gather(self.grpc.stop(grace), *([] if self.http is None else [self.http.stop()]))
+        http = None if self.http is None else asyncio.ensure_future(self.http.stop())  # both drain at once
+        # awaited here: run as a task of asyncio.gather, a call arriving during the drain got CANCELLED at the end of
+        # the grace instead of UNAVAILABLE at once (tests/test_server_e2e.py's SIGTERM test)
+        await self.grpc.stop(grace)
+        if http is not None:
+            await http
         if self.gate.backend is not None:
             self.gate.backend.close()
         if self.endpoint is not None:
