@@ -88,7 +88,7 @@ class Server:
         `grace` seconds to finish, then are cancelled; the generation thread ends last."""
         self.gate.draining = True
         await self.health.enter_graceful_shutdown()
-        http = None if self.http is None else asyncio.ensure_future(self.http.stop())  # both drain at once
+        http = None if self.http is None else asyncio.ensure_future(self.http.stop(grace))  # both drain at once
         # awaited here: run as a task of asyncio.gather, a call arriving during the drain got CANCELLED at the end of
         # the grace instead of UNAVAILABLE at once (tests/test_server_e2e.py's SIGTERM test)
         await self.grpc.stop(grace)

@@ -19,6 +19,7 @@ from jinja2 import TemplateError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from adalora.adapter import is_causal_lm
+from adalora.config import is_int
 from adalora.engine import (AdapterEngine, AsyncDriver, Classification, EncoderRunner, EngineConfig,
                             GenerationRequest, Generator, GeneratorConfig, StepHooks, TokenStream)
 from adalora.engine.engine import Selection
@@ -133,7 +134,13 @@ class Backend:
     # ---- generation -----------------------------------------------------------------------------------------
 
     def _check_text_size(self, text: str, what: str, max_tokens: int) -> None:
-        """Bound a text before the tokenizer sees it (tokenizing megabytes takes seconds)."""
+        """Bound a text before the tokenizer sees it (tokenizing megabytes takes seconds), and refuse one that is not
+        valid Unicode (a lone surrogate, which JSON can carry; the tokenizer would raise)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequest(f"{what} is not valid Unicode (character {e.start} is a lone surrogate); send "
+                                 f"UTF-8 text") from None
         if len(text) > max_tokens * CHARS_PER_TOKEN:
             raise InvalidRequest(f"{what} has {len(text)} characters, over this server's limit of "
                                  f"{max_tokens * CHARS_PER_TOKEN} ({CHARS_PER_TOKEN} per token of the "
@@ -268,6 +275,12 @@ class Backend:
         for i, x in enumerate(call.inputs):
             if isinstance(x, str):
                 self._check_text_size(x, f"input {i}", limit)
+        vocab = self.engine.model.config.vocab_size
+        bad = [i for i, x in enumerate(call.inputs) if not isinstance(x, str) and not all(is_int(t, 0, vocab - 1)
+                                                                                          for t in x)]
+        if bad:
+            raise InvalidRequest(f"inputs {bad[:5]} hold token ids outside [0, {vocab}) (this base's vocabulary); "
+                                 f"send valid ids or text")
         long = [i for i, x in enumerate(call.inputs) if not isinstance(x, str) and len(x) > limit]
         if long:
             raise InvalidRequest(f"inputs {long[:5]} have more than {limit} token ids (this server's limit for "

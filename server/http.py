@@ -28,6 +28,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -98,10 +99,11 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-def error_response(error: BaseException, message: str, param: str | None = None) -> JSONResponse:
+def error_response(error: BaseException, message: str, param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
     status = http_status_of(error)
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status in RETRYABLE_HTTP else None
-    return JSONResponse(oa.error_body(message, status, param), status_code=status, headers=headers)
+    return JSONResponse(oa.error_body(message, status, param, code), status_code=status, headers=headers)
 
 
 def validation_message(error: RequestValidationError) -> tuple[str, str | None]:
@@ -130,7 +132,7 @@ class HttpApi:
             log.exception("internal error", exc_info=error)
             message = f"internal server error ({type(error).__name__}); the server log has the details"
             return JSONResponse(oa.error_body(message, 500), status_code=500)
-        return error_response(error, self.redact(str(error)))
+        return error_response(error, self.redact(str(error)), code=oa.error_code(error))
 
     async def _answer(self, route: str, adapter: Selection, work: Callable[[], Awaitable[Response]]) -> Response:
         """Run one request: an error becomes its OpenAI-shaped answer; status and latency are recorded either way
@@ -327,6 +329,12 @@ class HttpApi:
         adapter_id = check_id(name)
         if path is None or path == adapter_id:
             return adapter_id
+        if "\x00" in path or not path.isprintable():
+            raise InvalidRequest("lora_path holds a NUL or another unprintable character; give the adapter's id")
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest("lora_path is not valid Unicode; give the adapter's id") from None
         store = Path(self.config.adapter_dir).resolve()
         target = Path(path) if Path(path).is_absolute() else store / path
         target = target.resolve()
@@ -394,7 +402,20 @@ class HttpApi:
                                 headers=error.headers)
 
         app.add_middleware(BodyLimit, max_bytes=self.config.max_message_bytes)
+        app.openapi = lambda: openapi_with_400(app)
         return app
+
+
+def openapi_with_400(app: FastAPI) -> dict:
+    """FastAPI's schema, saying 400 where it says 422 (a body that fails validation is answered 400, as OpenAI does)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        for operation in (op for path in schema.get("paths", {}).values() for op in path.values()):
+            responses = operation.get("responses", {})
+            if "422" in responses:
+                responses["400"] = {**responses.pop("422"), "description": "Bad request parameters"}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def named(body: oa.SamplingBody | oa.EncodeBody) -> Selection:
@@ -465,10 +486,12 @@ class HttpFrontend:
                 raise OSError("the HTTP server stopped while starting")
             await asyncio.sleep(0.01)
 
-    async def stop(self) -> None:
-        """Stop accepting; requests in flight get the grace period, then are cancelled."""
+    async def stop(self, grace: float | None) -> None:
+        """Stop accepting; requests in flight get `grace` seconds (None: config.grace_s), then are cancelled."""
         if self.task is None:
             self.sock.close()
             return
+        if grace is not None:
+            self.server.config.timeout_graceful_shutdown = max(grace, 0.1)
         self.server.should_exit = True
         await self.task

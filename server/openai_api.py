@@ -322,10 +322,13 @@ def embeddings_response(model: str, rows: Sequence[JsonValue], prompt_tokens: in
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 
 
-def error_body(message: str, status: int, param: str | None = None) -> dict:
+def error_code(error: BaseException) -> str | None:
+    return "model_not_found" if isinstance(error, AdapterNotFound) else None
+
+
+def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
     kinds: Mapping[int, str] = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                                 404: "not_found_error", 409: "conflict_error", 413: "request_too_large",
                                 422: "unprocessable_entity_error", 429: "rate_limit_error", 503: "service_unavailable",
                                 504: "timeout_error"}
-    code = "model_not_found" if status == 404 and "model" in message else None
     return {"error": {"message": message, "type": kinds.get(status, "server_error"), "param": param, "code": code}}

@@ -206,6 +206,22 @@ def test_a_failing_step_ends_every_stream_with_its_error(setup):
     assert isinstance(asyncio.run(main()), int)
 
 
+def test_a_failing_admission_ends_the_requests_it_took_off_the_queue(setup):
+    """Taken off the queue and not yet in a row when the prefill raised: they end with its error (fail_all, which
+    the driver calls next, only sees rows and the queue), instead of never ending."""
+    gen = generator(setup)
+    first, second = gen.submit(greedy([1, 2], "a", 3)), gen.submit(greedy([4], None, 3))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("prefill failed")
+
+    gen.engine.context = broken
+    with pytest.raises(RuntimeError, match="prefill failed"):
+        gen.step()
+    assert [str(h.error) for h in (first, second)] == ["prefill failed"] * 2 and first.done and second.done
+    assert gen.fail_all(RuntimeError("again")) == [] and not gen.has_work()
+
+
 # (request, error class, fragment of its message)
 INVALID_REQUESTS = [
     (GenerationRequest([], None), InvalidRequest, "prompt must be a non-empty sequence of token ids"),

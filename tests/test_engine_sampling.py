@@ -66,6 +66,7 @@ def test_top_k_and_top_p_keep_at_least_one_token():
     logits = logits_for(5)
     assert torch.isfinite(top_k(logits, 1)).sum() == 1
     assert torch.isfinite(top_p(logits, 1e-9)).sum() == 1
+    assert torch.isfinite(top_p(logits, 1e-300)).sum() == 1  # below float32: it rounded to 0 and dropped every token
 
 
 def test_greedy_is_argmax_after_penalty_and_seeded_draws_repeat():

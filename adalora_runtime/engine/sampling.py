@@ -23,6 +23,8 @@ MIN_PENALTY, MAX_PENALTY = 1e-2, 1e6
 """repetition_penalty bounds: a smaller one divides logits into infinity, a larger one pushes them past the float
 range."""
 MAX_STOPS, MAX_STOP_LENGTH = 16, 256
+MAX_SEED = 2**64 - 1
+"""The largest seed torch.Generator.manual_seed takes."""
 """At most this many stop sequences, each of at most this many characters or token ids: per-token stop matching
 then costs a bounded amount whatever a request asks (OpenAI allows 4)."""
 
@@ -65,8 +67,8 @@ class SamplingParams:
         if len(self.stop) > MAX_STOPS:
             raise InvalidRequest(f"{len(self.stop)} stop sequences given; at most {MAX_STOPS} are accepted")
         object.__setattr__(self, "stop", tuple(_stop(s, i) for i, s in enumerate(self.stop)))
-        if self.seed is not None and not is_int(self.seed, 0):
-            raise InvalidRequest(f"seed must be a non-negative integer or None, got {self.seed!r}")
+        if self.seed is not None and not is_int(self.seed, 0, MAX_SEED):
+            raise InvalidRequest(f"seed must be an integer in [0, 2**64 - 1], or None; got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
@@ -123,7 +125,9 @@ def top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
         return logits
     probs, order = torch.softmax(logits, dim=-1).sort(descending=True)  # (V,), (V,)
     mass_before = probs.cumsum(0) - probs  # (V,) probability of the more likely tokens
-    drop = torch.zeros_like(logits, dtype=torch.bool).scatter(0, order, mass_before >= p)
+    dropped = mass_before >= p
+    dropped[0] = False  # the most likely token always stays (p below float32's range rounds to 0)
+    drop = torch.zeros_like(logits, dtype=torch.bool).scatter(0, order, dropped)
     return logits.masked_fill(drop, float("-inf"))
 
 

@@ -288,13 +288,18 @@ class Generator:
                                                   f"when the server is less busy")) for h in expired]
         if not new:
             return dropped
-        rows = [_Row(h, request_generator(h.request.params.seed), list(h.request.prompt)) for h in new]
-        ids, mask, positions = prefill_inputs([r.seen for r in rows], self.engine.device)  # (n, P) each
-        cache = DynamicCache(config=self.engine.model.config)
-        context = self.engine.context([h.request.adapter for h in new], ids.shape[1], self.config.strategy)
-        with self.engine.batch(context):
-            out = self.engine.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                    **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1)
+        try:
+            rows = [_Row(h, request_generator(h.request.params.seed), list(h.request.prompt)) for h in new]
+            ids, mask, positions = prefill_inputs([r.seen for r in rows], self.engine.device)  # (n, P) each
+            cache = DynamicCache(config=self.engine.model.config)
+            context = self.engine.context([h.request.adapter for h in new], ids.shape[1], self.config.strategy)
+            with self.engine.batch(context):
+                out = self.engine.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                        **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1)
+        except BaseException as error:  # off the queue and not in a row yet: fail_all would never end them
+            for handle in new:
+                self._fail(handle, error)
+            raise
         kv = BatchKV(cache, mask, mask.sum(dim=1))  # the forward filled `cache` in place
         first = len(self._rows)
         self._rows += rows
