@@ -102,6 +102,7 @@ INVALID = [
     (dict(stop=((1, -2),)), "stop[0] token ids must be non-negative integers"),
     (dict(stop=(5,)), "stop[0] must be a non-empty string or a non-empty sequence"),
     (dict(seed=-1), "seed must be a non-negative integer or None"),
+    (dict(seed=2**64), "at most 2**64 - 1; got 18446744073709551616"),
     (dict(seed="7"), "seed must be a non-negative integer or None"),
 ]
 

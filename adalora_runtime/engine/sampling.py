@@ -68,7 +68,7 @@ class SamplingParams:
             raise InvalidRequest(f"{len(self.stop)} stop sequences given; at most {MAX_STOPS} are accepted")
         object.__setattr__(self, "stop", tuple(_stop(s, i) for i, s in enumerate(self.stop)))
         if self.seed is not None and not is_int(self.seed, 0, MAX_SEED):
-            raise InvalidRequest(f"seed must be an integer in [0, 2**64 - 1], or None; got {self.seed!r}")
+            raise InvalidRequest(f"seed must be a non-negative integer or None, at most 2**64 - 1; got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
