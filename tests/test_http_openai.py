@@ -136,6 +136,17 @@ def test_chat_renders_the_template_and_equals_the_reference(setup, model):
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
 
 
+def test_chat_on_a_model_without_a_chat_template_is_400(setup):
+    server, *_ = setup
+    tokenizer = server.backend.tokenizer
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    try:
+        with pytest.raises(openai.BadRequestError, match="has no chat template; use /v1/completions"):
+            client_of(server).chat.completions.create(model="ad-1", messages=CHAT, max_tokens=2)
+    finally:
+        tokenizer.chat_template = template
+
+
 def test_n_prompts_and_choices_are_indexed_prompt_major_and_seeded_per_choice(setup):
     server, *_, tokenizer = setup
     reply = client_of(server).completions.create(model="ad-2", prompt=["w5 w6", "w7"], n=2, max_tokens=4,
@@ -383,3 +394,39 @@ def test_concurrent_streams_and_unary_calls_leave_nothing_held(setup):
         texts = list(pool.map(stream_one, IDS))
     assert all(isinstance(t, str) for t in texts) and len(set(texts)) > 1  # adapters differ
     assert until(lambda: not server.backend.residency.in_use())
+
+
+# (argv, ADALORA_API_KEY, expected (http_port, api_key, served_model_name, http_timeout_s))
+HTTP_FLAGS = [
+    ([], None, (8000, None, None, 600.0)),
+    (["--http-port", "0", "--served-model-name", "m1", "--http-timeout", "5"], None, (0, None, "m1", 5.0)),
+    (["--http-port", "off"], "env-key", (None, "env-key", None, 600.0)),
+    (["--api-key", "flag-key"], "env-key", (8000, "flag-key", None, 600.0)),
+]
+
+
+@pytest.mark.parametrize("argv, env, expected", HTTP_FLAGS)
+def test_http_flags(monkeypatch, argv, env, expected):
+    import argparse
+
+    from adalora.server.commands import serve as serve_command
+    monkeypatch.delenv("ADALORA_API_KEY", raising=False)
+    if env is not None:
+        monkeypatch.setenv("ADALORA_API_KEY", env)
+    parser = argparse.ArgumentParser()
+    serve_command.add_arguments(parser)
+    config = serve_command.config_from(parser.parse_args(["--base-model", "m", "--adapter-dir", "a", *argv]))
+    assert (config.http_port, config.api_key, config.served_model_name, config.http_timeout_s) == expected
+    assert config.model_name == (expected[2] or "m")
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"http_port": 70000}, "http_port must be in [0, 65535]"),
+    ({"http_port": 50051}, "also the gRPC or metrics port"),
+    ({"api_key": " k"}, "api_key must be a non-empty string"),
+    ({"http_timeout_s": 0}, "http_timeout_s must be a number of seconds > 0"),
+])
+def test_bad_http_settings_are_refused(fields, message):
+    from adalora.config import ConfigError
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        ServerConfig(base_model="m", adapter_dir="a", **fields)

@@ -279,6 +279,7 @@ def test_health_turns_serving_once_loaded_and_the_ready_file_names_the_ports(wor
     assert info["port"] == world.main.early_port()
     assert info["pid"] == world.main.proc.pid and info["host"] == "127.0.0.1"
     assert info["port"] > 0 and info["metrics_port"] > 0 and info["port"] != info["metrics_port"]
+    assert info["http_port"] > 0 and info["http_port"] not in (info["port"], info["metrics_port"])  # --http-port 0
     assert world.drain.info["metrics_port"] is None  # started without --metrics-port
     assert world.client.health() == world.client.health("adalora.v1.AdaLora") == "SERVING"
     with urllib.request.urlopen(f"http://127.0.0.1:{info['metrics_port']}/metrics", timeout=10) as reply:
