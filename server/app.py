@@ -30,7 +30,11 @@ from adalora.server.backend import Backend
 from adalora.server.config import ServerConfig
 from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
 from adalora.server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc
+from adalora.server import reflection
 from adalora.server.gate import Gate
+from adalora.server.gen.inference import grpc_service_pb2_grpc as kserve_grpc
+from adalora.server.kserve import SERVICE as KSERVE_SERVICE
+from adalora.server.kserve import InferenceServicer
 from adalora.server.health import DrainingHealth
 from adalora.server.http import HttpApi, HttpFrontend
 from adalora.server.metrics import Metrics, MetricsEndpoint
@@ -67,7 +71,7 @@ class Server:
         return None if self.endpoint is None else self.endpoint.port
 
     async def _set_health(self, status: int) -> None:
-        for service in ("", SERVICE):
+        for service in ("", SERVICE, KSERVE_SERVICE):
             await self.health.set(service, status)
 
     async def start(self) -> None:
@@ -115,9 +119,10 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
     pb_grpc.add_AdaLoraServicer_to_server(servicer, server)
     health_servicer = DrainingHealth()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    kserve = InferenceServicer(config, metrics, gate)
+    kserve_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, server)
     if config.reflection:
-        from grpc_reflection.v1alpha import reflection
-        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        reflection.enable((SERVICE, KSERVE_SERVICE, health.SERVICE_NAME), server)
     address = f"{config.host}:{config.port}"
     credentials = tls.server_credentials(config)
     try:

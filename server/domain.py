@@ -1,6 +1,6 @@
-"""The serving layer's domain types: what a front-end (adalora.v1 gRPC today; OpenAI HTTP and KServe v2 next) turns
-its wire messages into, and what the Backend answers with. No protobuf and no HTTP here: server.convert
-translates adalora.v1 messages to and from these."""
+"""The serving layer's domain types: what a front-end (adalora.v1 gRPC, the OpenAI HTTP API, KServe v2 gRPC) turns
+its wire messages into, and what the Backend answers with. No protobuf and no HTTP here: server.convert,
+server.openai_api and server.kserve_convert translate to and from these."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 from adalora.engine import SamplingParams
 from adalora.engine.engine import Selection
-from adalora.server.store import StoredAdapter
+from adalora.engine.errors import AdapterNotFound, InvalidRequest
+from adalora.server.config import ServerConfig
+from adalora.server.store import StoredAdapter, check_id
 
 
 @dataclass(frozen=True)
@@ -79,3 +81,15 @@ def adapter_ids(request: Selection) -> set[str]:
     if request is None:
         return set()
     return {request} if isinstance(request, str) else set(request)
+
+
+def model_selection(model: str, config: ServerConfig) -> Selection:
+    """What a front-end's model name selects (the OpenAI API's "model", a v2 model name): the base for its served
+    name, else the adapter of that id; AdapterNotFound when the name cannot be an id."""
+    if model == config.model_name:
+        return None
+    try:
+        return check_id(model)
+    except InvalidRequest:
+        raise AdapterNotFound(f"model {model!r} is not served here: ask for {config.model_name!r} (the base) or an "
+                              f"adapter id (ListAdapters, GET /v1/models and RepositoryIndex list them)") from None

@@ -1,5 +1,5 @@
-"""grpc.health.v1 for the server: the library's servicer, except that a Watch stream ends (status OK) once it has
-told its client NOT_SERVING at the start of a drain. The library's Watch never ends by itself, so one open Watch
+"""grpc.health.v1 for the server: the library's servicer, with List (every service and its status), and a Watch
+stream that ends (status OK) once it has told its client NOT_SERVING at the start of a drain. The library's Watch never ends by itself, so one open Watch
 (a load balancer's, a sidecar's) held the drain for the whole grace period and was then cancelled."""
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ class DrainingHealth(health.aio.HealthServicer):
         async with self._changed:
             change()
             self._changed.notify_all()
+
+    async def List(self, request: health_pb2.HealthListRequest, context) -> health_pb2.HealthListResponse:
+        """Every service with a status, and that status (the library's aio servicer has no List)."""
+        return health_pb2.HealthListResponse(statuses={service: Status(status=status)
+                                                       for service, status in self._status.items()})
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context) -> None:
         """Each status change of `request.service` (SERVICE_UNKNOWN while it has none); returns after the

@@ -39,7 +39,7 @@ from adalora.server import openai_api as oa
 from adalora.server.auth import bearer_token, check_admin
 from adalora.server.backend import Backend
 from adalora.server.config import ServerConfig
-from adalora.server.domain import Completion, EncodeCall, GenerateCall, TokenDelta
+from adalora.server.domain import Completion, EncodeCall, GenerateCall, TokenDelta, model_selection
 from adalora.server.errors import RETRYABLE_HTTP, RequestTooLarge, Unauthenticated, http_status_of, redactor, status_of
 from adalora.server.gate import Gate
 from adalora.server.metrics import Metrics, exposition
@@ -282,7 +282,7 @@ class HttpApi:
             self._api_key(request)
             body.refuse_unsupported()
             backend = self.gate.ready()
-            call = EncodeCall(oa.inputs_of(body.input), oa.model_selection(body.model, self.config), normalize=True)
+            call = EncodeCall(oa.inputs_of(body.input), model_selection(body.model, self.config), normalize=True)
             vectors = (await backend.embed(call)).numpy()
             rows = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors] \
                 if body.encoding_format == "base64" else vectors.tolist()
@@ -295,7 +295,7 @@ class HttpApi:
             self._api_key(request)
             body.refuse_unsupported()
             backend = self.gate.ready()
-            call = EncodeCall(oa.inputs_of(body.input), oa.model_selection(body.model, self.config))
+            call = EncodeCall(oa.inputs_of(body.input), model_selection(body.model, self.config))
             results = await backend.classify(call)
             tokens = await backend.count_tokens(call.inputs)
             return JSONResponse(oa.classify_response(body.model, results, tokens))
@@ -317,7 +317,7 @@ class HttpApi:
         async def work() -> Response:
             self._api_key(request)
             backend = self.gate.ready()
-            if oa.model_selection(model_id, self.config) is None:
+            if model_selection(model_id, self.config) is None:
                 return JSONResponse(oa.base_entry(self.config, self.created, backend.max_positions))
             view = await backend.get_adapter(model_id)
             return JSONResponse(oa.adapter_entry(view, self.config, self.created))

@@ -19,7 +19,7 @@ from adalora.engine import Classification, SamplingParams
 from adalora.engine.engine import Selection
 from adalora.engine.errors import AdapterNotFound, InvalidRequest
 from adalora.server.config import ServerConfig
-from adalora.server.domain import AdapterView, Completion, GenerateCall
+from adalora.server.domain import AdapterView, Completion, GenerateCall, model_selection
 from adalora.server.store import check_id
 
 FINISH = {"length": "length", "stop": "stop", "eos": "stop"}
@@ -153,17 +153,6 @@ class LoadLoraBody(Body):
 class UnloadLoraBody(Body):
     lora_name: str
     lora_int_id: int | None = None
-
-
-def model_selection(model: str, config: ServerConfig) -> Selection:
-    """The base for its served name, else the adapter of that id (AdapterNotFound when it cannot be an id)."""
-    if model == config.model_name:
-        return None
-    try:
-        return check_id(model)
-    except InvalidRequest:
-        raise AdapterNotFound(f"model {model!r} is not served here: ask for {config.model_name!r} (the base) or an "
-                              f"adapter id (GET /v1/models lists them)") from None
 
 
 def prompts_of(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | tuple[int, ...]]:

@@ -46,7 +46,7 @@ async def answered(servicer: AdaLoraServicer, rpc: str, request, context: grpc.a
     started = time.perf_counter()
 
     def record(status: grpc.StatusCode) -> None:
-        servicer.metrics.rpc_done(rpc, convert.named_adapter(request), status.name, time.perf_counter() - started)
+        servicer.metrics.rpc_done(rpc, servicer.named(request), status.name, time.perf_counter() - started)
 
     try:
         yield
@@ -58,6 +58,15 @@ async def answered(servicer: AdaLoraServicer, rpc: str, request, context: grpc.a
         raise
     else:
         record(grpc.StatusCode.OK)
+
+
+def fits(message, limit: int):
+    """The answer, unless it is over `limit` bytes (--max-message-bytes): then ResponseTooLarge now, counted as what it
+    is (gRPC itself would refuse it after the handler, and the metrics would have counted OK)."""
+    if message is not None and message.ByteSize() > limit:
+        raise ResponseTooLarge(f"the answer is {message.ByteSize()} bytes, over this server's limit of {limit} "
+                               f"(--max-message-bytes); ask for less per request (fewer inputs or tokens)")
+    return message
 
 
 def unary(method):
@@ -95,15 +104,10 @@ class AdaLoraServicer(pb_grpc.AdaLoraServicer):
     def __init__(self, config: ServerConfig, metrics: Metrics, gate: Gate) -> None:
         self.config, self.metrics, self.gate = config, metrics, gate
         self.redact = redactor(config)
+        self.named = convert.named_adapter
 
     def fits(self, message):
-        """The answer, unless it is over --max-message-bytes: then ResponseTooLarge now, counted as what it is
-        (gRPC itself would refuse it after the handler, and the metrics would have counted OK)."""
-        if message is not None and message.ByteSize() > self.config.max_message_bytes:
-            raise ResponseTooLarge(f"the answer is {message.ByteSize()} bytes, over this server's limit of "
-                                   f"{self.config.max_message_bytes} (--max-message-bytes); ask for less per request "
-                                   f"(fewer inputs or tokens)")
-        return message
+        return fits(message, self.config.max_message_bytes)
 
     def _ready(self) -> Backend:
         return self.gate.ready()
