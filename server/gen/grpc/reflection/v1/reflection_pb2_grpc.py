@@ -45,7 +45,8 @@ class ServerReflectionServicer:
     """Missing associated documentation comment in .proto file."""
 
     def ServerReflectionInfo(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
+        """One answer per request on the stream: files by name or symbol, extensions, or the list of services.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
