@@ -265,7 +265,7 @@ class HttpApi:
         async def work() -> Response:
             self._api_key(request)
             return await self._generate("/v1/completions", body, oa.prompts_of(body.prompt), body.max_tokens, False)
-        return await self._answer("/v1/completions", named(body), work)
+        return await self._answer("/v1/completions", named(body, self.config), work)
 
     async def chat(self, body: oa.ChatBody, request: Request) -> Response:
         async def work() -> Response:
@@ -273,7 +273,7 @@ class HttpApi:
             body.refuse_unsupported()
             prompt = await self.gate.ready().chat_prompt([m.rendered() for m in body.messages])
             return await self._generate("/v1/chat/completions", body, [prompt], body.max_new(), True)
-        return await self._answer("/v1/chat/completions", named(body), work)
+        return await self._answer("/v1/chat/completions", named(body, self.config), work)
 
     # ---- encoder --------------------------------------------------------------------------------------------
 
@@ -288,7 +288,7 @@ class HttpApi:
                 if body.encoding_format == "base64" else vectors.tolist()
             tokens = await backend.count_tokens(call.inputs)
             return JSONResponse(oa.embeddings_response(body.model, rows, tokens))
-        return await self._answer("/v1/embeddings", named(body), work)
+        return await self._answer("/v1/embeddings", named(body, self.config), work)
 
     async def classify(self, body: oa.EncodeBody, request: Request) -> Response:
         async def work() -> Response:
@@ -299,7 +299,7 @@ class HttpApi:
             results = await backend.classify(call)
             tokens = await backend.count_tokens(call.inputs)
             return JSONResponse(oa.classify_response(body.model, results, tokens))
-        return await self._answer("/classify", named(body), work)
+        return await self._answer("/classify", named(body, self.config), work)
 
     # ---- models and admin -----------------------------------------------------------------------------------
 
@@ -321,7 +321,7 @@ class HttpApi:
                 return JSONResponse(oa.base_entry(self.config, self.created, backend.max_positions))
             view = await backend.get_adapter(model_id)
             return JSONResponse(oa.adapter_entry(view, self.config, self.created))
-        return await self._answer("/v1/models/{id}", model_id, work)
+        return await self._answer("/v1/models/{id}", None if model_id == self.config.model_name else model_id, work)
 
     def _store_id(self, name: str, path: str | None) -> str:
         """lora_name as a store id; lora_path, when given, must be that id or a path naming its folder inside the
@@ -418,10 +418,12 @@ def openapi_with_400(app: FastAPI) -> dict:
     return app.openapi_schema
 
 
-def named(body: oa.SamplingBody | oa.EncodeBody) -> Selection:
-    """The adapter a body names, unchecked (the metrics label; convert.named_adapter's HTTP twin)."""
+def named(body: oa.SamplingBody | oa.EncodeBody, config: ServerConfig) -> Selection:
+    """The adapter a body names, unchecked (the metrics label; convert.named_adapter's HTTP twin): None for the base."""
     adapters = getattr(body, "adapters", None)
-    return dict(adapters) if adapters else body.model
+    if adapters:
+        return dict(adapters)
+    return None if body.model == config.model_name else body.model
 
 
 def sse(payload: dict) -> str:

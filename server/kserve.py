@@ -46,17 +46,17 @@ def server_version() -> str:
         return "0"
 
 
-def named_model(request) -> Selection:
-    """The metrics label of a v2 request: the model it names (the base's served name counts as an id there)."""
+def named_model(request, config: ServerConfig) -> Selection:
+    """The metrics label of a v2 request: the adapter it names, None for the base (its served name) or none."""
     name = getattr(request, "model_name", None) or getattr(request, "name", None)
-    return name or None
+    return None if not name or name == config.model_name else name
 
 
 class InferenceServicer(kgrpc.GRPCInferenceServiceServicer):
     def __init__(self, config: ServerConfig, metrics: Metrics, gate: Gate) -> None:
         self.config, self.metrics, self.gate = config, metrics, gate
         self.redact = redactor(config)
-        self.named = named_model
+        self.named = lambda request: named_model(request, config)
 
     def fits(self, message):
         return fits(message, self.config.max_message_bytes)
@@ -117,12 +117,14 @@ class InferenceServicer(kgrpc.GRPCInferenceServiceServicer):
     # ---- inference ----------------------------------------------------------------------------------------------
 
     async def _generate(self, backend: Backend, generation: kc.Generation) -> AsyncIterator[str | Completion]:
-        """The text chunks of a generation (the prefix first, when asked for), then its Completion."""
-        if generation.prefix:
-            yield generation.prefix
+        """The text chunks of a generation (the prefix first, when asked for), then its Completion. The prefix waits
+        for the first event: a refused request (which raises before it) sends nothing."""
         async with contextlib.aclosing(backend.generate(generation.call)) as events:
-            streamed = ""
+            streamed, prefix = "", generation.prefix
             async for event in events:
+                if prefix:
+                    yield prefix
+                    prefix = ""
                 if isinstance(event, TokenDelta):
                     streamed += event.text
                     if event.text:
@@ -159,7 +161,10 @@ class InferenceServicer(kgrpc.GRPCInferenceServiceServicer):
         try:
             backend = self.gate.ready()
             if backend.kind != "causal-lm":
-                await out.put(kpb.ModelStreamInferResponse(infer_response=await self._infer(request, context)))
+                answer = await self._infer(request, context)
+                answer.parameters[FINAL].bool_param = True
+                await out.put(kpb.ModelStreamInferResponse(infer_response=answer))
+                self.metrics.rpc_done("ModelStreamInfer", self.named(request), "OK", time.perf_counter() - started)
                 return
             generation = kc.generation_of(request, self.config, self._deadline(context))
             if not generation.stream:
@@ -172,10 +177,10 @@ class InferenceServicer(kgrpc.GRPCInferenceServiceServicer):
                     text = [""] if final else [chunk]
                     answer = kc.response(request, [kc.bytes_output("text_output", text)], {FINAL: final})
                     await out.put(kpb.ModelStreamInferResponse(infer_response=answer))
-            self.metrics.rpc_done("ModelStreamInfer", named_model(request), "OK", time.perf_counter() - started)
+            self.metrics.rpc_done("ModelStreamInfer", self.named(request), "OK", time.perf_counter() - started)
         except Exception as error:  # noqa: BLE001 - a stream answers errors in error_message
             code = status_of(error)
-            self.metrics.rpc_done("ModelStreamInfer", named_model(request), code.name, time.perf_counter() - started)
+            self.metrics.rpc_done("ModelStreamInfer", self.named(request), code.name, time.perf_counter() - started)
             message = self.redact(str(error)) if code != grpc.StatusCode.INTERNAL else \
                 f"internal server error ({type(error).__name__}); the server log has the details"
             await out.put(kpb.ModelStreamInferResponse(

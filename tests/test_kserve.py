@@ -360,10 +360,6 @@ def test_a_stream_answers_each_request_by_id(causal):
         assert answer.infer_response.model_name == model
 
 
-@pytest.mark.xfail(strict=True, reason="server/kserve.py InferenceServicer._generate yields the exclude_input_in_output"
-                                       " prefix before backend.generate has validated the request, so a refused "
-                                       "streamed request first gets a text_output chunk (the prompt) and then its "
-                                       "error_message")
 def test_a_refused_streamed_request_with_the_prompt_echo_gets_only_its_error(causal):
     echo = ("exclude_input_in_output", "BOOL", [False])
     requests = [infer_request("nope", gen_inputs("w5 w6", 3, 0.0, ("stream", "BOOL", [True]), echo), id="e1"),
@@ -596,6 +592,13 @@ def test_requests_are_counted_by_status(causal):
     assert counted[("ModelStreamInfer", "__unknown__", "NOT_FOUND")] >= 1
 
 
+def test_a_base_request_is_counted_under_the_base_label(causal):
+    causal.stub.ModelInfer(infer_request(BASE, gen_inputs("w44", 2)), timeout=60)
+    counted = requests_counted(causal)
+    assert counted.get(("ModelInfer", "", "OK"), 0) >= 1
+    assert ("ModelInfer", "__unknown__", "OK") not in counted
+
+
 # ---- 5. the encoder ----------------------------------------------------------------------------------------------
 
 TEXTS = ["w5 w6 w7", "w30 w31", "w9 w40 w41 w42 w43"]
@@ -711,21 +714,8 @@ def test_encoder_on_a_stream_answers_once(encoder):
     assert bad.error_message.startswith("NOT_FOUND:")
 
 
-@pytest.mark.xfail(strict=True, reason="server/kserve.py InferenceServicer._stream_one's encoder branch puts the "
-                                       "answer of _infer without parameters['triton_final_response'], which the "
-                                       "causal stream=false branch sets to true")
 def test_an_encoder_answer_on_a_stream_is_final(encoder):
     [answer] = encoder.stub.ModelStreamInfer(iter([infer_request("sent", [("text_input", "BYTES", TEXTS)])]),
                                              timeout=30)
     assert final_of(answer.infer_response) is True
 
-
-@pytest.mark.xfail(strict=True, reason="server/kserve.py named_model labels a request by its model name, so the base's "
-                                       "served name is counted as adapter='__unknown__' (metrics.adapter_label: not a "
-                                       "stored id), where adalora.v1 Generate and the backend's own generation "
-                                       "histograms count the base as adapter=''")
-def test_a_base_request_is_counted_under_the_base_label(causal):
-    causal.stub.ModelInfer(infer_request(BASE, gen_inputs("w44", 2)), timeout=60)
-    counted = requests_counted(causal)
-    assert counted.get(("ModelInfer", "", "OK"), 0) >= 1
-    assert ("ModelInfer", "__unknown__", "OK") not in counted
