@@ -21,7 +21,8 @@ from adalora.server.config import ServerConfig
 from tests.server_setup import ServerThread, word_tokenizer, write_base
 from tests.factories import varied_llama
 
-SERVICES = {"adalora.v1.AdaLora", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+SERVICES = {"adalora.v1.AdaLora", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+            "grpc.reflection.v1.ServerReflection", "inference.GRPCInferenceService"}
 
 
 @pytest.mark.parametrize("reflection", [True, False])
