@@ -9,9 +9,12 @@ from transformers import LlamaForCausalLM
 
 from adalora.config import AdaLoraConfig
 from adalora.inject import inject_adapters
-from tests.conftest import tiny_llama_config
+from tests.conftest import tiny_bert, tiny_llama_config
 
 LLAMA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BERT_LINEARS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+ENCODER_TEXTS = ["w5 w6 w7", "w30 w31", "w9 w40 w41 w42 w43"]
+"""Texts of the word tokenizer (tests/server_setup.py) the encoder server tests classify and embed."""
 
 
 def random_adapter(model, seed, init_r=4, lora_alpha=8.0, targets=LLAMA_ALL, task_type="causal-lm", labels=None):
@@ -42,3 +45,13 @@ def varied_llama() -> LlamaForCausalLM:
     config = tiny_llama_config()
     config.initializer_range = 0.3
     return LlamaForCausalLM(config).eval()
+
+
+def encoder_adapters(topic_labels: tuple[str, ...] = ("a", "b", "c", "d")) -> dict:
+    """The encoder server tests' store on tiny_bert: 'sent' (seq-cls neg/pos, every linear), 'topic' (seq-cls over
+    `topic_labels`, half the linears) and 'feat' (feature extraction)."""
+    return {"sent": random_adapter(tiny_bert(num_labels=2), 1, targets=BERT_LINEARS, task_type="seq-cls",
+                                   labels=["neg", "pos"]),
+            "topic": random_adapter(tiny_bert(num_labels=len(topic_labels)), 2, targets=BERT_LINEARS[::2],
+                                    task_type="seq-cls", labels=list(topic_labels)),
+            "feat": random_adapter(tiny_bert(), 3, targets=BERT_LINEARS, task_type="feature-extraction")}

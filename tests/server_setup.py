@@ -68,6 +68,17 @@ def reference_engine(base, adapters: dict, max_slots: int = 16) -> AdapterEngine
     return engine
 
 
+def generate_alone(base, adapters: dict, tokenizer, prompt_ids, adapter, params) -> tuple[list[int], str]:
+    """(token ids, text) of one request alone on an in-process Generator over `base` and `adapters`: the reference
+    every served generation is compared with."""
+    from adalora.engine import GenerationRequest, Generator, GeneratorConfig
+    generator = Generator(reference_engine(base, adapters), GeneratorConfig(max_batch_size=1))
+    handle = generator.submit(GenerationRequest(prompt_ids, adapter, params))
+    while generator.has_work():
+        generator.step()
+    return handle.result.token_ids, tokenizer.decode(handle.result.token_ids, skip_special_tokens=True)
+
+
 class ServerThread:
     """create_server(config) on port 0 with its event loop on a thread; `attach=False` leaves the base model
     unloaded (health NOT_SERVING) until attach() is called."""

@@ -14,11 +14,10 @@ import torch
 from adalora.engine import EncoderRunner
 from adalora.server.config import ServerConfig
 from tests.conftest import tiny_bert
-from tests.factories import random_adapter
+from tests.factories import ENCODER_TEXTS, encoder_adapters
 from tests.server_setup import ServerThread, reference_engine, word_tokenizer, write_base, write_store
-from tests.test_engine_model import BERT_ALL
 
-TEXTS = ["w5 w6 w7", "w30 w31", "w9 w40 w41 w42 w43"]
+TEXTS = ENCODER_TEXTS
 IDS = [[3, 7, 8, 4], [3, 9, 4], [12]]
 BASE = "tiny-bert"
 """The base's served name (--served-model-name)."""
@@ -28,11 +27,7 @@ BASE = "tiny-bert"
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("http-encoder")
     tokenizer = word_tokenizer()
-    adapters = {"sent": random_adapter(tiny_bert(num_labels=2), 1, targets=BERT_ALL, task_type="seq-cls",
-                                       labels=["neg", "pos"]),
-                "topic": random_adapter(tiny_bert(num_labels=4), 2, targets=BERT_ALL[::2], task_type="seq-cls",
-                                        labels=["d", "a", "c", "b"]),
-                "feat": random_adapter(tiny_bert(), 3, targets=BERT_ALL, task_type="feature-extraction")}
+    adapters = encoder_adapters(("d", "a", "c", "b"))
     config = ServerConfig(base_model=str(write_base(tiny_bert(), root / "base", tokenizer)),
                           adapter_dir=str(write_store(root / "adapters", adapters)), preload=tuple(adapters), port=0,
                           http_port=0, served_model_name=BASE, max_inputs=4)

@@ -16,10 +16,10 @@ import httpx2
 import openai
 import pytest
 
-from adalora.engine import GenerationRequest, Generator, GeneratorConfig, SamplingParams
+from adalora.engine import SamplingParams
 from adalora.server.config import ServerConfig
 from tests.factories import random_adapter, varied_llama
-from tests.server_setup import ServerThread, reference_engine, until, word_tokenizer, write_base, write_store
+from tests.server_setup import generate_alone, ServerThread, until, word_tokenizer, write_base, write_store
 
 IDS = [f"ad-{i}" for i in range(8)]
 MIX = {"ad-1": 0.5, "ad-6": 0.7}
@@ -59,11 +59,7 @@ def client_of(server: ServerThread, key: str = "unused") -> openai.OpenAI:
 def reference(setup, prompt_ids, adapter, params: SamplingParams) -> tuple[list[int], str]:
     """The request alone on an in-process Generator over the same base and adapters."""
     _, base, adapters, tokenizer = setup
-    generator = Generator(reference_engine(base, adapters), GeneratorConfig(max_batch_size=1))
-    handle = generator.submit(GenerationRequest(prompt_ids, adapter, params))
-    while generator.has_work():
-        generator.step()
-    return handle.result.token_ids, tokenizer.decode(handle.result.token_ids, skip_special_tokens=True)
+    return generate_alone(base, adapters, tokenizer, prompt_ids, adapter, params)
 
 
 def ids_of(tokenizer, prompt) -> list[int]:

@@ -29,9 +29,8 @@ from adalora.server.gen.grpc.reflection.v1 import reflection_pb2_grpc as rgrpc
 from adalora.server.gen.inference import grpc_service_pb2 as kpb
 from adalora.server.gen.inference import grpc_service_pb2_grpc as kgrpc
 from tests.conftest import tiny_bert
-from tests.factories import random_adapter, varied_llama
+from tests.factories import ENCODER_TEXTS, encoder_adapters, random_adapter, varied_llama
 from tests.server_setup import ServerThread, reference_engine, status_of, word_tokenizer, write_base, write_store
-from tests.test_engine_model import BERT_ALL
 
 BASE = "tiny-llama"
 """The causal base's served name (--served-model-name)."""
@@ -601,7 +600,7 @@ def test_a_base_request_is_counted_under_the_base_label(causal):
 
 # ---- 5. the encoder ----------------------------------------------------------------------------------------------
 
-TEXTS = ["w5 w6 w7", "w30 w31", "w9 w40 w41 w42 w43"]
+TEXTS = ENCODER_TEXTS
 BERT = "tiny-bert"
 """The encoder base's folder, and so its served name (no --served-model-name)."""
 
@@ -610,11 +609,7 @@ BERT = "tiny-bert"
 def encoder(tmp_path_factory):
     root = tmp_path_factory.mktemp("kserve-encoder")
     tokenizer = word_tokenizer()
-    adapters = {"sent": random_adapter(tiny_bert(num_labels=2), 1, targets=BERT_ALL, task_type="seq-cls",
-                                       labels=["neg", "pos"]),
-                "topic": random_adapter(tiny_bert(num_labels=4), 2, targets=BERT_ALL[::2], task_type="seq-cls",
-                                        labels=["d", "a", "c", "b"]),
-                "feat": random_adapter(tiny_bert(), 3, targets=BERT_ALL, task_type="feature-extraction")}
+    adapters = encoder_adapters(("d", "a", "c", "b"))
     config = ServerConfig(base_model=str(write_base(tiny_bert(), root / BERT, tokenizer)),
                           adapter_dir=str(write_store(root / "adapters", adapters)), preload=tuple(adapters), port=0,
                           max_inputs=4)

@@ -10,22 +10,17 @@ from adalora.engine import EncoderRunner
 from adalora.server.config import ServerConfig
 from tests.conftest import tiny_bert
 from tests.server_setup import ServerThread, reference_engine, status_of, word_tokenizer, write_base, write_store
-from tests.factories import varied_llama
-from tests.test_engine_model import BERT_ALL
+from tests.factories import ENCODER_TEXTS, encoder_adapters, varied_llama
 from tests.factories import random_adapter
 
-TEXTS = ["w5 w6 w7", "w30 w31", "w9 w40 w41 w42 w43"]
+TEXTS = ENCODER_TEXTS
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("encoder")
     tokenizer = word_tokenizer()
-    adapters = {"sent": random_adapter(tiny_bert(num_labels=2), 1, targets=BERT_ALL, task_type="seq-cls",
-                                       labels=["neg", "pos"]),
-                "topic": random_adapter(tiny_bert(num_labels=4), 2, targets=BERT_ALL[::2], task_type="seq-cls",
-                                        labels=["a", "b", "c", "d"]),
-                "feat": random_adapter(tiny_bert(), 3, targets=BERT_ALL, task_type="feature-extraction")}
+    adapters = encoder_adapters(("a", "b", "c", "d"))
     config = ServerConfig(base_model=str(write_base(tiny_bert(), root / "base", tokenizer)),
                           adapter_dir=str(write_store(root / "adapters", adapters)), preload=tuple(adapters), port=0,
                           max_inputs=4)

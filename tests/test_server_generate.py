@@ -5,12 +5,12 @@ alone; streaming equals unary; every request-side refusal has its status code.""
 import grpc
 import pytest
 
-from adalora.engine import GenerationRequest, Generator, GeneratorConfig, SamplingParams
+from adalora.engine import SamplingParams
 from adalora.peft_interop import save_peft
 from adalora.server.client import generate_request
 from adalora.server.config import ServerConfig
 from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
-from tests.server_setup import ServerThread, reference_engine, status_of, word_tokenizer, write_base, write_store
+from tests.server_setup import generate_alone, ServerThread, status_of, word_tokenizer, write_base, write_store
 from tests.factories import varied_llama
 from tests.factories import random_adapter
 
@@ -35,13 +35,9 @@ def setup(tmp_path_factory):
 
 
 def reference(setup, prompt_ids, adapter, params: SamplingParams) -> tuple[list[int], str]:
-    """The same request alone on an in-process Generator over the same base and adapters."""
+    """The request alone on an in-process Generator over the same base and adapters."""
     _, base, adapters, tokenizer = setup
-    generator = Generator(reference_engine(base, adapters), GeneratorConfig(max_batch_size=1))
-    handle = generator.submit(GenerationRequest(prompt_ids, adapter, params))
-    while generator.has_work():
-        generator.step()
-    return handle.result.token_ids, tokenizer.decode(handle.result.token_ids, skip_special_tokens=True)
+    return generate_alone(base, adapters, tokenizer, prompt_ids, adapter, params)
 
 
 CASES = [  # (prompt: text or ids, adapter, pb sampling kwargs, SamplingParams of the reference)
