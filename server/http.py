@@ -110,6 +110,9 @@ def validation_message(error: RequestValidationError) -> tuple[str, str | None]:
     """(message, param) of a body pydantic refused: each bad field by its path."""
     parts, first = [], None
     for e in error.errors()[:5]:
+        if e.get("type") == "json_invalid":  # loc is ("body", character offset)
+            reason = (e.get("ctx") or {}).get("error", "invalid JSON")
+            return f"the request body is not valid JSON ({reason} at character {e['loc'][-1]})", None
         loc = [str(x) for x in e.get("loc", ()) if x != "body"]
         first = first or (loc[0] if loc else None)
         parts.append(f"{'.'.join(loc) or 'the body'}: {e.get('msg', 'invalid')}")

@@ -5,6 +5,7 @@ as the SDK's own typed error; a stream closed early frees its row; metrics names
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.error
 import urllib.request
@@ -426,3 +427,18 @@ def test_bad_http_settings_are_refused(fields, message):
     from adalora.config import ConfigError
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         ServerConfig(base_model="m", adapter_dir="a", **fields)
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"model": "ad-0", "prompt": ', "the request body is not valid JSON"),
+    (b'{"model": "ad-0"}', "prompt: Field required"),
+    (b'[1, 2]', "Input should be a valid dictionary"),
+])
+def test_a_malformed_body_is_400_naming_what_is_wrong(setup, body, message):
+    server, *_ = setup
+    request = urllib.request.Request(f"http://127.0.0.1:{server.server.http_port}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=10)
+    error = json.loads(info.value.read())["error"]
+    assert info.value.code == 400 and message in error["message"] and error["type"] == "invalid_request_error"
