@@ -52,6 +52,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # 
 
 from _common import RESULTS, markdown_table, median, write_json  # noqa: E402
 from adalora.adapter import Adapter, AdapterLayer, base_identity  # noqa: E402
+from adalora.dtypes import DTYPES  # noqa: E402
+from adalora.dtypes import resolve as resolve_dtype  # noqa: E402
 from adalora.engine import (AdapterEngine, EdgeMerger, EngineConfig, GenerationRequest, Generator,  # noqa: E402
                                     GeneratorConfig, SamplingParams)
 from adalora.inject import resolve_targets  # noqa: E402
@@ -435,8 +437,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
-        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = DTYPES[resolve_dtype(args.dtype, device)]
     args.batches = tuple(args.batches or (8, 16))
     args.prompt_len = 8 if args.quick else 32
     args.new_tokens = args.new_tokens or (6 if args.quick else 64)

@@ -10,6 +10,7 @@ live and move is server.residency's job: every request acquires its adapters the
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from adalora.engine import (AdapterEngine, AsyncDriver, Classification, EncoderR
 from adalora.engine.engine import Selection
 from adalora.engine.errors import AdapterExists, DeadlineExpired, InvalidRequest
 from adalora.dtypes import DTYPES
+from adalora.dtypes import resolve as resolve_dtype
 from adalora.server import upload
 from adalora.server.config import ServerConfig
 from adalora.server.errors import QueueFull, StoreError, WrongModelKind
@@ -47,6 +49,9 @@ def model_kind(config) -> str:
     return "causal-lm" if is_causal_lm(config) else "encoder"
 
 
+log = logging.getLogger("adalora.server")
+
+
 # ---- the backend --------------------------------------------------------------------------------------------
 
 def load_base(config: ServerConfig) -> tuple[torch.nn.Module, object | None]:
@@ -56,7 +61,10 @@ def load_base(config: ServerConfig) -> tuple[torch.nn.Module, object | None]:
         raise FileNotFoundError(f"--base-model {folder}: not a model folder (no config.json); run `adalora prepare` "
                                 f"or pass a transformers model folder")
     kind = model_kind(AutoConfig.from_pretrained(folder, local_files_only=True))
-    model = MODEL_CLASSES[kind].from_pretrained(folder, local_files_only=True, dtype=DTYPES[config.dtype])
+    dtype = resolve_dtype(config.dtype, config.device)
+    if config.dtype == "auto":
+        log.info("--dtype auto: %s on %s", dtype, config.device)
+    model = MODEL_CLASSES[kind].from_pretrained(folder, local_files_only=True, dtype=DTYPES[dtype])
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError):  # no tokenizer files: the server takes token ids only

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adalora.config import ConfigError, is_int, is_number
-from adalora.dtypes import DTYPES
+from adalora.dtypes import DTYPE_NAMES
 from adalora.engine.errors import InvalidRequest
 from adalora.server import tls
 from adalora.server.adapter_checks import AdapterLimits
@@ -36,7 +36,8 @@ class ServerConfig:
     device: str = "cpu"
     """torch device of the model and the adapter slots, e.g. 'cuda' or 'cuda:1'."""
     dtype: str = "float32"
-    """Model and slot dtype: float32, bfloat16 or float16."""
+    """Model and slot dtype: float32, bfloat16, float16, or auto (adalora.dtypes.resolve: bfloat16 where the device
+    computes it natively, else float32)."""
     max_batch_size: int = 8
     """Generation rows decoded together; further requests wait for a free row."""
     max_queue: int = 256
@@ -145,8 +146,8 @@ class ServerConfig:
         if self.ready_file is not None and (not isinstance(self.ready_file, str) or not self.ready_file.strip()):
             raise ConfigError(f"ready_file must be a file path, or None for no ready file; got {self.ready_file!r} "
                               f"(check --ready-file)")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"dtype {self.dtype!r} is not one of {list(DTYPE_NAMES)}")
         if self.admin_token is not None and (not isinstance(self.admin_token, str) or not self.admin_token.strip()
                                              or self.admin_token != self.admin_token.strip()):
             raise ConfigError("admin_token must be a non-empty string without surrounding whitespace, or None to "

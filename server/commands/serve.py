@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 
+from adalora.dtypes import DTYPE_NAMES
 from adalora.engine.errors import EngineError
 from adalora.peft_interop import InteropError
 from adalora.server.adapter_checks import AdapterLimits
@@ -53,7 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-timeout", type=float, default=DEFAULTS.http_timeout_s,
                    help=f"seconds an HTTP request may take, queue included (default {DEFAULTS.http_timeout_s:g})")
     p.add_argument("--device", default=DEFAULTS.device, help="torch device, e.g. cpu, cuda, cuda:1")
-    p.add_argument("--dtype", default=DEFAULTS.dtype, help="float32, bfloat16 or float16")
+    p.add_argument("--dtype", default=DEFAULTS.dtype, choices=DTYPE_NAMES,
+                   help=f"model and adapter-slot dtype (default {DEFAULTS.dtype}); auto: bfloat16 on CUDA and on a CPU "
+                        f"with native bfloat16 (avx512_bf16, AMX, Arm BF16), else float32")
     p.add_argument("--max-batch-size", type=int, default=DEFAULTS.max_batch_size, help="generation rows per step")
     p.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue,
                    help=f"generation requests waiting for a batch row; more are RESOURCE_EXHAUSTED "
