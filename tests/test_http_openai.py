@@ -442,3 +442,21 @@ def test_a_malformed_body_is_400_naming_what_is_wrong(setup, body, message):
         urllib.request.urlopen(request, timeout=10)
     error = json.loads(info.value.read())["error"]
     assert info.value.code == 400 and message in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_a_changed_adapter_is_409_until_loaded_in_place(setup):
+    import shutil
+
+    from adalora.adapter_file import save_adapter
+    server, base, *_ = setup
+    client, folder = client_of(server), Path(server.config.adapter_dir) / "fresh"
+    save_adapter(random_adapter(base, 70), folder)
+    try:
+        assert "added" in admin_post(client, "/load_lora_adapter", {"lora_name": "fresh"})
+        save_adapter(random_adapter(base, 71), folder)  # a new version in the store
+        with pytest.raises(openai.ConflictError, match="pass reload=true"):
+            admin_post(client, "/load_lora_adapter", {"lora_name": "fresh"})
+        assert "added" in admin_post(client, "/load_lora_adapter", {"lora_name": "fresh", "load_inplace": True})
+    finally:
+        admin_post(client, "/unload_lora_adapter", {"lora_name": "fresh"})
+        shutil.rmtree(folder)
