@@ -25,8 +25,13 @@ def is_int(x: object, low: int | None = None, high: int | None = None) -> bool:
 
 def is_number(x: object, low: float | None = None, high: float | None = None) -> bool:
     """Whether x is a finite int or float (never a bool) within [low, high]."""
-    return (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-            and (low is None or x >= low) and (high is None or x <= high))
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        finite = math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False
+    return finite and (low is None or x >= low) and (high is None or x <= high)
 
 
 @dataclass(frozen=True)

@@ -374,6 +374,13 @@ class Backend:
                     views.append(AdapterView(adapter_id, "disk", self._format_or_blank(adapter_id), None))
         return views
 
+    async def list_with_store(self) -> list[AdapterView]:
+        """list_adapters(include_store=True) for a handler on the event loop: the device and host views are read
+        here, on the loop that changes them; only the store's folder names and formats are read on a thread."""
+        loaded = self.list_adapters()
+        stored = await asyncio.to_thread(lambda: [(i, self._format_or_blank(i)) for i in self.store.ids()])
+        return loaded + [AdapterView(i, "disk", fmt, None) for i, fmt in stored if self.residency.tier(i) == "disk"]
+
     async def upload_adapter(self, header: upload.UploadHeader,
                              chunks: AsyncIterator[tuple[str, bytes]]) -> tuple[AdapterView, bool]:
         """Store an uploaded adapter (server.upload) if this base can serve it; it is not loaded. Returns (its view,

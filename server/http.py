@@ -19,12 +19,14 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,7 +36,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adalora.engine.engine import Selection
-from adalora.engine.errors import DeadlineExpired, InvalidRequest
+from adalora.engine.errors import DeadlineExpired, InvalidRequest, NonFiniteOutput
 from adalora.server import openai_api as oa
 from adalora.server.auth import bearer_token, check_admin
 from adalora.server.backend import Backend
@@ -142,7 +144,12 @@ class HttpApi:
         (a stream's when it ends)."""
         started = time.perf_counter()
         try:
-            response = await work()
+            try:
+                async with asyncio.timeout(self.config.http_timeout_s):
+                    response = await work()
+            except TimeoutError:
+                raise DeadlineExpired(f"the request ran past this server's {self.config.http_timeout_s:g} s deadline "
+                                      f"(--http-timeout); ask for less") from None
         except Exception as error:  # noqa: BLE001 - every error becomes a status
             self.metrics.rpc_done(route, adapter, status_of(error).name, time.perf_counter() - started)
             return self._fail(error)
@@ -177,18 +184,14 @@ class HttpApi:
                         return event
             raise RuntimeError("a generation ended without its completion")
 
-        try:
-            async with asyncio.timeout(self.config.http_timeout_s):
-                return list(await gather_or_cancel([one(c) for c in calls]))
-        except TimeoutError:
-            raise DeadlineExpired(f"the request ran past this server's {self.config.http_timeout_s:g} s deadline "
-                                  f"(--http-timeout); ask for fewer tokens") from None
+        return list(await gather_or_cancel([one(c) for c in calls]))  # under _answer's deadline
 
     async def _stream(self, route: str, adapter: Selection, backend: Backend, calls: Sequence[GenerateCall],
                       shape: oa.StreamShape, stops: Sequence[str], n: int, include_usage: bool) -> StreamingResponse:
         """Every choice is queued and refusals are answered with their status before the first byte is sent; then
         chunks as tokens come. A client that goes away cancels every choice (rows freed at the next step)."""
         streams = [backend.generate(call) for call in calls]
+        deadline = calls[0].deadline  # time.monotonic(), which is the event loop's clock
         try:
             firsts = await gather_or_cancel([anext(s) for s in streams])
         except BaseException:
@@ -218,8 +221,8 @@ class HttpApi:
                     start = shape.start(i)
                     if start is not None:
                         yield sse(start)
-                async with asyncio.timeout(self.config.http_timeout_s):
-                    while len(done) < len(streams):
+                while len(done) < len(streams):
+                    async with asyncio.timeout_at(deadline):  # the request's, from its arrival; never around a send
                         i, event = await queue.get()
                         if isinstance(event, BaseException):
                             status = status_of(event).name
@@ -287,6 +290,9 @@ class HttpApi:
             backend = self.gate.ready()
             call = EncodeCall(oa.inputs_of(body.input), model_selection(body.model, self.config), normalize=True)
             vectors = (await backend.embed(call)).numpy()
+            if not np.isfinite(vectors).all():
+                raise NonFiniteOutput("the embeddings came out NaN or infinite: the adapter overflows this model in "
+                                      "its dtype; check the adapter or serve in float32")
             rows = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors] \
                 if body.encoding_format == "base64" else vectors.tolist()
             tokens = await backend.count_tokens(call.inputs)
@@ -300,6 +306,9 @@ class HttpApi:
             backend = self.gate.ready()
             call = EncodeCall(oa.inputs_of(body.input), model_selection(body.model, self.config))
             results = await backend.classify(call)
+            if not all(math.isfinite(v) for r in results for v in r.scores.values()):
+                raise NonFiniteOutput("the class probabilities came out NaN: the adapter overflows this model in its "
+                                      "dtype; check the adapter or serve in float32")
             tokens = await backend.count_tokens(call.inputs)
             return JSONResponse(oa.classify_response(body.model, results, tokens))
         return await self._answer("/classify", named(body, self.config), work)
@@ -310,7 +319,7 @@ class HttpApi:
         async def work() -> Response:
             self._api_key(request)
             backend = self.gate.ready()
-            views = await asyncio.to_thread(backend.list_adapters, True)
+            views = await backend.list_with_store()
             data = [oa.base_entry(self.config, self.created, backend.max_positions)]
             data += [oa.adapter_entry(v, self.config, self.created) for v in views]
             return JSONResponse({"object": "list", "data": data})

@@ -163,29 +163,29 @@ class InferenceServicer(kgrpc.GRPCInferenceServiceServicer):
             if backend.kind != "causal-lm":
                 answer = await self._infer(request, context)
                 answer.parameters[FINAL].bool_param = True
-                await out.put(kpb.ModelStreamInferResponse(infer_response=answer))
+                await out.put(kpb.ModelStreamInferResponse(infer_response=self.fits(answer)))
                 self.metrics.rpc_done("ModelStreamInfer", self.named(request), "OK", time.perf_counter() - started)
                 return
             generation = kc.generation_of(request, self.config, self._deadline(context))
             if not generation.stream:
                 answer = await self._infer(request, context)
                 answer.parameters[FINAL].bool_param = True
-                await out.put(kpb.ModelStreamInferResponse(infer_response=answer))
+                await out.put(kpb.ModelStreamInferResponse(infer_response=self.fits(answer)))
             else:
                 async for chunk in self._generate(backend, generation):
                     final = isinstance(chunk, Completion)
                     text = [""] if final else [chunk]
                     answer = kc.response(request, [kc.bytes_output("text_output", text)], {FINAL: final})
-                    await out.put(kpb.ModelStreamInferResponse(infer_response=answer))
+                    await out.put(kpb.ModelStreamInferResponse(infer_response=self.fits(answer)))
             self.metrics.rpc_done("ModelStreamInfer", self.named(request), "OK", time.perf_counter() - started)
         except Exception as error:  # noqa: BLE001 - a stream answers errors in error_message
             code = status_of(error)
             self.metrics.rpc_done("ModelStreamInfer", self.named(request), code.name, time.perf_counter() - started)
             message = self.redact(str(error)) if code != grpc.StatusCode.INTERNAL else \
                 f"internal server error ({type(error).__name__}); the server log has the details"
-            await out.put(kpb.ModelStreamInferResponse(
-                error_message=f"{code.name}: {message}",
-                infer_response=kpb.ModelInferResponse(model_name=request.model_name, id=request.id)))
+            failed = kpb.ModelInferResponse(model_name=request.model_name, id=request.id)
+            failed.parameters[FINAL].bool_param = True  # a decoupled client counts this request as ended
+            await out.put(kpb.ModelStreamInferResponse(error_message=f"{code.name}: {message}", infer_response=failed))
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Every request of the stream runs at once (they batch together); answers come as they are ready."""
@@ -194,13 +194,15 @@ class InferenceServicer(kgrpc.GRPCInferenceServiceServicer):
         done = object()
 
         async def read() -> None:
-            async for request in request_iterator:
-                task = asyncio.ensure_future(self._stream_one(request, context, out))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            while tasks:
-                await asyncio.gather(*list(tasks), return_exceptions=True)
-            await out.put(done)
+            try:
+                async for request in request_iterator:
+                    task = asyncio.ensure_future(self._stream_one(request, context, out))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+            finally:
+                await out.put(done)  # even when reading the stream failed: the answer loop must end
 
         reader = asyncio.ensure_future(read())
         try:
@@ -211,6 +213,7 @@ class InferenceServicer(kgrpc.GRPCInferenceServiceServicer):
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+            await asyncio.gather(reader, *tasks, return_exceptions=True)
 
     # ---- the repository extension -------------------------------------------------------------------------------
 
@@ -218,7 +221,7 @@ class InferenceServicer(kgrpc.GRPCInferenceServiceServicer):
         async with answered(self, "RepositoryIndex", request, context):
             backend = self.gate.ready()
             models = [kpb.RepositoryIndexResponse.ModelIndex(name=self.config.model_name, version="1", state="READY")]
-            for view in await asyncio.to_thread(backend.list_adapters, True):
+            for view in await backend.list_with_store():
                 ready = view.residency == "device"
                 models.append(kpb.RepositoryIndexResponse.ModelIndex(
                     name=view.id, version="1", state="READY" if ready else "UNAVAILABLE",

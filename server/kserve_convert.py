@@ -124,8 +124,8 @@ def _from_json(raw: list) -> dict:
         raise InvalidRequest(f"input 'sampling_parameters' must have one element (a JSON object), has {len(raw)}")
     try:
         options = json.loads(_text(raw[0], "sampling_parameters"))
-    except json.JSONDecodeError as e:
-        raise InvalidRequest(f"input 'sampling_parameters' is not JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, an int past Python's digit limit, deep nesting
+        raise InvalidRequest(f"input 'sampling_parameters' is not JSON this server reads: {str(e)[:200]}") from None
     if not isinstance(options, dict):
         raise InvalidRequest("input 'sampling_parameters' must be a JSON object")
     unknown = sorted(set(options) - set(SCALARS) - {"stop"} - JSON_ONLY)

@@ -714,3 +714,17 @@ def test_an_encoder_answer_on_a_stream_is_final(encoder):
                                              timeout=30)
     assert final_of(answer.infer_response) is True
 
+
+
+@pytest.mark.parametrize("options", ['{"temperature": 1' + "0" * 400 + "}", '{"seed": ' + "9" * 5000 + "}",
+                                     "[" * 100000])
+def test_sampling_parameters_past_what_json_reads_are_invalid_argument(causal, options):
+    """An overflowing number, an int past Python's digit limit, deep nesting: INVALID_ARGUMENT, never INTERNAL."""
+    tensor = kpb.ModelInferRequest.InferInputTensor
+    request = kpb.ModelInferRequest(model_name=IDS[0], inputs=[
+        tensor(name="text_input", datatype="BYTES", shape=[1], contents=kpb.InferTensorContents(bytes_contents=[b"w5"])),
+        tensor(name="sampling_parameters", datatype="BYTES", shape=[1],
+               contents=kpb.InferTensorContents(bytes_contents=[options.encode()]))])
+    with pytest.raises(grpc.RpcError) as info:
+        causal.stub.ModelInfer(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
