@@ -10,6 +10,7 @@ live and move is server.residency's job: every request acquires its adapters the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -247,6 +248,14 @@ class Backend:
             else:
                 self.driver.cancel(stream)
                 asyncio.ensure_future(self._release_when_dropped(stream, request, held, label))
+
+    async def complete(self, call: GenerateCall) -> Completion:
+        """The Completion of `call` (generate without the token events); refusals raise as generate's do."""
+        async with contextlib.aclosing(self.generate(call)) as events:
+            async for event in events:
+                if isinstance(event, Completion):
+                    return event
+        raise RuntimeError("a generation ended without its completion")
 
     def _check_admission(self, deadline: float | None) -> None:
         if deadline is not None and deadline <= time.monotonic():

@@ -13,7 +13,7 @@ import torch
 from adalora.engine import Classification, SamplingParams
 from adalora.engine.engine import Selection
 from adalora.engine.errors import InvalidRequest
-from adalora.server.domain import AdapterView, Completion, EncodeCall, GenerateCall, Timings, TokenDelta
+from adalora.server.domain import AdapterView, Completion, EncodeCall, GenerateCall, Timings, TokenDelta, unsent
 from adalora.server.config import ServerConfig
 from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
 from adalora.server.store import check_id
@@ -133,7 +133,7 @@ def stream_to_pb(event: TokenDelta | Completion, streamed_text: str) -> pb.Gener
     """A token message, or the last message (whatever text the token messages did not carry yet)."""
     if isinstance(event, TokenDelta):
         return pb.GenerateStreamResponse(token_ids=[event.token_id], text=event.text)
-    rest = event.text[len(streamed_text):] if event.text.startswith(streamed_text) else ""
+    rest = unsent(event.text, streamed_text)
     return pb.GenerateStreamResponse(
         text=rest, finish_reason=FINISH_REASONS[event.finish_reason],
         usage=pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),

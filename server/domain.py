@@ -77,6 +77,12 @@ class AdapterView:
     in_flight: int = 0
 
 
+def unsent(final: str, sent: str) -> str:
+    """What a stream still owes of its final text after sending `sent`: the rest, or nothing when what was sent is
+    not a prefix of it (a decode that changed an earlier character)."""
+    return final[len(sent):] if final.startswith(sent) else ""
+
+
 def adapter_ids(request: Selection) -> set[str]:
     if request is None:
         return set()

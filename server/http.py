@@ -177,14 +177,7 @@ class HttpApi:
     # ---- generation -----------------------------------------------------------------------------------------
 
     async def _complete_all(self, backend: Backend, calls: Sequence[GenerateCall]) -> list[Completion]:
-        async def one(call: GenerateCall) -> Completion:
-            async with contextlib.aclosing(backend.generate(call)) as events:
-                async for event in events:
-                    if isinstance(event, Completion):
-                        return event
-            raise RuntimeError("a generation ended without its completion")
-
-        return list(await gather_or_cancel([one(c) for c in calls]))  # under _answer's deadline
+        return list(await gather_or_cancel([backend.complete(c) for c in calls]))  # under _answer's deadline
 
     async def _stream(self, route: str, adapter: Selection, backend: Backend, calls: Sequence[GenerateCall],
                       shape: oa.StreamShape, stops: Sequence[str], n: int, include_usage: bool) -> StreamingResponse:
@@ -270,7 +263,7 @@ class HttpApi:
     async def completions(self, body: oa.CompletionBody, request: Request) -> Response:
         async def work() -> Response:
             self._api_key(request)
-            return await self._generate("/v1/completions", body, oa.prompts_of(body.prompt), body.max_tokens, False)
+            return await self._generate("/v1/completions", body, oa.texts_or_ids(body.prompt, "prompt"), body.max_tokens, False)
         return await self._answer("/v1/completions", named(body, self.config), work)
 
     async def chat(self, body: oa.ChatBody, request: Request) -> Response:
@@ -288,7 +281,7 @@ class HttpApi:
             self._api_key(request)
             body.refuse_unsupported()
             backend = self.gate.ready()
-            call = EncodeCall(oa.inputs_of(body.input), model_selection(body.model, self.config), normalize=True)
+            call = EncodeCall(oa.texts_or_ids(body.input, "input"), model_selection(body.model, self.config), normalize=True)
             vectors = (await backend.embed(call)).numpy()
             if not np.isfinite(vectors).all():
                 raise NonFiniteOutput("the embeddings came out NaN or infinite: the adapter overflows this model in "
@@ -304,7 +297,7 @@ class HttpApi:
             self._api_key(request)
             body.refuse_unsupported()
             backend = self.gate.ready()
-            call = EncodeCall(oa.inputs_of(body.input), model_selection(body.model, self.config))
+            call = EncodeCall(oa.texts_or_ids(body.input, "input"), model_selection(body.model, self.config))
             results = await backend.classify(call)
             if not all(math.isfinite(v) for r in results for v in r.scores.values()):
                 raise NonFiniteOutput("the class probabilities came out NaN: the adapter overflows this model in its "

@@ -24,7 +24,7 @@ from adalora.server import kserve_convert as kc
 from adalora.server.auth import check_admin
 from adalora.server.backend import Backend
 from adalora.server.config import ServerConfig
-from adalora.server.domain import Completion, EncodeCall, TokenDelta, model_selection
+from adalora.server.domain import Completion, EncodeCall, TokenDelta, model_selection, unsent
 from adalora.server.errors import redactor, status_of
 from adalora.server.gate import Gate
 from adalora.server.gen.inference import grpc_service_pb2 as kpb
@@ -100,10 +100,8 @@ class InferenceServicer(kgrpc.GRPCInferenceServiceServicer):
         async with answered(self, "ModelMetadata", request, context):
             backend = self.gate.ready()
             selection = model_selection(request.name, self.config)
-            classifier = await self._is_classifier(backend, selection)
+            classifier = await self._is_classifier(backend, selection)  # NOT_FOUND for an id the store lacks
             if backend.kind == "causal-lm":
-                if selection is not None:
-                    await backend.get_adapter(selection)
                 inputs, outputs = kc.GENERATE_METADATA
             elif classifier:
                 inputs = [kc.tensor("text_input", "BYTES", [-1])]
@@ -130,7 +128,7 @@ class InferenceServicer(kgrpc.GRPCInferenceServiceServicer):
                     if event.text:
                         yield event.text
                 else:
-                    rest = event.text[len(streamed):] if event.text.startswith(streamed) else ""
+                    rest = unsent(event.text, streamed)
                     if rest:
                         yield rest
                     yield event
@@ -142,7 +140,7 @@ class InferenceServicer(kgrpc.GRPCInferenceServiceServicer):
             if generation.stream:
                 raise InvalidRequest("stream=true needs ModelStreamInfer (tritonclient: start_stream / "
                                      "async_stream_infer); ModelInfer answers once")
-            text = "".join([chunk async for chunk in self._generate(backend, generation) if isinstance(chunk, str)])
+            text = generation.prefix + (await backend.complete(generation.call)).text
             return kc.response(request, [kc.bytes_output("text_output", [text])])
         selection = model_selection(request.model_name, self.config)
         call = EncodeCall(kc.texts_of(request), selection)

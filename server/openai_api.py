@@ -19,7 +19,7 @@ from adalora.engine import Classification, SamplingParams
 from adalora.engine.engine import Selection
 from adalora.engine.errors import AdapterNotFound, InvalidRequest
 from adalora.server.config import ServerConfig
-from adalora.server.domain import AdapterView, Completion, GenerateCall, model_selection
+from adalora.server.domain import AdapterView, Completion, GenerateCall, model_selection, unsent
 from adalora.server.store import check_id
 
 FINISH = {"length": "length", "stop": "stop", "eos": "stop"}
@@ -155,23 +155,12 @@ class UnloadLoraBody(Body):
     lora_int_id: int | None = None
 
 
-def prompts_of(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | tuple[int, ...]]:
-    """One prompt per completion group: a text, or a tuple of token ids."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if not prompt:
-        raise InvalidRequest("prompt is an empty list; give a text, token ids, or a list of either")
-    if all(isinstance(x, int) for x in prompt):
-        return [tuple(prompt)]
-    return [x if isinstance(x, str) else tuple(x) for x in prompt]
-
-
-def inputs_of(value: str | list[str] | list[int] | list[list[int]]) -> tuple:
-    """Encoder inputs: texts or token id rows."""
+def texts_or_ids(value: str | list[str] | list[int] | list[list[int]], field: str) -> tuple[str | tuple[int, ...], ...]:
+    """A prompt or input field as one item per text or token-id row: a text, token ids, or a list of either."""
     if isinstance(value, str):
         return (value,)
     if not value:
-        raise InvalidRequest("input is an empty list; give a text, token ids, or a list of either")
+        raise InvalidRequest(f"{field} is an empty list; give a text, token ids, or a list of either")
     if all(isinstance(x, int) for x in value):
         return (tuple(value),)
     return tuple(x if isinstance(x, str) else tuple(x) for x in value)
@@ -279,9 +268,7 @@ class StopHold:
 
     def finish(self, completion: Completion) -> str:
         """The rest of the final text (empty when what was sent is not a prefix of it)."""
-        final = final_text(completion, self.stops)
-        sent = self.text[:self.sent]
-        return final[len(sent):] if final.startswith(sent) else ""
+        return unsent(final_text(completion, self.stops), self.text[:self.sent])
 
 
 def model_entry(model_id: str, created: int, parent: str | None, **extra) -> dict:

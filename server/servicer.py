@@ -17,7 +17,7 @@ import grpc
 from adalora.server import convert
 from adalora.server.auth import check_admin
 from adalora.server.backend import Backend
-from adalora.server.domain import Completion, GenerateCall, TokenDelta
+from adalora.server.domain import GenerateCall, TokenDelta
 from adalora.server.config import ServerConfig
 from adalora.server.errors import ResponseTooLarge, redactor, status_of
 from adalora.server.gate import Gate
@@ -121,11 +121,7 @@ class AdaLoraServicer(pb_grpc.AdaLoraServicer):
     @unary
     async def Generate(self, request, context):
         backend = self._ready()
-        call = self._generate_call(request, context)
-        async with aclosing(backend.generate(call)) as events:
-            async for event in events:
-                if isinstance(event, Completion):
-                    return convert.completion_to_pb(event)
+        return convert.completion_to_pb(await backend.complete(self._generate_call(request, context)))
 
     @streaming
     async def GenerateStream(self, request, context):
