@@ -249,7 +249,7 @@ class HttpApi:
 
     async def _generate(self, route: str, body: oa.SamplingBody, prompts: Sequence[str | tuple[int, ...]],
                         max_tokens: int | None, chat: bool) -> Response:
-        body.refuse_unsupported()
+        """The body was checked for unsupported parameters by its route."""
         backend = self.gate.ready()
         calls = oa.generate_calls(body, prompts, max_tokens, self.config, self._deadline())
         stops = calls[0].params.stop_strings()
@@ -263,7 +263,9 @@ class HttpApi:
     async def completions(self, body: oa.CompletionBody, request: Request) -> Response:
         async def work() -> Response:
             self._api_key(request)
-            return await self._generate("/v1/completions", body, oa.texts_or_ids(body.prompt, "prompt"), body.max_tokens, False)
+            body.refuse_unsupported()
+            prompts = oa.texts_or_ids(body.prompt, "prompt")
+            return await self._generate("/v1/completions", body, prompts, body.max_tokens, False)
         return await self._answer("/v1/completions", named(body, self.config), work)
 
     async def chat(self, body: oa.ChatBody, request: Request) -> Response:
