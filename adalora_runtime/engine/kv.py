@@ -1,4 +1,4 @@
-"""The running batch's KV cache: one left-padded transformers DynamicCache plus its padding mask.
+"""The reference decode path: the transformers forward over one left-padded DynamicCache plus its padding mask.
 
 Rows leave by `select` (keep some rows, then drop padding columns no kept row needs) and join by
 `concat` (left-pad the shorter cache to the longer, stack rows). A row's real tokens always end at the
@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from adalora.engine.errors import EngineError
 
 
 def cache_argument(model: torch.nn.Module) -> str:
@@ -94,3 +97,48 @@ def concat(a: BatchKV | None, b: BatchKV) -> BatchKV:
         la.values = torch.cat([_left_pad(la.values, width, 2), _left_pad(lb.values, width, 2)], dim=0)
     mask = torch.cat([_left_pad(a.mask, width, 1), _left_pad(b.mask, width, 1)], dim=0)  # (Ba + Bb, L)
     return BatchKV(a.cache, mask, torch.cat([a.positions, b.positions]))
+
+
+class HfDecoder:
+    """The Generator's decoder over the transformers forward of any causal LM with full-attention layers: the
+    reference of the lean path (engine.lean), and the path of every model that one does not run."""
+
+    name = "hf"
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        if any(type(layer) is not DynamicLayer for layer in DynamicCache(config=model.config).layers):
+            raise EngineError(f"{type(model).__name__} has sliding-window or other non-full-attention cache layers, "
+                              f"which this generator's left-padded batch cache does not handle")
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.cache_kw = cache_argument(model)
+        self.kv: BatchKV | None = None
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.kv is None else self.kv.rows
+
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        """New rows for `prompts` after the running ones -> logits (n, vocab) of each prompt's last token. The
+        adapter context routes n * P tokens (P = the longest prompt, shorter ones left-padded)."""
+        ids, mask, positions = prefill_inputs(prompts, self.device)  # (n, P) each
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **{self.cache_kw: cache},
+                         use_cache=True, logits_to_keep=1)
+        self.kv = concat(self.kv, BatchKV(cache, mask, mask.sum(dim=1)))  # the forward filled `cache` in place
+        return out.logits[:, -1]
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B,) long, one per running row -> logits (B, vocab)."""
+        attention_mask, position_ids = self.kv.decode_inputs()  # (B, L + 1), (B, 1)
+        out = self.model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                         **{self.cache_kw: self.kv.cache}, use_cache=True)
+        self.kv.advance()
+        return out.logits[:, -1]
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only `rows`, in that order."""
+        self.kv = select(self.kv, rows) if rows else None
+
+    def clear(self) -> None:
+        self.kv = None

@@ -128,10 +128,19 @@ class MultiAdapterLinear(nn.Module):
         plan = context.plan(self.bank)
         if plan is None:
             return y
-        if x.dtype == y.dtype == self.bank.dtype and y.is_contiguous():
-            plan.add_to(y.view(-1, y.shape[-1]), flat)  # in place: no (N, out) delta, no extra add
-            return y
-        return y + plan(flat).view(y.shape).to(y.dtype)  # (N, out) -> y's shape
+        if not y.is_contiguous():
+            return y + plan(flat).view(y.shape).to(y.dtype)  # (N, out) -> y's shape
+        add_delta(plan, self.bank, y.view(-1, y.shape[-1]), flat)
+        return y
+
+
+def add_delta(plan: Plan, bank: SlotBank, y: torch.Tensor, x: torch.Tensor) -> None:
+    """y (N, out) += the plan's delta for x (N, in), in place: y may be a column slice of a wider output (the lean
+    path's fused projections). In the bank's dtype without a (N, out) delta tensor; else through one, cast to y's."""
+    if x.dtype == y.dtype == bank.dtype:
+        plan.add_to(y, x)
+    else:
+        y += plan(x).to(y.dtype)
 
 
 def install_multi_linear(model: nn.Module, banks: dict[str, SlotBank], holder: ContextHolder) -> dict[str, MultiAdapterLinear]:

@@ -28,18 +28,21 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from adalora.config import ConfigError, is_int
 from adalora.engine.config import check_strategy
 from adalora.engine.engine import AdapterEngine, Selection
-from adalora.engine.errors import (DeadlineExpired, EngineError, InvalidRequest, NonFiniteOutput,
+from adalora.engine.errors import (DeadlineExpired, InvalidRequest, NonFiniteOutput,
                                            RequestCancelled)
-from adalora.engine.kv import BatchKV, cache_argument, concat, prefill_inputs, select
+from adalora.engine.kv import HfDecoder
+from adalora.engine.lean import LeanLlama, unsupported
 from adalora.engine.multi_linear import BatchContext
 from adalora.engine.sampling import SamplingParams, next_token, request_generator
 
 FINISH_REASONS = ("length", "stop", "eos")
+DECODERS = ("auto", "lean", "hf")
+"""The Generator's forward paths: 'lean' (engine.lean: Llama-family models), 'hf' (the transformers forward, any
+causal LM with full attention), 'auto' = lean where it runs the model, else hf."""
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,12 @@ class GeneratorConfig:
     """Tokens that end a completion (reason 'eos'); None = the model's generation_config eos ids, () = none."""
     strategy: str = "auto"
     """Batched-apply strategy of the adapters ('auto' = the engine's cost model)."""
+    decoder: str = "auto"
+    """The forward path (DECODERS): 'auto' takes the lean one where it runs the model."""
 
     def __post_init__(self) -> None:
+        if self.decoder not in DECODERS:
+            raise ConfigError(f"unknown decoder {self.decoder!r}; choose one of {DECODERS}")
         if not is_int(self.max_batch_size, 1):
             raise ConfigError(f"max_batch_size must be a positive integer, got {self.max_batch_size!r}")
         if self.eos_token_ids is not None and (not isinstance(self.eos_token_ids, tuple)
@@ -155,12 +162,8 @@ class Generator:
         model = engine.model
         self.hooks = hooks or StepHooks()
         self._step_started = time.perf_counter()
-        layers = DynamicCache(config=model.config).layers
-        if any(type(layer) is not DynamicLayer for layer in layers):
-            raise EngineError(f"{type(model).__name__} has sliding-window or other non-full-attention cache layers, "
-                              f"which this generator's left-padded batch cache does not handle")
         self.engine, self.config, self.tokenizer = engine, config, tokenizer
-        self._cache_kw = cache_argument(model)
+        self.decoder = make_decoder(engine, config)
         eos = config.eos_token_ids
         if eos is None:
             eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -174,7 +177,6 @@ class Generator:
         self._cancelled: set[int] = set()
         """request_id of each handle cancel()led since the last step began."""
         self._rows: list[_Row] = []
-        self._kv: BatchKV | None = None
         self._pending: torch.Tensor | None = None
         """(B,) long: each running row's last sampled token, not yet in the cache."""
         self._decode_context: tuple[tuple, BatchContext] | None = None
@@ -266,7 +268,7 @@ class Generator:
         running = [r.handle for r in self._rows if r.handle.request_id in cancelled]
         if running:
             self._rows = [self._rows[i] for i in keep]
-            self._kv = select(self._kv, keep) if keep else None
+            self.decoder.keep(keep)
             self._pending = self._pending[keep] if keep else None
         return [self._fail(h, RequestCancelled(f"request {h.request_id} was cancelled by its caller after "
                                                 f"{len(h.tokens)} tokens")) for h in running + waiting]
@@ -290,21 +292,17 @@ class Generator:
             return dropped
         try:
             rows = [_Row(h, request_generator(h.request.params.seed), list(h.request.prompt)) for h in new]
-            ids, mask, positions = prefill_inputs([r.seen for r in rows], self.engine.device)  # (n, P) each
-            cache = DynamicCache(config=self.engine.model.config)
-            context = self.engine.context([h.request.adapter for h in new], ids.shape[1], self.config.strategy)
+            width = max(len(r.seen) for r in rows)  # every prompt is padded to the longest
+            context = self.engine.context([h.request.adapter for h in new], width, self.config.strategy)
             with self.engine.batch(context):
-                out = self.engine.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                        **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1)
+                logits = self.decoder.prefill([r.seen for r in rows])  # (n, V)
         except BaseException as error:  # off the queue and not in a row yet: fail_all would never end them
             for handle in new:
                 self._fail(handle, error)
             raise
-        kv = BatchKV(cache, mask, mask.sum(dim=1))  # the forward filled `cache` in place
         first = len(self._rows)
         self._rows += rows
-        self._kv = concat(self._kv, kv)
-        return dropped + self._sample_and_retire(out.logits[:, -1], first)
+        return dropped + self._sample_and_retire(logits, first)
 
     def _decode_routing(self) -> BatchContext:
         """The decode context of the running rows: the previous step's while neither the rows nor the loaded
@@ -328,13 +326,9 @@ class Generator:
         return self.life.expect(min(r.handle.request.params.max_new_tokens - len(r.handle.tokens) for r in self._rows))
 
     def _decode(self) -> torch.Tensor:
-        attention_mask, position_ids = self._kv.decode_inputs()  # (B, L + 1), (B, 1)
         context = self._decode_routing()
         with self.engine.batch(context):
-            out = self.engine.model(input_ids=self._pending[:, None], attention_mask=attention_mask,
-                                    position_ids=position_ids, **{self._cache_kw: self._kv.cache}, use_cache=True)
-        self._kv.advance()
-        return out.logits[:, -1]
+            return self.decoder.decode(self._pending)  # (B, V)
 
     def _sample_and_retire(self, logits: torch.Tensor, first: int = 0) -> list[Handle]:
         """Sample rows first.. from logits (B - first, V); drop finished rows from rows, cache and pending."""
@@ -365,7 +359,7 @@ class Generator:
                 finished.append(self._finish(row.handle, reason))
         if len(keep) < len(self._rows):
             self._rows = [self._rows[i] for i in keep]
-            self._kv = select(self._kv, keep)
+            self.decoder.keep(keep)
             self._pending = self._pending[keep] if keep else None
         return finished
 
@@ -417,7 +411,8 @@ class Generator:
             handles = [*(r.handle for r in self._rows), *self._waiting]
             self._waiting.clear()
             self._cancelled.clear()
-        self._rows, self._kv, self._pending, self._decode_context = [], None, None, None
+        self._rows, self._pending, self._decode_context = [], None, None
+        self.decoder.clear()
         return [self._fail(handle, error) for handle in handles]
 
     def _fail(self, handle: Handle, error: BaseException) -> Handle:
@@ -425,3 +420,10 @@ class Generator:
         if handle.on_finish is not None:
             handle.on_finish(handle)
         return handle
+
+
+def make_decoder(engine: AdapterEngine, config: GeneratorConfig) -> HfDecoder | LeanLlama:
+    """The forward path `config.decoder` names over the engine's model ('auto': lean where it runs the model)."""
+    if config.decoder == "hf" or (config.decoder == "auto" and unsupported(engine.model) is not None):
+        return HfDecoder(engine.model)
+    return LeanLlama(engine.model, engine.holder, config.max_batch_size)

@@ -1,0 +1,244 @@
+"""The lean decode path of Llama-family causal LMs (Llama, Mistral, Qwen2 layouts), beside the Hugging Face forward.
+
+Built once over a model the AdapterEngine serves; the transformers model stays the loader and the reference
+(tests compare logits and greedy tokens with it). What it does differently:
+
+- the q/k/v projections run as one matmul, gate/up as one (weights concatenated once, at build); each adapter
+  still applies to its own slice at its own per-layer rank, through the same per-layer plans
+  (`multi_linear.add_delta`) as the wrapped modules;
+- on a CPU in float32, every dense weight is reordered once for oneDNN (`Dense`), whose small-batch matmul reads
+  the weights 2-3x faster than the default sgemm at decode batch sizes (docs/BENCHMARKS.md);
+- the KV cache is preallocated with per-row lengths (`engine.row_cache.RowCache`): a prefill writes its own rows,
+  a decode step one column per row, and no step re-pads or concatenates the cache;
+- attention is `scaled_dot_product_attention` over each row's own length; only each prompt's last position goes
+  through the LM head.
+
+Norms, the rotary embedding and the activation are the model's own modules, so every rope variant and eps
+the model's config sets applies unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from adalora.engine.errors import EngineError
+from adalora.engine.multi_linear import ContextHolder, MultiAdapterLinear, add_delta
+from adalora.engine.row_cache import RowCache
+from adalora.engine.slots import SlotBank
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+"""Configs whose decoder layers have the Llama layout: RMSNorm, q/k/v/o attention with rope, a SiLU gate/up MLP."""
+
+
+def unsupported(model: nn.Module) -> str | None:
+    """Why the lean path cannot run `model`, or None when it can."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_TYPES:
+        return f"model_type {model_type!r} is not one of the Llama-family layouts {MODEL_TYPES}"
+    if getattr(config, "hidden_act", None) != "silu":
+        return f"hidden_act {config.hidden_act!r} (the lean path implements SiLU gate/up MLPs)"
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention (the lean path attends over every cached token)"
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+        return "layers other than full attention"
+    body = getattr(model, "model", None)
+    if body is None or not hasattr(body, "layers") or not hasattr(model, "lm_head"):
+        return f"{type(model).__name__} has no .model.layers / .lm_head"
+    return None
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.base if isinstance(module, MultiAdapterLinear) else module
+
+
+class Dense:
+    """y = x @ W.T + b over a weight prepared once for the device's fastest matmul: reordered for oneDNN on a CPU
+    in float32 (a second copy of W, in oneDNN's blocked layout), the plain tensor elsewhere."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight, self.bias = weight, bias
+        self.packed = None
+        if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, in) -> (N, out), contiguous."""
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+class Projection:
+    """Several linear maps of one input as one matmul, each adapted layer's adapters added to its column slice."""
+
+    def __init__(self, modules: Sequence[nn.Module], holder: ContextHolder) -> None:
+        bases = [_base(m) for m in modules]
+        weight = torch.cat([b.weight for b in bases]) if len(bases) > 1 else bases[0].weight  # (out, in)
+        bias = None
+        if any(b.bias is not None for b in bases):
+            bias = torch.cat([b.bias if b.bias is not None else b.weight.new_zeros(b.weight.shape[0]) for b in bases])
+        self.dense = Dense(weight.detach(), None if bias is None else bias.detach())
+        self.holder = holder
+        self.parts: list[tuple[SlotBank, slice]] = []
+        """(bank, its columns of the output) of each adapted module."""
+        start = 0
+        for module, base in zip(modules, bases):
+            width = base.weight.shape[0]
+            if isinstance(module, MultiAdapterLinear):
+                self.parts.append((module.bank, slice(start, start + width)))
+            start += width
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, in) -> (N, sum of out)."""
+        y = self.dense(x)
+        context = self.holder.current
+        if context is None or not context.routes or not self.parts:
+            return y
+        if x.shape[0] != context.tokens:
+            raise ValueError(f"the batch context routes {context.tokens} tokens, the lean forward has {x.shape[0]}")
+        for bank, columns in self.parts:
+            plan = context.plan(bank)
+            if plan is not None:
+                add_delta(plan, bank, y[:, columns], x)
+        return y
+
+
+@dataclass(frozen=True)
+class _Shape:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+
+
+class LeanLayer:
+    """One decoder layer: fused projections, the model's own norms and activation."""
+
+    def __init__(self, layer: nn.Module, holder: ContextHolder) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv = Projection([attn.q_proj, attn.k_proj, attn.v_proj], holder)
+        self.o = Projection([attn.o_proj], holder)
+        self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], holder)
+        self.down = Projection([mlp.down_proj], holder)
+        self.act = mlp.act_fn
+        self.norm_in, self.norm_post = layer.input_layernorm, layer.post_attention_layernorm
+        self.q_width = _base(attn.q_proj).weight.shape[0]
+        self.kv_width = _base(attn.k_proj).weight.shape[0]
+        self.intermediate = _base(mlp.gate_proj).weight.shape[0]
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(h).split(self.intermediate, dim=-1)  # (N, I) each
+        return self.down(self.act(gate) * up)
+
+
+class LeanLlama:
+    """Prefill and decode over a RowCache, with the adapters the engine's context routes (holder.current)."""
+
+    name = "lean"
+
+    def __init__(self, model: nn.Module, holder: ContextHolder, max_rows: int) -> None:
+        reason = unsupported(model)
+        if reason is not None:
+            raise EngineError(f"the lean decode path cannot run this model: {reason}; use decoder 'hf'")
+        config = model.config
+        body = model.model
+        attn = body.layers[0].self_attn
+        head_dim = getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.shape = _Shape(config.num_attention_heads, config.num_key_value_heads, head_dim, attn.scaling)
+        self.embed, self.norm, self.rotary = body.embed_tokens, body.norm, body.rotary_emb
+        self.layers = [LeanLayer(layer, holder) for layer in body.layers[: config.num_hidden_layers]]
+        head = _base(model.lm_head)  # never adapted (engine targets exclude heads)
+        weight = head.weight
+        self.head = Dense(weight.detach(), None if head.bias is None else head.bias.detach())
+        self.cache = RowCache(len(self.layers), max_rows, self.shape.kv_heads, head_dim, weight.dtype, weight.device,
+                              limit=getattr(config, "max_position_embeddings", None))
+
+    # ---- one forward over T new tokens of n rows -------------------------------------------------------------
+
+    def _attend(self, layer: LeanLayer, index: int, h: torch.Tensor, positions: torch.Tensor, rows: slice,
+                width: int, mask: torch.Tensor, write) -> torch.Tensor:
+        """h (n, T, hidden) normed input -> attention output (n, T, hidden), this layer's new keys written first."""
+        n, T, _ = h.shape
+        s = self.shape
+        qkv = layer.qkv(h.reshape(n * T, -1))  # (n T, q + 2 kv)
+        q, k, v = qkv.split([layer.q_width, layer.kv_width, layer.kv_width], dim=-1)
+        q = q.view(n, T, s.heads, s.head_dim).transpose(1, 2)  # (n, H, T, D)
+        k = k.view(n, T, s.kv_heads, s.head_dim).transpose(1, 2)  # (n, Hkv, T, D)
+        v = v.view(n, T, s.kv_heads, s.head_dim).transpose(1, 2)
+        cos, sin = positions
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        write(index, k, v)
+        keys, values = self.cache.window(index, rows, width)  # (n, Hkv, W, D)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=s.scaling,
+                                             enable_gqa=s.heads != s.kv_heads)  # (n, H, T, D)
+        return layer.o(out.transpose(1, 2).reshape(n * T, -1)).view(n, T, -1)
+
+    def _forward(self, ids: torch.Tensor, position_ids: torch.Tensor, rows: slice, width: int, mask: torch.Tensor,
+                 write) -> torch.Tensor:
+        """ids, position_ids (n, T) -> final hidden states (n, T, hidden)."""
+        h = self.embed(ids)  # (n, T, hidden)
+        rope = self.rotary(h, position_ids)
+        n, T, hidden = h.shape
+        for index, layer in enumerate(self.layers):
+            h = h + self._attend(layer, index, layer.norm_in(h), rope, rows, width, mask, write)
+            h = h + layer.mlp(layer.norm_post(h).reshape(n * T, hidden)).view(n, T, hidden)
+        return self.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, hidden) -> (n, vocab)."""
+        return self.head(hidden)
+
+    # ---- the Generator's decoder interface -------------------------------------------------------------------
+
+    @property
+    def rows(self) -> int:
+        return self.cache.rows
+
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        """New rows for `prompts` (appended after the running rows) -> logits (n, vocab) of each prompt's last
+        token. The adapter context routes n * P tokens (P = the longest prompt, shorter ones right-padded)."""
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        device = self.cache.device
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        ids = ids.to(device)
+        rows = self.cache.join(lengths)
+        columns = torch.arange(width, device=device)
+        position_ids = columns.expand(len(prompts), width)  # (n, P)
+        valid = columns[None, :] < torch.tensor(lengths, device=device)[:, None]  # (n, P) keys that are real tokens
+        mask = (columns[None, :] <= columns[:, None])[None] & valid[:, None, :]  # (n, P, P) causal, real keys
+        try:
+            hidden = self._forward(ids, position_ids, rows, width, mask[:, None],
+                                   lambda index, k, v: self.cache.write_prefill(index, rows, k, v))
+        except BaseException:
+            self.cache.keep(list(range(rows.start)))  # the rows it opened close again
+            raise
+        last = torch.tensor(lengths, device=device) - 1
+        return self.logits(hidden[torch.arange(len(prompts), device=device), last])  # (n, vocab)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B,) long, one per running row -> logits (B, vocab); each row's cache grows by one."""
+        self.cache.ensure_next()
+        columns = self.cache.step_positions()  # (B,) where each new token goes
+        width = max(self.cache.lengths) + 1
+        mask = torch.arange(width, device=columns.device)[None, :] <= columns[:, None]  # (B, W)
+        rows = slice(0, self.cache.rows)
+        hidden = self._forward(tokens[:, None], columns[:, None], rows, width, mask[:, None, None],
+                               lambda index, k, v: self.cache.write_step(index, columns, k, v))
+        self.cache.advance()
+        return self.logits(hidden[:, 0])
+
+    def keep(self, rows: list[int]) -> None:
+        self.cache.keep(rows)
+
+    def clear(self) -> None:
+        self.cache.clear()
