@@ -9,7 +9,7 @@ BIN = $(VENV)/bin
 TRITON_VENV ?= .venv-triton
 TRITON_SPEC = tritonclient[grpc]==2.73.0
 
-.PHONY: setup demo test test-slow bench-quick
+.PHONY: setup demo test test-slow bench-quick peer bench-llamacpp
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +36,12 @@ test: setup $(TRITON_VENV)/.installed
 test-slow: setup
 	$(BIN)/adalora prepare
 	$(BIN)/python -m pytest -q -m slow
+
+# The peer of benchmarks/vs_llamacpp.py: llama.cpp's llama-server built from the llama-cpp-python sdist's sources
+# (no internet beyond the package registry). Not part of `make test`.
+PEER ?= .peer
+peer: setup
+	bash benchmarks/build_llamacpp.sh $(PEER) $(BIN)/python
+
+bench-llamacpp: peer
+	OMP_NUM_THREADS=$$(nproc) $(BIN)/python benchmarks/vs_llamacpp.py --peer $(PEER)

@@ -1,5 +1,6 @@
 """Where one decode step's time goes, against the byte limit (issue 24): SmolLM2-135M, a batch of B rows after a
-PROMPT_LEN-token prefill, the plain transformers forward (the path our base rows take today), profiled per op class.
+PROMPT_LEN-token prefill, through the Generator's lean forward (engine.lean) or the plain transformers forward
+(--decoder hf, the path before it), profiled per op class.
 
 The byte limit: a decode step must read every weight once (the tied embedding as the lm_head), so at the machine's
 memory bandwidth it cannot take less than weight_bytes / bandwidth. Bandwidth is measured here by copying a tensor
@@ -8,6 +9,7 @@ far larger than the caches (a copy reads and writes: bytes moved = 2 x size). Re
 tokens/s, and the linears' effective read bandwidth (weight bytes / linear ms).
 
     OMP_NUM_THREADS=2 python benchmarks/decode_profile.py [--batch 8] [--steps 20] [--dtype float32|bfloat16]
+                                                          [--decoder lean|hf]
     python benchmarks/decode_profile.py --quick          # tiny random llama, seconds
 """
 
@@ -30,11 +32,14 @@ from transformers import DynamicCache  # noqa: E402
 from _common import markdown_table, write_json  # noqa: E402
 from adalora.dtypes import DTYPES  # noqa: E402
 from adalora.dtypes import resolve as resolve_dtype  # noqa: E402
+from adalora.engine.lean import LeanLlama  # noqa: E402
+from adalora.engine.multi_linear import ContextHolder  # noqa: E402
 from engine_throughput import load_base  # noqa: E402
 
 PROMPT_LEN = 32
 CLASSES = (
-    ("linear", ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul", "aten::_mkldnn")),
+    ("linear", ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul", "aten::_mkldnn",
+                "mkldnn::_linear")),
     ("attention", ("aten::scaled_dot_product", "aten::_scaled_dot_product", "aten::softmax", "aten::_softmax",
                    "aten::_flash")),
     ("norm+act", ("aten::rsqrt", "aten::pow", "aten::mean", "aten::silu", "aten::mul", "aten::add", "aten::neg",
@@ -71,21 +76,34 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def decode_steps(model, batch: int, steps: int, vocab: int, profiled: bool):
+def hf_steps(model, ids: torch.Tensor):
+    """(first greedy tokens (B,), one decode step: tokens (B,) -> logits (B, V)) of the transformers forward."""
+    cache = DynamicCache(config=model.config)
+    first = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
+    return first, lambda token: model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+
+
+def lean_steps(model, ids: torch.Tensor):
+    """The same through the lean path (no adapter context: every row on the base)."""
+    lean = LeanLlama(model, ContextHolder(), ids.shape[0])
+    return lean.prefill(ids.tolist()).argmax(-1), lean.decode
+
+
+DECODERS = {"lean": lean_steps, "hf": hf_steps}
+
+
+def decode_steps(model, decoder: str, batch: int, steps: int, vocab: int, profiled: bool):
     """(per-step seconds, the profiler or None) of `steps` greedy decode steps after a prefill of `batch` rows."""
     ids = torch.randint(3, vocab, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
-    cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        token, step = DECODERS[decoder](model, ids)
         for _ in range(3):  # warm-up
-            token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            token = step(token).argmax(-1)
         times = []
         with (profile(activities=[ProfilerActivity.CPU]) if profiled else contextlib.nullcontext()) as prof:
             for _ in range(steps):
                 start = time.perf_counter()
-                token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(
-                    -1, keepdim=True)
+                token = step(token).argmax(-1)
                 times.append(time.perf_counter() - start)
     return times, prof
 
@@ -96,13 +114,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
+    ap.add_argument("--decoder", default="lean", choices=tuple(DECODERS))
     args = ap.parse_args()
     dtype = DTYPES[resolve_dtype(args.dtype, "cpu")]
     model = load_base(args.quick, torch.device("cpu"), dtype)
     bandwidth = copy_bandwidth(64 if args.quick else 512)
     # profile a first pass for the op classes, then time a pass without the profiler's overhead
-    _, prof = decode_steps(model, args.batch, args.steps, model.config.vocab_size, profiled=True)
-    times, _ = decode_steps(model, args.batch, args.steps, model.config.vocab_size, profiled=False)
+    _, prof = decode_steps(model, args.decoder, args.batch, args.steps, model.config.vocab_size, profiled=True)
+    times, _ = decode_steps(model, args.decoder, args.batch, args.steps, model.config.vocab_size, profiled=False)
     step_s = statistics.median(times)
     per_class: dict[str, float] = defaultdict(float)
     others: dict[str, float] = {}
@@ -119,7 +138,7 @@ def main() -> None:
     table = markdown_table(["op class", "ms / step (profiled)", "share"], rows)
     linear_s = per_class.get("linear", 0.0) * step_s / profiled
     summary = {
-        "dtype": str(dtype).removeprefix("torch."), "batch": args.batch, "threads": torch.get_num_threads(),
+        "dtype": str(dtype).removeprefix("torch."), "decoder": args.decoder, "batch": args.batch, "threads": torch.get_num_threads(),
         "weight_MB": nbytes / 1e6, "copy_bandwidth_GBps": bandwidth, "step_ms": step_s * 1e3,
         "tok_s": args.batch / step_s, "limit_step_ms": limit_s * 1e3, "limit_tok_s": args.batch / limit_s,
         "step_over_limit": step_s / limit_s, "linear_GBps": nbytes / linear_s / 1e9 if linear_s else None,
@@ -127,14 +146,15 @@ def main() -> None:
         "top_other_ms": {k: v * 1e3 for k, v in sorted(others.items(), key=lambda kv: -kv[1])[:8]},
     }
     print(table)
-    print(f"\n{summary['dtype']}, batch {args.batch}, {summary['threads']} threads: step {step_s * 1e3:.1f} ms "
+    print(f"\n{args.decoder}, {summary['dtype']}, batch {args.batch}, {summary['threads']} threads: step {step_s * 1e3:.1f} ms "
           f"({summary['tok_s']:.0f} tok/s); weights {nbytes / 1e6:.0f} MB at the copy bandwidth {bandwidth:.1f} GB/s "
           f"-> limit {limit_s * 1e3:.1f} ms ({summary['limit_tok_s']:.0f} tok/s); step / limit "
           f"{summary['step_over_limit']:.2f}x; the linears read their weights at "
           f"{summary['linear_GBps'] or float('nan'):.1f} GB/s")
     print("largest 'other' ops (ms / step):", ", ".join(f"{k} {v:.2f}" for k, v in summary["top_other_ms"].items()))
     summary["table"] = table
-    print(f"wrote {write_json('decode_profile' + ('_quick' if args.quick else ''), summary)}")
+    name = f"decode_profile_{args.decoder}" + ("_quick" if args.quick else "")
+    print(f"wrote {write_json(name, summary)}")
 
 
 if __name__ == "__main__":

@@ -98,8 +98,9 @@ class Backend:
         if self.kind == "causal-lm":
             hooks = StepHooks(lock=self.lock, on_admit=lambda handle: m.inflight.admitted(id(handle.request)),
                               on_decode=m.batch_size.observe)
-            self.generator = Generator(self.engine, GeneratorConfig(max_batch_size=config.max_batch_size), tokenizer,
-                                       hooks)
+            self.generator = Generator(self.engine, GeneratorConfig(max_batch_size=config.max_batch_size,
+                                                                    decoder=config.decoder), tokenizer, hooks)
+            log.info("generation decoder: %s (--decoder %s)", self.generator.decoder.name, config.decoder)
             self.driver = AsyncDriver(self.generator)
         else:
             limit = min(config.max_prompt_tokens, self.max_positions or config.max_prompt_tokens)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from adalora.config import ConfigError, is_int, is_number
 from adalora.dtypes import DTYPE_NAMES
+from adalora.engine.scheduler import DECODERS
 from adalora.engine.errors import InvalidRequest
 from adalora.server import tls
 from adalora.server.adapter_checks import AdapterLimits
@@ -38,6 +39,9 @@ class ServerConfig:
     dtype: str = "float32"
     """Model and slot dtype: float32, bfloat16, float16, or auto (adalora.dtypes.resolve: bfloat16 where the device
     computes it natively, else float32)."""
+    decoder: str = "auto"
+    """The generation forward (adalora.engine.scheduler.DECODERS): lean (Llama-family models: fused projections,
+    a preallocated KV cache), hf (the transformers forward, any causal LM), auto = lean where it runs the model."""
     max_batch_size: int = 8
     """Generation rows decoded together; further requests wait for a free row."""
     max_queue: int = 256
@@ -148,6 +152,8 @@ class ServerConfig:
                               f"(check --ready-file)")
         if self.dtype not in DTYPE_NAMES:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {list(DTYPE_NAMES)}")
+        if self.decoder not in DECODERS:
+            raise ConfigError(f"decoder {self.decoder!r} is not one of {list(DECODERS)}")
         if self.admin_token is not None and (not isinstance(self.admin_token, str) or not self.admin_token.strip()
                                              or self.admin_token != self.admin_token.strip()):
             raise ConfigError("admin_token must be a non-empty string without surrounding whitespace, or None to "

@@ -14,7 +14,10 @@ Built once over a model the AdapterEngine serves; the transformers model stays t
   through the LM head.
 
 Norms, the rotary embedding and the activation are the model's own modules, so every rope variant and eps
-the model's config sets applies unchanged.
+the model's config sets applies unchanged. The base weights are read when the path is built: where they are not
+reordered, the model's q/k/v and gate/up weights become views of the fused ones (held once); where they are (CPU,
+float32), the reordered copy is a second copy of the weights, and a later change to the model's weights (an edge
+merge) is not seen by a path built before it.
 """
 
 from __future__ import annotations
@@ -75,6 +78,16 @@ class Dense:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+def _share(bases: Sequence[nn.Module], fused: torch.Tensor) -> None:
+    """Point each module's weight at its rows of the fused weight (contiguous views): the model keeps working as
+    the reference, and the weights are held once."""
+    start = 0
+    for base in bases:
+        width = base.weight.shape[0]
+        base.weight.data = fused[start: start + width]
+        start += width
+
+
 class Projection:
     """Several linear maps of one input as one matmul, each adapted layer's adapters added to its column slice."""
 
@@ -85,6 +98,8 @@ class Projection:
         if any(b.bias is not None for b in bases):
             bias = torch.cat([b.bias if b.bias is not None else b.weight.new_zeros(b.weight.shape[0]) for b in bases])
         self.dense = Dense(weight.detach(), None if bias is None else bias.detach())
+        if self.dense.packed is None and len(bases) > 1:
+            _share(bases, self.dense.weight)
         self.holder = holder
         self.parts: list[tuple[SlotBank, slice]] = []
         """(bank, its columns of the output) of each adapted module."""

@@ -8,6 +8,7 @@ import logging
 import os
 
 from adalora.dtypes import DTYPE_NAMES
+from adalora.engine.scheduler import DECODERS
 from adalora.engine.errors import EngineError
 from adalora.peft_interop import InteropError
 from adalora.server.adapter_checks import AdapterLimits
@@ -57,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=DEFAULTS.dtype, choices=DTYPE_NAMES,
                    help=f"model and adapter-slot dtype (default {DEFAULTS.dtype}); auto: bfloat16 on CUDA and on a CPU "
                         f"with native bfloat16 (avx512_bf16, AMX, Arm BF16), else float32")
+    p.add_argument("--decoder", default=DEFAULTS.decoder, choices=DECODERS,
+                   help="generation forward: lean (Llama-family: fused projections, preallocated KV cache), hf (the "
+                        "transformers forward), auto (default: lean where it runs the model)")
     p.add_argument("--max-batch-size", type=int, default=DEFAULTS.max_batch_size, help="generation rows per step")
     p.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue,
                    help=f"generation requests waiting for a batch row; more are RESOURCE_EXHAUSTED "
@@ -143,7 +147,8 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(base_model=base, adapter_dir=store, preload=tuple(args.preload), reflection=args.reflection,
                         host=args.host, port=args.port, http_port=args.http_port,
                         served_model_name=args.served_model_name, http_timeout_s=args.http_timeout,
-                        api_key=args.api_key or os.environ.get("ADALORA_API_KEY") or None, device=args.device, dtype=args.dtype,
+                        api_key=args.api_key or os.environ.get("ADALORA_API_KEY") or None, device=args.device,
+                        dtype=args.dtype, decoder=args.decoder,
                         max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_slots=args.max_slots,
                         max_device_bytes=args.max_device_bytes, max_host_bytes=args.max_host_bytes,
                         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,

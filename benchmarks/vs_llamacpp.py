@@ -1,0 +1,336 @@
+"""Side by side with llama.cpp's llama-server, the server CPU and edge users run: SmolLM2-135M on this machine,
+B concurrent greedy requests of N new tokens through each server's HTTP front-end (ours: /v1/completions; the
+peer: /completion with its per-request `lora` field), every server started once and the rounds interleaved.
+
+Configurations: base (every row on the base model), one (every row adapter a0), distinct (row i adapter a_i).
+Adapters are generated as in engine_throughput.py (AdaLoRA rank patterns 0 or 5..12 on all 7 projections) with
+larger factors, so that they change the greedy tokens; the peer gets each as a plain LoRA (`save_peft_lora`,
+then llama.cpp's convert_lora_to_gguf.py). llama.cpp scales each tensor by alpha / its own rank, so the export
+sets lora_alpha 0, which it reads as scale 1: our factors have lambda and the scale folded in, at each layer's
+own rank. The base is converted by llama.cpp's convert_hf_to_gguf.py (f32, bf16, q8_0).
+
+Before timing, both servers must compute the same thing: greedy texts in f32 equal for the base and for a0 on
+every prompt (the run stops if not). Beware of the peer's `--lora-init-without-apply`: it leaves every global
+LoRA scale at 1.0 in this version, so a request without `lora` would run all adapters at once; the scales are
+set to 0 with POST /lora-adapters and read back.
+
+Throughput of one round = completion tokens of the B requests / wall time from the first send to the last
+answer (prefill included, as a client sees it); the table shows medians over --rounds, after one warm-up round.
+
+    make peer                                   # builds .peer/bin/llama-server once (minutes)
+    python benchmarks/vs_llamacpp.py [--rounds 5] [--batch 8] [--new-tokens 64] [--ours float32 bfloat16]
+                                     [--peer-weights f32 bf16 q8_0] [--peer .peer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import httpx2  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: E402
+
+from _common import RESULTS, markdown_table, median, write_json  # noqa: E402
+from adalora.adapter import Adapter, AdapterLayer, base_identity  # noqa: E402
+from adalora.adapter_file import save_adapter  # noqa: E402
+from adalora.assets import dataset_path, model_path  # noqa: E402
+from adalora.inject import resolve_targets  # noqa: E402
+from adalora.layers import linear_dims  # noqa: E402
+from adalora.peft_interop import save_peft_lora  # noqa: E402
+from adalora.server.config import ServerConfig  # noqa: E402
+from engine_throughput import INIT_R, LORA_ALPHA, P_ZERO, R_MIN, TARGETS  # noqa: E402
+from serve_grpc import start_server, stop_server  # noqa: E402
+
+PEER_VERSION = "0.3.36"
+CONFIGS = ("base", "one", "distinct")
+FACTOR_STD = 0.3
+"""Of the generated factors: large enough that every adapter changes the greedy tokens (checked)."""
+
+
+# ---------------------------------------------------------------- assets
+
+
+def make_adapter(model: torch.nn.Module, shapes: dict[str, tuple[int, int]], seed: int) -> Adapter:
+    gen = torch.Generator().manual_seed(seed)
+    layers = {}
+    for path, (in_f, out_f) in shapes.items():
+        if float(torch.rand((), generator=gen)) < P_ZERO:
+            continue
+        r = int(torch.randint(R_MIN, INIT_R + 1, (1,), generator=gen))
+        layers[path] = AdapterLayer(torch.randn(out_f, r, generator=gen) * FACTOR_STD,
+                                    torch.randn(r, generator=gen) * 0.1,
+                                    torch.randn(r, in_f, generator=gen) * FACTOR_STD)
+    return Adapter(base=base_identity(model), shapes=shapes, layers=layers, init_r=INIT_R, lora_alpha=LORA_ALPHA)
+
+
+def peer_source(peer: Path) -> Path:
+    return peer / f"llama_cpp_python-{PEER_VERSION}" / "vendor" / "llama.cpp"
+
+
+def run_converter(src: Path, script: str, *args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
+    done = subprocess.run([sys.executable, str(src / script), *args], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{script} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+
+
+def base_gguf(src: Path, model_dir: Path, out: Path, outtype: str) -> Path:
+    path = out / f"smollm2-135m-{outtype}.gguf"
+    if not path.exists():
+        run_converter(src, "convert_hf_to_gguf.py", str(model_dir), "--outtype", outtype, "--outfile", str(path))
+    return path
+
+
+def lora_gguf(src: Path, model_dir: Path, adapter: Adapter, out: Path, name: str) -> Path:
+    """The adapter as a plain LoRA GGUF with lora_alpha 0 (llama.cpp: scale 1 on every tensor)."""
+    path = out / f"{name}.gguf"
+    folder = out / f"{name}-lora"
+    shutil.rmtree(folder, ignore_errors=True)
+    save_peft_lora(adapter, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(lora_alpha=0, alpha_pattern={}, rank_pattern={})
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    run_converter(src, "convert_lora_to_gguf.py", "--base", str(model_dir), "--outtype", "f32", "--outfile",
+                  str(path), str(folder))
+    shutil.rmtree(folder)
+    return path
+
+
+def prompts(tokenizer, count: int) -> list[list[int]]:
+    """`count` prompts of real dialogue lines from the packaged movie-dialog data, as token ids."""
+    rows = [json.loads(line) for line in dataset_path("moviedialog", "train").read_text().splitlines()[:count * 4]]
+    texts = [r["prompt"] for r in rows]
+    return [tokenizer(t)["input_ids"][:48] for t in texts[:count]]
+
+
+# ---------------------------------------------------------------- servers
+
+
+@dataclass
+class Server:
+    name: str
+    weights: str
+    url: str
+    adapters: list[str]
+    proc: subprocess.Popen
+    client: httpx2.AsyncClient = field(init=False)
+
+    async def complete(self, prompt: list[int], adapter: int | None, new_tokens: int) -> tuple[str, int]:
+        raise NotImplementedError
+
+
+@dataclass
+class Ours(Server):
+    base_name: str = ""
+
+    async def complete(self, prompt, adapter, new_tokens):
+        body = {"model": self.base_name if adapter is None else self.adapters[adapter], "prompt": prompt,
+                "max_tokens": new_tokens, "temperature": 0}
+        reply = await self.client.post("/v1/completions", json=body)
+        reply.raise_for_status()
+        out = reply.json()
+        return out["choices"][0]["text"], out["usage"]["completion_tokens"]
+
+
+@dataclass
+class Peer(Server):
+    async def complete(self, prompt, adapter, new_tokens):
+        body = {"prompt": prompt, "n_predict": new_tokens, "temperature": 0, "cache_prompt": False,
+                "lora": [] if adapter is None else [{"id": adapter, "scale": 1.0}]}
+        reply = await self.client.post("/completion", json=body)
+        reply.raise_for_status()
+        out = reply.json()
+        return out["content"], out["tokens_predicted"]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_peer(binary: Path, gguf: Path, loras: list[Path], args, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(args.threads),
+           "-np", str(args.batch), "-c", str(args.batch * 256), "--lora-init-without-apply", "--no-webui"]
+    for lora in loras:
+        cmd += ["--lora", str(lora)]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"llama-server exited ({proc.returncode}); its log: {log}")
+        try:
+            if httpx2.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx2.HTTPError:
+            pass
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        raise SystemExit(f"llama-server did not become healthy in 300 s; its log: {log}")
+    httpx2.post(f"{url}/lora-adapters", json=[{"id": i, "scale": 0.0} for i in range(len(loras))]).raise_for_status()
+    scales = [a["scale"] for a in httpx2.get(f"{url}/lora-adapters").json()]
+    if any(scales):
+        raise SystemExit(f"llama-server kept global LoRA scales {scales} after setting them to 0")
+    return proc, url
+
+
+# ---------------------------------------------------------------- measurement
+
+
+def row_adapters(config: str, batch: int) -> list[int | None]:
+    return {"base": [None] * batch, "one": [0] * batch, "distinct": list(range(batch))}[config]
+
+
+async def round_of(server: Server, ids: list[list[int]], config: str, new_tokens: int) -> dict:
+    adapters = row_adapters(config, len(ids))
+    start = time.perf_counter()
+    answers = await asyncio.gather(*(server.complete(p, a, new_tokens) for p, a in zip(ids, adapters)))
+    wall = time.perf_counter() - start
+    tokens = sum(n for _, n in answers)
+    return {"tok_s": tokens / wall, "tokens": tokens, "texts": [t for t, _ in answers]}
+
+
+async def equivalence(ours: Server, peer: Server, ids: list[list[int]], new_tokens: int) -> dict:
+    """Greedy texts of both float32 servers for the base and a0, and how many rows a0 changes."""
+    out = {}
+    for config in ("base", "one"):
+        a = (await round_of(ours, ids, config, new_tokens))["texts"]
+        b = (await round_of(peer, ids, config, new_tokens))["texts"]
+        out[config] = {"equal": sum(x == y for x, y in zip(a, b)), "rows": len(ids),
+                       "first_mismatch": next(([x, y] for x, y in zip(a, b) if x != y), None), "texts": a}
+    out["adapter_changes"] = sum(x != y for x, y in zip(out["base"]["texts"], out["one"]["texts"]))
+    return out
+
+
+async def measure(servers: list[Server], ids, args) -> dict:
+    for server in servers:
+        server.client = httpx2.AsyncClient(base_url=server.url, timeout=600)
+    f32 = {s.weights: s for s in servers}
+    check = await equivalence(f32["float32"], f32["f32"], ids, args.new_tokens)
+    for config in ("base", "one"):
+        if check[config]["equal"] != check[config]["rows"]:
+            raise SystemExit(f"the float32 servers disagree on {config}: {check[config]}")
+    if check["adapter_changes"] == 0:
+        raise SystemExit("adapter a0 changes no greedy text: the check would not tell adapters apart")
+    results = {f"{s.name} {s.weights}": {c: [] for c in CONFIGS} for s in servers}
+    for r in range(args.rounds + 1):
+        for c in CONFIGS:
+            order = servers[r % len(servers):] + servers[:r % len(servers)]  # rotated each round
+            for server in order:
+                res = await round_of(server, ids, c, args.new_tokens)
+                if r > 0:  # round 0 warms up
+                    results[f"{server.name} {server.weights}"][c].append(res["tok_s"])
+    for server in servers:
+        await server.client.aclose()
+    return {"equivalence": {k: {kk: vv for kk, vv in v.items() if kk != "texts"} if isinstance(v, dict) else v
+                            for k, v in check.items()},
+            "tok_s": {name: {c: median(v) for c, v in res.items()} for name, res in results.items()},
+            "rounds": results}
+
+
+def table(results: dict) -> str:
+    rows = []
+    ours_base = {k: v["base"] for k, v in results["tok_s"].items() if k.startswith("adalora")}
+    for name, res in results["tok_s"].items():
+        rows.append([name, f"{res['base']:.0f}", f"{res['one']:.0f}", f"{res['distinct']:.0f}",
+                     f"{res['distinct'] / res['base']:.2f}"])
+    best_peer = max(v["distinct"] for k, v in results["tok_s"].items() if k.startswith("llama"))
+    out = markdown_table(["server, weights", "base xB tok/s", "one adapter xB", "B distinct adapters",
+                          "distinct / base"], rows)
+    ratios = [f"{k}: distinct {results['tok_s'][k]['distinct'] / best_peer:.2f}x the peer's best distinct"
+              for k in ours_base]
+    return out + "\n\n" + "\n".join(ratios)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["tok_s"])
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ax.bar([c + i * width for c in range(len(CONFIGS))], [results["tok_s"][name][c] for c in CONFIGS], width,
+               label=name)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(CONFIGS))], CONFIGS)
+    ax.set_ylabel("tokens/s (B concurrent requests)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--peer", type=Path, default=Path(".peer"), help="folder of `make peer`'s build")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--ours", nargs="+", default=["float32", "bfloat16"], help="our dtypes (float32 always runs)")
+    ap.add_argument("--peer-weights", nargs="+", default=["f32", "bf16", "q8_0"], help="GGUF types (f32 always)")
+    ap.add_argument("--decoder", default="auto", help="our --decoder (auto, lean, hf)")
+    args = ap.parse_args()
+    binary, src = args.peer / "bin" / "llama-server", peer_source(args.peer)
+    if not binary.exists() or not src.exists():
+        print(f"skipped: llama-server is not built under {args.peer}; run `make peer` first (builds it from the "
+              f"llama-cpp-python {PEER_VERSION} sdist, minutes)")
+        return
+    work = args.peer / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = model_path("smollm2-135m")
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    shapes = {p: linear_dims(model.get_submodule(p)) for p in resolve_targets(model, TARGETS)}
+    store = work / "store"
+    shutil.rmtree(store, ignore_errors=True)
+    adapters = [make_adapter(model, shapes, seed=i) for i in range(args.batch)]
+    for i, adapter in enumerate(adapters):
+        save_adapter(adapter, store / f"a{i}")
+    loras = [lora_gguf(src, model_dir, a, work, f"a{i}") for i, a in enumerate(adapters)]
+    ids = prompts(AutoTokenizer.from_pretrained(model_dir), args.batch)
+    servers: list[Server] = []
+    try:
+        for dtype in dict.fromkeys(["float32", *args.ours]):
+            config = ServerConfig(base_model=str(model_dir), adapter_dir=str(store),
+                                  preload=tuple(f"a{i}" for i in range(args.batch)), dtype=dtype,
+                                  decoder=args.decoder, max_batch_size=args.batch, max_slots=args.batch,
+                                  max_new_tokens=max(args.new_tokens, 64))
+            proc, ready = start_server(config, work / f"ours-{dtype}.log")
+            servers.append(Ours("adalora", dtype, f"http://127.0.0.1:{ready['http_port']}",
+                                [f"a{i}" for i in range(args.batch)], proc, base_name=model_dir.name))
+        for outtype in dict.fromkeys(["f32", *args.peer_weights]):
+            gguf = base_gguf(src, model_dir, work, outtype)
+            proc, url = start_peer(binary, gguf, loras, args, work / f"peer-{outtype}.log")
+            servers.append(Peer("llama-server", outtype, url, [f"a{i}" for i in range(args.batch)], proc))
+        results = asyncio.run(measure(servers, ids, args))
+    finally:
+        for server in servers:
+            stop_server(server.proc)
+    results.update(batch=args.batch, new_tokens=args.new_tokens, rounds=args.rounds, threads=args.threads,
+                   peer=f"llama.cpp from llama-cpp-python {PEER_VERSION}", decoder=args.decoder)
+    print(json.dumps(results["equivalence"], indent=1))
+    print(table(results))
+    RESULTS.mkdir(exist_ok=True)
+    write_json("vs_llamacpp", results)
+    plot(results, RESULTS / "vs_llamacpp.png")
+    print(f"wrote {RESULTS / 'vs_llamacpp.json'} and {RESULTS / 'vs_llamacpp.png'}")
+
+
+if __name__ == "__main__":
+    main()
