@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictBool
 
 from adalora.engine import Classification, SamplingParams
 from adalora.engine.engine import Selection
@@ -76,6 +76,8 @@ class SamplingBody(Body):
     stream_options: StreamOptions | None = None
     top_k: int | None = Field(None, ge=0, description="extension: keep the k most likely tokens (0 = all)")
     repetition_penalty: float | None = Field(None, gt=0, description="extension: 1 = none")
+    ignore_eos: StrictBool = Field(False, description="extension (vLLM's): go on past end-of-sequence tokens until "
+                                                       "max_tokens or a stop")
     adapters: dict[str, float] | None = Field(None, description='extension: a weighted mix {"id": weight}; "model" '
                                                                 'then names the base')
 
@@ -86,7 +88,7 @@ class SamplingBody(Body):
             temperature=1.0 if self.temperature is None else self.temperature,
             top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-            stop=stop, seed=None if self.seed is None else self.seed + choice)
+            stop=stop, seed=None if self.seed is None else self.seed + choice, ignore_eos=self.ignore_eos)
 
     def selection(self, config: ServerConfig) -> Selection:
         """The base (None), an adapter id, or a weighted mix: from "adapters", else from "model"."""

@@ -162,6 +162,20 @@ def test_stop_sequences_and_eos_retire_rows_early_and_others_continue(setup):
         assert handle.result.completion_tokens == len(expected)
 
 
+def test_ignore_eos_goes_on_past_the_eos_token_to_max_new_tokens(setup):
+    prompt = [12, 13]
+    free = naive_greedy(merged_model(setup, "b"), prompt, 14)
+    eos_at = next(i for i in range(2, 13) if free[i] not in free[:i])
+    gen = generator(setup, eos=(free[eos_at],))
+    stops, goes_on = (gen.submit(greedy(prompt, "b", 14, ignore_eos=flag)) for flag in (False, True))
+    while gen.has_work():
+        gen.step()
+    assert (stops.result.token_ids, stops.result.finish_reason) == (free[:eos_at + 1], "eos")
+    assert (goes_on.result.token_ids, goes_on.result.finish_reason) == (free, "length")
+    with pytest.raises(InvalidRequest, match="ignore_eos must be true or false"):
+        SamplingParams(ignore_eos="yes")
+
+
 def test_callbacks_and_async_stream_yield_the_final_tokens(setup):
     requests = [greedy([3, 17, 9], "a", 9), greedy([5, 6], MIX, 4), sampled([1, 2], None, seed=3, n=7)]
     seen = {i: [] for i in range(len(requests))}

@@ -113,6 +113,14 @@ def test_concurrent_completions_equal_the_in_process_generator(setup, stream):
         assert finish == ("length" if len(tokens) == max_tokens else "stop")
 
 
+def test_ignore_eos_makes_max_tokens_and_equals_the_reference(setup):
+    server, *_, tokenizer = setup
+    text, finish, n = complete(client_of(server), "ad-1", "w5 w9", 12, {"ignore_eos": True}, stream=False)
+    tokens, expected = reference(setup, ids_of(tokenizer, "w5 w9"), "ad-1",
+                                 SamplingParams(12, temperature=0, ignore_eos=True))
+    assert (text, n, finish) == (expected, 12, "length") and len(tokens) == 12
+
+
 CHAT = [{"role": "system", "content": "w40"}, {"role": "user", "content": [{"type": "text", "text": "w9 w10"}]}]
 
 
@@ -433,6 +441,7 @@ def test_bad_http_settings_are_refused(fields, message):
     (b'{"model": "ad-0", "prompt": ', "the request body is not valid JSON"),
     (b'{"model": "ad-0"}', "prompt: Field required"),
     (b'[1, 2]', "Input should be a valid dictionary"),
+    (b'{"model": "ad-0", "prompt": "w5", "ignore_eos": "yes"}', "ignore_eos: Input should be a valid boolean"),
 ])
 def test_a_malformed_body_is_400_naming_what_is_wrong(setup, body, message):
     server, *_ = setup

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import rotate_half
 
 from adalora.engine.errors import EngineError
 from adalora.engine.multi_linear import ContextHolder, MultiAdapterLinear, add_delta
@@ -125,6 +125,13 @@ class Projection:
         return y
 
 
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (n, T, heads, D) rotated by position: transformers' apply_rotary_pos_emb (its rotate_half), over the query
+    and key heads at once; cos, sin (n, T, D)."""
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    return x * cos + rotate_half(x) * sin
+
+
 @dataclass(frozen=True)
 class _Shape:
     heads: int
@@ -183,12 +190,11 @@ class LeanLlama:
         n, T, _ = h.shape
         s = self.shape
         qkv = layer.qkv(h.reshape(n * T, -1))  # (n T, q + 2 kv)
-        q, k, v = qkv.split([layer.q_width, layer.kv_width, layer.kv_width], dim=-1)
-        q = q.view(n, T, s.heads, s.head_dim).transpose(1, 2)  # (n, H, T, D)
-        k = k.view(n, T, s.kv_heads, s.head_dim).transpose(1, 2)  # (n, Hkv, T, D)
+        qk, v = qkv.split([layer.q_width + layer.kv_width, layer.kv_width], dim=-1)
+        qk = _rope(qk.reshape(n, T, s.heads + s.kv_heads, s.head_dim), *positions)  # q and k heads in one pass
+        q = qk[:, :, : s.heads].transpose(1, 2)  # (n, H, T, D)
+        k = qk[:, :, s.heads:].transpose(1, 2)  # (n, Hkv, T, D)
         v = v.view(n, T, s.kv_heads, s.head_dim).transpose(1, 2)
-        cos, sin = positions
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
         write(index, k, v)
         keys, values = self.cache.window(index, rows, width)  # (n, Hkv, W, D)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=s.scaling,

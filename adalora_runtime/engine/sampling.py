@@ -47,6 +47,9 @@ class SamplingParams:
     """Stop sequences; the completion ends (reason 'stop') with the first one it contains, kept in the output."""
     seed: int | None = None
     """Seed of this request's own generator; None = a fresh random seed."""
+    ignore_eos: bool = False
+    """Go on past an end-of-sequence token (it is kept in the output) until max_new_tokens or a stop: for
+    benchmarks that need every request to make the same number of tokens."""
 
     def __post_init__(self) -> None:
         if not is_int(self.max_new_tokens, 1):
@@ -67,6 +70,8 @@ class SamplingParams:
         if len(self.stop) > MAX_STOPS:
             raise InvalidRequest(f"{len(self.stop)} stop sequences given; at most {MAX_STOPS} are accepted")
         object.__setattr__(self, "stop", tuple(_stop(s, i) for i, s in enumerate(self.stop)))
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequest(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if self.seed is not None and not is_int(self.seed, 0, MAX_SEED):
             raise InvalidRequest(f"seed must be a non-negative integer or None, at most 2**64 - 1; got {self.seed!r}")
 

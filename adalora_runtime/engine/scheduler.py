@@ -379,7 +379,7 @@ class Generator:
             self.hooks.on_admit(row.handle)
         if row.handle.on_token is not None:
             row.handle.on_token(token)
-        if token in self.eos:
+        if token in self.eos and not row.handle.request.params.ignore_eos:
             return "eos"
         if self._stopped(row.handle.tokens, row.handle.request.params):
             return "stop"
