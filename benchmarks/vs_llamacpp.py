@@ -11,13 +11,15 @@ own rank. The base is converted by llama.cpp's convert_hf_to_gguf.py (f32, bf16,
 
 Before timing, both servers must compute the same thing: greedy texts in f32 equal for the base and for a0 on
 every prompt over --check-tokens tokens (the run stops if not); agreement over the full length is reported too
-(two float32 kernels round differently, so a near-tie may flip a row late). Beware of the peer's `--lora-init-without-apply`: it leaves every global
-LoRA scale at 1.0 in this version, so a request without `lora` would run all adapters at once; the scales are
-set to 0 with POST /lora-adapters and read back.
+(two float32 kernels round differently, so a near-tie may flip a row late). Beware of the peer's
+`--lora-init-without-apply`: it leaves every global LoRA scale at 1.0 in this version, so a request without `lora`
+would run all adapters at once; the scales are set to 0 with POST /lora-adapters and read back.
 
-Every request makes exactly N tokens (ignore_eos on both servers: an early end-of-sequence would shrink the batch
-unevenly). Throughput of one round = completion tokens of the B requests / wall time from the first send to the last
-answer (prefill included, as a client sees it); the table shows medians over --rounds, after one warm-up round.
+Every timed request makes exactly N tokens (ignore_eos on both servers: an early end-of-sequence would shrink the
+batch unevenly; the two servers treat the tokens after it differently -- llama.cpp bans end-of-sequence tokens,
+we go on past them as vLLM does -- so the equivalence check runs with natural stops). Throughput of one round =
+completion tokens of the B requests / wall time from the first send to the last answer (prefill included, as a
+client sees it); the table shows medians over --rounds, after one warm-up round.
 
     make peer                                   # builds .peer/bin/llama-server once (minutes)
     python benchmarks/vs_llamacpp.py [--rounds 5] [--batch 8] [--new-tokens 64] [--ours float32 bfloat16]
@@ -128,7 +130,9 @@ class Server:
     proc: subprocess.Popen
     client: httpx2.AsyncClient = field(init=False)
 
-    async def complete(self, prompt: list[int], adapter: int | None, new_tokens: int) -> tuple[str, int]:
+    async def complete(self, prompt: list[int], adapter: int | None, new_tokens: int,
+                       ignore_eos: bool) -> tuple[str, int]:
+        """(text, completion tokens) of one greedy request."""
         raise NotImplementedError
 
 
@@ -136,9 +140,9 @@ class Server:
 class Ours(Server):
     base_name: str = ""
 
-    async def complete(self, prompt, adapter, new_tokens):
+    async def complete(self, prompt, adapter, new_tokens, ignore_eos):
         body = {"model": self.base_name if adapter is None else self.adapters[adapter], "prompt": prompt,
-                "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
+                "max_tokens": new_tokens, "temperature": 0, "ignore_eos": ignore_eos}
         reply = await self.client.post("/v1/completions", json=body)
         reply.raise_for_status()
         out = reply.json()
@@ -147,8 +151,9 @@ class Ours(Server):
 
 @dataclass
 class Peer(Server):
-    async def complete(self, prompt, adapter, new_tokens):
-        body = {"prompt": prompt, "n_predict": new_tokens, "temperature": 0, "cache_prompt": False, "ignore_eos": True,
+    async def complete(self, prompt, adapter, new_tokens, ignore_eos):
+        body = {"prompt": prompt, "n_predict": new_tokens, "temperature": 0, "cache_prompt": False,
+                "ignore_eos": ignore_eos,
                 "lora": [] if adapter is None else [{"id": adapter, "scale": 1.0}]}
         reply = await self.client.post("/completion", json=body)
         reply.raise_for_status()
@@ -198,10 +203,12 @@ def row_adapters(config: str, batch: int) -> list[int | None]:
     return {"base": [None] * batch, "one": [0] * batch, "distinct": list(range(batch))}[config]
 
 
-async def round_of(server: Server, ids: list[list[int]], config: str, new_tokens: int) -> dict:
+async def round_of(server: Server, ids: list[list[int]], config: str, new_tokens: int,
+                   ignore_eos: bool = True) -> dict:
     adapters = row_adapters(config, len(ids))
     start = time.perf_counter()
-    answers = await asyncio.gather(*(server.complete(p, a, new_tokens) for p, a in zip(ids, adapters)))
+    answers = await asyncio.gather(*(server.complete(p, a, new_tokens, ignore_eos)
+                                     for p, a in zip(ids, adapters)))
     wall = time.perf_counter() - start
     tokens = sum(n for _, n in answers)
     return {"tok_s": tokens / wall, "tokens": tokens, "texts": [t for t, _ in answers]}
@@ -216,10 +223,10 @@ async def equivalence(ours: Server, peer: Server, ids: list[list[int]], args) ->
     for information, over the timed length (where a near-tie between two float32 kernels may flip late)."""
     out = {}
     for config in ("base", "one"):
-        short_a = (await round_of(ours, ids, config, args.check_tokens))["texts"]
-        short_b = (await round_of(peer, ids, config, args.check_tokens))["texts"]
-        a = (await round_of(ours, ids, config, args.new_tokens))["texts"]
-        b = (await round_of(peer, ids, config, args.new_tokens))["texts"]
+        short_a = (await round_of(ours, ids, config, args.check_tokens, ignore_eos=False))["texts"]
+        short_b = (await round_of(peer, ids, config, args.check_tokens, ignore_eos=False))["texts"]
+        a = (await round_of(ours, ids, config, args.new_tokens, ignore_eos=False))["texts"]
+        b = (await round_of(peer, ids, config, args.new_tokens, ignore_eos=False))["texts"]
         out[config] = {"equal": sum(x == y for x, y in zip(short_a, short_b)), "rows": len(ids),
                        "first_mismatch": next(([x, y] for x, y in zip(short_a, short_b) if x != y), None),
                        "equal_at_full_length": sum(x == y for x, y in zip(a, b)),

@@ -2,9 +2,12 @@
 requests for different adapters, mixes and the base each equal the in-process Generator running that request
 alone; streaming equals unary; every request-side refusal has its status code."""
 
+import dataclasses
+
 import grpc
 import pytest
 
+from adalora.config import ConfigError
 from adalora.engine import SamplingParams
 from adalora.peft_interop import save_peft
 from adalora.server.client import generate_request
@@ -115,3 +118,31 @@ def test_no_prompt_and_encoder_rpcs_on_a_decoder(setup):
     code, details = status_of(lambda: server.client.classify(["w5"], "ad-0"))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "Classify needs an encoder" in details
     assert status_of(lambda: server.client.embed(["w5"]))[0] == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.parametrize("decoder", ["hf", "lean"])
+def test_each_decoder_serves_the_reference_tokens(setup, decoder):
+    server, *_, tokenizer = setup
+    other = ServerThread(dataclasses.replace(server.config, decoder=decoder))
+    try:
+        assert other.backend.generator.decoder.name == decoder
+        for prompt, adapter, kwargs, params in CASES[8:11]:  # a PEFT adapter, a mix, the base
+            reply = other.client.stub.Generate(generate_request(prompt, adapter, **kwargs), timeout=60)
+            ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else prompt
+            assert list(reply.token_ids) == reference(setup, ids, adapter, params)[0], (decoder, adapter)
+    finally:
+        other.stop()
+
+
+@pytest.mark.parametrize("argv, expected", [([], "auto"), (["--decoder", "hf"], "hf"), (["--decoder", "lean"], "lean")])
+def test_the_decoder_flag(argv, expected):
+    import argparse
+
+    from adalora.server.commands import serve as serve_command
+    parser = argparse.ArgumentParser()
+    serve_command.add_arguments(parser)
+    assert serve_command.config_from(parser.parse_args(["--base-model", "m", *argv])).decoder == expected
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--decoder", "fast"])
+    with pytest.raises(ConfigError, match="decoder 'fast' is not one of"):
+        ServerConfig(base_model="m", adapter_dir="a", decoder="fast")
