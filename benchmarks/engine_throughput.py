@@ -88,16 +88,18 @@ def load_base(quick: bool, device: torch.device, dtype: torch.dtype) -> LlamaFor
     return model.to(device=device, dtype=dtype).eval()
 
 
-def make_adapter(model: torch.nn.Module, shapes: dict[str, tuple[int, int]], seed: int) -> Adapter:
-    """Random factors at a realistic AdaLoRA rank pattern: some layers 0, the rest R_MIN..INIT_R."""
+def make_adapter(model: torch.nn.Module, shapes: dict[str, tuple[int, int]], seed: int, std: float = 0.05,
+                 lam_std: float = 1.0) -> Adapter:
+    """Random factors at a realistic AdaLoRA rank pattern: some layers 0, the rest R_MIN..INIT_R; P and Q with
+    standard deviation `std`, lambda `lam_std`."""
     gen = torch.Generator().manual_seed(seed)
     layers = {}
     for path, (in_f, out_f) in shapes.items():
         if float(torch.rand((), generator=gen)) < P_ZERO:
             continue
         r = int(torch.randint(R_MIN, INIT_R + 1, (1,), generator=gen))
-        layers[path] = AdapterLayer(torch.randn(out_f, r, generator=gen) * 0.05, torch.randn(r, generator=gen),
-                                    torch.randn(r, in_f, generator=gen) * 0.05)
+        layers[path] = AdapterLayer(torch.randn(out_f, r, generator=gen) * std, torch.randn(r, generator=gen) * lam_std,
+                                    torch.randn(r, in_f, generator=gen) * std)
     return Adapter(base=base_identity(model), shapes=shapes, layers=layers, init_r=INIT_R, lora_alpha=LORA_ALPHA)
 
 

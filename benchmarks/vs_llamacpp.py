@@ -42,40 +42,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx2  # noqa: E402
-import torch  # noqa: E402
 from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: E402
 
 from _common import RESULTS, markdown_table, median, write_json  # noqa: E402
-from adalora.adapter import Adapter, AdapterLayer, base_identity  # noqa: E402
+from adalora.adapter import Adapter  # noqa: E402
 from adalora.adapter_file import save_adapter  # noqa: E402
 from adalora.assets import dataset_path, model_path  # noqa: E402
 from adalora.inject import resolve_targets  # noqa: E402
 from adalora.layers import linear_dims  # noqa: E402
 from adalora.peft_interop import save_peft_lora  # noqa: E402
 from adalora.server.config import ServerConfig  # noqa: E402
-from engine_throughput import INIT_R, LORA_ALPHA, P_ZERO, R_MIN, TARGETS  # noqa: E402
+from engine_throughput import TARGETS, make_adapter  # noqa: E402
 from serve_grpc import start_server, stop_server  # noqa: E402
 
 PEER_VERSION = "0.3.36"
 CONFIGS = ("base", "one", "distinct")
-FACTOR_STD = 0.3
-"""Of the generated factors: large enough that every adapter changes the greedy tokens (checked)."""
+FACTOR_STD, LAMBDA_STD = 0.3, 0.1
+"""Of the generated adapters' factors: large enough that every adapter changes the greedy tokens (checked)."""
 
 
 # ---------------------------------------------------------------- assets
-
-
-def make_adapter(model: torch.nn.Module, shapes: dict[str, tuple[int, int]], seed: int) -> Adapter:
-    gen = torch.Generator().manual_seed(seed)
-    layers = {}
-    for path, (in_f, out_f) in shapes.items():
-        if float(torch.rand((), generator=gen)) < P_ZERO:
-            continue
-        r = int(torch.randint(R_MIN, INIT_R + 1, (1,), generator=gen))
-        layers[path] = AdapterLayer(torch.randn(out_f, r, generator=gen) * FACTOR_STD,
-                                    torch.randn(r, generator=gen) * 0.1,
-                                    torch.randn(r, in_f, generator=gen) * FACTOR_STD)
-    return Adapter(base=base_identity(model), shapes=shapes, layers=layers, init_r=INIT_R, lora_alpha=LORA_ALPHA)
 
 
 def peer_source(peer: Path) -> Path:
@@ -319,7 +305,7 @@ def main() -> None:
     shapes = {p: linear_dims(model.get_submodule(p)) for p in resolve_targets(model, TARGETS)}
     store = work / "store"
     shutil.rmtree(store, ignore_errors=True)
-    adapters = [make_adapter(model, shapes, seed=i) for i in range(args.batch)]
+    adapters = [make_adapter(model, shapes, i, FACTOR_STD, LAMBDA_STD) for i in range(args.batch)]
     for i, adapter in enumerate(adapters):
         save_adapter(adapter, store / f"a{i}")
     loras = [lora_gguf(src, model_dir, a, work, f"a{i}") for i, a in enumerate(adapters)]

@@ -16,7 +16,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 from adalora.config import ConfigError
 from adalora.engine import AdapterEngine, EngineConfig
 from adalora.engine.apply import PLANS
-from adalora.engine.errors import EngineError, RequestCancelled
+from adalora.engine.errors import BatchError, EngineError, RequestCancelled
 from adalora.engine.kv import HfDecoder
 from adalora.engine.lean import Dense, LeanLlama, unsupported
 from adalora.engine.row_cache import RowCache
@@ -249,7 +249,7 @@ def _raise_in_layer_1(h):
 
 # (what fails, how the prefill is made to fail, the error it raises)
 FAILING_PREFILLS = [
-    ("context for the wrong number of tokens", "wide", ValueError, "the batch context routes"),
+    ("context for the wrong number of tokens", "wide", BatchError, "the batch context routes"),
     ("raises in layer 1, after layer 0 wrote its keys", "hook", RuntimeError, "layer 1 failed"),
     ("more rows than the cache holds", "rows", ValueError, "the cache holds 3"),
 ]

@@ -22,7 +22,7 @@ merge) is not seen by a path built before it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
-from adalora.engine.errors import EngineError
+from adalora.engine.errors import BatchError, EngineError
 from adalora.engine.multi_linear import ContextHolder, MultiAdapterLinear, add_delta
 from adalora.engine.row_cache import RowCache
 from adalora.engine.slots import SlotBank
 
+Write = Callable[[int, torch.Tensor, torch.Tensor], None]
+"""Stores one layer's new keys and values (layer index, keys, values (n, kv_heads, T, head_dim)) in the cache."""
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 """Configs whose decoder layers have the Llama layout: RMSNorm, q/k/v/o attention with rope, a SiLU gate/up MLP."""
 
@@ -120,7 +122,8 @@ class Projection:
         if context is None or not context.routes or not self.parts:
             return y
         if x.shape[0] != context.tokens:
-            raise ValueError(f"the batch context routes {context.tokens} tokens, the lean forward has {x.shape[0]}")
+            raise BatchError(f"the batch context routes {context.tokens} tokens, the lean forward has {x.shape[0]}; "
+                             f"build the context for this batch's shape")
         for bank, columns in self.parts:
             plan = context.plan(bank)
             if plan is not None:
@@ -187,14 +190,14 @@ class LeanLlama:
 
     # ---- one forward over T new tokens of n rows -------------------------------------------------------------
 
-    def _attend(self, layer: LeanLayer, index: int, h: torch.Tensor, positions: torch.Tensor, rows: slice,
-                width: int, mask: torch.Tensor, write) -> torch.Tensor:
+    def _attend(self, layer: LeanLayer, index: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                rows: slice, width: int, mask: torch.Tensor, write: Write) -> torch.Tensor:
         """h (n, T, hidden) normed input -> attention output (n, T, hidden), this layer's new keys written first."""
         n, T, _ = h.shape
         s = self.shape
         qkv = layer.qkv(h.reshape(n * T, -1))  # (n T, q + 2 kv)
         qk, v = qkv.split([layer.q_width + layer.kv_width, layer.kv_width], dim=-1)
-        qk = _rope(qk.reshape(n, T, s.heads + s.kv_heads, s.head_dim), *positions)  # q and k heads in one pass
+        qk = _rope(qk.reshape(n, T, s.heads + s.kv_heads, s.head_dim), *rope)  # q and k heads in one pass
         q = qk[:, :, : s.heads].transpose(1, 2)  # (n, H, T, D)
         k = qk[:, :, s.heads:].transpose(1, 2)  # (n, Hkv, T, D)
         v = v.view(n, T, s.kv_heads, s.head_dim).transpose(1, 2)
@@ -205,7 +208,7 @@ class LeanLlama:
         return layer.o(out.transpose(1, 2).reshape(n * T, -1)).view(n, T, -1)
 
     def _forward(self, ids: torch.Tensor, position_ids: torch.Tensor, rows: slice, width: int, mask: torch.Tensor,
-                 write) -> torch.Tensor:
+                 write: Write) -> torch.Tensor:
         """ids, position_ids (n, T) -> final hidden states (n, T, hidden)."""
         h = self.embed(ids)  # (n, T, hidden)
         rope = self.rotary(h, position_ids)
