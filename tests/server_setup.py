@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from adalora.adapter_file import save_adapter
-from adalora.engine import AdapterEngine, EngineConfig
+from adalora.engine import AdapterEngine, EncoderRunner, EngineConfig
 from adalora.server.app import create_server
 from adalora.server.backend import Backend
 from adalora.server.client import AdaLoraClient
@@ -121,3 +121,19 @@ def status_of(call) -> tuple[grpc.StatusCode, str]:
     except grpc.RpcError as e:
         return e.code(), e.details()
     raise AssertionError("the call succeeded, but an error status was expected")
+
+
+def encoder_server(root: Path, folder: str = "base",
+                   **fields) -> tuple[ServerThread, EncoderRunner, PreTrainedTokenizerFast]:
+    """A server over the tiny BERT in `root / folder` with the four-label encoder adapters preloaded (max_inputs 4,
+    `fields` on top), and the in-process EncoderRunner over the same adapters: the reference of its answers."""
+    from tests.conftest import tiny_bert
+    from tests.factories import encoder_adapters
+
+    tokenizer = word_tokenizer()
+    adapters = encoder_adapters(("d", "a", "c", "b"))
+    config = ServerConfig(base_model=str(write_base(tiny_bert(), root / folder, tokenizer)),
+                          adapter_dir=str(write_store(root / "adapters", adapters)), preload=tuple(adapters), port=0,
+                          max_inputs=4, **fields)
+    runner = EncoderRunner(reference_engine(tiny_bert(), adapters), tokenizer, max_length=64)
+    return ServerThread(config), runner, tokenizer

@@ -11,11 +11,8 @@ import openai
 import pytest
 import torch
 
-from adalora.engine import EncoderRunner
-from adalora.server.config import ServerConfig
-from tests.conftest import tiny_bert
-from tests.factories import ENCODER_TEXTS, encoder_adapters
-from tests.server_setup import ServerThread, reference_engine, word_tokenizer, write_base, write_store
+from tests.factories import ENCODER_TEXTS
+from tests.server_setup import encoder_server
 
 TEXTS = ENCODER_TEXTS
 IDS = [[3, 7, 8, 4], [3, 9, 4], [12]]
@@ -25,14 +22,8 @@ BASE = "tiny-bert"
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("http-encoder")
-    tokenizer = word_tokenizer()
-    adapters = encoder_adapters(("d", "a", "c", "b"))
-    config = ServerConfig(base_model=str(write_base(tiny_bert(), root / "base", tokenizer)),
-                          adapter_dir=str(write_store(root / "adapters", adapters)), preload=tuple(adapters), port=0,
-                          http_port=0, served_model_name=BASE, max_inputs=4)
-    server = ServerThread(config)
-    runner = EncoderRunner(reference_engine(tiny_bert(), adapters), tokenizer, max_length=64)
+    server, runner, tokenizer = encoder_server(tmp_path_factory.mktemp("http-encoder"), http_port=0,
+                                               served_model_name=BASE)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server.http_port}/v1", api_key="unused",
                            max_retries=0, timeout=30)
     yield server, runner, client, tokenizer

@@ -22,15 +22,15 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from adalora.engine import EncoderRunner, GenerationRequest, Generator, GeneratorConfig, SamplingParams
+from adalora.engine import GenerationRequest, Generator, GeneratorConfig, SamplingParams
 from adalora.server.config import ServerConfig
 from adalora.server.gen.grpc.reflection.v1 import reflection_pb2 as rpb
 from adalora.server.gen.grpc.reflection.v1 import reflection_pb2_grpc as rgrpc
 from adalora.server.gen.inference import grpc_service_pb2 as kpb
 from adalora.server.gen.inference import grpc_service_pb2_grpc as kgrpc
-from tests.conftest import tiny_bert
-from tests.factories import ENCODER_TEXTS, encoder_adapters, random_adapter, varied_llama
-from tests.server_setup import ServerThread, reference_engine, status_of, word_tokenizer, write_base, write_store
+from tests.factories import ENCODER_TEXTS, random_adapter, varied_llama
+from tests.server_setup import (ServerThread, encoder_server, reference_engine, status_of,
+                                 word_tokenizer, write_base, write_store)
 
 BASE = "tiny-llama"
 """The causal base's served name (--served-model-name)."""
@@ -608,14 +608,8 @@ BERT = "tiny-bert"
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
     root = tmp_path_factory.mktemp("kserve-encoder")
-    tokenizer = word_tokenizer()
-    adapters = encoder_adapters(("d", "a", "c", "b"))
-    config = ServerConfig(base_model=str(write_base(tiny_bert(), root / BERT, tokenizer)),
-                          adapter_dir=str(write_store(root / "adapters", adapters)), preload=tuple(adapters), port=0,
-                          max_inputs=4)
-    server = ServerThread(config)
+    server, runner, _ = encoder_server(root, BERT)
     channel = grpc.insecure_channel(server.target)
-    runner = EncoderRunner(reference_engine(tiny_bert(), adapters), tokenizer, max_length=64)
     yield SimpleNamespace(server=server, channel=channel, stub=kgrpc.GRPCInferenceServiceStub(channel),
                           runner=runner, root=root)
     channel.close()

@@ -22,6 +22,7 @@ merge) is not seen by a path built before it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -71,10 +72,8 @@ class Dense:
         self.weight, self.bias = weight, bias
         self.packed = None
         if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            try:
+            with contextlib.suppress(RuntimeError, AttributeError):  # a build without this op: the plain matmul
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-            except (RuntimeError, AttributeError):  # a build without this op: the plain matmul
-                self.packed = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, in) -> (N, out), contiguous."""
@@ -241,7 +240,8 @@ class LeanLlama:
         rows = self.cache.join(lengths)
         columns = torch.arange(width, device=device)
         position_ids = columns.expand(len(prompts), width)  # (n, P)
-        valid = columns[None, :] < torch.tensor(lengths, device=device)[:, None]  # (n, P) keys that are real tokens
+        real = torch.tensor(lengths, device=device)  # (n,)
+        valid = columns[None, :] < real[:, None]  # (n, P) keys that are real tokens
         mask = (columns[None, :] <= columns[:, None])[None] & valid[:, None, :]  # (n, P, P) causal, real keys
         try:
             hidden = self._forward(ids, position_ids, rows, width, mask[:, None],
@@ -249,8 +249,7 @@ class LeanLlama:
         except BaseException:
             self.cache.keep(list(range(rows.start)))  # the rows it opened close again
             raise
-        last = torch.tensor(lengths, device=device) - 1
-        return self.logits(hidden[torch.arange(len(prompts), device=device), last])  # (n, vocab)
+        return self.logits(hidden[torch.arange(len(prompts), device=device), real - 1])  # (n, vocab): last tokens
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B,) long, one per running row -> logits (B, vocab); each row's cache grows by one."""

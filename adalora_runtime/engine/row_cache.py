@@ -38,10 +38,6 @@ class RowCache:
     def capacity(self) -> int:
         return self.keys.shape[3]
 
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
-
     def reserve(self, columns: int) -> None:
         """Make room for rows of `columns` tokens: the capacity at least doubles when it grows (amortized copy)."""
         if columns <= self.capacity:
@@ -85,7 +81,7 @@ class RowCache:
         return torch.tensor(self.lengths, dtype=torch.long, device=self.device)
 
     def advance(self) -> None:
-        """After a decode step wrote one column of every row; grows the capacity first when a row is full."""
+        """After a decode step wrote one column of every row (`ensure_next` made room for it)."""
         self.lengths = [length + 1 for length in self.lengths]
 
     def ensure_next(self) -> None:

@@ -6,9 +6,9 @@
         gen.step()
     handle.result  # GenerationResult(token_ids=[...], finish_reason='length', ...)
 
-Each `step()`: (1) admits waiting requests up to max_batch_size and prefills them in one left-padded
-forward, which also gives their first token; (2) one decode forward of one token for every running row,
-each row with its own adapter through the engine's routing context; (3) samples per row; (4) retires
+Each `step()`: (1) admits waiting requests up to max_batch_size and prefills them in one forward of the decoder
+(prompts padded to the longest), which also gives their first token; (2) one decode forward of one token for every
+running row, each row with its own adapter through the engine's routing context; (3) samples per row; (4) retires
 rows that finished (eos, stop sequence, max_new_tokens) so the others go on without them.
 
 Before (1), each step drops the requests `cancel()`led since the last one (waiting or running: the row and its
