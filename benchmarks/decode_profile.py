@@ -39,7 +39,7 @@ from engine_throughput import load_base  # noqa: E402
 PROMPT_LEN = 32
 CLASSES = (
     ("linear", ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul", "aten::_mkldnn",
-                "mkldnn::_linear")),
+                "mkldnn::_linear", "adalora_native::skinny_linear")),
     ("attention", ("aten::scaled_dot_product", "aten::_scaled_dot_product", "aten::softmax", "aten::_softmax",
                    "aten::_flash")),
     ("norm+act", ("aten::rsqrt", "aten::pow", "aten::mean", "aten::silu", "aten::mul", "aten::add", "aten::neg",

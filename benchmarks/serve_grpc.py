@@ -224,16 +224,18 @@ def server_config(args, base: Path, store: Path, loaded: int, port: int = 0, slo
                         max_slots=slots or max(loaded, 1), max_new_tokens=max(args.new_tokens, 64))
 
 
-def start_server(config: ServerConfig, log: Path) -> tuple[subprocess.Popen, dict]:
-    """`adalora serve` in a subprocess on ports 0; returns once it is SERVING, with its ready file ("port",
-    "http_port": the ports it bound, so no other process can take one between choosing and binding it)."""
+def start_server(config: ServerConfig, log: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict]:
+    """`adalora serve` in a subprocess on ports 0 (with `env` added to its environment); returns once it is
+    SERVING, with its ready file ("port", "http_port": the ports it bound, so no other process can take one
+    between choosing and binding it)."""
     ready = log.with_suffix(".ready.json")
     cmd = [sys.executable, "-m", "adalora.cli", "serve", "--base-model", config.base_model,
            "--adapter-dir", config.adapter_dir, "--port", "0", "--http-port", "0", "--ready-file", str(ready),
            "--device", config.device, "--decoder", config.decoder,
            "--dtype", config.dtype, "--max-batch-size", str(config.max_batch_size), "--max-slots",
            str(config.max_slots), "--max-new-tokens", str(config.max_new_tokens), "--preload", *config.preload]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env=None if env is None else {**os.environ, **env})
     deadline = time.time() + 600
     while time.time() < deadline:
         if ready.exists():

@@ -23,7 +23,7 @@ client sees it); the table shows medians over --rounds, after one warm-up round.
 
     make peer                                   # builds .peer/bin/llama-server once (minutes)
     python benchmarks/vs_llamacpp.py [--rounds 5] [--batch 8] [--new-tokens 64] [--ours float32 bfloat16]
-                                     [--peer-weights f32 bf16 q8_0] [--peer .peer]
+                                     [--peer-weights f32 bf16 q8_0] [--peer .peer] [--pytorch-too]
 """
 
 from __future__ import annotations
@@ -292,6 +292,8 @@ def main() -> None:
     ap.add_argument("--ours", nargs="+", default=["float32", "bfloat16"], help="our dtypes (float32 always runs)")
     ap.add_argument("--peer-weights", nargs="+", default=["f32", "bf16", "q8_0"], help="GGUF types (f32 always)")
     ap.add_argument("--decoder", default="auto", help="our --decoder (auto, lean, hf)")
+    ap.add_argument("--pytorch-too", action="store_true",
+                    help="also run our float32 server without the native CPU kernels (ADALORA_NATIVE=0)")
     args = ap.parse_args()
     binary, src = args.peer / "bin" / "llama-server", peer_source(args.peer)
     if not binary.exists() or not src.exists():
@@ -312,13 +314,16 @@ def main() -> None:
     ids = prompts(AutoTokenizer.from_pretrained(model_dir), args.batch)
     servers: list[Server] = []
     try:
-        for dtype in dict.fromkeys(["float32", *args.ours]):
+        ours = [(dtype, dtype, None) for dtype in dict.fromkeys(["float32", *args.ours])]
+        if args.pytorch_too:
+            ours.append(("float32", "float32 no-native", {"ADALORA_NATIVE": "0"}))
+        for dtype, label, env in ours:
             config = ServerConfig(base_model=str(model_dir), adapter_dir=str(store),
                                   preload=tuple(f"a{i}" for i in range(args.batch)), dtype=dtype,
                                   decoder=args.decoder, max_batch_size=args.batch, max_slots=args.batch,
                                   max_new_tokens=max(args.new_tokens, 64))
-            proc, ready = start_server(config, work / f"ours-{dtype}.log")
-            servers.append(Ours("adalora", dtype, f"http://127.0.0.1:{ready['http_port']}",
+            proc, ready = start_server(config, work / f"ours-{label.replace(' ', '-')}.log", env)
+            servers.append(Ours("adalora", label, f"http://127.0.0.1:{ready['http_port']}",
                                 [f"a{i}" for i in range(args.batch)], proc, base_name=model_dir.name))
         for outtype in dict.fromkeys(["f32", *args.peer_weights]):
             gguf = base_gguf(src, model_dir, work, outtype)

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from adalora.adapter import is_causal_lm
 from adalora.config import is_int
 from adalora.engine import (AdapterEngine, AsyncDriver, Classification, EncoderRunner, EngineConfig,
-                            GenerationRequest, Generator, GeneratorConfig, StepHooks, TokenStream)
+                            GenerationRequest, Generator, GeneratorConfig, StepHooks, TokenStream, native)
 from adalora.engine.engine import Selection
 from adalora.engine.errors import AdapterExists, DeadlineExpired, InvalidRequest
 from adalora.dtypes import DTYPES
@@ -101,6 +101,9 @@ class Backend:
             self.generator = Generator(self.engine, GeneratorConfig(max_batch_size=config.max_batch_size,
                                                                     decoder=config.decoder), tokenizer, hooks)
             log.info("generation decoder: %s (--decoder %s)", self.generator.decoder.name, config.decoder)
+            if config.device == "cpu":
+                why = native.unavailable()
+                log.info("CPU kernels: %s", "native (engine/native.cpp)" if why is None else f"PyTorch's ({why})")
             self.driver = AsyncDriver(self.generator)
         else:
             limit = min(config.max_prompt_tokens, self.max_positions or config.max_prompt_tokens)

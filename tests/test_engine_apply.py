@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from adalora.delta import apply_delta
+from adalora.engine import native
 from adalora.engine.apply import PLANS, Factors, Routing, batched_apply, make_plan
 from adalora.engine.cost import CostModel, choose_strategy
 from adalora.engine.slots import SlotBank
@@ -122,12 +123,27 @@ CHOICES = [
     ((256, 8, 64, 12, 1), "group"),  # prefill of 8 prompts: a plan built for one call
     ((4096, 16, 128, 12, 1), "group"),  # long prefill over many adapters: packed's extra columns dominate
 ]
+# where the native kernel runs (CPU float32): one launch per call and only each token's own ranks
+SEGMENT_CHOICES = [
+    ((8, 1, 8, 8, 64), "segment"),
+    ((8, 3, 24, 12, 64), "segment"),
+    ((8, 8, 64, 12, 64), "segment"),
+    ((16, 16, 124, 12, 4), "segment"),
+    ((8, 1, 8, 8, 1), "group"),  # one forward of one adapter: group builds nothing
+    ((256, 8, 64, 12, 1), "segment"),  # a prefill over 8 adapters: one launch against group's 32
+]
 
 
 @pytest.mark.parametrize("args,expected", CHOICES, ids=[c[1] + str(c[0]) for c in CHOICES])
 def test_cost_model_choice(args, expected):
     *shape, calls = args
     assert choose_strategy(*shape, calls=calls) == expected
+
+
+@pytest.mark.parametrize("args,expected", SEGMENT_CHOICES, ids=[c[1] + str(c[0]) for c in SEGMENT_CHOICES])
+def test_cost_model_choice_where_the_native_kernel_runs(args, expected):
+    *shape, calls = args
+    assert choose_strategy(*shape, calls=calls, segment=True) == expected
 
 
 def test_cost_model_is_a_parameter():
@@ -138,10 +154,22 @@ def test_cost_model_is_a_parameter():
 
 
 def test_auto_leaves_padded_out_where_it_would_not_pregather(monkeypatch):
-    """make_plan's auto offers padded only while the plan fits PaddedPlan.pregather_bytes."""
+    """make_plan's auto offers padded only while the plan fits PaddedPlan.pregather_bytes (and the native
+    kernel does not run: it would take segment)."""
+    monkeypatch.setattr(native, "applies", lambda *tensors: False)
     gen = torch.Generator().manual_seed(5)
     factors = [Factors(torch.randn(8, IN, generator=gen), torch.randn(OUT, 8, generator=gen)) for _ in range(16)]
     routing = Routing(torch.arange(16), 16)  # a decode batch over 16 adapters, for 64 steps
     assert make_plan(routing, factors, calls=64).strategy == "padded"
     monkeypatch.setattr(PLANS["padded"], "pregather_bytes", 0)
     assert make_plan(routing, factors, calls=64).strategy == "packed"
+
+
+@pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable()}")
+def test_auto_takes_segment_where_the_native_kernel_runs():
+    """float32 on the CPU: segment; float64 (or another device): never, the kernel does not run there."""
+    gen = torch.Generator().manual_seed(5)
+    factors = [Factors(torch.randn(8, IN, generator=gen), torch.randn(OUT, 8, generator=gen)) for _ in range(16)]
+    routing = Routing(torch.arange(16), 16)
+    assert make_plan(routing, factors, calls=64).strategy == "segment"
+    assert make_plan(routing, [Factors(f.A.double(), f.B.double()) for f in factors], calls=64).strategy == "padded"

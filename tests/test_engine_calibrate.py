@@ -71,7 +71,7 @@ def test_costs_share_the_build_over_the_calls():
     """cost per forward = call + build / calls, for every strategy."""
     model = CostModel()
     for calls in (1, 7, 64):
-        costs = model.costs(16, 5, 40, 12, calls=calls)
+        costs = model.costs(16, 5, 40, 12, calls=calls, segment=True)
         for name in PLANS:
             call = model.cost(cost_terms(name, 16, 5, 40, 12))
             build = model.cost(cost_terms(name, 16, 5, 40, 12, build=True))

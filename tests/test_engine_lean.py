@@ -15,6 +15,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 
 from adalora.config import ConfigError
 from adalora.engine import AdapterEngine, EngineConfig
+from adalora.engine import native
 from adalora.engine.apply import PLANS
 from adalora.engine.errors import BatchError, EngineError, RequestCancelled
 from adalora.engine.kv import HfDecoder
@@ -598,16 +599,25 @@ def test_row_cache_write_prefill_and_window():
 
 # ---- Dense ---------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("batch", [1, 8, 37])
+@pytest.mark.parametrize("kernel", ["native", "onednn"])
+@pytest.mark.parametrize("batch", [1, 8, native.SKINNY_ROWS, native.SKINNY_ROWS + 1, 37])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_dense_equals_f_linear(batch, bias):
+def test_dense_equals_f_linear(batch, bias, kernel, monkeypatch):
+    """Both CPU float32 paths: the native kernel (decode sizes; the plain matmul past them) and oneDNN's reordered
+    weight (where the kernel does not run)."""
+    if kernel == "native" and not native.available():
+        pytest.skip(f"native kernels: {native.unavailable()}")
+    if kernel == "onednn":
+        monkeypatch.setattr(native, "applies", lambda *tensors: False)
     gen = torch.Generator().manual_seed(batch)
     weight = torch.randn(48, 32, generator=gen)
     b = torch.randn(48, generator=gen) if bias else None
     x = torch.randn(batch, 32, generator=gen)
     dense = Dense(weight, b)
-    if torch.backends.mkldnn.is_available():
-        assert dense.packed is not None  # the reordered oneDNN weight is what this test checks
+    if kernel == "native":
+        assert dense.native and dense.packed is None  # no second copy of the weight
+    elif torch.backends.mkldnn.is_available():
+        assert dense.packed is not None  # the reordered oneDNN weight is what this case checks
     got = dense(x)
     want = F.linear(x.double(), weight.double(), None if b is None else b.double())
     assert got.shape == (batch, 48) and got.dtype == torch.float32 and got.is_contiguous()

@@ -25,6 +25,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from adalora.engine import native
 from adalora.engine.cost import DEFAULT_COST, STRATEGY_TERMS, CostModel, choose_strategy
 
 
@@ -164,6 +165,40 @@ class PaddedPlan:
         y[:, None, :].baddbmm_(torch.bmm(x[:, None, :], AT), BT)
 
 
+class SegmentPlan:
+    """Every group's factors stacked once, A (R, in) and BT (R, out), with each group's row offsets; a call is one
+    native kernel (`engine.native.segment_lora_add_`) in which each token multiplies its own group's rows only:
+    nothing padded or masked, one launch per layer. Cost ~ N * S / G in one launch. The kernel runs on a CPU in
+    float32; elsewhere the plan runs each group's rows as two matmuls over its slice of the stack (group's work,
+    and `make_plan`'s auto never picks it there)."""
+
+    strategy = "segment"
+
+    def __init__(self, routing: Routing, factors: list[Factors]) -> None:
+        self.A = torch.cat([f.A for f in factors]).contiguous()  # (R, in)
+        self.BT = torch.cat([f.B.T for f in factors]).contiguous()  # (R, out)
+        ranks = torch.tensor([0] + [f.rank for f in factors])
+        self.offsets = ranks.cumsum(0).to(routing.groups.device)  # (G + 1,) group g's rows are offsets[g]:[g + 1]
+        self.routing = routing
+        self.native = native.applies(self.A, routing.groups)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        delta = x.new_zeros(x.shape[0], self.BT.shape[1], dtype=self.A.dtype)  # (N, out) in the factors' dtype
+        self.add_to(delta, x.to(self.A.dtype))
+        return delta
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> None:
+        """y (N, out) += delta, in place (x, y and the factors in one dtype)."""
+        if self.native:
+            native.segment_lora_add_(y, x.contiguous(), self.A, self.BT, self.offsets, self.routing.groups)
+            return
+        bounds = self.offsets.tolist()
+        for g, rows in enumerate(self.routing.rows):
+            r0, r1 = bounds[g], bounds[g + 1]
+            if r1 > r0 and rows.numel() > 0:
+                y.index_add_(0, rows, (x.index_select(0, rows) @ self.A[r0:r1].T) @ self.BT[r0:r1])
+
+
 class Plan(Protocol):
     """One layer's prepared tensors for one batch (what every strategy's plan class offers)."""
 
@@ -177,7 +212,7 @@ class Plan(Protocol):
 
 
 PLANS: dict[str, Callable[[Routing, list[Factors]], Plan]] = {
-    "group": GroupPlan, "packed": PackedPlan, "padded": PaddedPlan,
+    "group": GroupPlan, "packed": PackedPlan, "padded": PaddedPlan, "segment": SegmentPlan,
 }
 """The one registry of apply strategies: name -> plan class (built from a batch's Routing and its groups' factors).
 engine.cost prices each by the same name; EngineConfig and BatchContext accept these names and 'auto'."""
@@ -196,7 +231,8 @@ def make_plan(routing: Routing, factors: list[Factors], strategy: str = "auto",
     if strategy == "auto":
         A = factors[0].A
         padded = PaddedPlan.pregathers(routing.tokens, max(ranks), A.shape[1], factors[0].B.shape[0], A.element_size())
-        strategy = choose_strategy(routing.tokens, len(factors), sum(ranks), max(ranks), cost, padded, calls)
+        segment = native.applies(A, routing.groups)
+        strategy = choose_strategy(routing.tokens, len(factors), sum(ranks), max(ranks), cost, padded, calls, segment)
     return PLANS[strategy](routing, factors)
 
 

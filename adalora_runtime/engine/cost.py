@@ -21,6 +21,8 @@ STRATEGY_TERMS = {
     "padded": (lambda tokens, groups, sum_rank, max_rank: {"launch": 2, "bmm": tokens * max_rank},
                lambda tokens, groups, sum_rank, max_rank: {"build_group": groups,
                                                            "build_column": (groups + 1 + tokens) * max_rank}),
+    "segment": (lambda tokens, groups, sum_rank, max_rank: {"launch": 1, "work": tokens * sum_rank / groups},
+                lambda tokens, groups, sum_rank, max_rank: {"build_group": groups, "build_column": sum_rank}),
 }
 """strategy -> (terms of one call of its plan, terms of building it), in tie-break order: CostModel's formulas."""
 
@@ -52,6 +54,8 @@ class CostModel:
     - padded: 2 * launch  +  bmm * N * M, only where the plan pre-gathers (`PaddedPlan.pregathers`; every
       token multiplies its own factors padded to the max rank; `bmm` > 1 because many small batched
       matrix-vector products run at a lower rate than one matmul)
+    - segment: launch  +  N * S / G, only where the native CPU kernel runs (float32 on an AVX2 CPU,
+      `engine.native`; each token multiplies its own group's ranks, in one call)
 
     Building a plan, paid once per batch composition (a decode batch keeps its plans until a request joins
     or leaves):
@@ -59,6 +63,7 @@ class CostModel:
     - packed: build_group * G  +  build_column * S  (concatenate every group's factors once)
     - padded: build_group * G  +  build_column * (G + 1 + N) * M  (pad each group to M, then gather a copy
       per token)
+    - segment: build_group * G  +  build_column * S  (stack every group's factors once, as packed)
 
     A plan expected to serve `calls` forwards costs call + build / calls per forward: a prefill (1 call)
     or a decode batch that changes at every step pays the whole build, a batch that decodes 64 tokens
@@ -88,24 +93,26 @@ class CostModel:
         return terms.get("work", 0.0) + sum(getattr(self, name) * c for name, c in terms.items() if name != "work")
 
     def costs(self, tokens: int, distinct: int, sum_rank: int, max_rank: int, padded: bool = True,
-              calls: int = 1) -> dict[str, float]:
+              calls: int = 1, segment: bool = False) -> dict[str, float]:
         """Cost per forward of each strategy over a plan that serves `calls` forwards (its build shared);
-        `padded` False leaves padded out (its plan would not pre-gather)."""
+        `padded` False leaves padded out (its plan would not pre-gather), `segment` False leaves segment out
+        (the native kernel does not run on these tensors)."""
         if not is_int(calls, 1):
             raise ValueError(f"calls must be a positive integer, got {calls!r}")
         return {name: (self.cost(cost_terms(name, tokens, distinct, sum_rank, max_rank))
                        + self.cost(cost_terms(name, tokens, distinct, sum_rank, max_rank, build=True)) / calls)
-                for name in STRATEGY_TERMS if padded or name != "padded"}
+                for name in STRATEGY_TERMS if (padded or name != "padded") and (segment or name != "segment")}
 
 
 DEFAULT_COST = CostModel()
 
 
 def choose_strategy(tokens: int, distinct: int, sum_rank: int, max_rank: int, cost: CostModel = DEFAULT_COST,
-                    padded: bool = True, calls: int = 1) -> str:
+                    padded: bool = True, calls: int = 1, segment: bool = False) -> str:
     """The cheapest strategy under `cost` for N tokens, G distinct groups, their summed and max rank, over a
-    plan expected to serve `calls` forwards; `padded` False when a padded plan would not pre-gather."""
-    costs = cost.costs(tokens, distinct, sum_rank, max_rank, padded, calls)
+    plan expected to serve `calls` forwards; `padded` False when a padded plan would not pre-gather, `segment`
+    True where the native kernel runs."""
+    costs = cost.costs(tokens, distinct, sum_rank, max_rank, padded, calls, segment)
     return min(costs, key=lambda name: (costs[name], list(STRATEGY_TERMS).index(name)))
 
 

@@ -6,8 +6,9 @@ Built once over a model the AdapterEngine serves; the transformers model stays t
 - the q/k/v projections run as one matmul, gate/up as one (weights concatenated once, at build); each adapter
   still applies to its own slice at its own per-layer rank, through the same per-layer plans
   (`multi_linear.add_delta`) as the wrapped modules;
-- on a CPU in float32, every dense weight is reordered once for oneDNN (`Dense`), whose small-batch matmul reads
-  the weights 2-3x faster than the default sgemm at decode batch sizes (docs/BENCHMARKS.md);
+- on a CPU in float32, a decode step's matmuls run the native kernel (`engine.native`, `Dense`), which streams
+  each weight from its own layout faster than oneDNN's and MKL's small-batch matmuls (docs/BENCHMARKS.md); where
+  it cannot run, every dense weight is reordered once for oneDNN instead;
 - the KV cache is preallocated with per-row lengths (`engine.row_cache.RowCache`): a prefill writes its own rows,
   a decode step one column per row, and no step re-pads or concatenates the cache;
 - attention is `scaled_dot_product_attention` over each row's own length; only each prompt's last position goes
@@ -16,8 +17,8 @@ Built once over a model the AdapterEngine serves; the transformers model stays t
 Norms, the rotary embedding and the activation are the model's own modules, so every rope variant and eps
 the model's config sets applies unchanged. The base weights are read when the path is built: where they are not
 reordered, the model's q/k/v and gate/up weights become views of the fused ones (held once); where they are (CPU,
-float32), the reordered copy is a second copy of the weights, and a later change to the model's weights (an edge
-merge) is not seen by a path built before it.
+float32 without the native kernel), the reordered copy is a second copy of the weights, and a later change to the
+model's weights (an edge merge) is not seen by a path built before it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
+from adalora.engine import native
 from adalora.engine.errors import BatchError, EngineError
 from adalora.engine.multi_linear import ContextHolder, MultiAdapterLinear, add_delta
 from adalora.engine.row_cache import RowCache
@@ -65,18 +67,24 @@ def _base(module: nn.Module) -> nn.Module:
 
 
 class Dense:
-    """y = x @ W.T + b over a weight prepared once for the device's fastest matmul: reordered for oneDNN on a CPU
-    in float32 (a second copy of W, in oneDNN's blocked layout), the plain tensor elsewhere."""
+    """y = x @ W.T + b over a weight prepared once for the device's fastest matmul. On a CPU in float32: the native
+    kernel (`engine.native.skinny_linear`) at decode sizes, over the plain weight, and the default matmul for
+    longer inputs (a prefill); where the kernel does not run, a copy of W reordered for oneDNN. Elsewhere: the plain
+    weight."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.weight, self.bias = weight, bias
+        self.native = native.applies(weight)
         self.packed = None
-        if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        if not self.native and weight.device.type == "cpu" and weight.dtype == torch.float32 \
+                and torch.backends.mkldnn.is_available():
             with contextlib.suppress(RuntimeError, AttributeError):  # a build without this op: the plain matmul
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, in) -> (N, out), contiguous."""
+        if self.native and x.shape[0] <= native.SKINNY_ROWS:
+            return native.skinny_linear(x, self.weight, self.bias)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")

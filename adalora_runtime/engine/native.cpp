@@ -1,0 +1,180 @@
+// CPU kernels of the lean decode path (float32, AVX2 + FMA), registered as torch.ops.adalora_native.*.
+//
+// skinny_linear(x, w, bias) = x @ w.T + bias for the few rows of a decode step. oneDNN and MKL tile for large
+// batches; at 1-16 rows a step only has to stream each weight once, and this kernel does that from the weight's
+// own row-major layout (no reordered copy): each thread walks its own rows of w in order, prefetching ahead,
+// and multiplies each weight row with up to 8 rows of x at once, the partial sums in registers.
+//
+// segment_lora_add_(y, x, A, BT, offsets, groups) adds each token's own adapter in place:
+//     y[i] += (x[i] @ A[r0:r1].T) @ BT[r0:r1]     with g = groups[i], r0 = offsets[g], r1 = offsets[g + 1]
+// (tokens with g < 0 add nothing). Every group's factors are stacked once (A (R, in), BT (R, out)), so a token
+// multiplies only its own ranks, with nothing padded and one call per layer.
+//
+// engine/native.py builds this file with torch.utils.cpp_extension and checks every result against the
+// reference (tests/test_engine_native.py).
+
+#include <immintrin.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+constexpr int kRows = 8;  // rows of x per pass over a weight row: 8 accumulators, and each weight loaded once
+constexpr int64_t kPrefetch = 1024;  // floats (4 KiB) ahead of the weights being read, prefetched into L1
+
+// y[m * ldy] = dot(x[m * K : + K], w[0 : K]) (+ *bias) for the MT rows of x against one row of w.
+template <int MT>
+inline void tile(const float* __restrict x, const float* __restrict w, int64_t K, float* __restrict y, int64_t ldy,
+                 const float* __restrict bias) {
+  __m256 acc[MT];
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetch), _MM_HINT_T0);  // past the row: the next rows
+    const __m256 wv = _mm256_loadu_ps(w + k);
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k), wv, acc[m]);
+  }
+  if (k < K) {  // the last K % 8 columns, through a mask (masked lanes are never read)
+    alignas(32) int32_t lanes[8];
+    for (int i = 0; i < 8; ++i) lanes[i] = k + i < K ? -1 : 0;
+    const __m256i mask = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
+    const __m256 wv = _mm256_maskload_ps(w + k, mask);
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(_mm256_maskload_ps(x + m * K + k, mask), wv, acc[m]);
+  }
+  const float b = bias ? *bias : 0.f;
+  if constexpr (MT == 8) {  // the 8 sums in one vector: sum[m] = the lanes of acc[m]
+    const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
+    const __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]), h67 = _mm256_hadd_ps(acc[6], acc[7]);
+    const __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67);  // halves of sums 0-3, 4-7
+    const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+    alignas(32) float out[8];
+    _mm256_store_ps(out, _mm256_add_ps(sum, _mm256_set1_ps(b)));
+    for (int m = 0; m < 8; ++m) y[m * ldy] = out[m];
+  } else {
+    for (int m = 0; m < MT; ++m) y[m * ldy] = hsum(acc[m]) + b;
+  }
+}
+
+// The last M % 8 rows of x (1 <= M < 8) against one row of w, in one tile of their own height.
+template <int R>
+inline void tail_rows(const float* x, int64_t M, const float* w, int64_t K, float* y, int64_t ldy, const float* bias) {
+  if constexpr (R > 0) {
+    if (M == R) return tile<R>(x, w, K, y, ldy, bias);
+    tail_rows<R - 1>(x, M, w, K, y, ldy, bias);
+  }
+}
+
+// y[:, n0:n1] = x (M, K) @ w[n0:n1].T + bias[n0:n1], y's rows `ldy` apart; serial. Each weight row is read from
+// memory once (M <= 8) and streams sequentially.
+void linear_rows(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t ldy, const float* bias,
+                 int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* row = w + n * K;
+    const float* b = bias ? bias + n : nullptr;
+    int64_t m = 0;
+    for (; m + kRows <= M; m += kRows) tile<kRows>(x + m * K, row, K, y + m * ldy + n, ldy, b);
+    if (m < M) tail_rows<kRows - 1>(x + m * K, M - m, row, K, y + m * ldy + n, ldy, b);
+  }
+}
+
+void check_float_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, op, ": ", name,
+              " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
+}
+
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  check_float_cpu(x, "skinny_linear", "x");
+  check_float_cpu(w, "skinny_linear", "w");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "skinny_linear: x (M, K) and w (N, K), got ",
+              x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(w.is_contiguous(), "skinny_linear: w must be contiguous");
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const float* b = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    check_float_cpu(*bias, "skinny_linear", "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(), "skinny_linear: bias must be (N,)");
+    b = bias->data_ptr<float>();
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {  // each thread a contiguous run of w's rows
+    linear_rows(xp, M, K, wp, yp, N, b, n0, n1);
+  });
+  return y;
+}
+
+// y[0:n] += a * v[0:n]
+inline void axpy(float* __restrict y, float a, const float* __restrict v, int64_t n) {
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, _mm256_fmadd_ps(av, _mm256_loadu_ps(v + j), _mm256_loadu_ps(y + j)));
+  for (; j < n; ++j) y[j] += a * v[j];
+}
+
+void segment_lora_add_(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& BT,
+                       const at::Tensor& offsets, const at::Tensor& groups) {
+  const char* op = "segment_lora_add_";
+  check_float_cpu(y, op, "y");
+  check_float_cpu(x, op, "x");
+  check_float_cpu(A, op, "A");
+  check_float_cpu(BT, op, "BT");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous (N, in) tensor");
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.stride(1) == 1, op,
+              ": y must be (N, out) with unit column stride, got ", y.sizes(), " strides ", y.strides());
+  TORCH_CHECK(A.dim() == 2 && A.is_contiguous() && A.size(1) == x.size(1), op, ": A must be a contiguous (R, in)");
+  TORCH_CHECK(BT.dim() == 2 && BT.is_contiguous() && BT.size(0) == A.size(0) && BT.size(1) == y.size(1), op,
+              ": BT must be a contiguous (R, out)");
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.is_contiguous() && offsets.dim() == 1, op,
+              ": offsets must be a contiguous (G + 1,) long tensor");
+  TORCH_CHECK(groups.scalar_type() == at::kLong && groups.is_contiguous() && groups.numel() == x.size(0), op,
+              ": groups must be a contiguous (N,) long tensor");
+  const int64_t N = x.size(0), in = x.size(1), out = y.size(1), ldy = y.stride(0), G = offsets.numel() - 1;
+  const int64_t R = A.size(0);
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* grp = groups.data_ptr<int64_t>();
+  for (int64_t g = 0; g < G; ++g)
+    TORCH_CHECK(0 <= off[g] && off[g] <= off[g + 1] && off[g + 1] <= R, op, ": offsets must rise within [0, R]");
+  for (int64_t i = 0; i < N; ++i) TORCH_CHECK(grp[i] < G, op, ": group ", grp[i], " of token ", i, " >= G = ", G);
+  const float* xp = x.data_ptr<float>();
+  const float* ap = A.data_ptr<float>();
+  const float* bp = BT.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  int64_t max_rank = 0;
+  for (int64_t g = 0; g < G; ++g) max_rank = std::max(max_rank, off[g + 1] - off[g]);
+  at::parallel_for(0, N, 32, [&](int64_t i0, int64_t i1) {
+    std::vector<float> h(max_rank);
+    for (int64_t i = i0; i < i1; ++i) {
+      if (grp[i] < 0) continue;
+      const int64_t r0 = off[grp[i]], r = off[grp[i] + 1] - r0;
+      linear_rows(xp + i * in, 1, in, ap + r0 * in, h.data(), r, nullptr, 0, r);  // h = x[i] @ A[r0:r1].T
+      for (int64_t j = 0; j < r; ++j) axpy(yp + i * ldy, h[j], bp + (r0 + j) * out, out);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(adalora_native, m) {
+  m.def("skinny_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("segment_lora_add_(Tensor(a!) y, Tensor x, Tensor A, Tensor BT, Tensor offsets, Tensor groups) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(adalora_native, CPU, m) {
+  m.impl("skinny_linear", skinny_linear);
+  m.impl("segment_lora_add_", segment_lora_add_);
+}

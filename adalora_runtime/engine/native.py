@@ -1,0 +1,93 @@
+"""The lean path's CPU kernels (native.cpp), built once per machine and loaded as torch.ops.adalora_native.
+
+`torch.utils.cpp_extension` compiles native.cpp with the machine's C++ compiler and ninja on first use (about 15 s;
+cached under $TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions, and rebuilt when the source changes).
+Where they cannot run (no x86 AVX2, no compiler, a failed build, or ADALORA_NATIVE=0) `unavailable()` says why and
+the callers keep their PyTorch paths, which compute the same thing.
+
+- `skinny_linear(x, w, bias)`: x @ w.T + bias for float32 CPU tensors, fastest at `SKINNY_ROWS` rows or fewer.
+- `segment_lora_add_(y, x, A, BT, offsets, groups)`: y[i] += (x[i] @ A[r0:r1].T) @ BT[r0:r1] with r0, r1 =
+  offsets[g], offsets[g + 1] of token i's group g = groups[i] (nothing where g < 0), in place.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native.cpp")
+ENV = "ADALORA_NATIVE"
+"""Set to 0 to keep every caller on its PyTorch path."""
+SKINNY_ROWS = 16
+"""The most rows skinny_linear is faster at than oneDNN's and MKL's matmuls (benchmarks/native_kernels.py)."""
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+"""-fopenmp: at::parallel_for runs on torch's own OpenMP threads (the same libgomp, loaded by torch first)."""
+
+log = logging.getLogger(__name__)
+
+
+def _ninja_on_path() -> bool:
+    if shutil.which("ninja"):
+        return True
+    try:  # the ninja wheel (a dependency) installs it beside the interpreter, which may not be on PATH
+        import ninja
+    except ImportError:
+        return False
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    return shutil.which("ninja") is not None
+
+
+@functools.cache
+def unavailable() -> str | None:
+    """Why the kernels cannot run here, or None once they are built and loaded (the first call builds them)."""
+    if os.environ.get(ENV, "1") == "0":
+        return f"{ENV}=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"they are written for x86-64 with AVX2, this is {platform.machine()}"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        return f"the CPU lacks AVX2 + FMA (torch reports {capability})"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}) on PATH"
+    if not _ninja_on_path():
+        return "ninja is not installed (pip install ninja)"
+    from torch.utils import cpp_extension
+
+    log.info("loading the CPU kernels (%s; the first use on a machine builds them, about 15 s)", SOURCE.name)
+    try:
+        cpp_extension.load(name="adalora_native", sources=[str(SOURCE)], extra_cflags=FLAGS,
+                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    except Exception as e:  # a compiler error or a missing header: the PyTorch paths stay
+        detail = str(e).strip().splitlines()
+        return f"building {SOURCE.name} failed: {detail[-1] if detail else type(e).__name__}"
+    return None
+
+
+def available() -> bool:
+    """Whether the kernels run here (building them on the first call)."""
+    return unavailable() is None
+
+
+def applies(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels run here on these tensors: every one on the CPU, the floating ones in float32."""
+    return all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point())
+               for t in tensors) and available()
+
+
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (M, K) @ w (N, K).T + bias (N,) -> (M, N); w contiguous."""
+    return torch.ops.adalora_native.skinny_linear(x, w, bias)
+
+
+def segment_lora_add_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, BT: torch.Tensor, offsets: torch.Tensor,
+                      groups: torch.Tensor) -> None:
+    """y (N, out) += each token's own group's delta (module docstring); x (N, in), A (R, in), BT (R, out),
+    offsets (G + 1,) and groups (N,) long, all contiguous but y (unit column stride, any row stride)."""
+    torch.ops.adalora_native.segment_lora_add_(y, x, A, BT, offsets, groups)

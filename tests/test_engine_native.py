@@ -1,0 +1,160 @@
+"""The native CPU kernels (engine/native.cpp) against float64 references, their refusals, and the loader's
+fallbacks: why they cannot run is said, never raised."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adalora.engine import native
+from adalora.engine.apply import Factors, Routing, SegmentPlan
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable()}")
+
+
+# ---- skinny_linear -------------------------------------------------------------------------------------------------
+
+# (rows M, in K, out N): every tile remainder (M % 2, N % 4, K % 8), one-row and wider-than-decode inputs
+LINEAR_CASES = [(1, 8, 4), (1, 1, 1), (2, 7, 3), (3, 9, 5), (8, 576, 960), (8, 1536, 576), (5, 37, 13), (16, 64, 64),
+                (17, 33, 130), (64, 24, 7)]
+
+
+@needs_native
+@pytest.mark.parametrize("M,K,N", LINEAR_CASES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_skinny_linear_equals_f_linear(M, K, N, bias):
+    gen = torch.Generator().manual_seed(M * 1000 + K * 10 + N)
+    x, w = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen)
+    b = torch.randn(N, generator=gen) if bias else None
+    got = native.skinny_linear(x, w, b)
+    want = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.shape == (M, N) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * K ** 0.5 * 4)
+
+
+@needs_native
+def test_skinny_linear_takes_a_strided_input():
+    gen = torch.Generator().manual_seed(1)
+    x, w = torch.randn(6, 40, generator=gen)[:, ::2], torch.randn(11, 20, generator=gen)
+    torch.testing.assert_close(native.skinny_linear(x, w, None).double(), x.double() @ w.double().T,
+                               rtol=0, atol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("x,w,bias,message", [
+    (torch.randn(2, 4, dtype=torch.float64), torch.randn(3, 4), None, "x must be a float32 CPU tensor"),
+    (torch.randn(2, 4), torch.randn(3, 5), None, r"x \(M, K\) and w \(N, K\)"),
+    (torch.randn(2, 4), torch.randn(4, 3).T, None, "w must be contiguous"),
+    (torch.randn(2, 4), torch.randn(3, 4), torch.randn(4), r"bias must be \(N,\)"),
+], ids=["dtype", "shapes", "strided-w", "bias"])
+def test_skinny_linear_refuses_what_it_cannot_compute(x, w, bias, message):
+    with pytest.raises(RuntimeError, match=message):
+        native.skinny_linear(x, w, bias)
+
+
+# ---- segment_lora_add_ ---------------------------------------------------------------------------------------------
+
+def reference(y, x, factors, groups):
+    """y + the per-token loop of the reference semantics, in float64."""
+    out = y.double().clone()
+    for i, g in enumerate(groups.tolist()):
+        if g >= 0:
+            f = factors[g]
+            out[i] += (x[i].double() @ f.A.double().T) @ f.B.double().T
+    return out
+
+
+# (tokens, in, out, ranks per group): ranks of 0, one group, widths not a multiple of 8
+SEGMENT_CASES = [(8, 64, 48, [8, 4, 0, 12]), (1, 16, 16, [3]), (5, 37, 21, [1, 2, 3]), (40, 24, 56, [6, 6]),
+                 (8, 576, 960, [8, 5, 7, 8, 2, 8, 3, 8])]
+
+
+def segment_case(tokens, in_f, out_f, ranks, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    factors = [Factors(torch.randn(r, in_f, generator=gen), torch.randn(out_f, r, generator=gen)) for r in ranks]
+    groups = torch.randint(-1, len(ranks), (tokens,), generator=gen)  # -1: the base model alone
+    return factors, groups, torch.randn(tokens, in_f, generator=gen)
+
+
+@needs_native
+@pytest.mark.parametrize("tokens,in_f,out_f,ranks", SEGMENT_CASES)
+def test_segment_kernel_adds_each_tokens_own_delta(tokens, in_f, out_f, ranks):
+    factors, groups, x = segment_case(tokens, in_f, out_f, ranks)
+    wide = torch.randn(tokens, out_f + 10)
+    y = wide[:, 3: 3 + out_f]  # a column slice of a wider output, as the fused projections pass
+    before, want = wide.clone(), reference(y, x, factors, groups)
+    plan = SegmentPlan(Routing(groups, len(factors)), factors)
+    assert plan.native
+    plan.add_to(y, x)
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-4 * in_f ** 0.5)
+    assert torch.equal(wide[:, :3], before[:, :3]) and torch.equal(wide[:, 3 + out_f:], before[:, 3 + out_f:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_segment_plan_without_the_kernel_computes_the_same(dtype, monkeypatch):
+    """Where the kernel does not run (another dtype or device, or no build) the plan's PyTorch path is the same
+    semantics."""
+    monkeypatch.setattr(native, "applies", lambda *tensors: False)
+    factors, groups, x = segment_case(12, 24, 20, [4, 0, 7])
+    factors = [Factors(f.A.to(dtype), f.B.to(dtype)) for f in factors]
+    plan = SegmentPlan(Routing(groups, len(factors)), factors)
+    assert not plan.native
+    want = reference(torch.zeros(12, 20), x.to(dtype), factors, groups)
+    tol = 5e-2 * 24 ** 0.5 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(plan(x.to(dtype)).double(), want, rtol=0, atol=tol)
+
+
+@needs_native
+@pytest.mark.parametrize("offsets,groups,message", [
+    ([0, 4, 2], [0, 1], "offsets must rise within"),
+    ([0, 4, 9], [0, 1], "offsets must rise within"),  # past R = 8 rows
+    ([0, 4, 8], [0, 2], "group 2 of token 1 >= G = 2"),
+], ids=["falling", "past-R", "group"])
+def test_segment_kernel_refuses_bad_indices(offsets, groups, message):
+    """Indices that would read outside the factors are refused before any read."""
+    y, x = torch.zeros(2, 6), torch.randn(2, 5)
+    with pytest.raises(RuntimeError, match=message):
+        native.segment_lora_add_(y, x, torch.randn(8, 5), torch.randn(8, 6), torch.tensor(offsets),
+                                 torch.tensor(groups))
+    assert torch.equal(y, torch.zeros(2, 6))
+
+
+@needs_native
+def test_segment_kernel_refuses_a_y_with_strided_columns():
+    y = torch.zeros(6, 2).T  # (2, 6) with column stride 2
+    with pytest.raises(RuntimeError, match="unit column stride"):
+        native.segment_lora_add_(y, torch.randn(2, 5), torch.randn(8, 5), torch.randn(8, 6),
+                                 torch.tensor([0, 4, 8]), torch.tensor([0, 1]))
+
+
+# ---- the loader ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("env,message", [
+    ({"ADALORA_NATIVE": "0"}, "ADALORA_NATIVE=0"),
+    ({"CXX": "/nonexistent/c++"}, r"no C\+\+ compiler \(/nonexistent/c\+\+\) on PATH"),
+])
+def test_loader_says_why_the_kernels_cannot_run(env, message, monkeypatch):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    reason = native.unavailable.__wrapped__()  # uncached: the process's own answer stays as it was
+    assert reason is not None and __import__("re").search(message, reason)
+
+
+def test_loader_turns_a_failed_build_into_a_reason(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def fail(**kwargs):
+        raise RuntimeError("Error building extension 'adalora_native'\nnative.cpp:1: error: something")
+
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(native.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    assert native.unavailable.__wrapped__() == "building native.cpp failed: native.cpp:1: error: something"
+
+
+def test_loader_refuses_a_cpu_without_avx2(monkeypatch):
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert native.unavailable.__wrapped__() == "the CPU lacks AVX2 + FMA (torch reports DEFAULT)"
