@@ -75,7 +75,7 @@ CASES = {
     "slot_below_base": (lambda: loaded("a").context_from_slots(torch.tensor([-2, 0])), BatchError,
                         "slot indices must be -1 (base) or a loaded slot, got -2"),
     "strategy": (lambda: loaded("a").context(["a"], 2, strategy="fast"), ConfigError,
-                 "unknown apply strategy 'fast'; choose one of ('auto', 'group', 'packed', 'padded')"),
+                 "unknown apply strategy 'fast'; choose one of ('auto', 'group', 'packed', 'padded', 'segment')"),
     "groups_dtype": (lambda: BatchContext(groups=torch.zeros(2), routes=()), BatchError, "groups must be a 1-D long tensor"),
     "max_slots": (lambda: EngineConfig(max_slots=0), ConfigError, "max_slots must be a positive integer, got 0"),
     "targets_string": (lambda: EngineConfig(target_modules="q_proj"), ConfigError, "write ('q_proj',)"),
