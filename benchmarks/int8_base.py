@@ -1,8 +1,10 @@
 """Does an int8 base pay here? SmolLM2-135M through the lean decode path with the projections of every layer in
-int8 (the LM head stays float32), adapters unquantized on top, against the float32 base (oneDNN).
+int8, adapters unquantized on top, against the float32 base (the native kernel, engine/native.cpp).
 
 Variants:
-- int8 weight-only (the QLoRA-style row): weights int8 per output channel, activations float32, through PyTorch's
+- int8 block-32 (ours, `--weights int8`): int8 weights with a float32 scale per 32 weights of a row (llama.cpp's
+  q8_0 scales), activations float32, through engine/native.cpp's int8_linear; the LM head too;
+- int8 weight-only per channel (the QLoRA-style row in PyTorch): weights int8 per output channel, activations float32, through PyTorch's
   CPU kernel for it (aten._weight_int8pack_mm; torchao's Int8WeightOnlyConfig is timed beside it in the kernel
   table when torchao is installed);
 - int8 dynamic (W8A8): the same weights, each activation tensor quantized to 8 bits on the fly, through fbgemm
@@ -68,10 +70,14 @@ class Dynamic:
         return torch.ops.quantized.linear_dynamic(x.contiguous(), self.packed, True)
 
 
-VARIANTS = {"float32 (oneDNN)": None, "int8 weight-only": WeightOnly, "int8 dynamic (W8A8, fbgemm)": Dynamic}
+NATIVE_INT8 = "int8"
+VARIANTS = {"float32 (native)": None, "int8 block-32 (native, --weights int8)": NATIVE_INT8,
+            "int8 weight-only per channel (PyTorch)": WeightOnly, "int8 dynamic (W8A8, fbgemm)": Dynamic}
 
 
 def lean_with(model, variant, rows: int) -> LeanLlama:
+    if variant == NATIVE_INT8:
+        return LeanLlama(model, ContextHolder(), rows, "int8")
     lean = LeanLlama(model, ContextHolder(), rows)
     if variant is not None:
         for layer in lean.layers:
@@ -148,7 +154,7 @@ def kernels(batch: int) -> tuple[list[str], list[list[str]]]:
         weight, x = torch.randn(out_f, in_f) * 0.05, torch.randn(batch, in_f)
         row = [f"{in_f}x{out_f}"]
         for variant in VARIANTS.values():
-            kernel = (variant or Dense)(weight, None)
+            kernel = Dense(weight, None, "int8") if variant == NATIVE_INT8 else (variant or Dense)(weight, None)
             row.append(f"{timed(lambda: kernel(x), 5 if variant is WeightOnly else 20):.2f}")
         if quantize_:
             linear = torch.nn.Linear(in_f, out_f, bias=False)

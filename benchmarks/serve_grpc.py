@@ -231,7 +231,7 @@ def start_server(config: ServerConfig, log: Path, env: dict[str, str] | None = N
     ready = log.with_suffix(".ready.json")
     cmd = [sys.executable, "-m", "adalora.cli", "serve", "--base-model", config.base_model,
            "--adapter-dir", config.adapter_dir, "--port", "0", "--http-port", "0", "--ready-file", str(ready),
-           "--device", config.device, "--decoder", config.decoder,
+           "--device", config.device, "--decoder", config.decoder, "--weights", config.weights,
            "--dtype", config.dtype, "--max-batch-size", str(config.max_batch_size), "--max-slots",
            str(config.max_slots), "--max-new-tokens", str(config.max_new_tokens), "--preload", *config.preload]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,

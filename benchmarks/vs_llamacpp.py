@@ -23,7 +23,7 @@ client sees it); the table shows medians over --rounds, after one warm-up round.
 
     make peer                                   # builds .peer/bin/llama-server once (minutes)
     python benchmarks/vs_llamacpp.py [--rounds 5] [--batch 8] [--new-tokens 64] [--ours float32 bfloat16]
-                                     [--peer-weights f32 bf16 q8_0] [--peer .peer] [--pytorch-too]
+                                     [--peer-weights f32 bf16 q8_0] [--peer .peer] [--int8] [--pytorch-too]
 """
 
 from __future__ import annotations
@@ -230,6 +230,10 @@ async def measure(servers: list[Server], ids, args) -> dict:
     for config in ("base", "one"):
         if check[config]["equal"] != check[config]["rows"]:
             raise SystemExit(f"the float32 servers disagree on {config}: {check[config]}")
+    for label in [w for w in f32 if w.startswith("int8")]:  # information: quantized against our float32
+        for config in ("base", "one"):
+            texts = (await round_of(f32[label], ids, config, args.check_tokens, ignore_eos=False))["texts"]
+            check[f"{label} equal to float32 ({config})"] = sum(a == b for a, b in zip(texts, check[config]["texts"]))
     if check["adapter_changes"] == 0:
         raise SystemExit("adapter a0 changes no greedy text: the check would not tell adapters apart")
     results = {f"{s.name} {s.weights}": {c: [] for c in CONFIGS} for s in servers}
@@ -292,6 +296,7 @@ def main() -> None:
     ap.add_argument("--ours", nargs="+", default=["float32", "bfloat16"], help="our dtypes (float32 always runs)")
     ap.add_argument("--peer-weights", nargs="+", default=["f32", "bf16", "q8_0"], help="GGUF types (f32 always)")
     ap.add_argument("--decoder", default="auto", help="our --decoder (auto, lean, hf)")
+    ap.add_argument("--int8", action="store_true", help="also run our server over int8 weights (--weights int8)")
     ap.add_argument("--pytorch-too", action="store_true",
                     help="also run our float32 server without the native CPU kernels (ADALORA_NATIVE=0)")
     args = ap.parse_args()
@@ -314,11 +319,13 @@ def main() -> None:
     ids = prompts(AutoTokenizer.from_pretrained(model_dir), args.batch)
     servers: list[Server] = []
     try:
-        ours = [(dtype, dtype, None) for dtype in dict.fromkeys(["float32", *args.ours])]
+        ours = [(dtype, "float", dtype, None) for dtype in dict.fromkeys(["float32", *args.ours])]
+        if args.int8:
+            ours.append(("float32", "int8", "int8 (block 32)", None))
         if args.pytorch_too:
-            ours.append(("float32", "float32 no-native", {"ADALORA_NATIVE": "0"}))
-        for dtype, label, env in ours:
-            config = ServerConfig(base_model=str(model_dir), adapter_dir=str(store),
+            ours.append(("float32", "float", "float32 no-native", {"ADALORA_NATIVE": "0"}))
+        for dtype, weights, label, env in ours:
+            config = ServerConfig(base_model=str(model_dir), adapter_dir=str(store), weights=weights,
                                   preload=tuple(f"a{i}" for i in range(args.batch)), dtype=dtype,
                                   decoder=args.decoder, max_batch_size=args.batch, max_slots=args.batch,
                                   max_new_tokens=max(args.new_tokens, 64))

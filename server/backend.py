@@ -25,7 +25,7 @@ from adalora.config import is_int
 from adalora.engine import (AdapterEngine, AsyncDriver, Classification, EncoderRunner, EngineConfig,
                             GenerationRequest, Generator, GeneratorConfig, StepHooks, TokenStream, native)
 from adalora.engine.engine import Selection
-from adalora.engine.errors import AdapterExists, DeadlineExpired, InvalidRequest
+from adalora.engine.errors import AdapterExists, DeadlineExpired, EngineError, InvalidRequest
 from adalora.dtypes import DTYPES
 from adalora.dtypes import resolve as resolve_dtype
 from adalora.server import upload
@@ -82,6 +82,9 @@ class Backend:
         self.metrics = Metrics(config.max_slots, config.max_batch_size) if metrics is None else metrics
         self.metrics.watch_store(store)
         self.kind = model_kind(model.config)
+        if self.kind != "causal-lm" and config.weights != "float":
+            raise EngineError(f"--weights {config.weights} quantizes a causal LM's lean decoder; this base is an "
+                              f"encoder ({type(model).__name__}): serve it with --weights float")
         self.engine = AdapterEngine(model, EngineConfig(max_slots=config.max_slots))
         self.lock = FairLock()
         """The model lock, first come first served: an adapter load waits one engine step at most."""
@@ -99,8 +102,10 @@ class Backend:
             hooks = StepHooks(lock=self.lock, on_admit=lambda handle: m.inflight.admitted(id(handle.request)),
                               on_decode=m.batch_size.observe)
             self.generator = Generator(self.engine, GeneratorConfig(max_batch_size=config.max_batch_size,
-                                                                    decoder=config.decoder), tokenizer, hooks)
-            log.info("generation decoder: %s (--decoder %s)", self.generator.decoder.name, config.decoder)
+                                                                    decoder=config.decoder, weights=config.weights),
+                                       tokenizer, hooks)
+            log.info("generation decoder: %s (--decoder %s, --weights %s)", self.generator.decoder.name,
+                     config.decoder, config.weights)
             if config.device == "cpu":
                 why = native.unavailable()
                 log.info("CPU kernels: %s", "native (engine/native.cpp)" if why is None else f"PyTorch's ({why})")

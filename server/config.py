@@ -8,6 +8,7 @@ from pathlib import Path
 
 from adalora.config import ConfigError, is_int, is_number
 from adalora.dtypes import DTYPE_NAMES
+from adalora.engine.lean import WEIGHTS
 from adalora.engine.scheduler import DECODERS
 from adalora.engine.errors import InvalidRequest
 from adalora.server import tls
@@ -42,6 +43,9 @@ class ServerConfig:
     decoder: str = "auto"
     """The generation forward (adalora.engine.scheduler.DECODERS): lean (Llama-family models: fused projections,
     a preallocated KV cache), hf (the transformers forward, any causal LM), auto = lean where it runs the model."""
+    weights: str = "float"
+    """The lean decoder's dense weights (adalora.engine.lean.WEIGHTS): float (the model's), or int8 (quantized once
+    at start, a float32 scale per 32 weights; CPU float32 with the native kernels)."""
     max_batch_size: int = 8
     """Generation rows decoded together; further requests wait for a free row."""
     max_queue: int = 256
@@ -154,6 +158,11 @@ class ServerConfig:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {list(DTYPE_NAMES)}")
         if self.decoder not in DECODERS:
             raise ConfigError(f"decoder {self.decoder!r} is not one of {list(DECODERS)}")
+        if self.weights not in WEIGHTS:
+            raise ConfigError(f"weights {self.weights!r} is not one of {list(WEIGHTS)}")
+        if self.weights != "float" and (self.decoder == "hf" or self.dtype != "float32" or self.device != "cpu"):
+            raise ConfigError(f"--weights {self.weights} runs on the lean decoder over a float32 model on the CPU; "
+                              f"got --decoder {self.decoder} --dtype {self.dtype} --device {self.device}")
         if self.admin_token is not None and (not isinstance(self.admin_token, str) or not self.admin_token.strip()
                                              or self.admin_token != self.admin_token.strip()):
             raise ConfigError("admin_token must be a non-empty string without surrounding whitespace, or None to "

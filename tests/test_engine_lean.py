@@ -20,6 +20,7 @@ from adalora.engine.apply import PLANS
 from adalora.engine.errors import BatchError, EngineError, RequestCancelled
 from adalora.engine.kv import HfDecoder
 from adalora.engine.lean import Dense, LeanLlama, unsupported
+from adalora.engine.multi_linear import ContextHolder
 from adalora.engine.row_cache import RowCache
 from adalora.engine.sampling import SamplingParams
 from adalora.engine.scheduler import GenerationRequest, Generator, GeneratorConfig
@@ -118,12 +119,12 @@ class Harness:
     strategy: str = "auto"
 
     @classmethod
-    def make(cls, case: Case, max_rows=4, capacity=None, strategy="auto"):
+    def make(cls, case: Case, max_rows=4, capacity=None, strategy="auto", weights="float"):
         base = case.build()
         engine = AdapterEngine(copy.deepcopy(base), EngineConfig(max_slots=4, target_modules=case.served))
         engine.load("a", random_adapter(base, 1, init_r=4, lora_alpha=8.0, targets=case.targets[0]))
         engine.load("b", random_adapter(base, 2, init_r=6, lora_alpha=3.0, targets=case.targets[1]))
-        lean = LeanLlama(engine.model, engine.holder, max_rows)
+        lean = LeanLlama(engine.model, engine.holder, max_rows, weights)
         if capacity is not None:  # a small first capacity, so joins and decode steps grow it
             old = lean.cache
             lean.cache = RowCache(old.shape[0], max_rows, old.shape[2], old.shape[3], old.dtype, old.device,
@@ -595,6 +596,64 @@ def test_row_cache_write_prefill_and_window():
     assert torch.equal(k, new_keys) and torch.equal(v, new_values)
     cache.clear()
     assert cache.rows == 0 and cache.lengths == []
+
+
+# ---- int8 weights ---------------------------------------------------------------------------------------------------
+
+INT8_CASES = {
+    "llama-tied": lambda: build(LlamaConfig, LlamaForCausalLM, intermediate_size=64, tie_word_embeddings=True),
+    "qwen2": lambda: build(Qwen2Config, Qwen2ForCausalLM, intermediate_size=96, use_sliding_window=False),
+}
+"""Models whose every linear input width is a multiple of native.BLOCK (32 and 64 or 96)."""
+
+
+def denses(lean):
+    for layer in lean.layers:
+        yield from (layer.qkv.dense, layer.o.dense, layer.gate_up.dense, layer.down.dense)
+    yield lean.head
+
+
+@pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable()}")
+@pytest.mark.parametrize("name", sorted(INT8_CASES))
+def test_int8_weights_equal_the_reference_over_the_dequantized_weights(name):
+    """The lean path over int8 weights computes the transformers forward of a model whose weights are the
+    dequantized ones (the reference runs after they are written into the model), adapters and mixes included,
+    through joins and leaves."""
+    h = Harness.make(Case(name, INT8_CASES[name]), weights="int8")
+    with torch.no_grad():
+        for dense in denses(h.lean):
+            assert dense.q is not None and dense.q.dtype == torch.int8
+            moved = (dense.weight - native.dequantize_int8(dense.q, dense.scales)).abs().max().item()
+            assert 0 < moved <= dense.scales.max().item() / 2 + 1e-6  # quantized: close, but not the same weights
+            dense.weight.copy_(native.dequantize_int8(dense.q, dense.scales))  # the model's weights are these views
+    h.prefill(PROMPTS, SELECTIONS)
+    for step in range(3):
+        h.decode(f"decode step {step}")
+    h.keep([0, 2])
+    h.prefill([[12, 13, 50, 2, 9]], ["b"])
+    h.decode("decode after a keep and a join")
+
+
+def test_int8_weights_are_refused_where_they_cannot_run(monkeypatch):
+    model = build(LlamaConfig, LlamaForCausalLM)  # down_proj's input is 48 wide: not a multiple of 32
+    if native.available():
+        with pytest.raises(EngineError, match="multiple of 32"):
+            LeanLlama(model, ContextHolder(), 2, "int8")
+    fits = INT8_CASES["llama-tied"]()
+    with pytest.raises(EngineError, match="unknown weights 'int4'"):
+        LeanLlama(fits, ContextHolder(), 2, "int4")
+    monkeypatch.setattr(native, "applies", lambda *tensors: False)
+    with pytest.raises(EngineError, match="int8 weights need the native CPU kernels"):
+        LeanLlama(fits, ContextHolder(), 2, "int8")
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(weights="int4"), "unknown weights 'int4'"),
+    (dict(weights="int8", decoder="hf"), "weights 'int8' are the lean decoder's"),
+])
+def test_generator_config_checks_weights(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        GeneratorConfig(**fields)
 
 
 # ---- Dense ---------------------------------------------------------------------------------------------------------

@@ -53,6 +53,48 @@ def test_skinny_linear_refuses_what_it_cannot_compute(x, w, bias, message):
         native.skinny_linear(x, w, bias)
 
 
+# ---- int8_linear ---------------------------------------------------------------------------------------------------
+
+INT8_CASES = [(1, 32, 1), (3, 64, 5), (8, 576, 960), (9, 96, 13), (17, 64, 33), (40, 32, 7)]
+
+
+@needs_native
+@pytest.mark.parametrize("M,K,N", INT8_CASES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_int8_linear_equals_the_dequantized_matmul(M, K, N, bias):
+    gen = torch.Generator().manual_seed(M * 1000 + K * 10 + N)
+    x, w = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen)
+    b = torch.randn(N, generator=gen) if bias else None
+    q, scales = native.quantize_int8(w)
+    got = native.int8_linear(x, q, scales, b)
+    want = F.linear(x.double(), native.dequantize_int8(q, scales).double(), None if b is None else b.double())
+    assert got.shape == (M, N) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * K ** 0.5 * 4)
+
+
+def test_quantize_int8_rounds_each_block_to_its_own_scale():
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(6, 96, generator=gen) * torch.logspace(-3, 1, 6)[:, None]  # rows of very different sizes
+    w[2, 32:64] = 0  # an all-zero block
+    q, scales = native.quantize_int8(w)
+    assert q.dtype == torch.int8 and scales.shape == (6, 3) and int(q.abs().max()) == 127
+    assert scales[2, 1] == 0 and torch.equal(q[2, 32:64], torch.zeros(32, dtype=torch.int8))
+    back = native.dequantize_int8(q, scales)
+    per_block = (w - back).abs().reshape(6, 3, 32).amax(-1)
+    assert torch.all(per_block <= scales / 2 + 1e-7)  # round to nearest: within half a step of its own block
+
+
+@needs_native
+@pytest.mark.parametrize("q,scales,message", [
+    (torch.zeros(3, 48, dtype=torch.int8), torch.ones(3, 1), "must be a multiple of 32"),
+    (torch.zeros(3, 64, dtype=torch.int16), torch.ones(3, 2), "q must be a contiguous"),
+    (torch.zeros(3, 64, dtype=torch.int8), torch.ones(3, 3), r"scales must be a contiguous \(N, K / 32\)"),
+], ids=["K", "dtype", "scales"])
+def test_int8_linear_refuses_what_it_cannot_compute(q, scales, message):
+    with pytest.raises(RuntimeError, match=message):
+        native.int8_linear(torch.randn(2, q.shape[1]), q, scales, None)
+
+
 # ---- segment_lora_add_ ---------------------------------------------------------------------------------------------
 
 def reference(y, x, factors, groups):

@@ -6,14 +6,19 @@ import dataclasses
 
 import grpc
 import pytest
+import torch
+from transformers import LlamaForCausalLM
 
 from adalora.config import ConfigError
-from adalora.engine import SamplingParams
+from adalora.engine import GenerationRequest, Generator, GeneratorConfig, SamplingParams, native
+from adalora.engine.errors import EngineError
 from adalora.peft_interop import save_peft
 from adalora.server.client import generate_request
 from adalora.server.config import ServerConfig
 from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
-from tests.server_setup import generate_alone, ServerThread, status_of, word_tokenizer, write_base, write_store
+from tests.conftest import tiny_llama_config
+from tests.server_setup import (ServerThread, generate_alone, reference_engine, status_of, word_tokenizer, write_base,
+                                write_store)
 from tests.factories import varied_llama
 from tests.factories import random_adapter
 
@@ -132,6 +137,59 @@ def test_each_decoder_serves_the_reference_tokens(setup, decoder):
             assert list(reply.token_ids) == reference(setup, ids, adapter, params)[0], (decoder, adapter)
     finally:
         other.stop()
+
+
+@pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable()}")
+def test_int8_weights_serve_the_engines_tokens(tmp_path):
+    """--weights int8: the server answers with the in-process Generator's tokens over the same int8 weights (the
+    lean tests check those against the dequantized reference); a base the kernel cannot take is refused at start."""
+    torch.manual_seed(0)
+    config = tiny_llama_config()
+    config.intermediate_size, config.initializer_range = 64, 0.3  # every linear's input a multiple of 32 wide
+    base, tokenizer = LlamaForCausalLM(config).eval(), word_tokenizer()
+    adapters = {"ad": random_adapter(base, 5, init_r=3)}
+    served = ServerConfig(base_model=str(write_base(base, tmp_path / "base", tokenizer)), weights="int8",
+                          adapter_dir=str(write_store(tmp_path / "adapters", adapters)), preload=("ad",), port=0)
+    server = ServerThread(served)
+    try:
+        assert server.backend.generator.decoder.weights == "int8"
+        for adapter in ("ad", None):
+            reply = server.client.stub.Generate(generate_request([5, 9, 13], adapter, max_new_tokens=8, temperature=0),
+                                                timeout=60)
+            generator = Generator(reference_engine(base, adapters), GeneratorConfig(max_batch_size=1, weights="int8"))
+            handle = generator.submit(GenerationRequest([5, 9, 13], adapter, SamplingParams(8, temperature=0)))
+            while generator.has_work():
+                generator.step()
+            assert list(reply.token_ids) == handle.result.token_ids, adapter
+    finally:
+        server.stop()
+    refused = dataclasses.replace(served, base_model=str(write_base(varied_llama(), tmp_path / "b48", tokenizer)),
+                                  preload=())
+    with pytest.raises(EngineError, match="multiple of 32"):
+        ServerThread(refused)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(weights="int4"), "weights 'int4' is not one of"),
+    (dict(weights="int8", decoder="hf"), "--weights int8 runs on the lean decoder over a float32 model on the CPU"),
+    (dict(weights="int8", dtype="bfloat16"), "--weights int8 runs on the lean decoder"),
+    (dict(weights="int8", device="cuda"), "--weights int8 runs on the lean decoder"),
+])
+def test_server_config_checks_weights(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        ServerConfig(base_model="m", adapter_dir="a", **fields)
+
+
+def test_the_weights_flag():
+    import argparse
+
+    from adalora.server.commands import serve as serve_command
+    parser = argparse.ArgumentParser()
+    serve_command.add_arguments(parser)
+    assert serve_command.config_from(parser.parse_args(["--base-model", "m"])).weights == "float"
+    assert serve_command.config_from(parser.parse_args(["--base-model", "m", "--weights", "int8"])).weights == "int8"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--weights", "int4"])
 
 
 @pytest.mark.parametrize("argv, expected", [([], "auto"), (["--decoder", "hf"], "hf"), (["--decoder", "lean"], "lean")])

@@ -66,23 +66,36 @@ def _base(module: nn.Module) -> nn.Module:
     return module.base if isinstance(module, MultiAdapterLinear) else module
 
 
+WEIGHTS = ("float", "int8")
+"""How the lean path holds its dense weights: 'float' (the model's own), 'int8' (`native.quantize_int8`: a float32
+scale per 32 weights of a row, activations and adapters in float32; CPU float32 with the native kernels)."""
+
+
 class Dense:
     """y = x @ W.T + b over a weight prepared once for the device's fastest matmul. On a CPU in float32: the native
     kernel (`engine.native.skinny_linear`) at decode sizes, over the plain weight, and the default matmul for
     longer inputs (a prefill); where the kernel does not run, a copy of W reordered for oneDNN. Elsewhere: the plain
-    weight."""
+    weight. With `weights='int8'`: an int8 copy of W (`native.int8_linear` at every size)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, weights: str = "float") -> None:
         self.weight, self.bias = weight, bias
         self.native = native.applies(weight)
-        self.packed = None
-        if not self.native and weight.device.type == "cpu" and weight.dtype == torch.float32 \
+        self.packed = self.q = self.scales = None
+        if weights == "int8":
+            if not self.native or weight.shape[1] % native.BLOCK:
+                raise EngineError(f"int8 weights need the native CPU kernels on float32 weights whose rows are a "
+                                  f"multiple of {native.BLOCK} long (got {weight.dtype} {tuple(weight.shape)} on "
+                                  f"{weight.device}; kernels: {native.unavailable() or 'available'})")
+            self.q, self.scales = native.quantize_int8(weight)
+        elif not self.native and weight.device.type == "cpu" and weight.dtype == torch.float32 \
                 and torch.backends.mkldnn.is_available():
             with contextlib.suppress(RuntimeError, AttributeError):  # a build without this op: the plain matmul
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, in) -> (N, out), contiguous."""
+        if self.q is not None:
+            return native.int8_linear(x, self.q, self.scales, self.bias)
         if self.native and x.shape[0] <= native.SKINNY_ROWS:
             return native.skinny_linear(x, self.weight, self.bias)
         if self.packed is None:
@@ -103,13 +116,13 @@ def _share(bases: Sequence[nn.Module], fused: torch.Tensor) -> None:
 class Projection:
     """Several linear maps of one input as one matmul, each adapted layer's adapters added to its column slice."""
 
-    def __init__(self, modules: Sequence[nn.Module], holder: ContextHolder) -> None:
+    def __init__(self, modules: Sequence[nn.Module], holder: ContextHolder, weights: str = "float") -> None:
         bases = [_base(m) for m in modules]
         weight = torch.cat([b.weight for b in bases]) if len(bases) > 1 else bases[0].weight  # (out, in)
         bias = None
         if any(b.bias is not None for b in bases):
             bias = torch.cat([b.bias if b.bias is not None else b.weight.new_zeros(b.weight.shape[0]) for b in bases])
-        self.dense = Dense(weight.detach(), None if bias is None else bias.detach())
+        self.dense = Dense(weight.detach(), None if bias is None else bias.detach(), weights)
         if self.dense.packed is None and len(bases) > 1:
             _share(bases, self.dense.weight)
         self.holder = holder
@@ -156,12 +169,12 @@ class _Shape:
 class LeanLayer:
     """One decoder layer: fused projections, the model's own norms and activation."""
 
-    def __init__(self, layer: nn.Module, holder: ContextHolder) -> None:
+    def __init__(self, layer: nn.Module, holder: ContextHolder, weights: str = "float") -> None:
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = Projection([attn.q_proj, attn.k_proj, attn.v_proj], holder)
-        self.o = Projection([attn.o_proj], holder)
-        self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], holder)
-        self.down = Projection([mlp.down_proj], holder)
+        self.qkv = Projection([attn.q_proj, attn.k_proj, attn.v_proj], holder, weights)
+        self.o = Projection([attn.o_proj], holder, weights)
+        self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], holder, weights)
+        self.down = Projection([mlp.down_proj], holder, weights)
         self.act = mlp.act_fn
         self.norm_in, self.norm_post = layer.input_layernorm, layer.post_attention_layernorm
         self.q_width = _base(attn.q_proj).weight.shape[0]
@@ -178,20 +191,23 @@ class LeanLlama:
 
     name = "lean"
 
-    def __init__(self, model: nn.Module, holder: ContextHolder, max_rows: int) -> None:
+    def __init__(self, model: nn.Module, holder: ContextHolder, max_rows: int, weights: str = "float") -> None:
         reason = unsupported(model)
         if reason is not None:
             raise EngineError(f"the lean decode path cannot run this model: {reason}; use decoder 'hf'")
+        if weights not in WEIGHTS:
+            raise EngineError(f"unknown weights {weights!r}; choose one of {WEIGHTS}")
+        self.weights = weights
         config = model.config
         body = model.model
         attn = body.layers[0].self_attn
         head_dim = getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.shape = _Shape(config.num_attention_heads, config.num_key_value_heads, head_dim, attn.scaling)
         self.embed, self.norm, self.rotary = body.embed_tokens, body.norm, body.rotary_emb
-        self.layers = [LeanLayer(layer, holder) for layer in body.layers[: config.num_hidden_layers]]
+        self.layers = [LeanLayer(layer, holder, weights) for layer in body.layers[: config.num_hidden_layers]]
         head = _base(model.lm_head)  # never adapted (engine targets exclude heads)
         weight = head.weight
-        self.head = Dense(weight.detach(), None if head.bias is None else head.bias.detach())
+        self.head = Dense(weight.detach(), None if head.bias is None else head.bias.detach(), weights)
         self.cache = RowCache(len(self.layers), max_rows, self.shape.kv_heads, head_dim, weight.dtype, weight.device,
                               limit=getattr(config, "max_position_embeddings", None))
 

@@ -6,6 +6,8 @@ Where they cannot run (no x86 AVX2, no compiler, a failed build, or ADALORA_NATI
 the callers keep their PyTorch paths, which compute the same thing.
 
 - `skinny_linear(x, w, bias)`: x @ w.T + bias for float32 CPU tensors, fastest at `SKINNY_ROWS` rows or fewer.
+- `int8_linear(x, q, scales, bias)`: the same over weights quantized by `quantize_int8` (int8, a float32 scale
+  per 32 weights of a row); activations stay float32.
 - `segment_lora_add_(y, x, A, BT, offsets, groups)`: y[i] += (x[i] @ A[r0:r1].T) @ BT[r0:r1] with r0, r1 =
   offsets[g], offsets[g + 1] of token i's group g = groups[i] (nothing where g < 0), in place.
 """
@@ -84,6 +86,31 @@ def applies(*tensors: torch.Tensor) -> bool:
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x (M, K) @ w (N, K).T + bias (N,) -> (M, N); w contiguous."""
     return torch.ops.adalora_native.skinny_linear(x, w, bias)
+
+
+BLOCK = 32
+"""int8 weights: one float32 scale per BLOCK consecutive weights of a row."""
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) float, K a multiple of BLOCK -> (q (N, K) int8, scales (N, K / BLOCK) float32): each block scaled
+    by its largest magnitude / 127 and rounded to nearest (an all-zero block has scale 0)."""
+    N, K = w.shape
+    blocks = w.detach().float().reshape(N, K // BLOCK, BLOCK)
+    scales = blocks.abs().amax(-1) / 127  # (N, K / BLOCK)
+    q = torch.where(scales[..., None] > 0, blocks / scales[..., None].clamp_min(torch.finfo(torch.float32).tiny), 0)
+    return q.round().clamp(-127, 127).to(torch.int8).reshape(N, K).contiguous(), scales.contiguous()
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float32 weights (N, K) that `int8_linear` multiplies by: q * each block's scale."""
+    N, K = q.shape
+    return (q.float().reshape(N, K // BLOCK, BLOCK) * scales[..., None]).reshape(N, K)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (M, K) @ dequantize_int8(q, scales).T + bias (N,) -> (M, N), float32."""
+    return torch.ops.adalora_native.int8_linear(x, q, scales, bias)
 
 
 def segment_lora_add_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, BT: torch.Tensor, offsets: torch.Tensor,

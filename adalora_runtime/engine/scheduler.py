@@ -35,7 +35,7 @@ from adalora.engine.engine import AdapterEngine, Selection
 from adalora.engine.errors import (DeadlineExpired, InvalidRequest, NonFiniteOutput,
                                            RequestCancelled)
 from adalora.engine.kv import HfDecoder
-from adalora.engine.lean import LeanLlama, unsupported
+from adalora.engine.lean import WEIGHTS, LeanLlama, unsupported
 from adalora.engine.multi_linear import BatchContext
 from adalora.engine.sampling import SamplingParams, next_token, request_generator
 
@@ -57,10 +57,17 @@ class GeneratorConfig:
     """Batched-apply strategy of the adapters ('auto' = the engine's cost model)."""
     decoder: str = "auto"
     """The forward path (DECODERS): 'auto' takes the lean one where it runs the model."""
+    weights: str = "float"
+    """The lean path's dense weights (engine.lean.WEIGHTS): 'float' (the model's), or 'int8' (quantized once, a
+    float32 scale per 32 weights; CPU float32 with the native kernels, the lean decoder only)."""
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:
             raise ConfigError(f"unknown decoder {self.decoder!r}; choose one of {DECODERS}")
+        if self.weights not in WEIGHTS:
+            raise ConfigError(f"unknown weights {self.weights!r}; choose one of {WEIGHTS}")
+        if self.weights != "float" and self.decoder == "hf":
+            raise ConfigError(f"weights {self.weights!r} are the lean decoder's; decoder 'hf' runs the model's own")
         if not is_int(self.max_batch_size, 1):
             raise ConfigError(f"max_batch_size must be a positive integer, got {self.max_batch_size!r}")
         if self.eos_token_ids is not None and (not isinstance(self.eos_token_ids, tuple)
@@ -424,6 +431,7 @@ class Generator:
 
 def make_decoder(engine: AdapterEngine, config: GeneratorConfig) -> HfDecoder | LeanLlama:
     """The forward path `config.decoder` names over the engine's model ('auto': lean where it runs the model)."""
-    if config.decoder == "hf" or (config.decoder == "auto" and unsupported(engine.model) is not None):
+    if config.decoder == "hf" or (config.decoder == "auto" and unsupported(engine.model) is not None
+                                  and config.weights == "float"):
         return HfDecoder(engine.model)
-    return LeanLlama(engine.model, engine.holder, config.max_batch_size)
+    return LeanLlama(engine.model, engine.holder, config.max_batch_size, config.weights)

@@ -8,6 +8,7 @@ import logging
 import os
 
 from adalora.dtypes import DTYPE_NAMES
+from adalora.engine.lean import WEIGHTS
 from adalora.engine.scheduler import DECODERS
 from adalora.engine.errors import EngineError
 from adalora.peft_interop import InteropError
@@ -61,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder", default=DEFAULTS.decoder, choices=DECODERS,
                    help="generation forward: lean (Llama-family: fused projections, preallocated KV cache), hf (the "
                         "transformers forward), auto (default: lean where it runs the model)")
+    p.add_argument("--weights", default=DEFAULTS.weights, choices=WEIGHTS,
+                   help="the lean decoder's dense weights: float (default, the model's) or int8 (quantized at start, "
+                        "a float32 scale per 32 weights, adapters and activations in float32; CPU float32 only)")
     p.add_argument("--max-batch-size", type=int, default=DEFAULTS.max_batch_size, help="generation rows per step")
     p.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue,
                    help=f"generation requests waiting for a batch row; more are RESOURCE_EXHAUSTED "
@@ -148,7 +152,7 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
                         host=args.host, port=args.port, http_port=args.http_port,
                         served_model_name=args.served_model_name, http_timeout_s=args.http_timeout,
                         api_key=args.api_key or os.environ.get("ADALORA_API_KEY") or None, device=args.device,
-                        dtype=args.dtype, decoder=args.decoder,
+                        dtype=args.dtype, decoder=args.decoder, weights=args.weights,
                         max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_slots=args.max_slots,
                         max_device_bytes=args.max_device_bytes, max_host_bytes=args.max_host_bytes,
                         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
