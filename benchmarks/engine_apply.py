@@ -98,7 +98,8 @@ def composition(tokens: int, distinct: int, block: dict, args, seed: int) -> dic
     build_us = {name: median([time_calls(lambda: [plan(routing, f) for f in builds], 1, args.device)
                               for _ in range(args.repeats)]) * 1e6 for name, plan in PLANS.items()}
     return {"tokens": tokens, "distinct": distinct, "us": {name: median(v) for name, v in samples.items()},
-            "build_us": build_us, "layers": shapes}
+            "build_us": build_us, "layers": shapes,
+            "segment": all(plans["segment"].native for plans, _, _ in layers)}  # its native kernel ran
 
 
 def lives(row: dict) -> tuple[int, ...]:
@@ -109,9 +110,11 @@ def lives(row: dict) -> tuple[int, ...]:
 def judge(row: dict, cost: CostModel, life: int) -> dict:
     """What 'auto' under `cost` picks for the block's layers (make_plan's own choice, layer by layer), the
     fastest strategy per forward with its plan's build shared over `life` calls, and auto / fastest."""
-    picks = Counter(choose_strategy(row["tokens"], row["distinct"], sum_rank, max_rank, cost, pregathers, life)
+    picks = Counter(choose_strategy(row["tokens"], row["distinct"], sum_rank, max_rank, cost, pregathers, life,
+                                    row["segment"])
                     for sum_rank, max_rank, pregathers in row["layers"])
-    total = {name: row["us"][name] + row["build_us"][name] / life for name in PLANS}
+    total = {name: row["us"][name] + row["build_us"][name] / life for name in PLANS
+             if name != "segment" or row["segment"]}  # without its kernel, auto never offers segment
     fastest = min(total, key=total.get)
     auto_us = sum(total[name] * n for name, n in picks.items()) / max(1, sum(picks.values()))
     return {"fastest": fastest, "auto": dict(picks), "auto_vs_fastest": auto_us / total[fastest]}
@@ -120,10 +123,11 @@ def judge(row: dict, cost: CostModel, life: int) -> dict:
 def equations(rows: list[dict]) -> list[tuple[Counter, float]]:
     """One (the block's summed cost terms, microseconds) per strategy's call and per plan build of every
     composition: what `fit_cost_model` reads. Padded calls of a block where a plan would not pre-gather (it
-    gathers per call) and group builds (nothing to build) are left out."""
+    gathers per call) and group builds (nothing to build) are left out, and so is segment: its native kernel is
+    not the PyTorch matmul the other terms measure, so it is priced by the same launch and unit, not fitted."""
     out = []
     for r in rows:
-        for name in PLANS:
+        for name in (n for n in PLANS if n != "segment"):
             for build in (False, True):
                 if (build and name == "group") or (not build and name == "padded" and not all(
                         pregathers for _, _, pregathers in r["layers"])):

@@ -82,6 +82,9 @@ class Backend:
         self.metrics = Metrics(config.max_slots, config.max_batch_size) if metrics is None else metrics
         self.metrics.watch_store(store)
         self.kind = model_kind(model.config)
+        if config.device == "cpu":  # built here, at start, never inside a first request
+            why = native.unavailable()
+            log.info("CPU kernels: %s", "native (engine/native.cpp)" if why is None else f"PyTorch's ({why})")
         if self.kind != "causal-lm" and config.weights != "float":
             raise EngineError(f"--weights {config.weights} quantizes a causal LM's lean decoder; this base is an "
                               f"encoder ({type(model).__name__}): serve it with --weights float")
@@ -106,9 +109,6 @@ class Backend:
                                        tokenizer, hooks)
             log.info("generation decoder: %s (--decoder %s, --weights %s)", self.generator.decoder.name,
                      config.decoder, config.weights)
-            if config.device == "cpu":
-                why = native.unavailable()
-                log.info("CPU kernels: %s", "native (engine/native.cpp)" if why is None else f"PyTorch's ({why})")
             self.driver = AsyncDriver(self.generator)
         else:
             limit = min(config.max_prompt_tokens, self.max_positions or config.max_prompt_tokens)

@@ -15,9 +15,11 @@ needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernel
 
 # ---- skinny_linear -------------------------------------------------------------------------------------------------
 
-# (rows M, in K, out N): every tile remainder (M % 2, N % 4, K % 8), one-row and wider-than-decode inputs
-LINEAR_CASES = [(1, 8, 4), (1, 1, 1), (2, 7, 3), (3, 9, 5), (8, 576, 960), (8, 1536, 576), (5, 37, 13), (16, 64, 64),
-                (17, 33, 130), (64, 24, 7)]
+# (rows M, in K, out N): every row remainder (M % 8: the 1-7 row tiles), K % 8 (the masked tail), one-row and
+# wider-than-decode inputs, empty ones
+LINEAR_CASES = [(1, 8, 4), (1, 1, 1), (2, 7, 3), (3, 9, 5), (4, 16, 6), (6, 40, 9), (7, 24, 2), (8, 576, 960),
+                (8, 1536, 576), (5, 37, 13), (12, 64, 10), (15, 31, 11), (16, 64, 64), (17, 33, 130), (64, 24, 7),
+                (0, 8, 4), (3, 8, 0)]
 
 
 @needs_native
@@ -55,7 +57,8 @@ def test_skinny_linear_refuses_what_it_cannot_compute(x, w, bias, message):
 
 # ---- int8_linear ---------------------------------------------------------------------------------------------------
 
-INT8_CASES = [(1, 32, 1), (3, 64, 5), (8, 576, 960), (9, 96, 13), (17, 64, 33), (40, 32, 7)]
+INT8_CASES = [(1, 32, 1), (2, 32, 3), (3, 64, 5), (4, 32, 4), (5, 64, 2), (6, 96, 7), (7, 32, 9), (8, 576, 960),
+              (9, 96, 13), (17, 64, 33), (40, 32, 7)]
 
 
 @needs_native
@@ -163,6 +166,15 @@ def test_segment_kernel_refuses_bad_indices(offsets, groups, message):
 
 
 @needs_native
+def test_segment_kernel_refuses_rows_of_y_that_share_memory():
+    """An expanded y (every row the same memory) would race between threads: refused."""
+    y = torch.zeros(1, 6).expand(2, 6)
+    with pytest.raises(RuntimeError, match="internal overlap|single memory location"):
+        native.segment_lora_add_(y, torch.randn(2, 5), torch.randn(8, 5), torch.randn(8, 6),
+                                 torch.tensor([0, 4, 8]), torch.tensor([0, 1]))
+
+
+@needs_native
 def test_segment_kernel_refuses_a_y_with_strided_columns():
     y = torch.zeros(6, 2).T  # (2, 6) with column stride 2
     with pytest.raises(RuntimeError, match="unit column stride"):
@@ -177,6 +189,9 @@ def test_segment_kernel_refuses_a_y_with_strided_columns():
     ({"CXX": "/nonexistent/c++"}, r"no C\+\+ compiler \(/nonexistent/c\+\+\) on PATH"),
 ])
 def test_loader_says_why_the_kernels_cannot_run(env, message, monkeypatch):
+    monkeypatch.delenv("ADALORA_NATIVE", raising=False)
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")  # the same answer on any host
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     reason = native.unavailable.__wrapped__()  # uncached: the process's own answer stays as it was
@@ -186,6 +201,7 @@ def test_loader_says_why_the_kernels_cannot_run(env, message, monkeypatch):
 def test_loader_turns_a_failed_build_into_a_reason(monkeypatch):
     from torch.utils import cpp_extension
 
+    monkeypatch.delenv("ADALORA_NATIVE", raising=False)
     def fail(**kwargs):
         raise RuntimeError("Error building extension 'adalora_native'\nnative.cpp:1: error: something")
 
@@ -197,6 +213,7 @@ def test_loader_turns_a_failed_build_into_a_reason(monkeypatch):
 
 
 def test_loader_refuses_a_cpu_without_avx2(monkeypatch):
+    monkeypatch.delenv("ADALORA_NATIVE", raising=False)
     monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     assert native.unavailable.__wrapped__() == "the CPU lacks AVX2 + FMA (torch reports DEFAULT)"

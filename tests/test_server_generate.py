@@ -17,8 +17,8 @@ from adalora.server.client import generate_request
 from adalora.server.config import ServerConfig
 from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
 from tests.conftest import tiny_llama_config
-from tests.server_setup import (ServerThread, generate_alone, reference_engine, status_of, word_tokenizer, write_base,
-                                write_store)
+from tests.server_setup import (ServerThread, encoder_server, generate_alone, reference_engine, status_of,
+                                word_tokenizer, write_base, write_store)
 from tests.factories import varied_llama
 from tests.factories import random_adapter
 
@@ -167,6 +167,11 @@ def test_int8_weights_serve_the_engines_tokens(tmp_path):
                                   preload=())
     with pytest.raises(EngineError, match="multiple of 32"):
         ServerThread(refused)
+
+
+def test_int8_weights_are_refused_on_an_encoder_base(tmp_path):
+    with pytest.raises(EngineError, match="--weights int8 quantizes a causal LM's lean decoder; this base is an encoder"):
+        encoder_server(tmp_path, weights="int8")
 
 
 @pytest.mark.parametrize("fields,message", [

@@ -179,6 +179,7 @@ class SegmentPlan:
         self.BT = torch.cat([f.B.T for f in factors]).contiguous()  # (R, out)
         ranks = torch.tensor([0] + [f.rank for f in factors])
         self.offsets = ranks.cumsum(0).to(routing.groups.device)  # (G + 1,) group g's rows are offsets[g]:[g + 1]
+        self.bounds = ranks.cumsum(0).tolist()  # the same on the host, for the PyTorch path
         self.routing = routing
         self.native = native.applies(self.A, routing.groups)
 
@@ -192,9 +193,8 @@ class SegmentPlan:
         if self.native:
             native.segment_lora_add_(y, x.contiguous(), self.A, self.BT, self.offsets, self.routing.groups)
             return
-        bounds = self.offsets.tolist()
         for g, rows in enumerate(self.routing.rows):
-            r0, r1 = bounds[g], bounds[g + 1]
+            r0, r1 = self.bounds[g], self.bounds[g + 1]
             if r1 > r0 and rows.numel() > 0:
                 y.index_add_(0, rows, (x.index_select(0, rows) @ self.A[r0:r1].T) @ self.BT[r0:r1])
 

@@ -17,8 +17,8 @@ Built once over a model the AdapterEngine serves; the transformers model stays t
 Norms, the rotary embedding and the activation are the model's own modules, so every rope variant and eps
 the model's config sets applies unchanged. The base weights are read when the path is built: where they are not
 reordered, the model's q/k/v and gate/up weights become views of the fused ones (held once); where they are (CPU,
-float32 without the native kernel), the reordered copy is a second copy of the weights, and a later change to the
-model's weights (an edge merge) is not seen by a path built before it.
+float32 without the native kernel), the reordered copy is a second copy of the weights, and so is the int8 copy of
+`weights='int8'`: a later change to the model's weights (an edge merge) is not seen by a path built before it.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class Dense:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, weights: str = "float") -> None:
         self.weight, self.bias = weight, bias
-        self.native = native.applies(weight)
+        self.native = native.applies(weight) and weight.is_contiguous()
         self.packed = self.q = self.scales = None
         if weights == "int8":
             if not self.native or weight.shape[1] % native.BLOCK:

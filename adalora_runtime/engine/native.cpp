@@ -19,6 +19,7 @@
 
 #include <immintrin.h>
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -202,12 +203,52 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return y;
 }
 
-// y[0:n] += a * v[0:n]
-inline void axpy(float* __restrict y, float a, const float* __restrict v, int64_t n) {
-  const __m256 av = _mm256_set1_ps(a);
+// h[j] = dot(x[0:K], A[j * K : + K]) for j < r: four rows of A at a time against one load of x (four independent
+// accumulators, so the sums do not wait on one FMA chain), then the last r % 4 rows alone.
+inline void dot_rows(const float* __restrict x, const float* __restrict A, int64_t K, int64_t r, float* __restrict h) {
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, _mm256_fmadd_ps(av, _mm256_loadu_ps(v + j), _mm256_loadu_ps(y + j)));
-  for (; j < n; ++j) y[j] += a * v[j];
+  for (; j + 4 <= r; j += 4) {
+    const float* a = A + j * K;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + k);
+#pragma GCC unroll 4
+      for (int t = 0; t < 4; ++t) acc[t] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(a + t * K + k), acc[t]);
+    }
+    for (int t = 0; t < 4; ++t) {
+      float sum = hsum(acc[t]);
+      for (int64_t kk = k; kk < K; ++kk) sum += x[kk] * a[t * K + kk];
+      h[j + t] = sum;
+    }
+  }
+  if (j < r) linear_rows(x, 1, K, A + j * K, h + j, 1, nullptr, 0, r - j);
+}
+
+// y[0:n] += sum over j < r of h[j] * BT[j * n : + n], four rows of BT per pass over y.
+inline void add_rows(float* __restrict y, const float* __restrict h, const float* __restrict BT, int64_t r,
+                     int64_t n) {
+  int64_t j = 0;
+  for (; j + 4 <= r; j += 4) {
+    const float* b = BT + j * n;
+    const __m256 h0 = _mm256_set1_ps(h[j]), h1 = _mm256_set1_ps(h[j + 1]);
+    const __m256 h2 = _mm256_set1_ps(h[j + 2]), h3 = _mm256_set1_ps(h[j + 3]);
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+      __m256 v = _mm256_fmadd_ps(h0, _mm256_loadu_ps(b + c), _mm256_loadu_ps(y + c));
+      v = _mm256_fmadd_ps(h1, _mm256_loadu_ps(b + n + c), v);
+      v = _mm256_fmadd_ps(h2, _mm256_loadu_ps(b + 2 * n + c), v);
+      _mm256_storeu_ps(y + c, _mm256_fmadd_ps(h3, _mm256_loadu_ps(b + 3 * n + c), v));
+    }
+    for (; c < n; ++c) y[c] += h[j] * b[c] + h[j + 1] * b[n + c] + h[j + 2] * b[2 * n + c] + h[j + 3] * b[3 * n + c];
+  }
+  for (; j < r; ++j) {
+    const __m256 hv = _mm256_set1_ps(h[j]);
+    const float* b = BT + j * n;
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) _mm256_storeu_ps(y + c, _mm256_fmadd_ps(hv, _mm256_loadu_ps(b + c), _mm256_loadu_ps(y + c)));
+    for (; c < n; ++c) y[c] += h[j] * b[c];
+  }
 }
 
 void segment_lora_add_(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& BT,
@@ -223,10 +264,12 @@ void segment_lora_add_(at::Tensor y, const at::Tensor& x, const at::Tensor& A, c
   TORCH_CHECK(A.dim() == 2 && A.is_contiguous() && A.size(1) == x.size(1), op, ": A must be a contiguous (R, in)");
   TORCH_CHECK(BT.dim() == 2 && BT.is_contiguous() && BT.size(0) == A.size(0) && BT.size(1) == y.size(1), op,
               ": BT must be a contiguous (R, out)");
-  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.is_contiguous() && offsets.dim() == 1, op,
-              ": offsets must be a contiguous (G + 1,) long tensor");
-  TORCH_CHECK(groups.scalar_type() == at::kLong && groups.is_contiguous() && groups.numel() == x.size(0), op,
-              ": groups must be a contiguous (N,) long tensor");
+  TORCH_CHECK(offsets.device().is_cpu() && offsets.scalar_type() == at::kLong && offsets.is_contiguous() &&
+              offsets.dim() == 1 && offsets.numel() >= 1, op, ": offsets must be a contiguous (G + 1,) long CPU tensor");
+  TORCH_CHECK(groups.device().is_cpu() && groups.scalar_type() == at::kLong && groups.is_contiguous() &&
+              groups.numel() == x.size(0), op, ": groups must be a contiguous (N,) long CPU tensor");
+  at::assert_no_internal_overlap(y);  // rows that share memory would race between threads
+  at::assert_no_partial_overlap(y, x);
   const int64_t N = x.size(0), in = x.size(1), out = y.size(1), ldy = y.stride(0), G = offsets.numel() - 1;
   const int64_t R = A.size(0);
   const int64_t* off = offsets.data_ptr<int64_t>();
@@ -245,8 +288,8 @@ void segment_lora_add_(at::Tensor y, const at::Tensor& x, const at::Tensor& A, c
     for (int64_t i = i0; i < i1; ++i) {
       if (grp[i] < 0) continue;
       const int64_t r0 = off[grp[i]], r = off[grp[i] + 1] - r0;
-      linear_rows(xp + i * in, 1, in, ap + r0 * in, h.data(), r, nullptr, 0, r);  // h = x[i] @ A[r0:r1].T
-      for (int64_t j = 0; j < r; ++j) axpy(yp + i * ldy, h[j], bp + (r0 + j) * out, out);
+      dot_rows(xp + i * in, ap + r0 * in, in, r, h.data());  // h = x[i] @ A[r0:r1].T
+      add_rows(yp + i * ldy, h.data(), bp + r0 * out, r, out);  // y[i] += h @ BT[r0:r1]
     }
   });
 }
