@@ -23,19 +23,6 @@ LINEAR_CASES = [(1, 8, 4), (1, 1, 1), (2, 7, 3), (3, 9, 5), (4, 16, 6), (6, 40, 
 
 
 @needs_native
-@pytest.mark.parametrize("M,K,N", LINEAR_CASES)
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_skinny_linear_equals_f_linear(M, K, N, bias):
-    gen = torch.Generator().manual_seed(M * 1000 + K * 10 + N)
-    x, w = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen)
-    b = torch.randn(N, generator=gen) if bias else None
-    got = native.skinny_linear(x, w, b)
-    want = F.linear(x.double(), w.double(), None if b is None else b.double())
-    assert got.shape == (M, N) and got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * K ** 0.5 * 4)
-
-
-@needs_native
 def test_skinny_linear_takes_a_strided_input():
     gen = torch.Generator().manual_seed(1)
     x, w = torch.randn(6, 40, generator=gen)[:, ::2], torch.randn(11, 20, generator=gen)
@@ -59,18 +46,27 @@ def test_skinny_linear_refuses_what_it_cannot_compute(x, w, bias, message):
 
 INT8_CASES = [(1, 32, 1), (2, 32, 3), (3, 64, 5), (4, 32, 4), (5, 64, 2), (6, 96, 7), (7, 32, 9), (8, 576, 960),
               (9, 96, 13), (17, 64, 33), (40, 32, 7)]
+"""(M, K, N) of int8_linear: K a multiple of 32."""
+
+
+def run_kernel(kernel, x, w, b):
+    """(the kernel's x @ W.T + b, the weights W it multiplied by: w, or int8's dequantized w)."""
+    if kernel == "skinny_linear":
+        return native.skinny_linear(x, w, b), w
+    q, scales = native.quantize_int8(w)
+    return native.int8_linear(x, q, scales, b), native.dequantize_int8(q, scales)
 
 
 @needs_native
-@pytest.mark.parametrize("M,K,N", INT8_CASES)
+@pytest.mark.parametrize("kernel,M,K,N", [("skinny_linear", *case) for case in LINEAR_CASES]
+                         + [("int8_linear", *case) for case in INT8_CASES])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_int8_linear_equals_the_dequantized_matmul(M, K, N, bias):
+def test_linear_kernels_equal_f_linear(kernel, M, K, N, bias):
     gen = torch.Generator().manual_seed(M * 1000 + K * 10 + N)
     x, w = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen)
     b = torch.randn(N, generator=gen) if bias else None
-    q, scales = native.quantize_int8(w)
-    got = native.int8_linear(x, q, scales, b)
-    want = F.linear(x.double(), native.dequantize_int8(q, scales).double(), None if b is None else b.double())
+    got, weights = run_kernel(kernel, x, w, b)
+    want = F.linear(x.double(), weights.double(), None if b is None else b.double())
     assert got.shape == (M, N) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * K ** 0.5 * 4)
 
