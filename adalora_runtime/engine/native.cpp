@@ -77,13 +77,22 @@ inline void tile(const float* __restrict x, const float* __restrict w, int64_t K
   store_sums<MT>(acc, y, ldy, bias ? *bias : 0.f);
 }
 
-// The last M % 8 rows of x (1 <= M < 8) against one row of w, in one tile of their own height.
-template <int R>
-inline void tail_rows(const float* x, int64_t M, const float* w, int64_t K, float* y, int64_t ldy, const float* bias) {
+// f.template operator()<R>(m) for the one run of R = rest rows of x from row m (1 <= rest < 8).
+template <int R, class F>
+inline void last_rows(int64_t rest, int64_t m, F& f) {
   if constexpr (R > 0) {
-    if (M == R) return tile<R>(x, w, K, y, ldy, bias);
-    tail_rows<R - 1>(x, M, w, K, y, ldy, bias);
+    if (rest == R) return f.template operator()<R>(m);
+    last_rows<R - 1>(rest, m, f);
   }
+}
+
+// f.template operator()<R>(m) over the M rows of x in runs of R = 8 from row m, then the last M % 8 rows as one
+// run of their own height: every tile kernel's walk down x.
+template <class F>
+inline void by_rows(int64_t M, F&& f) {
+  int64_t m = 0;
+  for (; m + kRows <= M; m += kRows) f.template operator()<kRows>(m);
+  if (m < M) last_rows<kRows - 1>(M - m, m, f);
 }
 
 // y[:, n0:n1] = x (M, K) @ w[n0:n1].T + bias[n0:n1], y's rows `ldy` apart; serial. Each weight row is read from
@@ -91,11 +100,8 @@ inline void tail_rows(const float* x, int64_t M, const float* w, int64_t K, floa
 void linear_rows(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t ldy, const float* bias,
                  int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
-    const float* row = w + n * K;
     const float* b = bias ? bias + n : nullptr;
-    int64_t m = 0;
-    for (; m + kRows <= M; m += kRows) tile<kRows>(x + m * K, row, K, y + m * ldy + n, ldy, b);
-    if (m < M) tail_rows<kRows - 1>(x + m * K, M - m, row, K, y + m * ldy + n, ldy, b);
+    by_rows(M, [&]<int R>(int64_t m) { tile<R>(x + m * K, w + n * K, K, y + m * ldy + n, ldy, b); });
   }
 }
 
@@ -127,18 +133,17 @@ inline void tile_int8(const float* __restrict x, const int8_t* __restrict q, con
   store_sums<MT>(acc, y, ldy, bias ? *bias : 0.f);
 }
 
-template <int R>
-inline void tail_rows_int8(const float* x, int64_t M, const int8_t* q, const float* scales, int64_t K, float* y,
-                           int64_t ldy, const float* bias) {
-  if constexpr (R > 0) {
-    if (M == R) return tile_int8<R>(x, q, scales, K, y, ldy, bias);
-    tail_rows_int8<R - 1>(x, M, q, scales, K, y, ldy, bias);
-  }
-}
-
 void check_float_cpu(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, op, ": ", name,
               " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
+}
+
+// bias's data, checked to be (N,) float32 on the CPU; nullptr when there is none.
+const float* bias_data(const std::optional<at::Tensor>& bias, int64_t N, const char* op) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  check_float_cpu(*bias, op, "bias");
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(), op, ": bias must be (N,)");
+  return bias->data_ptr<float>();
 }
 
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
@@ -149,12 +154,7 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const std::op
   TORCH_CHECK(w.is_contiguous(), "skinny_linear: w must be contiguous");
   const at::Tensor xc = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  const float* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    check_float_cpu(*bias, "skinny_linear", "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(), "skinny_linear: bias must be (N,)");
-    b = bias->data_ptr<float>();
-  }
+  const float* b = bias_data(bias, N, "skinny_linear");
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = xc.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
@@ -178,12 +178,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   TORCH_CHECK(K % kBlock == 0, op, ": K = ", K, " must be a multiple of ", kBlock);
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == K / kBlock && scales.is_contiguous(), op,
               ": scales must be a contiguous (N, K / 32)");
-  const float* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    check_float_cpu(*bias, op, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(), op, ": bias must be (N,)");
-    b = bias->data_ptr<float>();
-  }
+  const float* b = bias_data(bias, N, op);
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = xc.data_ptr<float>();
@@ -192,12 +187,10 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      const int8_t* row = qp + n * K;
-      const float* rs = sp + n * (K / kBlock);
       const float* bn = b ? b + n : nullptr;
-      int64_t m = 0;
-      for (; m + kRows <= M; m += kRows) tile_int8<kRows>(xp + m * K, row, rs, K, yp + m * N + n, N, bn);
-      if (m < M) tail_rows_int8<kRows - 1>(xp + m * K, M - m, row, rs, K, yp + m * N + n, N, bn);
+      by_rows(M, [&]<int R>(int64_t m) {
+        tile_int8<R>(xp + m * K, qp + n * K, sp + n * (K / kBlock), K, yp + m * N + n, N, bn);
+      });
     }
   });
   return y;

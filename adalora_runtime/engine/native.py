@@ -27,7 +27,8 @@ SOURCE = Path(__file__).with_name("native.cpp")
 ENV = "ADALORA_NATIVE"
 """Set to 0 to keep every caller on its PyTorch path."""
 SKINNY_ROWS = 16
-"""The most rows skinny_linear is faster at than oneDNN's and MKL's matmuls (benchmarks/native_kernels.py)."""
+"""The most rows skinny_linear is faster at than oneDNN's and MKL's matmuls (at 16 it ties oneDNN; docs/BENCHMARKS.md,
+"Native CPU kernels")."""
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 """-fopenmp: at::parallel_for runs on torch's own OpenMP threads (the same libgomp, loaded by torch first)."""
 
@@ -98,7 +99,7 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     N, K = w.shape
     blocks = w.detach().float().reshape(N, K // BLOCK, BLOCK)
     scales = blocks.abs().amax(-1) / 127  # (N, K / BLOCK)
-    q = torch.where(scales[..., None] > 0, blocks / scales[..., None].clamp_min(torch.finfo(torch.float32).tiny), 0)
+    q = blocks / scales[..., None].clamp_min(torch.finfo(torch.float32).tiny)  # an all-zero block stays 0
     return q.round().clamp(-127, 127).to(torch.int8).reshape(N, K).contiguous(), scales.contiguous()
 
 
