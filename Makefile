@@ -20,6 +20,11 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 setup: $(BIN)/.installed
 
+# Ray Serve for `adalora serve-ray` and its slow-tier test (tests/test_ray_serve.py): an extra, kept out of setup
+$(BIN)/.ray-installed: $(BIN)/.installed
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,ray]"
+	touch $@
+
 # The real tritonclient, for tests/test_kserve_triton.py, in a venv of its own: it needs protobuf < 7, and the
 # stubs in server/gen/ need protobuf 7 (the test runs the client there and the server here).
 $(TRITON_VENV)/.installed: Makefile
@@ -33,7 +38,7 @@ demo: setup
 test: setup $(TRITON_VENV)/.installed
 	$(BIN)/python -m pytest -q
 
-test-slow: setup
+test-slow: setup $(BIN)/.ray-installed
 	$(BIN)/adalora prepare
 	$(BIN)/python -m pytest -q -m slow
 

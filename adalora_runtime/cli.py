@@ -24,6 +24,7 @@ COMMANDS = (
     "adalora.server.commands.demo",
     "adalora.tools.merge_cli",
     "adalora.server.commands.serve",
+    "adalora.server.commands.serve_ray",
     "adalora.server.commands.generate",
     "adalora.server.commands.classify",
     "adalora.server.commands.upload",

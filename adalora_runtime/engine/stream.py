@@ -81,6 +81,11 @@ class AsyncDriver:
         self._wake.set()
         return TokenStream(queue, handle)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the stepping thread runs (False once closed, or had it died)."""
+        return not self._closed and self._thread.is_alive()
+
     def cancel(self, stream: TokenStream) -> None:
         """Stop `stream`'s request at the next step boundary: its batch row is freed and the stream ends with
         RequestCancelled (a request already done is left as it is)."""
