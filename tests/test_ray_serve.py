@@ -28,6 +28,7 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("ray.serve", reason="serve-ray needs the ray extra: pip install -e '.[ray]'")
 
+from adalora.config import ConfigError  # noqa: E402
 from adalora.engine.sampling import SamplingParams  # noqa: E402
 from adalora.server.store import AdapterStore  # noqa: E402
 from tests.factories import varied_llama  # noqa: E402
@@ -210,3 +211,22 @@ def test_sigterm_shuts_serve_and_ray_down(world):
     assert not server.ready.exists()
     with pytest.raises(openai.APIConnectionError):
         client.models.list()
+
+
+def test_the_serve_run_config_validates_and_builds_the_application(tmp_path):
+    """deploy/ray/serve_config.yaml is a valid Serve config whose args build the application through serve-ray's own
+    parser (paths pointed at a temporary folder: nothing is loaded)."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from adalora.server.ray_app import build
+
+    document = yaml.safe_load((ROOT / "deploy" / "ray" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(document)
+    [app] = schema.applications
+    assert app.import_path == "adalora.server.ray_app:build" and app.route_prefix == "/"
+    args = {**app.args, "base_model": str(tmp_path), "adapter_dir": str(tmp_path)}
+    application = build(args)
+    assert type(application).__name__ == "Application"
+    with pytest.raises(ConfigError, match="--replicas"):
+        build({**args, "replicas": 0})
