@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -86,6 +87,11 @@ class Server:
                              "Backend.open(config, server.metrics)")
         self.gate.backend = backend
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def announce_drain(self) -> None:
+        """The drain delay: health NOT_SERVING (grpc.health.v1, /healthz, /health) while requests are still taken."""
+        self.gate.leaving = True
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self, grace: float | None) -> None:
         """Drain: health NOT_SERVING and new requests refused (UNAVAILABLE) at once; requests in flight get
@@ -215,6 +221,12 @@ async def serve(config: ServerConfig) -> None:
             if config.ready_file is not None:
                 write_ready_file(config.ready_file, config.host, port, server.metrics_port, server.http_port)
             await stopping.wait()
+            if config.drain_delay_s > 0:
+                log.info("health NOT_SERVING; taking requests for %gs more (--drain-delay)", config.drain_delay_s)
+                await server.announce_drain()
+                stopping.clear()
+                with contextlib.suppress(TimeoutError):  # a second signal ends the delay
+                    await asyncio.wait_for(stopping.wait(), config.drain_delay_s)
         log.info("draining for up to %gs", config.grace_s)
     finally:
         if config.ready_file is not None:

@@ -78,6 +78,10 @@ class ServerConfig:
     FAILED_PRECONDITION and changes nothing that serves."""
     grace_s: float = 10.0
     """On SIGTERM: seconds in-flight requests get to finish before they are cancelled."""
+    drain_delay_s: float = 0.0
+    """On SIGTERM, before the drain: seconds the server still takes new requests while its health already says
+    NOT_SERVING, so that load balancers and endpoint pickers that follow readiness stop sending to it before its
+    ports close (a second SIGTERM ends the delay). 0 = drain at once."""
     metrics_port: int | None = None
     """Port of the Prometheus /metrics endpoint on `host`; None = no endpoint, 0 = any free port (the Server
     reports the one bound)."""
@@ -187,6 +191,8 @@ class ServerConfig:
                               f"({self.max_new_tokens}); lower the default or raise the cap")
         if not isinstance(self.grace_s, (int, float)) or self.grace_s < 0:
             raise ConfigError(f"grace_s must be >= 0 seconds, got {self.grace_s!r}")
+        if not is_number(self.drain_delay_s) or self.drain_delay_s < 0:
+            raise ConfigError(f"drain_delay_s must be >= 0 seconds (--drain-delay), got {self.drain_delay_s!r}")
         self._check_tls()
 
     @property

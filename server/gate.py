@@ -12,11 +12,13 @@ if TYPE_CHECKING:
 
 
 class Gate:
-    """Closed (NotReady) until a Backend is attached, and again once draining starts."""
+    """Closed (NotReady) until a Backend is attached, and again once draining starts. `leaving` (the drain delay)
+    reports not serving while requests are still taken."""
 
     def __init__(self) -> None:
         self.backend: Backend | None = None
         self.draining = False
+        self.leaving = False
 
     def ready(self) -> Backend:
         if self.draining:
@@ -27,4 +29,4 @@ class Gate:
 
     @property
     def serving(self) -> bool:
-        return self.backend is not None and not self.draining
+        return self.backend is not None and not self.draining and not self.leaving

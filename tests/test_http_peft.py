@@ -1,12 +1,15 @@
 """Issue 17's proof, as a user runs it: `adalora serve` in a subprocess, two LoRA adapters saved by PEFT itself in the
 store, and the real `openai` package pointed at its HTTP port. Greedy completions (unary and streamed) equal PEFT's own
 `generate` on the same base; /v1/models lists both adapters under the base; an unknown model is NotFoundError; the
-server drains and exits 0 on SIGTERM."""
+server keeps answering through --drain-delay with its health already 503, then drains and exits 0 on SIGTERM."""
 
 from __future__ import annotations
 
 import copy
 import signal
+import time
+import urllib.error
+import urllib.request
 
 import openai
 import pytest
@@ -19,6 +22,7 @@ from tests.test_server_e2e import Served
 
 PROMPTS = ["w5 w9 w13 w7", "w20 w21 w30"]
 MAX_TOKENS = 8
+DRAIN_DELAY = 3
 ADAPTERS = {"peft-a": (11, ("q_proj", "v_proj")), "peft-b": (12, ("q_proj", "k_proj", "v_proj", "o_proj",
                                                                    "gate_proj", "up_proj", "down_proj"))}
 
@@ -49,7 +53,8 @@ def world(tmp_path_factory):
         model = peft_model(base, seed, targets)
         model.save_pretrained(root / "adapters" / adapter_id)
         expected[adapter_id] = [peft_greedy(model, tokenizer, p) for p in PROMPTS]
-    server = Served.start("http", root, base_dir, root / "adapters", tuple(ADAPTERS), [])
+    server = Served.start("http", root, base_dir, root / "adapters", tuple(ADAPTERS),
+                          ["--drain-delay", str(DRAIN_DELAY)])
     info = server.wait_ready()
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{info['http_port']}/v1", api_key="unused", max_retries=0,
                            timeout=60)
@@ -79,9 +84,27 @@ def test_models_list_the_adapters_and_an_unknown_model_is_not_found(world):
         client.completions.create(model="peft-c", prompt=PROMPTS[0], max_tokens=2)
 
 
+def http_health(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as reply:
+            return reply.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 def test_sigterm_ends_the_http_server_with_the_process(world):
-    server, client, _ = world
+    """With --drain-delay, /health turns 503 at SIGTERM while a request that still arrives is answered; then the
+    drain, and the process exits 0."""
+    server, client, expected = world
+    port = server.info["http_port"]
     server.proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    while http_health(port) != 503:
+        assert time.monotonic() - signalled < DRAIN_DELAY, "health still SERVING after SIGTERM"
+        time.sleep(0.05)
+    reply = client.completions.create(model="peft-a", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
+    assert time.monotonic() - signalled < DRAIN_DELAY and reply.choices[0].text == expected["peft-a"][0]
     assert server.proc.wait(60) == 0, server.tail()
+    assert time.monotonic() - signalled >= DRAIN_DELAY
     with pytest.raises(openai.APIConnectionError):
         client.models.list()

@@ -334,3 +334,26 @@ def test_healthz_follows_grpc_health_while_loading_serving_and_draining(tmp_path
         assert "adalora_queue_depth" in {s[0] for s in scrape(server)}  # /metrics still answers beside it
     finally:
         server.stop()
+
+
+def test_the_drain_delay_reports_not_serving_while_requests_are_still_taken(tmp_path):
+    """Server.announce_drain (SIGTERM with --drain-delay): /healthz 503 and grpc.health.v1 NOT_SERVING, so probes
+    and endpoint pickers stop sending, while a request that still arrives is answered; the drain then refuses."""
+    base = varied_llama()
+    config = ServerConfig(base_model=str(write_base(base, tmp_path / "base", word_tokenizer())),
+                          adapter_dir=str(write_store(tmp_path / "adapters", {"a": random_adapter(base, 1)})), port=0,
+                          metrics_port=0)
+    server = ServerThread(config)
+    try:
+        assert healthz(server) == (200, "SERVING\n")
+        server.call(server.server.announce_drain())
+        assert healthz(server) == (503, "NOT_SERVING\n") and server.client.health() == "NOT_SERVING"
+        assert not server.server.gate.serving
+        assert len(server.client.generate([5, 6], "a", max_new_tokens=3, temperature=0).token_ids) == 3
+        server.call(server.server.health.enter_graceful_shutdown())
+        server.server.gate.draining = True  # what stop() does next
+        with pytest.raises(grpc.RpcError) as refused:
+            server.client.generate([5, 6], "a", max_new_tokens=3)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop()

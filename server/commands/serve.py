@@ -104,6 +104,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; 0 = any free port)")
     p.add_argument("--grace", type=float, default=DEFAULTS.grace_s, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--drain-delay", type=float, default=DEFAULTS.drain_delay_s,
+                   help="on SIGTERM, seconds health already says NOT_SERVING while new requests are still taken, "
+                        "before the --grace drain: for endpoint pickers and balancers that follow readiness "
+                        f"(default {DEFAULTS.drain_delay_s:g})")
     p.add_argument("--max-message-bytes", type=int, default=DEFAULTS.max_message_bytes,
                    help=f"largest request or response message; a larger one is RESOURCE_EXHAUSTED (default "
                         f"{DEFAULTS.max_message_bytes})")
@@ -157,7 +161,8 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
                         max_device_bytes=args.max_device_bytes, max_host_bytes=args.max_host_bytes,
                         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                         default_max_new_tokens=min(DEFAULTS.default_max_new_tokens, args.max_new_tokens),
-                        grace_s=args.grace, metrics_port=args.metrics_port, ready_file=args.ready_file,
+                        grace_s=args.grace, drain_delay_s=args.drain_delay, metrics_port=args.metrics_port,
+                        ready_file=args.ready_file,
                         max_message_bytes=args.max_message_bytes, max_upload_bytes=args.max_upload_bytes,
                         admin_token=args.admin_token or os.environ.get("ADALORA_ADMIN_TOKEN") or None,
                         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,

@@ -114,7 +114,7 @@ def settings_from(args: argparse.Namespace) -> tuple[ServerConfig, RayOptions]:
     config = single.config_from(argparse.Namespace(
         **{**vars(args), "base_model": base, "adapter_dir": store, "http_port": None, "port": 0,
            "reflection": False, "tls_cert": None, "tls_key": None, "tls_client_ca": None, "admin_client_name": [],
-           "insecure_open_admin": False, "metrics_port": None, "ready_file": None,
+           "insecure_open_admin": False, "metrics_port": None, "ready_file": None, "drain_delay": 0.0,
            "max_store_bytes": single.DEFAULTS.max_store_bytes,
            "max_concurrent_uploads": single.DEFAULTS.max_concurrent_uploads,
            "max_upload_bytes": single.DEFAULTS.max_upload_bytes}))
