@@ -25,6 +25,7 @@ from adalora.adapter import base_identity
 from adalora.adapter_file import save_adapter
 from adalora.allocator import RankAllocator
 from adalora.atomic import write_text_atomic
+from adalora.collapse import DEFAULT_LR, diagnose
 from adalora.config import AdaLoraConfig, AdapterShape
 from adalora.dtypes import DTYPES
 from adalora.inject import AdapterSet, inject_adapters
@@ -62,7 +63,8 @@ class TrainSpec:
     tfinal: int | None = None
     deltaT: int | None = None
     """Schedule steps; None takes config.schedule_from_fractions(total_steps)."""
-    lr: float = 1e-3
+    lr: float | None = None
+    """None: the mode's default, collapse.DEFAULT_LR (AdaLoRA 1e-2, LoRA 1e-3); `learning_rate` resolves it."""
     batch_size: int = 32
     """Per-process batch size (the global batch is batch_size * world_size)."""
     seed: int = 0
@@ -94,6 +96,8 @@ class TrainSpec:
         for name in ("batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise SpecError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise SpecError(f"lr={self.lr!r} must be a number > 0 (or None for the mode's default)")
         for name in ("eval_every", "checkpoint_every", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise SpecError(f"{name}={getattr(self, name)} must be >= 0")
@@ -110,6 +114,10 @@ class TrainSpec:
         if Path(self.data).resolve() == Path(self.out).resolve():
             raise SpecError("out must be a folder, not the data file")
         resolve_device(self.device)
+
+    @property
+    def learning_rate(self) -> float:
+        return DEFAULT_LR[self.adapter.mode] if self.lr is None else self.lr
 
     def adalora_config(self, total_steps: int) -> AdaLoraConfig:
         """The adapter config of this run (ConfigError names an inconsistent schedule or budget)."""
@@ -192,7 +200,7 @@ def prepare(spec: TrainSpec) -> Prepared:
     total = spec.total_steps or steps_for_epochs(len(train_examples), spec.batch_size, spec.epochs, world)
     config = spec.adalora_config(total)
     try:
-        args = TrainArgs(total_steps=total, lr=spec.lr, warmup_steps=spec.warmup_steps, seed=spec.seed,
+        args = TrainArgs(total_steps=total, lr=spec.learning_rate, warmup_steps=spec.warmup_steps, seed=spec.seed,
                          checkpoint_every=spec.checkpoint_every, checkpoint_dir=spec.out)
     except ValueError as e:
         raise SpecError(str(e)) from e
@@ -316,6 +324,8 @@ def build_report(prep: Prepared, result: TrainResult, eval_metrics: dict | None)
         "eval": eval_metrics or {},
         "eval_history": prep.eval_history,
         "final_loss": history[-1].loss if history else None,
+        "warnings": diagnose(config.mode, prep.args.lr, [h.loss for h in history], (eval_metrics or {}).get("accuracy"),
+                             [e.label for e in prep.eval_examples or [] if e.label is not None]),
         "steps": prep.args.total_steps,
         "steps_run": len(history),
         "seconds": result.seconds,
@@ -373,3 +383,5 @@ def print_summary(report: dict, stream=None) -> None:
           f"(target {b['target']} {b['unit']})", file=stream)
     if report["eval"]:
         print("eval: " + ", ".join(f"{k}={v:.4f}" for k, v in report["eval"].items()), file=stream)
+    for warning in report.get("warnings", ()):
+        print(f"warning: {warning}", file=sys.stderr if stream is sys.stdout else stream)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from adalora.collapse import DEFAULT_LR
 from adalora.config import DEFAULT_LAMBDA_LR_SCALE, AdapterShape
 from adalora.data import DataError
 from adalora.recipe import REPORT_NAME, SpecError, TrainSpec, print_summary, run_train
@@ -15,38 +16,44 @@ USER_ERRORS = (DataError, TrainingError, SpecError)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter  # --help shows every default
     p.add_argument("--base-model", required=True, help="local model folder (config, weights, tokenizer)")
-    p.add_argument("--task", required=True, choices=("seq-cls", "causal-lm"))
+    p.add_argument("--task", required=True, choices=("seq-cls", "causal-lm"), help="what the adapter learns")
     p.add_argument("--data", required=True, help=".jsonl or .csv: text,label (seq-cls); text or prompt,completion")
     p.add_argument("--eval-data", help="held-out data in the same format; evaluated at the end")
     p.add_argument("--out", required=True, help="output folder (must be new or empty unless --resume)")
-    p.add_argument("--target-modules", nargs="+", default=(), help="module name suffixes (default: per architecture)")
-    p.add_argument("--mode", choices=("adalora", "lora"), default="adalora")
-    p.add_argument("--init-r", type=int, default=12, help="starting rank of every module (default 12)")
+    p.add_argument("--target-modules", nargs="+", default=(), help="module name suffixes (empty: per architecture)")
+    p.add_argument("--mode", choices=("adalora", "lora"), default="adalora",
+                   help="adalora: SVD-form adapter pruned to a budget; lora: plain LoRA at --init-r")
+    p.add_argument("--init-r", type=int, default=12, help="starting rank of every module")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--target-r", type=float,
-                        help="average kept rank per module (adalora; default init_r * 2/3 if no --budget)")
+                        help="average kept rank per module (adalora; None: init_r * 2/3 unless --budget)")
     budget.add_argument("--budget", type=int, help="total kept adapter parameters (adalora)")
     steps = p.add_mutually_exclusive_group(required=True)
-    steps.add_argument("--total-steps", type=int)
-    steps.add_argument("--epochs", type=float)
-    p.add_argument("--tinit", type=int, help="steps before pruning starts (default 10%% of the run)")
-    p.add_argument("--tfinal", type=int, help="final steps at the frozen target mask (default 20%%)")
-    p.add_argument("--deltaT", type=int, help="re-mask interval (default: about 50 re-masks)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=32, help="per process")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lora-alpha", type=float, default=8.0)
-    p.add_argument("--orth-reg-weight", type=float, default=0.5)
-    p.add_argument("--init", choices=("orthogonal", "peft"), default="orthogonal")
+    steps.add_argument("--total-steps", type=int, help="optimizer steps")
+    steps.add_argument("--epochs", type=float, help="passes over --data")
+    p.add_argument("--tinit", type=int, help="steps before pruning starts (None: 10%% of the run)")
+    p.add_argument("--tfinal", type=int, help="final steps at the frozen target mask (None: 20%%)")
+    p.add_argument("--deltaT", type=int, help="re-mask interval (None: about 50 re-masks)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate (None: the mode's, adalora {DEFAULT_LR['adalora']:g}, lora "
+                        f"{DEFAULT_LR['lora']:g}: the best of each on docs/BENCHMARKS.md's grid; AdaLoRA at 1e-3 "
+                        f"collapses there)")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per step, per process")
+    p.add_argument("--seed", type=int, default=0, help="random seed (initialization, data order)")
+    p.add_argument("--lora-alpha", type=float, default=8.0, help="scale numerator: the delta is scaled by alpha / r")
+    p.add_argument("--orth-reg-weight", type=float, default=0.5, help="weight of the orthogonality regularizer")
+    p.add_argument("--init", choices=("orthogonal", "peft"), default="orthogonal", help="factor initialization")
     p.add_argument("--lambda-lr-scale", type=float, default=DEFAULT_LAMBDA_LR_SCALE,
-                   help=f"lr multiplier for lambda (default {DEFAULT_LAMBDA_LR_SCALE:g}; 1 = PEFT's single lr)")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="base weights")
+                   help="lr multiplier for lambda (1 = PEFT's single lr)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are cut)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear lr warmup steps")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="base weights (adapters train in float32)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (needs --eval-data)")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="write OUT/checkpoint.pt every N steps")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (needs --eval-data; 0: at the end)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="write OUT/checkpoint.pt every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
