@@ -332,12 +332,17 @@ def build_report(prep: Prepared, result: TrainResult, eval_metrics: dict | None)
         "seconds_per_step": statistics.median(h.seconds for h in history) if history else None,
         "config": config.to_dict(),
         "train_args": asdict(prep.args),
-        "spec": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(spec).items()},
+        "spec": spec_record(spec),
         "data": {"train": str(spec.data), "train_examples": len(prep.train_examples),
                  "eval": spec.eval_data, "eval_examples": len(prep.eval_examples or [])},
         "device": str(prep.device),
         "world_size": prep.world_size,
     }
+
+
+def spec_record(spec: TrainSpec) -> dict:
+    """The spec as report.json holds it (JSON values): what a later run compares to know it would train the same."""
+    return json.loads(_json({k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(spec).items()}))
 
 
 def write_outputs(prep: Prepared, result: TrainResult, report: dict) -> None:

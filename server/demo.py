@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from adalora.server.app import create_server
 from adalora.server.backend import Backend
-from adalora.server.client import encoder_inputs, selection
+from adalora.server.client import encoder_inputs, generate_request, selection
 from adalora.server.config import ServerConfig
 from adalora.server.gen.adalora.v1 import adalora_pb2 as pb
 from adalora.server.gen.adalora.v1 import adalora_pb2_grpc as pb_grpc
@@ -99,5 +99,94 @@ def serve_and_classify(base_model: str, adapter_dir: str, examples: Mapping[str,
     print(f"the openai client over HTTP (/v1/classify) gives {'the same' if same else 'DIFFERENT'} labels; "
           f"/v1/embeddings: {size}-dimensional vectors")
     print("metrics (from /metrics):")
+    for line in lines:
+        print(f"  {line}")
+
+
+# ---- generation: a causal LM and its adapters ---------------------------------------------------------------------
+
+GEN_TOKENS = 24
+"""Greedy tokens of each demo answer."""
+
+
+async def _generate_all(port: int, calls: Sequence[tuple[str, str, object]]) -> list[str]:
+    """Every (prompt, name, selection) as its own Generate RPC, all in flight at once (one batch): their texts."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.AdaLoraStub(channel)
+        replies = await asyncio.gather(*(stub.Generate(generate_request(prompt, chosen, max_new_tokens=GEN_TOKENS,
+                                                                        temperature=0))
+                                         for prompt, _, chosen in calls))
+    return [reply.text for reply in replies]
+
+
+def _generate_over_openai(http_port: int, base_name: str, calls: Sequence[tuple[str, str, object]]) -> list[str]:
+    """The same calls through the openai client's completions API, concurrently: a mix is the extension field
+    "adapters" beside the base's name."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0, timeout=600)
+
+    def one(call: tuple[str, str, object]) -> str:
+        prompt, _, chosen = call
+        model, extra = (base_name, {"adapters": chosen}) if isinstance(chosen, dict) else (chosen or base_name, None)
+        reply = client.completions.create(model=model, prompt=prompt, max_tokens=GEN_TOKENS, temperature=0,
+                                          extra_body=extra)
+        return reply.choices[0].text
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(one, calls))
+
+
+def _generation_metrics(metrics_port: int) -> list[str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+        families = {f.name: f for f in text_string_to_metric_families(reply.read().decode())}
+    rows = {s.name: s.value for s in families["adalora_batch_size"].samples if not s.labels.get("le")}
+    names = {"": "base", "__mix__": "mixes"}
+    tokens = {names.get(s.labels.get("adapter", ""), s.labels.get("adapter")): s.value
+              for s in families["adalora_generated_tokens"].samples if s.name.endswith("_total")}
+    lines = [f"decode steps {rows['adalora_batch_size_count']:g}, mean rows per step "
+             f"{rows['adalora_batch_size_sum'] / max(rows['adalora_batch_size_count'], 1):.1f}",
+             "generated tokens: " + ", ".join(f"{a} {v:g}" for a, v in sorted(tokens.items()))]
+    return lines
+
+
+async def _run_generate(config: ServerConfig, calls: Sequence[tuple[str, str, object]]) -> tuple:
+    server, port = await create_server(config)
+    await server.start()
+    try:
+        await server.attach(await asyncio.to_thread(Backend.open, config, server.metrics))
+        texts = await _generate_all(port, calls)
+        http = await asyncio.to_thread(_generate_over_openai, server.http_port, config.model_name, calls)
+        lines = await asyncio.to_thread(_generation_metrics, server.metrics_port)
+    finally:
+        await server.stop(grace=5)
+    return texts, http, lines, port
+
+
+def serve_and_generate(base_model: str, adapter_dir: str, prompts: Sequence[str], selections: Mapping[str, object],
+                       device: str) -> None:
+    """Serve the causal LM with its adapters preloaded, send every prompt to every selection (the base, each
+    adapter, a weighted mix) at once over gRPC, print the answers side by side, the same through the openai
+    client, and a few metrics; stop."""
+    adapters = sorted({i for chosen in selections.values() if chosen for i in
+                       ([chosen] if isinstance(chosen, str) else chosen)})
+    config = ServerConfig(base_model=base_model, adapter_dir=adapter_dir, preload=tuple(adapters), port=0,
+                          metrics_port=0, http_port=0, device=device, max_slots=max(len(adapters), 1),
+                          max_batch_size=max(8, len(prompts) * len(selections)))
+    calls = [(prompt, name, chosen) for prompt in prompts for name, chosen in selections.items()]
+    texts, http, lines, port = asyncio.run(_run_generate(config, calls))
+    print(f"\nserved {config.model_name} with {len(adapters)} adapters from one process over gRPC (127.0.0.1:{port}); "
+          f"{len(calls)} Generate requests in one batch, {GEN_TOKENS} greedy tokens each:")
+    width = max(len(name) for name in selections)
+    for prompt in prompts:
+        print(f"\n  prompt: {prompt!r}")
+        for (p, name, _), text in zip(calls, texts):
+            if p == prompt:
+                print(f"    {name:<{width}} | {' '.join(text.split())}")
+    same = sum(a == b for a, b in zip(texts, http))
+    print(f"\nthe openai client over HTTP (/v1/completions, a mix through \"adapters\") gives the same text for "
+          f"{same} of {len(calls)}")
     for line in lines:
         print(f"  {line}")
