@@ -54,17 +54,17 @@ def cause(mode: str, lr: float) -> str:
 
 def diagnose(mode: str, lr: float, losses: Sequence[float], accuracy: float | None,
              labels: Sequence[str] = ()) -> list[str]:
-    """Warnings for a collapsed run (empty for a healthy one): its loss did not move, or its eval accuracy is at the
-    eval labels' majority-class rate."""
+    """Warnings for a collapsed run (empty for a healthy one): its loss did not move, or its eval accuracy is no
+    better than the eval labels' majority-class rate (not judged when the eval labels are all one class)."""
     found = []
     if loss_moved(losses) is False:
         tenth = max(1, len(losses) // 10)
         found.append(f"the training loss did not move ({sum(losses[:tenth]) / tenth:.4f} over the first tenth of "
                      f"the steps, {sum(losses[-tenth:]) / tenth:.4f} over the last)")
     rate = majority_rate(labels)
-    if accuracy is not None and rate is not None and accuracy <= rate + MARGIN:
-        found.append(f"eval accuracy {accuracy:.4f} is at the majority-class rate {rate:.4f}: the model answers "
-                     f"(about) one class")
+    if accuracy is not None and rate is not None and rate < 1 - MARGIN and accuracy <= rate + MARGIN:
+        found.append(f"eval accuracy {accuracy:.4f} is no better than the majority-class rate {rate:.4f} (always "
+                     f"answering the most common label)")
     if not found:
         return []
     advice = cause(mode, lr)

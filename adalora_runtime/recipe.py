@@ -26,7 +26,7 @@ from adalora.adapter_file import save_adapter
 from adalora.allocator import RankAllocator
 from adalora.atomic import write_text_atomic
 from adalora.collapse import DEFAULT_LR, diagnose
-from adalora.config import AdaLoraConfig, AdapterShape
+from adalora.config import AdaLoraConfig, AdapterShape, is_number
 from adalora.dtypes import DTYPES
 from adalora.inject import AdapterSet, inject_adapters
 from adalora.report import format_rank_table, plot_rank_heatmap, table_dict
@@ -96,7 +96,7 @@ class TrainSpec:
         for name in ("batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise SpecError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
+        if self.lr is not None and not (is_number(self.lr) and self.lr > 0):
             raise SpecError(f"lr={self.lr!r} must be a number > 0 (or None for the mode's default)")
         for name in ("eval_every", "checkpoint_every", "warmup_steps"):
             if getattr(self, name) < 0:
@@ -342,7 +342,9 @@ def build_report(prep: Prepared, result: TrainResult, eval_metrics: dict | None)
 
 def spec_record(spec: TrainSpec) -> dict:
     """The spec as report.json holds it (JSON values): what a later run compares to know it would train the same."""
-    return json.loads(_json({k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(spec).items()}))
+    record = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(spec).items()}
+    record["lr"] = spec.learning_rate  # the lr it ran at, were the mode's default to change
+    return json.loads(_json(record))
 
 
 def write_outputs(prep: Prepared, result: TrainResult, report: dict) -> None:

@@ -223,8 +223,8 @@ async def serve(config: ServerConfig) -> None:
             await stopping.wait()
             if config.drain_delay_s > 0:
                 log.info("health NOT_SERVING; taking requests for %gs more (--drain-delay)", config.drain_delay_s)
+                stopping.clear()  # before the await: a second signal during it counts
                 await server.announce_drain()
-                stopping.clear()
                 with contextlib.suppress(TimeoutError):  # a second signal ends the delay
                     await asyncio.wait_for(stopping.wait(), config.drain_delay_s)
         log.info("draining for up to %gs", config.grace_s)

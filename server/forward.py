@@ -33,7 +33,7 @@ def _valid_id(value: object) -> str:
 def route_key(body: bytes, base_name: str) -> str:
     """The adapter id a request is routed by, '' for none (the base model, a body that is not JSON, an id that is not
     a valid store id: those go to any replica, which answers them as `adalora serve` would). A weighted mix routes
-    by its heaviest adapter (ties: the first id), so it tends to run where its main adapter is already loaded."""
+    by its heaviest adapter (ties: the smallest id), so it tends to run where its main adapter is already loaded."""
     try:
         payload = json.loads(body) if body else None
     except (ValueError, UnicodeDecodeError):

@@ -14,23 +14,27 @@ Run it with `adalora serve-ray` (server.commands.serve_ray) or `serve run deploy
 
 from __future__ import annotations
 
-import asyncio
 import collections
+import hmac
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from adalora.engine.errors import InvalidRequest
 from adalora.server.backend import Backend
 from adalora.server.commands.serve_ray import RayOptions
 from adalora.server.config import ServerConfig
-from adalora.server.errors import NotReady, RequestTooLarge, ServerError
+from adalora.server.auth import bearer_token
+from adalora.server.errors import NotReady, RequestTooLarge
 from adalora.server.forward import Head, HttpCall, exchange, route_key
 from adalora.server.gate import Gate
 from adalora.server import openai_api as oa
@@ -41,8 +45,11 @@ log = logging.getLogger("adalora.server")
 REPLICA_HEADER = b"x-adalora-replica"
 """Which replica answered (its Serve replica id)."""
 LOADS_HEADER = b"x-adalora-adapter-loads"
-"""How many times that replica has loaded the request's routing adapter since it started (its own counter)."""
+"""How many times Serve's multiplexed cache on that replica has loaded the request's routing adapter since the
+replica started (its own counter; a reload by the replica's own tiers after Serve still lists it is not counted)."""
 NOT_ON_RAY = {"/v1/unload_lora_adapter", "/metrics"}
+MODEL_ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/classify", "/v1/classify"}
+"""Routes whose adapter a replica loads through Serve's cache before the route runs."""
 
 
 class AdapterLease:
@@ -74,20 +81,32 @@ class Replica:
         log.info("replica %s serving %s (pid %d)", self.replica_id, config.base_model, os.getpid())
 
     async def _load(self, adapter_id: str) -> AdapterLease:
-        """Serve's loader: the adapter onto this replica's device (what a request for it would load anyway)."""
+        """Serve's loader: the adapter onto this replica's device (what a request for it would load anyway), within
+        the request deadline (Serve loads one adapter at a time per replica)."""
         residency = self.gate.ready().residency
-        residency.release((await residency.acquire([adapter_id])).values())
+        deadline = time.monotonic() + self.config.http_timeout_s
+        residency.release((await residency.acquire([adapter_id], deadline)).values())
         self.loads[adapter_id] += 1
         return AdapterLease(adapter_id)
+
+    def _may_load(self, call: HttpCall) -> bool:
+        """Whether a request may load its adapter through Serve's cache before its route runs: a model route (the
+        admin routes load after their own credential check), with the API key when the server has one."""
+        if call.path not in MODEL_ROUTES:
+            return False
+        if self.config.api_key is None:
+            return True
+        token = bearer_token([(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in call.headers])
+        return token is not None and hmac.compare_digest(token.encode(), self.config.api_key.encode())
 
     async def handle(self, call: HttpCall) -> AsyncIterator[Head | bytes]:
         """The answer to `call`: a Head, then body bytes. Its routing adapter is loaded first through Serve's
         multiplexed cache (a load that fails is left for the route to answer with its own error)."""
         adapter_id = serve.get_multiplexed_model_id()
-        if adapter_id:
+        if adapter_id and self._may_load(call):
             try:
                 await self.adapter(adapter_id)
-            except (ValueError, ServerError) as error:  # the route below meets it again and answers it
+            except Exception as error:  # noqa: BLE001 - the route below meets it again and answers it
                 log.info("adapter %r not loaded through Serve's cache: %s", adapter_id, error)
         extra = [(REPLICA_HEADER, self.replica_id.encode()), (LOADS_HEADER, str(self.loads[adapter_id]).encode())]
         async for part in exchange(self.api.app, call, extra):
@@ -112,6 +131,7 @@ class Ingress:
 
     def __init__(self, replicas: DeploymentHandle, config: ServerConfig) -> None:
         self.replicas, self.config = replicas, config
+        self.store = Path(config.adapter_dir)
 
     async def _body(self, request: Request) -> bytes:
         body = bytearray()
@@ -136,15 +156,24 @@ class Ingress:
         call = HttpCall(request.method, path, request.url.query.encode(),
                         tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()), body)
         key = route_key(body, self.config.model_name)
+        if key and not (self.store / key).is_dir():  # an id not in the store: any replica answers its 404
+            key = ""
         stream = self.replicas.options(multiplexed_model_id=key, stream=True).handle.remote(call)
         try:
             head = await anext(stream)
-        except (RayActorError, asyncio.CancelledError) as error:
-            if isinstance(error, asyncio.CancelledError):
-                raise
+        except RayActorError as error:
             return died(error)
+        except (RayError, RayServeException) as error:
+            return failed(error)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in head.headers if k.lower() != b"content-length"}
         return StreamingResponse(rest(head.body, stream), status_code=head.status, headers=headers)
+
+
+def failed(error: BaseException) -> Response:
+    """A replica's own failure (not its death): OpenAI's 500 shape, the details in the log."""
+    log.error("a replica failed a request: %s", error)
+    message = f"internal server error ({type(error).__name__}); the server log has the details"
+    return JSONResponse(oa.error_body(message, 500), status_code=500)
 
 
 def died(error: BaseException) -> Response:
@@ -164,6 +193,9 @@ async def rest(first: bytes, stream: AsyncIterator[Head | bytes]) -> AsyncIterat
         log.warning("a replica died mid-stream: %s", error)
         message = "the replica serving this request stopped (its process died); Ray Serve restarts it: retry"
         yield sse(oa.error_body(message, 503)).encode()
+    except (RayError, RayServeException) as error:
+        log.error("a replica failed mid-stream: %s", error)
+        yield sse(oa.error_body(f"internal server error ({type(error).__name__})", 500)).encode()
 
 
 def application(config: ServerConfig, options: RayOptions) -> serve.Application:

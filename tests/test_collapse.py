@@ -48,6 +48,7 @@ def test_cause_names_the_lr_and_the_default(mode, lr, says):
     (FLAT, 0.5, ["a", "b"] * 10, ["loss did not move", "majority-class rate 0.5000"]),
     (FLAT, None, [], ["loss did not move"]),                               # causal-lm: no accuracy
     (FALLING, None, [], []),
+    (FALLING, 1.0, ["a"] * 20, []),                                        # one-class eval labels: not judged
 ])
 def test_diagnose(losses, accuracy, labels, fires):
     warnings = diagnose("adalora", 1e-3, losses, accuracy, labels)

@@ -27,7 +27,7 @@ BASE = "smol"
     (b'{"model": "a1", "prompt": "x"}', "a1"),
     (b'{"model": "smol", "prompt": "x"}', ""),  # the base model: any replica
     (b'{"model": "smol", "adapters": {"a1": 0.2, "b2": -0.7}}', "b2"),  # a mix: its heaviest adapter by |weight|
-    (b'{"model": "smol", "adapters": {"b2": 0.5, "a1": 0.5}}', "a1"),  # a tie: the first id
+    (b'{"model": "smol", "adapters": {"b2": 0.5, "a1": 0.5}}', "a1"),  # a tie: the smallest id
     (b'{"model": "smol", "adapters": {"a1": "x", "b2": true}}', ""),  # no numeric weight: the route refuses it
     (b'{"model": "smol", "adapters": {}}', ""),
     (b'{"lora_name": "a3", "lora_path": "a3"}', "a3"),  # /v1/load_lora_adapter warms the replica Serve picks

@@ -230,3 +230,24 @@ def test_the_serve_run_config_validates_and_builds_the_application(tmp_path):
     assert type(application).__name__ == "Application"
     with pytest.raises(ConfigError, match="--replicas"):
         build({**args, "replicas": 0})
+
+
+@pytest.mark.parametrize("path, authorization, loads", [
+    ("/v1/completions", b"Bearer k", True),
+    ("/v1/chat/completions", b"bearer k", True),
+    ("/v1/embeddings", b"Bearer k", True),
+    ("/v1/completions", None, False),              # no key: the route answers 401, and nothing was loaded first
+    ("/v1/completions", b"Bearer wrong", False),
+    ("/v1/load_lora_adapter", b"Bearer k", False),  # admin: loads after its own credential check
+    ("/v1/models", b"Bearer k", False),
+])
+def test_a_replica_loads_a_requests_adapter_first_only_for_a_model_route_with_the_key(tmp_path, path, authorization,
+                                                                                        loads):
+    from adalora.server.config import ServerConfig
+    from adalora.server.forward import HttpCall
+    from adalora.server.ray_app import Replica
+
+    replica = Replica.__new__(Replica)  # _may_load reads the config only
+    replica.config = ServerConfig(base_model=str(tmp_path), adapter_dir=str(tmp_path), api_key="k")
+    headers = () if authorization is None else ((b"authorization", authorization),)
+    assert replica._may_load(HttpCall("POST", path, headers=headers)) is loads

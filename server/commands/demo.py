@@ -46,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo",
                         help="output folder; adapters a previous demo trained there with the same settings are reused")
     parser.add_argument("--cache", default=None, help="asset cache (None: $ADALORA_CACHE or ~/.cache/adalora)")
-    parser.add_argument("--steps", type=int, default=120, help="training steps of the TREC-6 classifier (the other "
-                                                               "two take half)")
+    parser.add_argument("--steps", type=int, default=120, help="training steps of the TREC-6 classifier (SMS spam "
+                                                               "takes 3/4 of them, RT sentiment half)")
     parser.add_argument("--lm-steps", type=int, default=30, help="training steps of each causal-LM adapter")
     parser.add_argument("--seed", type=int, default=0, help="random seed of every training run")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")

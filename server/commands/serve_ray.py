@@ -1,5 +1,6 @@
-"""`adalora serve-ray`: the OpenAI HTTP API over N replicas on Ray Serve (server.ray_app), against a local Ray or
-RAY_ADDRESS; SIGTERM shuts the application down (each replica drains for --grace seconds)."""
+"""`adalora serve-ray`: the OpenAI HTTP API over N replicas on Ray Serve (server.ray_app), on a new local Ray or the
+cluster at --ray-address / RAY_ADDRESS. SIGTERM deletes the application (each replica drains for --grace seconds),
+and stops the local Ray this command started; on a cluster, Serve and its other applications go on."""
 
 from __future__ import annotations
 
@@ -86,8 +87,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         if action.dest in KEPT:
             p._add_action(action)
     p.add_argument("--host", default=single.DEFAULTS.host,
-                   help=f"address of Serve's HTTP proxy (default {single.DEFAULTS.host}); admin routes need "
-                        f"--admin-token on any other")
+                   help=f"address of Serve's HTTP proxy (default {single.DEFAULTS.host}); the admin route "
+                        f"/v1/load_lora_adapter needs --admin-token on Ray whatever the host")
     p.add_argument("--ready-file", metavar="PATH", default=None,
                    help='once the application is up, write {"host", "http_port", "pid"} as JSON to PATH '
                         '(atomically; removed on shutdown)')
@@ -105,14 +106,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests Serve sends one replica at once (default 2 x --max-batch-size); more wait in "
                         "Serve's router")
     g.add_argument("--ray-address", default=None,
-                   help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray started here)")
+                   help="Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray started here)")
+
+
+ANY_HOST = "0.0.0.0"
+"""The replicas' ServerConfig.host. They bind nothing; the host only sets the admin policy, and Serve's proxy may
+listen on any address (a Serve already running keeps its own), so admin calls always need --admin-token here."""
 
 
 def settings_from(args: argparse.Namespace) -> tuple[ServerConfig, RayOptions]:
     """(ServerConfig of each replica, RayOptions) from the parsed flags."""
     base, store = single.default_paths(args)
     config = single.config_from(argparse.Namespace(
-        **{**vars(args), "base_model": base, "adapter_dir": store, "http_port": None, "port": 0,
+        **{**vars(args), "base_model": base, "adapter_dir": store, "http_port": None, "port": 0, "host": ANY_HOST,
            "reflection": False, "tls_cert": None, "tls_key": None, "tls_client_ca": None, "admin_client_name": [],
            "insecure_open_admin": False, "metrics_port": None, "ready_file": None, "drain_delay": 0.0,
            "max_store_bytes": single.DEFAULTS.max_store_bytes,
@@ -154,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"serve-ray needs Ray Serve ({e}); install it with: pip install -e '.[ray]'") from None
     log = logging.getLogger("adalora.server")
     address = args.ray_address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING)  # "local": a new one
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
@@ -173,6 +179,9 @@ def run(args: argparse.Namespace) -> int:
         if args.ready_file:
             from pathlib import Path
             Path(args.ready_file).unlink(missing_ok=True)
-        serve.shutdown()
+        if address is None:  # Ray and Serve started here end here
+            serve.shutdown()
+        else:  # a shared cluster: only this application goes
+            serve.delete(APP_NAME)
         ray.shutdown()
     return 0
