@@ -56,7 +56,8 @@ class RayServed:
 
     def __init__(self, folder: Path, base: Path, store: Path, port: int) -> None:
         self.log, self.ready, self.port = folder / "serve-ray.log", folder / "serve-ray.ready.json", port
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        # RAY_DEDUP_LOGS=0: Ray would fold the replicas' alike start lines ("replica X serving ... (pid N)") into one
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0"}
         env.pop("RAY_ADDRESS", None)
         cmd = [sys.executable, "-m", "adalora.cli", "serve-ray", "--base-model", str(base), "--adapter-dir",
                str(store), "--replicas", "2", "--http-port", str(port), "--max-batch-size", "8",
