@@ -317,13 +317,18 @@ def healthz(server: ServerThread) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
+def one_adapter_config(tmp_path) -> ServerConfig:
+    """A server over the varied tiny llama with adapter "a", gRPC and /metrics on any free port."""
+    base = varied_llama()
+    return ServerConfig(base_model=str(write_base(base, tmp_path / "base", word_tokenizer())),
+                        adapter_dir=str(write_store(tmp_path / "adapters", {"a": random_adapter(base, 1)})), port=0,
+                        metrics_port=0)
+
+
 def test_healthz_follows_grpc_health_while_loading_serving_and_draining(tmp_path):
     """/healthz on the metrics port answers what grpc.health.v1 answers for the whole server: 503 while the base
     model loads, 200 once it serves, 503 from the start of a drain (HTTP probes need no gRPC or TLS)."""
-    base = varied_llama()
-    config = ServerConfig(base_model=str(write_base(base, tmp_path / "base", word_tokenizer())),
-                          adapter_dir=str(write_store(tmp_path / "adapters", {"a": random_adapter(base, 1)})), port=0,
-                          metrics_port=0)
+    config = one_adapter_config(tmp_path)
     server = ServerThread(config, attach=False)
     try:
         assert healthz(server) == (503, "NOT_SERVING\n") and server.client.health() == "NOT_SERVING"
@@ -339,10 +344,7 @@ def test_healthz_follows_grpc_health_while_loading_serving_and_draining(tmp_path
 def test_the_drain_delay_reports_not_serving_while_requests_are_still_taken(tmp_path):
     """Server.announce_drain (SIGTERM with --drain-delay): /healthz 503 and grpc.health.v1 NOT_SERVING, so probes
     and endpoint pickers stop sending, while a request that still arrives is answered; the drain then refuses."""
-    base = varied_llama()
-    config = ServerConfig(base_model=str(write_base(base, tmp_path / "base", word_tokenizer())),
-                          adapter_dir=str(write_store(tmp_path / "adapters", {"a": random_adapter(base, 1)})), port=0,
-                          metrics_port=0)
+    config = one_adapter_config(tmp_path)
     server = ServerThread(config)
     try:
         assert healthz(server) == (200, "SERVING\n")
