@@ -30,12 +30,17 @@ def majority_rate(labels: Sequence[str]) -> float | None:
     return Counter(labels).most_common(1)[0][1] / len(labels)
 
 
+def tenths(losses: Sequence[float]) -> tuple[float, float]:
+    """(mean loss over the first tenth of the steps, over the last tenth); at least one step each."""
+    tenth = max(1, len(losses) // 10)
+    return sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth
+
+
 def loss_moved(losses: Sequence[float]) -> bool | None:
     """Whether the loss fell by MOVED from the first tenth of steps to the last; None with under 4 steps."""
     if len(losses) < 4:
         return None
-    tenth = max(1, len(losses) // 10)
-    first, last = sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth
+    first, last = tenths(losses)
     return math.isfinite(last) and last <= (1 - MOVED) * first
 
 
@@ -58,9 +63,9 @@ def diagnose(mode: str, lr: float, losses: Sequence[float], accuracy: float | No
     better than the eval labels' majority-class rate (not judged when the eval labels are all one class)."""
     found = []
     if loss_moved(losses) is False:
-        tenth = max(1, len(losses) // 10)
-        found.append(f"the training loss did not move ({sum(losses[:tenth]) / tenth:.4f} over the first tenth of "
-                     f"the steps, {sum(losses[-tenth:]) / tenth:.4f} over the last)")
+        first, last = tenths(losses)
+        found.append(f"the training loss did not move ({first:.4f} over the first tenth of the steps, {last:.4f} "
+                     f"over the last)")
     rate = majority_rate(labels)
     if accuracy is not None and rate is not None and rate < 1 - MARGIN and accuracy <= rate + MARGIN:
         found.append(f"eval accuracy {accuracy:.4f} is no better than the majority-class rate {rate:.4f} (always "

@@ -54,11 +54,15 @@ def _over_openai(http_port: int, examples: Mapping[str, Sequence[str]]) -> tuple
     return labels, size
 
 
-def _metric_lines(metrics_port: int) -> list[str]:
+def _scrape(metrics_port: int) -> dict:
+    """The server's /metrics, by family name."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
+        return {family.name: family for family in text_string_to_metric_families(reply.read().decode())}
+
+
+def _metric_lines(metrics_port: int) -> list[str]:
     lines = []
-    for family in text_string_to_metric_families(text):
+    for family in _scrape(metrics_port).values():
         if family.name not in SHOWN_METRICS:
             continue
         for sample in family.samples:
@@ -140,8 +144,7 @@ def _generate_over_openai(http_port: int, base_name: str, calls: Sequence[tuple[
 
 
 def _generation_metrics(metrics_port: int) -> list[str]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
-        families = {f.name: f for f in text_string_to_metric_families(reply.read().decode())}
+    families = _scrape(metrics_port)
     rows = {s.name: s.value for s in families["adalora_batch_size"].samples if not s.labels.get("le")}
     names = {"": "base", "__mix__": "mixes"}
     tokens = {names.get(s.labels.get("adapter", ""), s.labels.get("adapter")): s.value

@@ -48,6 +48,8 @@ LOADS_HEADER = b"x-adalora-adapter-loads"
 """How many times Serve's multiplexed cache on that replica has loaded the request's routing adapter since the
 replica started (its own counter; a reload by the replica's own tiers after Serve still lists it is not counted)."""
 NOT_ON_RAY = {"/v1/unload_lora_adapter", "/metrics"}
+DIED = "the replica serving this request stopped (its process died); Ray Serve restarts it: retry"
+"""The answer to a request whose replica died under it (503, or an error event mid-stream)."""
 MODEL_ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/classify", "/v1/classify"}
 """Routes whose adapter a replica loads through Serve's cache before the route runs."""
 
@@ -178,7 +180,7 @@ def failed(error: BaseException) -> Response:
 
 def died(error: BaseException) -> Response:
     log.warning("a replica died under a request: %s", error)
-    failure = NotReady("the replica serving this request stopped (its process died); Ray Serve restarts it: retry")
+    failure = NotReady(DIED)
     return error_response(failure, str(failure))
 
 
@@ -191,8 +193,7 @@ async def rest(first: bytes, stream: AsyncIterator[Head | bytes]) -> AsyncIterat
             yield chunk
     except RayActorError as error:
         log.warning("a replica died mid-stream: %s", error)
-        message = "the replica serving this request stopped (its process died); Ray Serve restarts it: retry"
-        yield sse(oa.error_body(message, 503)).encode()
+        yield sse(oa.error_body(DIED, 503)).encode()
     except (RayError, RayServeException) as error:
         log.error("a replica failed mid-stream: %s", error)
         yield sse(oa.error_body(f"internal server error ({type(error).__name__})", 500)).encode()

@@ -12,6 +12,7 @@ import signal
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from adalora.atomic import write_text_atomic
 from adalora.config import ConfigError, is_int, is_number
@@ -177,7 +178,6 @@ def run(args: argparse.Namespace) -> int:
         log.info("shutting down (replicas drain for up to %gs)", config.grace_s)
     finally:
         if args.ready_file:
-            from pathlib import Path
             Path(args.ready_file).unlink(missing_ok=True)
         if address is None:  # Ray and Serve started here end here
             serve.shutdown()
