@@ -13,7 +13,7 @@ import torch
 
 from adalora.adapter import Adapter, AdapterLayer
 from adalora.config import is_int, is_number
-from adalora.tools.merge import dense
+from adalora.tools.merge import dense, spectral
 from adalora.tools.merge.lowrank import (concat_layer, kept_ranks, layer_parts, select, singular_values_of_factors,
                                          spectrum_of_dense, top_r, top_triplets_of_factors, union_shapes)
 
@@ -149,11 +149,38 @@ class SVD(Strategy):
         weights = _scaled_weights(params)
         singular = {}
         for path, (in_f, out_f) in union_shapes(adapters).items():
-            if parts := layer_parts(adapters, weights, path):
+            if parts := self.parts(adapters, weights, path):
                 singular[path] = (singular_values_of_factors(parts), out_f, in_f)
         kept = {path: r for path, r in kept_ranks(singular, params.budget).items() if r}
-        return kept, ((path, top_triplets_of_factors(layer_parts(adapters, weights, path), r))
+        return kept, ((path, self.finish(top_triplets_of_factors(self.parts(adapters, weights, path), r)))
                       for path, r in kept.items())
+
+    def parts(self, adapters: list[Adapter], weights: list[float], path: str) -> list[AdapterLayer]:
+        """Stacked-factor parts whose summed update is this method's merged update of one module."""
+        return layer_parts(adapters, weights, path)
+
+    def finish(self, layer: AdapterLayer) -> AdapterLayer:
+        """A kept layer in SVD form (lam its singular values, descending) as written."""
+        return layer
+
+
+class Decorrelate(SVD):
+    """The tasks' singular directions made orthonormal across tasks before summing (spectral.decorrelated): overlap
+    between tasks no longer adds up. Exact rank (sum of ranks) or a global --budget, like svd."""
+
+    name = "decorrelate"
+
+    def parts(self, adapters, weights, path):
+        return spectral.decorrelated(layer_parts(adapters, weights, path))
+
+
+class Isotropic(SVD):
+    """The exact weighted sum with each layer's kept singular values flattened to their mean (spectral.flattened)."""
+
+    name = "isotropic"
+
+    def finish(self, layer):
+        return spectral.flattened(layer)
 
 
 class DenseStrategy(Strategy):
@@ -220,8 +247,8 @@ class MagnitudePrune(DenseStrategy):
         return dense.magnitude_prune(stacked, list(params.weights), params.density)
 
 
-METHODS: dict[str, Strategy] = {s.name: s for s in (Linear(), TaskArithmetic(), SVD(), Ties(), DareLinear(),
-                                                      DareTies(), MagnitudePrune())}
+METHODS: dict[str, Strategy] = {s.name: s for s in (Linear(), TaskArithmetic(), SVD(), Decorrelate(), Isotropic(),
+                                                      Ties(), DareLinear(), DareTies(), MagnitudePrune())}
 
 
 def get_strategy(method: str) -> Strategy:
