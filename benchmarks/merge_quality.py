@@ -1,9 +1,16 @@
-"""Merge quality: three MiniLM seq-cls adapters (TREC-6, SMS spam, RT sentiment), backbone updates merged
-with each method over a small grid; each task evaluated with its own head; normalized accuracy =
-merged / that task's own adapter, per task and on average.
+"""Merge quality: six MiniLM seq-cls task adapters, backbone updates merged with each method over a small grid;
+each task evaluated with its own head; normalized accuracy = merged / that task's own adapter.
 
-    python benchmarks/merge_quality.py --adapters TREC_DIR SMS_DIR RT_DIR   # adapters from `adalora train`
-    python benchmarks/merge_quality.py --quick   # trains three tiny adapters on synthetic data (seconds)
+Tasks: TREC-6, SMS spam, RT sentiment, TREC-50 (fine labels), RT critics (fresh / rotten / plot) and chatbot
+topics (21 chatterbot-corpus categories). Each adapter is AdaLoRA, init_r 3 pruned to LoRA r=2's parameter
+count, trained on the first 1000 training rows for 3 epochs at the default lr (seed 0), like `adalora train`;
+--train-dir keeps them, so a rerun only merges. Every method writes the same output budget: the inputs'
+summed parameters (what `linear` holds exactly); the dense methods' full-rank results are cut to it by
+singular value (what `adalora merge` writes); `svd` also at half of it.
+
+    python benchmarks/merge_quality.py                      # trains the six adapters once (~10 min), then merges
+    python benchmarks/merge_quality.py --adapters trec6=DIR sms-spam=DIR ...   # your own adapters
+    python benchmarks/merge_quality.py --quick              # three tiny adapters on synthetic data (seconds)
 
 Prints a markdown table; JSON in benchmarks/results/.
 """
@@ -27,42 +34,45 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer  # no
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adalora.adapter_file import load_adapter  # noqa: E402
+from adalora.adapter_file import FILE_NAME, load_adapter  # noqa: E402
 from adalora.data import Example, evaluate, load_examples  # noqa: E402
 from adalora.inject import attach_adapter  # noqa: E402
 from adalora.tools.merge import MergeParams, merge_adapters  # noqa: E402
 
-TASKS = ("trec6", "sms-spam", "rt-sentiment")
+TASKS = ("trec6", "sms-spam", "rt-sentiment", "trec50", "rt-critics", "chatbot-topics")
+TRAIN_ROWS, MAX_LENGTH, LORA_R2_PARAMS = 1000, 64, 82_944
+DENSE = ("ties", "dare_ties", "dare_linear", "magnitude_prune")
 
 
-def grid(summed_params: int, n: int, quick: bool = False) -> list[tuple[str, str, MergeParams]]:
-    """(label, method, params): uniform weights 1/n and 1, densities 0.3 / 0.6, svd at half the summed budget.
-
-    quick: weights 1/n and density 0.3 only."""
+def grid(summed_params: int, n: int, weights: list[float], densities: list[float]) -> list[tuple[str, str, MergeParams]]:
+    """(label, method, params) for uniform weights w: every method at the summed budget; svd also at half."""
     rows = []
-    for w in ((1.0 / n,) if quick else (1.0 / n, 1.0)):
-        weights = (w,) * n
-        rows.append((f"linear w={w:.2f}", "linear", MergeParams(weights=weights)))
-        rows.append((f"svd half-budget w={w:.2f}", "svd", MergeParams(weights=weights, budget=summed_params // 2)))
-        for d in ((0.3,) if quick else (0.3, 0.6)):
-            rows.append((f"ties d={d} w={w:.2f}", "ties", MergeParams(weights=weights, density=d)))
-            rows.append((f"dare_ties d={d} w={w:.2f}", "dare_ties", MergeParams(weights=weights, density=d, seed=0)))
-            rows.append((f"dare_linear d={d} w={w:.2f}", "dare_linear", MergeParams(weights=weights, density=d, seed=0)))
-            rows.append((f"magnitude_prune d={d} w={w:.2f}", "magnitude_prune", MergeParams(weights=weights, density=d)))
+    for w in weights:
+        uniform = (w,) * n
+        rows.append((f"linear w={w:g}", "linear", MergeParams(weights=uniform)))
+        rows.append((f"svd half-budget w={w:g}", "svd", MergeParams(weights=uniform, budget=summed_params // 2)))
+        rows.append((f"isotropic w={w:g}", "isotropic", MergeParams(weights=uniform)))
+        rows.append((f"decorrelate w={w:g}", "decorrelate", MergeParams(weights=uniform)))
+        for d in densities:
+            for method in DENSE:
+                seed = {"seed": 0} if method.startswith("dare") else {}
+                rows.append((f"{method} d={d:g} w={w:g}", method,
+                             MergeParams(weights=uniform, density=d, budget=summed_params, **seed)))
     return rows
+
 
 
 def accuracy(base_dir, adapter, examples, tokenizer) -> float:
     model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=len(adapter.labels)).eval()
     attach_adapter(model, adapter)
-    return evaluate(model, examples, tokenizer, "seq-cls", labels=adapter.labels)["accuracy"]
+    return evaluate(model, examples, tokenizer, "seq-cls", labels=adapter.labels, max_length=MAX_LENGTH)["accuracy"]
 
 
-def run(base_dir, adapters, evals, names, tokenizer, quick: bool = False) -> dict:
+def run(base_dir, adapters, evals, names, tokenizer, weights, densities) -> dict:
     own = [accuracy(base_dir, a, ev, tokenizer) for a, ev in zip(adapters, evals)]
-    results = {"own_accuracy": dict(zip(names, own)), "merges": []}
+    results = {"own_accuracy": dict(zip(names, own)), "own_params": [a.num_params() for a in adapters], "merges": []}
     summed = sum(a.num_params() for a in adapters)
-    for label, method, params in grid(summed, len(adapters), quick):
+    for label, method, params in grid(summed, len(adapters), weights, densities):
         merged = merge_adapters(adapters, method, params)
         norm = {}
         for name, a, ev, acc in zip(names, adapters, evals, own):
@@ -71,16 +81,50 @@ def run(base_dir, adapters, evals, names, tokenizer, quick: bool = False) -> dic
         avg = sum(norm.values()) / len(norm)
         results["merges"].append({"label": label, "method": method, "params": params.to_dict(),
                                   "merged_params": merged.num_params(), "normalized": norm, "average": avg})
+        print(f"  {label:28s} params={merged.num_params():>9,} average={avg:.3f}", flush=True)
     return results
 
 
-def print_table(results: dict, names) -> None:
-    print("| merge | params | " + " | ".join(names) + " | average |")
-    print("|---|---|" + "---|" * (len(names) + 1))
-    print("| own adapters | - | " + " | ".join(f"{results['own_accuracy'][n]:.3f} (acc)" for n in names) + " | 1.000 |")
+def print_table(results: dict, names) -> str:
+    lines = ["| merge | params | " + " | ".join(names) + " | average |", "|---|---|" + "---|" * (len(names) + 1),
+             "| own adapters (accuracy) | " + " / ".join(f"{p / 1000:.1f}k" for p in results["own_params"]) + " | "
+             + " | ".join(f"{results['own_accuracy'][n]:.3f}" for n in names) + " | 1.000 |"]
     for m in sorted(results["merges"], key=lambda m: -m["average"]):
-        print(f"| {m['label']} | {m['merged_params']} | " + " | ".join(f"{m['normalized'][n]:.3f}" for n in names)
-              + f" | {m['average']:.3f} |")
+        lines.append(f"| {m['label']} | {m['merged_params']:,} | " + " | ".join(f"{m['normalized'][n]:.3f}" for n in names)
+                     + f" | {m['average']:.3f} |")
+    best = {}
+    for m in results["merges"]:
+        if m["average"] > best.get(m["method"], {"average": -1})["average"]:
+            best[m["method"]] = m
+    lines += ["", "| method (best of its grid) | average |", "|---|---|"]
+    lines += [f"| {b['label']} | {b['average']:.3f} |" for b in sorted(best.values(), key=lambda m: -m["average"])]
+    table = "\n".join(lines)
+    print(table)
+    return table
+
+
+def train_missing(train_dir: Path, tasks: list[str], cache: str | None) -> list[Path]:
+    """Each task's adapter folder under train_dir, trained (AdaLoRA, the settings above) where missing."""
+    from adalora import assets
+    from adalora.config import AdapterShape
+    from adalora.recipe import TrainSpec, run_train
+
+    folders = []
+    for task in tasks:
+        out = train_dir / task
+        if not (out / FILE_NAME).exists():
+            rows = assets.dataset_path(task, "train", cache).read_text().splitlines(keepends=True)[:TRAIN_ROWS]
+            train_dir.mkdir(parents=True, exist_ok=True)
+            data = train_dir / f"{task}-train-{TRAIN_ROWS}.jsonl"
+            data.write_text("".join(rows))
+            print(f"training the {task} adapter into {out}", flush=True)
+            run_train(TrainSpec(base_model=str(assets.model_path("minilm-l6", cache)), task="seq-cls", data=str(data),
+                                eval_data=str(assets.dataset_path(task, "eval", cache)), out=str(out), epochs=3.0,
+                                seed=0, batch_size=32, max_length=MAX_LENGTH, device="cpu", progress=False,
+                                labels=tuple(assets.dataset_meta(task, cache)["labels"]),
+                                adapter=AdapterShape(mode="adalora", init_r=3, budget=LORA_R2_PARAMS)))
+        folders.append(out)
+    return folders
 
 
 # ----------------------------------------------------------------------------- --quick: tiny synthetic tasks
@@ -135,30 +179,49 @@ def _final_masks(adapter_set):
     return {p: layer.lam.detach() != 0 for p, layer in adapter_set.layers.items()}
 
 
+def named_adapters(values: list[str]) -> dict[str, str]:
+    out = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep or name not in TASKS:
+            raise SystemExit(f"--adapters {value!r}: give TASK=DIR with TASK one of {', '.join(TASKS)}")
+        out[name] = folder
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--adapters", nargs=3, metavar="DIR", help="trained adapters for " + ", ".join(TASKS))
-    ap.add_argument("--base-model", help="default: the prepared minilm-l6")
-    ap.add_argument("--max-eval", type=int, default=1000, help="eval rows per task")
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    ap.add_argument("--adapters", nargs="+", default=[], metavar="TASK=DIR", help="trained adapters to use")
+    ap.add_argument("--train-dir", default=str(ROOT / "runs" / "merge-tasks"),
+                    help="where the other tasks' adapters are trained once and reused")
+    ap.add_argument("--weights", nargs="+", type=float, default=[0.5, 0.7, 1.0, 1.3], help="uniform merge weights tried")
+    ap.add_argument("--densities", nargs="+", type=float, default=[0.3, 0.6], help="TIES / DARE / magnitude")
+    ap.add_argument("--max-eval", type=int, default=500, help="eval rows per task")
+    ap.add_argument("--cache", default=None, help="asset cache (default $ADALORA_CACHE or ~/.cache/adalora)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
             base_dir, adapters, evals, tokenizer, names = quick_setup(Path(tmp))
+            args.weights, args.densities = [1.0], [0.3]
         else:
-            if not args.adapters:
-                ap.error("give --adapters TREC_DIR SMS_DIR RT_DIR (or --quick)")
             from adalora.assets import dataset_path, model_path
-            base_dir = args.base_model or model_path("minilm-l6")
-            adapters = [load_adapter(p) for p in args.adapters]
-            evals = [load_examples(dataset_path(n, "eval"), "seq-cls")[:args.max_eval] for n in TASKS]
-            tokenizer, names = AutoTokenizer.from_pretrained(base_dir), list(TASKS)
-        results = run(base_dir, adapters, evals, names, tokenizer, args.quick)
+            given = named_adapters(args.adapters)
+            names = list(args.tasks)
+            trained = train_missing(Path(args.train_dir), [t for t in names if t not in given], args.cache)
+            folders = {**dict(zip([t for t in names if t not in given], trained)), **given}
+            base_dir = model_path("minilm-l6", args.cache)
+            adapters = [load_adapter(folders[n]) for n in names]
+            evals = [load_examples(dataset_path(n, "eval", args.cache), "seq-cls")[:args.max_eval] for n in names]
+            tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        results = run(base_dir, adapters, evals, names, tokenizer, args.weights, args.densities)
     results["quick"] = args.quick
-    print_table(results, names)
+    results["table"] = print_table(results, names)
     out = ROOT / "benchmarks" / "results" / f"merge_quality{'_quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
 
