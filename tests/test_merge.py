@@ -57,6 +57,7 @@ ONE_INPUT_CASES = [
     ("linear", {}),
     ("task_arithmetic", {"lambda_": 1.0}),
     ("svd", {}),
+    ("decorrelate", {}),
     ("ties", {"density": 1.0}),
     ("dare_linear", {"density": 1.0, "seed": 3}),
     ("dare_ties", {"density": 1.0}),
@@ -243,7 +244,7 @@ def test_merge_info_records_inputs_weights_method_params(inputs):
 
 
 STREAMED = [("linear", {}), ("task_arithmetic", {"lambda_": 0.5}), ("svd", {"budget": 3000}), ("svd", {}),
-            ("ties", {"density": 0.5, "budget": 4000})]
+            ("decorrelate", {}), ("isotropic", {"budget": 3000}), ("ties", {"density": 0.5, "budget": 4000})]
 
 
 @pytest.mark.parametrize("method,extra", STREAMED, ids=[f"{m}-{sorted(e)}" for m, e in STREAMED])

@@ -30,7 +30,7 @@ def polar_columns(blocks: list[torch.Tensor]) -> torch.Tensor:
     stack = Q R, R = a s b^T, polar = Q (a b^T); directions the stack does not span (s ~ 0) are left out."""
     qr = TallQR(blocks, WORK_DTYPE)
     a, s, bh = torch.linalg.svd(qr.R, full_matrices=False)  # R (k, R): a (k, k'), s (k',), bh (k', R)
-    keep = s > s.max() * max(qr.n, qr.width) * torch.finfo(WORK_DTYPE).eps if s.numel() else s.bool()
+    keep = s > s.max() * max(qr.n, qr.width) * torch.finfo(WORK_DTYPE).eps
     return qr.q_times(a[:, keep] @ bh[keep], out_dtype=WORK_DTYPE)
 
 
