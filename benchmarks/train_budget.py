@@ -32,7 +32,7 @@ from train_quality import dataset_files  # noqa: E402
 
 DATASETS = ("trec6", "rt-sentiment", "trec50", "rt-critics")
 ATTENTION = {"bert": ("query", "key", "value", "attention.output.dense")}
-LRS = {"adalora": (3e-3, 1e-2), "lora": (3e-3, 1e-2)}
+LRS = {"adalora": (3e-3, 1e-2), "lora": (1e-3, 3e-3, 1e-2)}
 IMG = Path(__file__).resolve().parents[1] / "docs" / "img" / "train_budget.png"
 
 
@@ -154,7 +154,7 @@ def load_journal(path: Path) -> dict[str, dict]:
 
 def run_all(runs: list[Run], files: dict, args: argparse.Namespace, journal: Path, done: dict[str, dict]) -> None:
     todo = [r for r in runs if r.key not in done]
-    if not todo:
+    if not todo or args.report_only:
         return
     with ProcessPoolExecutor(max_workers=args.jobs) as pool, open(journal, "a") as log:
         for result in pool.map(execute, [(r, files, args) for r in todo]):
@@ -173,14 +173,17 @@ def sweep(args: argparse.Namespace, files: dict, journal: Path) -> dict:
     lrs = {m: args.lrs or LRS[m] for m in ("lora", "adalora")}
     grid_sets = [d for d in files if d in (args.grid_datasets or files)]
     run_all([Run(d, b, m, lr, 0) for d, b, m in cells if d in grid_sets for lr in lrs[m]], files, args, journal, done)
-    seed0 = lambda d, b, m, lr: done[Run(d, b, m, lr, 0).key]["accuracy"]  # noqa: E731
+    seed0 = lambda d, b, m, lr: done.get(Run(d, b, m, lr, 0).key, {"accuracy": -1.0})["accuracy"]  # noqa: E731
     best = {(d, b, m): max(lrs[m], key=lambda lr: seed0(d, b, m, lr) if d in grid_sets else
                            sum(seed0(g, b, m, lr) for g in grid_sets)) for d, b, m in cells}
     run_all([Run(*c, best[c], 0) for c in cells if c[0] not in grid_sets], files, args, journal, done)
-    run_all([Run(*c, best[c], s) for c in cells for s in range(1, args.seeds)], files, args, journal, done)
+    by_budget = sorted(cells, key=lambda c: args.budgets.index(c[1]))  # the smallest budgets' seeds first
+    run_all([Run(*c, best[c], s) for c in by_budget for s in range(1, args.seeds)], files, args, journal, done)
     summary = {}
     for c in cells:
-        results = [done[Run(*c, best[c], s).key] for s in range(args.seeds)]
+        results = [done[key] for s in range(args.seeds) if (key := Run(*c, best[c], s).key) in done]
+        if not results:  # --report-only before the cell ran
+            continue
         accs = [r["accuracy"] for r in results]
         summary["|".join(c)] = {"dataset": c[0], "budget": c[1], "method": c[2], "best_lr": best[c],
                                 "lr_grid_seed0": {f"{lr:g}": done[Run(*c, lr, 0).key]["accuracy"] for lr in lrs[c[2]]
@@ -191,9 +194,17 @@ def sweep(args: argparse.Namespace, files: dict, journal: Path) -> dict:
 
 
 def gaps(summary: dict, datasets: list[str], budgets: list[str]) -> dict[str, float]:
-    """Mean over data sets of AdaLoRA's minus LoRA's mean accuracy, per budget (points)."""
+    """Mean over data sets of AdaLoRA's minus LoRA's mean accuracy, per budget (points); a budget counts only
+    where every data set has both cells."""
     cell = lambda d, b, m: summary[f"{d}|{b}|{m}"]["mean"]  # noqa: E731
-    return {b: 100 * sum(cell(d, b, "adalora") - cell(d, b, "lora") for d in datasets) / len(datasets) for b in budgets}
+    complete = [b for b in budgets if all(f"{d}|{b}|{m}" in summary for d in datasets for m in ("lora", "adalora"))]
+    return {b: 100 * sum(cell(d, b, "adalora") - cell(d, b, "lora") for d in datasets) / len(datasets) for b in complete}
+
+
+def cell_text(cell: dict) -> str:
+    """mean ± std in points, with the number of seeds where it is not 3."""
+    n = len(cell["accuracies"])
+    return f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f}" + ("" if n == 3 else f" ({n} seed{'s' * (n > 1)})")
 
 
 def table(summary: dict, datasets: list[str], budgets: list[str]) -> str:
@@ -202,9 +213,11 @@ def table(summary: dict, datasets: list[str], budgets: list[str]) -> str:
     rows = []
     for d in datasets:
         for b in budgets:
+            if f"{d}|{b}|lora" not in summary or f"{d}|{b}|adalora" not in summary:
+                continue
             lo, ada = summary[f"{d}|{b}|lora"], summary[f"{d}|{b}|adalora"]
-            rows.append([d, b, lo["params"], ada["params"], f"{100 * lo['mean']:.1f} ± {100 * lo['std']:.1f}",
-                         f"{100 * ada['mean']:.1f} ± {100 * ada['std']:.1f}", f"{100 * (ada['mean'] - lo['mean']):+.1f}",
+            rows.append([d, b, lo["params"], ada["params"], cell_text(lo), cell_text(ada),
+                         f"{100 * (ada['mean'] - lo['mean']):+.1f}",
                          f"{lo['best_lr']:g} / {ada['best_lr']:g}"])
     for b, gap in gaps(summary, datasets, budgets).items():
         rows.append(["mean", b, "", "", "", "", f"{gap:+.2f}", ""])
@@ -220,7 +233,7 @@ def plot(summary: dict, datasets: list[str], budgets: list[str], path: Path) -> 
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False)
     for ax, d in zip(axes[0], datasets):
         for method, color in (("lora", "tab:blue"), ("adalora", "tab:red")):
-            cells = [summary[f"{d}|{b}|{method}"] for b in budgets]
+            cells = [summary[k] for b in budgets if (k := f"{d}|{b}|{method}") in summary]
             ax.errorbar([c["params"] for c in cells], [100 * c["mean"] for c in cells],
                         yerr=[100 * c["std"] for c in cells], marker="o", capsize=3, color=color,
                         label="AdaLoRA" if method == "adalora" else "LoRA")
@@ -257,6 +270,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="results name (default train_budget[_quick]); the journal is "
                                                 "benchmarks/results/<name>.runs.jsonl")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: the table and plot from the journal's finished runs (a cell shows the seeds it has)")
     p.add_argument("--cache", default=None, help="asset cache (default $ADALORA_CACHE or ~/.cache/adalora)")
     variant = p.add_argument_group("AdaLoRA variants (any of these makes the run a variant; name it with --name)")
     variant.add_argument("--orth-reg-weight", type=float, default=None)
@@ -300,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     datasets = list(files)
     text = table(summary, datasets, args.budgets)
     print(text)
-    small = sorted(args.budgets, key=lambda b: summary[f"{datasets[0]}|{b}|lora"]["params"])[:2]
-    small_gap = sum(gaps(summary, datasets, small).values()) / len(small)
+    small = [b for b in BUDGETS if b in args.budgets][:2]  # BUDGETS is in increasing order
+    small_gaps = gaps(summary, datasets, small)
+    small_gap = sum(small_gaps.values()) / len(small_gaps) if small_gaps else float("nan")
     print(f"AdaLoRA - LoRA at the two smallest budgets ({', '.join(small)}), mean over data sets: {small_gap:+.2f} pts")
     path = write_json(name, {"args": {k: v for k, v in vars(args).items()}, "summary": summary, "table": text,
                              "two_smallest_gap_pts": small_gap})
