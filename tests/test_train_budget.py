@@ -39,8 +39,11 @@ def test_budget_params_and_init_r(tiny_dims, budget, params, init_r):
     assert tb.adalora_init_r(params, dims) == init_r
 
 
+LO, HI = 1e-3, 1e-2
+
+
 def sweep_args(**kw):
-    base = dict(budgets=["r1", "r2"], seeds=2, lrs=None, grid_datasets=None, jobs=1)
+    base = dict(budgets=["r1", "r2"], seeds=2, lrs=[LO, HI], grid_datasets=None, jobs=1, report_only=False)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -52,7 +55,7 @@ def journal_with(path, accuracies):
 
 
 def test_each_cell_takes_its_own_best_lr_then_runs_the_seeds(tmp_path):
-    lo, hi = tb.LRS["lora"]
+    lo, hi = LO, HI
     acc = {}
     for b in ("r1", "r2"):
         for m in ("lora", "adalora"):
@@ -70,7 +73,7 @@ def test_each_cell_takes_its_own_best_lr_then_runs_the_seeds(tmp_path):
 
 
 def test_a_data_set_off_the_grid_takes_the_lr_best_summed_over_the_grid_sets(tmp_path):
-    lo, hi = tb.LRS["adalora"]
+    lo, hi = LO, HI
     acc = {}
     for m in ("lora", "adalora"):  # grid sets disagree; hi wins on the sum (0.6 + 0.9 > 0.7 + 0.7)
         acc.update({("g1", "r1", m, lo, 0): 0.7, ("g1", "r1", m, hi, 0): 0.6,
@@ -81,6 +84,17 @@ def test_a_data_set_off_the_grid_takes_the_lr_best_summed_over_the_grid_sets(tmp
     summary = tb.sweep(args, {d: ("t", "e", None) for d in ("g1", "g2", "x")}, tmp_path / "j.jsonl")
     assert summary["x|r1|adalora"]["best_lr"] == hi and summary["x|r1|adalora"]["accuracies"] == [0.5]
     assert summary["g1|r1|lora"]["best_lr"] == lo  # a grid set keeps its own best
+
+
+def test_report_only_trains_nothing_and_tables_what_ran(tmp_path):
+    """Seed 1 never ran and r2 not at all: nothing is trained (the files do not exist), r1's cells show one seed."""
+    journal_with(tmp_path / "j.jsonl", {("a", "r1", "lora", LO, 0): 0.8, ("a", "r1", "lora", HI, 0): 0.7,
+                                        ("a", "r1", "adalora", LO, 0): 0.6, ("a", "r1", "adalora", HI, 0): 0.9})
+    summary = tb.sweep(sweep_args(report_only=True), {"a": ("missing", "missing", None)}, tmp_path / "j.jsonl")
+    assert sorted(summary) == ["a|r1|adalora", "a|r1|lora"]
+    assert summary["a|r1|adalora"]["accuracies"] == [0.9]
+    assert tb.gaps(summary, ["a"], ["r1", "r2"]) == {"r1": pytest.approx(10.0)}  # r2 has no cells: no gap
+    assert "80.0 ± 0.0 (1 seed)" in tb.table(summary, ["a"], ["r1", "r2"])
 
 
 def test_a_variant_must_be_named():
