@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     small_gaps = gaps(summary, datasets, small)
     small_gap = sum(small_gaps.values()) / len(small_gaps) if small_gaps else float("nan")
     print(f"AdaLoRA - LoRA at the two smallest budgets ({', '.join(small)}), mean over data sets: {small_gap:+.2f} pts")
-    path = write_json(name, {"args": {k: v for k, v in vars(args).items()}, "summary": summary, "table": text,
+    path = write_json(name, {"args": vars(args), "summary": summary, "table": text,
                              "two_smallest_gap_pts": small_gap})
     print(f"results: {path}")
     if not args.no_plot:

@@ -6,28 +6,9 @@ import pytest
 import torch
 
 from adalora.adapter import AdapterLayer
-from adalora.tools.merge import MergeError, MergeParams, merge_adapters, tallqr
+from adalora.tools.merge import MergeError, MergeParams, merge_adapters
 from adalora.tools.merge.spectral import polar_columns
-from tests.conftest import tiny_llama
-from tests.factories import random_adapter
-from tests.test_merge import WEIGHTS, close, dense_sum
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    """Three llama adapters differing in init_r, scale, ranks per layer and adapted modules."""
-    base = tiny_llama()
-    return [random_adapter(base, 1, init_r=4, lora_alpha=8.0),
-            random_adapter(base, 2, init_r=6, lora_alpha=3.0, targets=("q_proj", "v_proj", "down_proj")),
-            random_adapter(base, 3, init_r=3, lora_alpha=3.0, targets=("k_proj", "q_proj", "up_proj"))]
-
-
-@pytest.fixture(params=["one block", "small blocks"])
-def qr_blocks(request, monkeypatch):
-    """The tall QR in one block, and in blocks of a few rows (its two-level path)."""
-    if request.param == "small blocks":
-        monkeypatch.setattr(tallqr, "ROW_BLOCK", 4)
-        monkeypatch.setattr(tallqr, "BLOCK_WIDTHS", 1)
+from tests.test_merge import WEIGHTS, close, dense_sum, inputs, qr_blocks  # noqa: F401 (fixtures)
 
 
 def naive_polar(M):

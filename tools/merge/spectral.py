@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from adalora.adapter import AdapterLayer
-from adalora.tools.merge.lowrank import WORK_DTYPE, top_triplets_of_factors
+from adalora.tools.merge.lowrank import WORK_DTYPE, numerical_rank, top_triplets_of_factors
 from adalora.tools.merge.tallqr import TallQR
 
 
@@ -40,9 +40,8 @@ def task_svds(parts: list[AdapterLayer]) -> list[AdapterLayer]:
     out = []
     for part in parts:
         svd = top_triplets_of_factors([part], part.rank)
-        kept = svd.lam > svd.lam.max() * max(svd.P.shape[0], svd.Q.shape[1]) * torch.finfo(torch.float32).eps
-        if kept.any():
-            out.append(AdapterLayer(P=svd.P[:, kept], lam=svd.lam[kept], Q=svd.Q[kept]))
+        if r := numerical_rank(svd.lam, svd.P.shape[0], svd.Q.shape[1]):  # lam descending: the first r
+            out.append(AdapterLayer(P=svd.P[:, :r], lam=svd.lam[:r], Q=svd.Q[:r]))
     return out
 
 
