@@ -6,11 +6,13 @@ topics (21 chatterbot-corpus categories). Each adapter is AdaLoRA, init_r 3 prun
 count, trained on the first 1000 training rows for 3 epochs at the default lr (seed 0), like `adalora train`;
 --train-dir keeps them, so a rerun only merges. Every method writes the same output budget: the inputs'
 summed parameters (what `linear` holds exactly); the dense methods' full-rank results are cut to it by
-singular value (what `adalora merge` writes); `svd` also at half of it.
+singular value (what `adalora merge` writes); `svd` also at half of it. `distill` fits one weight per (task,
+module) on each task's training rows, unlabeled (the text only), from each --distill-init start.
 
     python benchmarks/merge_quality.py                      # trains the six adapters once (~10 min), then merges
     python benchmarks/merge_quality.py --adapters trec6=DIR sms-spam=DIR ...   # your own adapters
     python benchmarks/merge_quality.py --quick              # three tiny adapters on synthetic data (seconds)
+    python benchmarks/merge_quality.py --methods distill    # rerun one method; the file keeps the others' rows
 
 Prints a markdown table; JSON in benchmarks/results/.
 """
@@ -42,11 +44,15 @@ from adalora.tools.merge import MergeParams, merge_adapters  # noqa: E402
 TASKS = ("trec6", "sms-spam", "rt-sentiment", "trec50", "rt-critics", "chatbot-topics")
 TRAIN_ROWS, MAX_LENGTH, LORA_R2_PARAMS = 1000, 64, 82_944
 DENSE = ("ties", "dare_ties", "dare_linear", "magnitude_prune")
+METHODS = ["distill", "linear", "svd", "isotropic", "decorrelate", *DENSE]
 
 
-def grid(summed_params: int, n: int, weights: list[float], densities: list[float]) -> list[tuple[str, str, MergeParams]]:
-    """(label, method, params) for uniform weights w: every method at the summed budget; svd also at half."""
-    rows = []
+def grid(summed_params: int, n: int, weights: list[float], densities: list[float], data: list[str],
+         distill_init: list[float], distill_steps: int) -> list[tuple[str, str, MergeParams]]:
+    """(label, method, params) for uniform weights w: every method at the summed budget; svd also at half;
+    distill fit on `data` (one unlabeled file per task) from each start weight in distill_init."""
+    rows = [(f"distill from w={w:g}", "distill", MergeParams(weights=(w,) * n, data=tuple(data), steps=distill_steps))
+            for w in distill_init]
     for w in weights:
         uniform = (w,) * n
         rows.append((f"linear w={w:g}", "linear", MergeParams(weights=uniform)))
@@ -68,12 +74,15 @@ def accuracy(base_dir, adapter, examples, tokenizer) -> float:
     return evaluate(model, examples, tokenizer, "seq-cls", labels=adapter.labels, max_length=MAX_LENGTH)["accuracy"]
 
 
-def run(base_dir, adapters, evals, names, tokenizer, weights, densities) -> dict:
+def run(base_dir, adapters, evals, names, tokenizer, weights, densities, data, distill_init, distill_steps,
+        methods) -> dict:
     own = [accuracy(base_dir, a, ev, tokenizer) for a, ev in zip(adapters, evals)]
     results = {"own_accuracy": dict(zip(names, own)), "own_params": [a.num_params() for a in adapters], "merges": []}
     summed = sum(a.num_params() for a in adapters)
-    for label, method, params in grid(summed, len(adapters), weights, densities):
-        merged = merge_adapters(adapters, method, params)
+    for label, method, params in grid(summed, len(adapters), weights, densities, data, distill_init, distill_steps):
+        if method not in methods:
+            continue
+        merged = merge_adapters(adapters, method, params, base_model_dir=base_dir)
         norm = {}
         for name, a, ev, acc in zip(names, adapters, evals, own):
             with_head = dataclasses.replace(merged, head=a.head, labels=a.labels)  # each task keeps its own head
@@ -83,6 +92,18 @@ def run(base_dir, adapters, evals, names, tokenizer, weights, densities) -> dict
                                   "merged_params": merged.num_params(), "normalized": norm, "average": avg})
         print(f"  {label:28s} params={merged.num_params():>9,} average={avg:.3f}", flush=True)
     return results
+
+
+def kept_rows(out: Path, results: dict, methods: list[str]) -> list[dict]:
+    """Rows of an earlier run in `out` for the methods not rerun now, when it measured the same tasks and own
+    accuracies (so that rerunning one method updates the table instead of discarding the rest)."""
+    if not out.exists():
+        return []
+    earlier = json.loads(out.read_text())
+    if earlier.get("own_accuracy") != results["own_accuracy"]:
+        print(f"{out}: an earlier run of other adapters or eval rows; its rows are not kept")
+        return []
+    return [m for m in earlier["merges"] if m["method"] not in methods]
 
 
 def print_table(results: dict, names) -> str:
@@ -103,6 +124,19 @@ def print_table(results: dict, names) -> str:
     return table
 
 
+def train_rows(train_dir: Path, task: str, cache: str | None) -> Path:
+    """The task's first TRAIN_ROWS training rows as a file (what its adapter trains on, and distill's unlabeled
+    rows: the fit reads their text only)."""
+    from adalora import assets
+
+    data = train_dir / f"{task}-train-{TRAIN_ROWS}.jsonl"
+    if not data.exists():
+        rows = assets.dataset_path(task, "train", cache).read_text().splitlines(keepends=True)[:TRAIN_ROWS]
+        train_dir.mkdir(parents=True, exist_ok=True)
+        data.write_text("".join(rows))
+    return data
+
+
 def train_missing(train_dir: Path, tasks: list[str], cache: str | None) -> list[Path]:
     """Each task's adapter folder under train_dir, trained (AdaLoRA, the settings above) where missing."""
     from adalora import assets
@@ -113,10 +147,7 @@ def train_missing(train_dir: Path, tasks: list[str], cache: str | None) -> list[
     for task in tasks:
         out = train_dir / task
         if not (out / FILE_NAME).exists():
-            rows = assets.dataset_path(task, "train", cache).read_text().splitlines(keepends=True)[:TRAIN_ROWS]
-            train_dir.mkdir(parents=True, exist_ok=True)
-            data = train_dir / f"{task}-train-{TRAIN_ROWS}.jsonl"
-            data.write_text("".join(rows))
+            data = train_rows(train_dir, task, cache)
             print(f"training the {task} adapter into {out}", flush=True)
             run_train(TrainSpec(base_model=str(assets.model_path("minilm-l6", cache)), task="seq-cls", data=str(data),
                                 eval_data=str(assets.dataset_path(task, "eval", cache)), out=str(out), epochs=3.0,
@@ -159,7 +190,7 @@ def quick_setup(folder: Path):
     BertForSequenceClassification(config).save_pretrained(folder / "base")
     tokenizer.save_pretrained(folder / "base")
     rng = random.Random(0)
-    adapters, evals = [], []
+    adapters, evals, files = [], [], []
     for name, (labels, rule) in QUICK_TASKS.items():
         texts = [" ".join(rng.choice(WORDS) for _ in range(6)) for _ in range(250)]
         examples = [Example(text=t, label=rule(t.split())) for t in texts]
@@ -171,7 +202,10 @@ def quick_setup(folder: Path):
               TrainArgs(total_steps=30, lr=1e-2))
         adapters.append(adapter_set.export(_final_masks(adapter_set)))
         evals.append(eval_ex)
-    return folder / "base", adapters, evals, tokenizer, list(QUICK_TASKS)
+        data = folder / f"{name}-train.jsonl"
+        data.write_text("".join(json.dumps({"text": e.text}) + "\n" for e in train_ex))
+        files.append(str(data))
+    return folder / "base", adapters, evals, tokenizer, list(QUICK_TASKS), files
 
 
 def _final_masks(adapter_set):
@@ -198,6 +232,10 @@ def main() -> None:
                     help="where the other tasks' adapters are trained once and reused")
     ap.add_argument("--weights", nargs="+", type=float, default=[0.5, 0.7, 1.0, 1.3], help="uniform merge weights tried")
     ap.add_argument("--densities", nargs="+", type=float, default=[0.3, 0.6], help="TIES / DARE / magnitude")
+    ap.add_argument("--distill-init", nargs="+", type=float, default=[0.5], help="distill's start weights tried")
+    ap.add_argument("--distill-steps", type=int, default=100, help="distill's optimizer steps")
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS,
+                    help="methods run now; an earlier run's rows of the others are kept in the results file")
     ap.add_argument("--max-eval", type=int, default=500, help="eval rows per task")
     ap.add_argument("--cache", default=None, help="asset cache (default $ADALORA_CACHE or ~/.cache/adalora)")
     args = ap.parse_args()
@@ -205,8 +243,8 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
-            base_dir, adapters, evals, tokenizer, names = quick_setup(Path(tmp))
-            args.weights, args.densities = [1.0], [0.3]
+            base_dir, adapters, evals, tokenizer, names, data = quick_setup(Path(tmp))
+            args.weights, args.densities, args.distill_steps = [1.0], [0.3], 20
         else:
             from adalora.assets import dataset_path, model_path
             given = named_adapters(args.adapters)
@@ -216,11 +254,14 @@ def main() -> None:
             base_dir = model_path("minilm-l6", args.cache)
             adapters = [load_adapter(folders[n]) for n in names]
             evals = [load_examples(dataset_path(n, "eval", args.cache), "seq-cls")[:args.max_eval] for n in names]
+            data = [str(train_rows(Path(args.train_dir), n, args.cache)) for n in names]
             tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        results = run(base_dir, adapters, evals, names, tokenizer, args.weights, args.densities)
+        results = run(base_dir, adapters, evals, names, tokenizer, args.weights, args.densities, data,
+                      args.distill_init, args.distill_steps, args.methods)
+    out = ROOT / "benchmarks" / "results" / f"merge_quality{'_quick' if args.quick else ''}.json"
+    results["merges"] += kept_rows(out, results, args.methods)
     results["quick"] = args.quick
     results["table"] = print_table(results, names)
-    out = ROOT / "benchmarks" / "results" / f"merge_quality{'_quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")

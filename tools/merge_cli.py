@@ -25,7 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "dense methods the inputs' summed params, or their exact full-rank result with --into-base)")
     p.add_argument("--density", type=float, help="ties / dare / magnitude_prune: fraction of entries kept, (0, 1]")
     p.add_argument("--majority", help="ties / dare_ties sign election: total (default) or frequency")
-    p.add_argument("--seed", type=int, help="dare_linear / dare_ties: seed of the random drops (default 0)")
+    p.add_argument("--seed", type=int, help="dare_linear / dare_ties: seed of the random drops; distill: of its "
+                   "batches (default 0)")
+    p.add_argument("--data", nargs="+", help="distill: one unlabeled data file per adapter, in order (JSONL / CSV rows "
+                   "with text; labels are not read); needs --base-model")
+    p.add_argument("--steps", type=int, help="distill: optimizer steps of the weights' fit (default 100)")
     p.add_argument("--lambda", dest="lambda_", type=float, metavar="L", help="global multiplier of the merged update (default 1)")
     p.add_argument("--head-from", type=int,
                    help="carry the classification head of input K (1-based); default: no head")
@@ -39,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     params = MergeParams(weights=tuple(args.weights), lambda_=args.lambda_, budget=args.budget,
-                         density=args.density, majority=args.majority, seed=args.seed)
+                         density=args.density, majority=args.majority, seed=args.seed,
+                         data=tuple(args.data) if args.data else None, steps=args.steps)
     if args.into_base and args.base_model is None:
         raise MergeError("--into-base needs --base-model DIR (the model the merge is added into)")
     if not args.into_base:
@@ -50,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, args.adapters, args.base_model)
     remove_stale(args.out)
     adapters = load_inputs(args.adapters, args.base_model, args.task)
-    merged = merge_adapters(adapters, args.method, params, names=list(args.adapters), head_from=args.head_from)
+    merged = merge_adapters(adapters, args.method, params, names=list(args.adapters), head_from=args.head_from,
+                            base_model_dir=args.base_model)
     out = merge_into_base(merged, Path(args.base_model), Path(args.out))
     print(f"wrote {out} ({merged.num_params()} merged adapter params, ranks summed {sum(merged.ranks().values())})")
     return 0

@@ -67,7 +67,7 @@ def check_inputs(adapters: list[Adapter], names: list[str]) -> None:
 
 
 def merge_stream(adapters: list[Adapter], method: str, params: MergeParams, names: list[str] | None = None,
-                 head_from: int | None = None) -> tuple[Adapter, dict[str, int], Iterator[tuple[str, AdapterLayer]]]:
+                 head_from: int | None = None, base_model_dir: str | os.PathLike | None = None) -> tuple[Adapter, dict[str, int], Iterator[tuple[str, AdapterLayer]]]:
     """The merge as (the result without its layers, each module's rank, the layers one at a time): what
     save_adapter_streamed writes holding one layer. The result has scale 1 (init_r = lora_alpha = its largest
     rank) and its provenance in info["merge"].
@@ -83,7 +83,8 @@ def merge_stream(adapters: list[Adapter], method: str, params: MergeParams, name
     check_inputs(adapters, names)
     if isinstance(strategy, DenseStrategy):
         check_dense_sizes(adapters, names)
-    ranks, layers = strategy.stream(adapters, params)
+    merged_inputs, learned = strategy.prepare(adapters, params, None if base_model_dir is None else str(base_model_dir))
+    ranks, layers = strategy.stream(merged_inputs, params)
     r = max([*ranks.values(), 1])
     head_source = adapters[head_from - 1] if head_from is not None else None
     labels = (head_source or adapters[0]).labels
@@ -94,6 +95,7 @@ def merge_stream(adapters: list[Adapter], method: str, params: MergeParams, name
         "head_from": head_from,
         "head": (f"head of input {head_from}" if head_from else
                  "none: attach each task's own head (labels are input 1's)" if adapters[0].head else "none"),
+        **learned,
     }}
     shell = Adapter(base=dict(adapters[0].base), shapes=union_shapes(adapters), layers={}, init_r=r,
                     lora_alpha=float(r), mode="adalora", task_type=adapters[0].task_type, labels=labels,
@@ -102,9 +104,9 @@ def merge_stream(adapters: list[Adapter], method: str, params: MergeParams, name
 
 
 def merge_adapters(adapters: list[Adapter], method: str, params: MergeParams, names: list[str] | None = None,
-                   head_from: int | None = None) -> Adapter:
+                   head_from: int | None = None, base_model_dir: str | os.PathLike | None = None) -> Adapter:
     """The merged adapter in memory (merge_stream with every layer collected)."""
-    merged, _, layers = merge_stream(adapters, method, params, names, head_from)
+    merged, _, layers = merge_stream(adapters, method, params, names, head_from, base_model_dir)
     merged.layers = dict(layers)
     return merged
 
@@ -186,7 +188,8 @@ def merge_files(paths: list[str | os.PathLike], out: str | os.PathLike, method: 
     remove_stale(out)
     adapters = load_inputs(paths, base_model_dir, task_type)
     params = get_strategy(method).file_params(params, adapters)
-    merged, ranks, layers = merge_stream(adapters, method, params, names=[str(p) for p in paths], head_from=head_from)
+    merged, ranks, layers = merge_stream(adapters, method, params, names=[str(p) for p in paths], head_from=head_from,
+                                         base_model_dir=base_model_dir)
     for entry, path in zip(merged.info["merge"]["inputs"], paths):
         entry["path"] = str(Path(path).resolve())
     with atomic_dir(out) as tmp:

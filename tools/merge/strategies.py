@@ -41,7 +41,11 @@ class MergeParams:
     majority: str | None = None
     """Sign election of TIES: 'total' (sign of the sum, default) or 'frequency' (most common sign)."""
     seed: int | None = None
-    """Seed of DARE's random drops (default 0)."""
+    """Seed of DARE's random drops, or of distill's batches (default 0)."""
+    data: tuple[str, ...] | None = None
+    """distill: one unlabeled data file per input, in input order (JSONL or CSV rows with "text")."""
+    steps: int | None = None
+    """distill: optimizer steps of the fit (default 100)."""
 
     def __post_init__(self) -> None:
         """The values, checked once here; which of them a method takes is Strategy.check's business."""
@@ -57,6 +61,10 @@ class MergeParams:
             raise MergeError(f"--majority {self.majority!r} must be one of {dense.MAJORITY}")
         if self.seed is not None and not is_int(self.seed, 0):
             raise MergeError(f"--seed {self.seed} must be a non-negative integer")
+        if self.data is not None and not (isinstance(self.data, tuple) and all(isinstance(d, str) for d in self.data)):
+            raise MergeError(f"--data {self.data!r} must be data file paths")
+        if self.steps is not None and not is_int(self.steps, 1):
+            raise MergeError(f"--steps {self.steps} must be a positive integer")
 
     @property
     def scale(self) -> float:
@@ -70,7 +78,7 @@ class MergeParams:
 
 
 OPTION = {"lambda_": "--lambda", "budget": "--budget", "density": "--density", "majority": "--majority",
-          "seed": "--seed"}
+          "seed": "--seed", "data": "--data", "steps": "--steps"}
 
 
 class Strategy:
@@ -92,6 +100,12 @@ class Strategy:
         missing = sorted(OPTION[n] for n in self.requires - params.given())
         if missing:
             raise MergeError(f"method {self.name!r} needs {', '.join(missing)}")
+
+    def prepare(self, adapters: list[Adapter], params: MergeParams,
+                base_model_dir: str | None) -> tuple[list[Adapter], dict]:
+        """The inputs as this method merges them, and what to record in the result's provenance; a method that
+        learns from data (distill) runs here, after every check and before any layer is produced."""
+        return adapters, {}
 
     def file_params(self, params: MergeParams, adapters: list[Adapter]) -> MergeParams:
         """The parameters an adapter file is merged with (`merge_files`); --into-base keeps `params` as given."""
@@ -183,6 +197,29 @@ class Isotropic(SVD):
         return spectral.flattened(layer)
 
 
+class Distill(SVD):
+    """One weight per (input, module), fit on unlabeled rows so that the merged model matches each input's own
+    adapter on that input's data (distill.py); then the reweighted exact sum, or svd's --budget."""
+
+    name = "distill"
+    accepts = frozenset({"lambda_", "budget", "data", "steps", "seed"})
+    requires = frozenset({"data"})
+
+    def prepare(self, adapters, params, base_model_dir):
+        from adalora.tools.merge import distill
+
+        if base_model_dir is None:
+            raise MergeError("method 'distill' needs --base-model DIR: its weights are fit by running that model")
+        config = distill.FitConfig(steps=params.steps or 100, seed=params.seed or 0)
+        texts = distill.read_texts(list(params.data), len(adapters), config.max_rows)
+        fitted = distill.fit_module_weights(adapters, list(params.weights), base_model_dir, texts, config)
+        return distill.reweighted(adapters, fitted), {"fitted_weights": fitted}
+
+    def stream(self, adapters, params):
+        """`adapters` came from prepare, the fitted weights folded in: merged with weight 1 each (and --lambda)."""
+        return super().stream(adapters, replace(params, weights=(1.0,) * len(adapters)))
+
+
 class DenseStrategy(Strategy):
     """A method on each layer's dense updates, one layer at a time, then exact SVD and the global budget.
 
@@ -248,7 +285,7 @@ class MagnitudePrune(DenseStrategy):
 
 
 METHODS: dict[str, Strategy] = {s.name: s for s in (Linear(), TaskArithmetic(), SVD(), Decorrelate(), Isotropic(),
-                                                      Ties(), DareLinear(), DareTies(), MagnitudePrune())}
+                                                      Distill(), Ties(), DareLinear(), DareTies(), MagnitudePrune())}
 
 
 def get_strategy(method: str) -> Strategy:
