@@ -30,9 +30,9 @@ def _inputs(folder, kind):
     if kind == "bert":
         base = AutoModelForSequenceClassification.from_pretrained(folder).eval()
         three = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=3, ignore_mismatched_sizes=True).eval()
-        return [random_adapter(base, 1, targets=("query", "value", "dense"), task_type="seq-cls", labels=["x", "y"]),
-                random_adapter(three, 2, init_r=3, lora_alpha=3.0, targets=("query", "key"), task_type="seq-cls",
-                               labels=["u", "v", "w"])]
+        return [random_adapter(three, 2, init_r=3, lora_alpha=3.0, targets=("query", "key"), task_type="seq-cls",
+                               labels=["u", "v", "w"]),  # first: its head is not the saved base's (2 labels)
+                random_adapter(base, 1, targets=("query", "value", "dense"), task_type="seq-cls", labels=["x", "y"])]
     base = AutoModelForCausalLM.from_pretrained(folder).eval()
     return [random_adapter(base, 1), random_adapter(base, 2, init_r=6, lora_alpha=2.0, targets=("q_proj", "up_proj"))]
 
@@ -115,9 +115,9 @@ def test_the_fit_lowers_the_divergence(case, n):
     """With one input the least divergence is 0, at weight 1: the fit from 0.2 gets most of the way there; with two
     (different teachers on the same rows) the least is above 0, and the fit still lowers it."""
     folder, adapters = case
-    start = [0.2] * n
-    fitted = fit_module_weights(adapters[:n], start, folder, [TEXTS] * n, FitConfig(steps=40, lr=2e-2, batch_size=8))
-    merged = MergedModel(adapters[:n], start, folder)
+    start, inputs = [0.2] * n, adapters[-n:]  # the last input of each case changes its outputs the most
+    fitted = fit_module_weights(inputs, start, folder, [TEXTS] * n, FitConfig(steps=40, lr=2e-2, batch_size=8))
+    merged = MergedModel(inputs, start, folder)
     before = total_divergence(merged, {p: start for p in merged.coefs}, folder)
     after = total_divergence(merged, fitted, folder)
     assert after < (0.2 if n == 1 else 0.95) * before

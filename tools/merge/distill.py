@@ -134,8 +134,10 @@ class MergedModel:
         n, task = len(adapters), adapters[0].task_type
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir), local_files_only=True)
+            heads = {"num_labels": len(adapters[0].labels or []), "ignore_mismatched_sizes": True} \
+                if task == "seq-cls" else {}  # the base's own head may have any label count: input 0's is loaded
             model = _model_class(task).from_pretrained(str(base_model_dir), dtype=torch.float32,
-                                                       local_files_only=True).eval()
+                                                       local_files_only=True, **heads).eval()
         except (OSError, ValueError) as e:
             raise MergeError(f"--base-model {base_model_dir}: cannot load the model and tokenizer there ({e})") from e
         if self.tokenizer.pad_token is None:
