@@ -119,12 +119,8 @@ def perplexity(lean: LeanLlama, texts: list[list[int]]) -> float:
     nll = count = 0.0
     for ids in texts:
         lean.clear()
-        rows = lean.cache.join([len(ids)])
-        columns = torch.arange(len(ids))
-        causal = (columns[None, :] <= columns[:, None])[None, None]  # (1, 1, P, P)
-        hidden = lean._forward(torch.tensor([ids]), columns[None], rows, len(ids), causal,
-                               lambda index, k, v: lean.cache.write_prefill(index, rows, k, v))
-        logits = lean.logits(hidden[0])  # (P, V)
+        hidden, _ = lean.prefill_hidden([ids])  # (P, hidden)
+        logits = lean.logits(hidden)  # (P, V)
         nll += F.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum").item()
         count += len(ids) - 1
     lean.clear()

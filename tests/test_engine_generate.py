@@ -92,13 +92,16 @@ MIXED = [
 
 def test_mixed_continuous_batch_equals_each_request_alone_merged(setup):
     gen = generator(setup, max_batch_size=4)
-    widths = []  # tokens per row of every forward: decode forwards feed one token per row, never the prefix
-    gen.engine.model.model.embed_tokens.register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[1]))
+    assert gen.decoder.name == "lean"
+    shapes = []  # (rows, tokens per row) of every forward: a decode feeds one token per row, never the prefix
+    gen.engine.model.model.embed_tokens.register_forward_pre_hook(lambda m, args: shapes.append(args[0].shape))
     handles, widest = run_schedule(gen, [(at, greedy(p, ad, n)) for at, p, ad, n in MIXED])
     assert widest == 4
-    prefills = [w for w in widths if w > 1]
-    assert len(prefills) < len(MIXED) and max(prefills) == max(len(p) for _, p, _, _ in MIXED)
-    assert len(widths) - len(prefills) <= max(n for *_, n in MIXED) + len(MIXED)
+    prefills = [s for s in shapes if s[1] > 1]
+    # each prefill packs its prompts unpadded into one row, and each prompt is prefilled once
+    assert len(prefills) < len(MIXED) and {s[0] for s in prefills} == {1}
+    assert sum(s[1] for s in prefills) == sum(len(p) for _, p, _, _ in MIXED)
+    assert len(shapes) - len(prefills) <= max(n for *_, n in MIXED) + len(MIXED)
     base_model = merged_model(setup, None)
     for (at, prompt, adapter, n), handle in zip(MIXED, handles):
         expected = naive_greedy(merged_model(setup, adapter), prompt, n)

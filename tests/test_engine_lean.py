@@ -147,7 +147,8 @@ class Harness:
 
     @torch.no_grad()
     def prefill(self, prompts, sels):
-        with self.engine.batch(self.engine.context(sels, max(map(len, prompts)), self.strategy)):
+        with self.engine.batch(self.engine.context(sels, LeanLlama.prefill_tokens([len(p) for p in prompts]),
+                                                   self.strategy)):
             logits = self.lean.prefill([list(p) for p in prompts])
         first = len(self.seqs)
         self.seqs += [list(p) for p in prompts]
@@ -246,7 +247,7 @@ def test_an_admission_writes_only_its_own_rows(capacity):
 def _raise_in_layer_1(h):
     def hook(module, args, output):
         raise RuntimeError("layer 1 failed")
-    return h.engine.model.model.layers[1].input_layernorm.register_forward_hook(hook)
+    return h.engine.model.model.layers[1].mlp.act_fn.register_forward_hook(hook)  # a module the lean path runs
 
 
 # (what fails, how the prefill is made to fail, the error it raises)
@@ -584,16 +585,18 @@ def test_row_cache_write_step_writes_column_length_of_each_row(lengths):
     assert cache.lengths == [n + 1 for n in lengths]
 
 
-def test_row_cache_write_prefill_and_window():
+def test_row_cache_write_row_and_window():
     cache = filled_cache([2, 3])
     keys, values = cache.keys.clone(), cache.values.clone()
     rows = cache.join([4, 1])
     new_keys, new_values = torch.randn(2, 2, 4, 3), torch.randn(2, 2, 4, 3)
-    cache.write_prefill(0, rows, new_keys, new_values)
-    keys[0, 2:4, :, :4], values[0, 2:4, :, :4] = new_keys, new_values
+    cache.write_row(0, 2, new_keys[0], new_values[0])  # a 4-token prompt
+    cache.write_row(0, 3, new_keys[1, :, :1], new_values[1, :, :1])  # a 1-token prompt: its other columns untouched
+    keys[0, 2, :, :4], values[0, 2, :, :4] = new_keys[0], new_values[0]
+    keys[0, 3, :, :1], values[0, 3, :, :1] = new_keys[1, :, :1], new_values[1, :, :1]
     assert torch.equal(cache.keys, keys) and torch.equal(cache.values, values)
     k, v = cache.window(0, rows, 4)
-    assert torch.equal(k, new_keys) and torch.equal(v, new_values)
+    assert torch.equal(k, keys[0, 2:4, :, :4]) and torch.equal(v, values[0, 2:4, :, :4])
     cache.clear()
     assert cache.rows == 0 and cache.lengths == []
 

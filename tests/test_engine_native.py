@@ -178,6 +178,68 @@ def test_segment_kernel_refuses_a_y_with_strided_columns():
                                  torch.tensor([0, 4, 8]), torch.tensor([0, 1]))
 
 
+# ---- rms_norm, rope_ ------------------------------------------------------------------------------------------------
+
+# (rows, hidden): H % 8 (the scalar tail), one row, more rows than one thread's grain, SmolLM2's width, no rows
+NORM_CASES = [(1, 8), (3, 13), (8, 576), (40, 64), (2, 1), (0, 16)]
+
+
+@needs_native
+@pytest.mark.parametrize("M,H", NORM_CASES)
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided-rows"])
+def test_rms_norm_equals_transformers_llama_rmsnorm(M, H, strided):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gen = torch.Generator().manual_seed(M * 100 + H)
+    module = LlamaRMSNorm(H, eps=1e-5)
+    module.weight.data = torch.randn(H, generator=gen)
+    x = torch.randn(M, 2 * H, generator=gen) * 3
+    x = x[:, :H] if strided else x[:, :H].contiguous()
+    with torch.no_grad():
+        want = module(x.double().float()).double()
+    got = native.rms_norm(x, module.weight.detach(), 1e-5)
+    assert got.shape == (M, H) and got.is_contiguous()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+# (tokens, heads, head_dim): SmolLM2's q + k heads, odd head counts, the smallest even head_dim
+ROPE_CASES = [(1, 12, 64), (5, 3, 8), (20, 2, 2), (0, 4, 8)]
+
+
+@needs_native
+@pytest.mark.parametrize("T,heads,D", ROPE_CASES)
+def test_rope_equals_transformers_apply_rotary_pos_emb(T, heads, D):
+    """In place over q and k heads that are a column slice of a wider row (the fused q/k/v output)."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    gen = torch.Generator().manual_seed(T * 10 + D)
+    qkv = torch.randn(T, heads * D + 7, generator=gen)
+    angles = torch.randn(T, D // 2, generator=gen).repeat(1, 2)
+    cos, sin = angles.cos(), angles.sin()
+    x = qkv[:, : heads * D].reshape(T, heads, D).double()
+    want = x * cos.double()[:, None] + rotate_half(x) * sin.double()[:, None]
+    tail = qkv[:, heads * D:].clone()
+    native.rope_(qkv[:, : heads * D], cos, sin, D)
+    torch.testing.assert_close(qkv[:, : heads * D].reshape(T, heads, D).double(), want, rtol=0, atol=1e-5)
+    assert torch.equal(qkv[:, heads * D:], tail)  # the columns past the heads are untouched
+
+
+@needs_native
+@pytest.mark.parametrize("call,message", [
+    (lambda: native.rms_norm(torch.randn(2, 4, dtype=torch.float64), torch.ones(4), 1e-5), "x must be a float32"),
+    (lambda: native.rms_norm(torch.randn(2, 4), torch.ones(5), 1e-5), r"w must be a contiguous \(H,\)"),
+    (lambda: native.rms_norm(torch.randn(4, 2).T, torch.ones(4), 1e-5), "unit column stride"),
+    (lambda: native.rope_(torch.randn(2, 8), torch.randn(2, 3), torch.randn(2, 3), 3), "head_dim must be even"),
+    (lambda: native.rope_(torch.randn(2, 10), torch.randn(2, 4), torch.randn(2, 4), 4), r"heads \* head_dim"),
+    (lambda: native.rope_(torch.randn(2, 8), torch.randn(3, 4), torch.randn(3, 4), 4), r"contiguous \(T, head_dim\)"),
+    (lambda: native.rope_(torch.zeros(1, 8).expand(2, 8), torch.randn(2, 4), torch.randn(2, 4), 4),
+     "internal overlap|single memory location"),
+], ids=["norm-dtype", "norm-weight", "norm-strided-columns", "rope-odd-dim", "rope-width", "rope-cos", "rope-overlap"])
+def test_norm_and_rope_refuse_what_they_cannot_compute(call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
 # ---- the loader ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("env,message", [

@@ -132,14 +132,14 @@ def test_generator_builds_one_decode_context_per_batch_composition(setup):
     for _ in range(3):
         gen.step()  # step 1: prefill + decode (one new decode context), then two more decodes reuse it
     # a prefill serves one forward; the decode rows may run 9 more steps together (no lives seen yet)
-    assert calls == [(2, 3, 1), (2, 1, 9)]
+    assert calls == [(2, [3, 3], 1), (2, 1, 9)]  # the lean prefill routes each prompt's own tokens
     gen.submit(GenerationRequest([7, 8], None, greedy(2)))  # a row joins: a new composition
     calls.clear()
     gen.step()
     gen.step()
     # the join's prefill; a decode of 3 rows, which the joined row leaves after 1 step (its 2nd token); then a
     # decode of 2 rows, expected to live round(2.5) steps: the mean of the lives seen, 3 then 1 (weight 1/4)
-    assert calls == [(1, 2, 1), (3, 1, 1), (2, 1, 2)]
+    assert calls == [(1, [2], 1), (3, 1, 1), (2, 1, 2)]
     assert gen.life.mean == 2.5
     engine.load("c", setup[1]["c"])  # any load / unload re-resolves the running rows' adapter ids
     calls.clear()
@@ -162,10 +162,10 @@ def test_decode_context_of_a_batch_that_requests_join_next_step_serves_one_forwa
     calls = counting_contexts(engine)
     gen.step()
     # the prefill, then the decode that the late request will end (its validation in submit builds no context)
-    assert calls == [(1, 3, 1), (1, 1, 1)] and gen.waiting == 1
+    assert calls == [(1, [3], 1), (1, 1, 1)] and gen.waiting == 1
     calls.clear()
     gen.step()  # the late request joins; its rows may run 4 more steps, but the one life seen so far was 1
-    assert calls == [(1, 1, 1), (2, 1, 1)] and gen.life.mean == 1
+    assert calls == [(1, [1], 1), (2, 1, 1)] and gen.life.mean == 1
 
 
 @pytest.mark.parametrize("observed,bound,expected", [

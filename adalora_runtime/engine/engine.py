@@ -99,18 +99,22 @@ class AdapterEngine:
         row), building nothing on the device."""
         self._route(request, 0)
 
-    def context(self, requests: Sequence[Selection], tokens_per_row: int, strategy: str = "auto",
+    def context(self, requests: Sequence[Selection], tokens_per_row: int | Sequence[int], strategy: str = "auto",
                 calls: int = 1) -> BatchContext:
-        """Routing for a (rows, tokens_per_row) batch in which row b runs requests[b] on every token, over
-        `calls` expected forwards (see BatchContext.calls)."""
-        if tokens_per_row < 1:
-            raise BatchError(f"tokens_per_row must be at least 1, got {tokens_per_row}")
+        """Routing for a batch in which row b runs requests[b] on each of its tokens, in row order, over `calls`
+        expected forwards (see BatchContext.calls): `tokens_per_row` tokens every row (a (rows, T) batch), or
+        tokens_per_row[b] for row b (rows packed one after the other, as the lean path's prefill runs them)."""
+        counts = [tokens_per_row] * len(requests) if isinstance(tokens_per_row, int) else list(tokens_per_row)
+        if len(counts) != len(requests) or any(not isinstance(c, int) or c < 1 for c in counts):
+            raise BatchError(f"tokens_per_row must be at least 1 for each of the {len(requests)} rows, "
+                             f"got {tokens_per_row}")
         routes: dict[Route, int] = {}
         row_groups = []
         for row, request in enumerate(requests):
             route = self._route(request, row)
             row_groups.append(-1 if route is None else routes.setdefault(route, len(routes)))
-        groups = torch.tensor(row_groups, dtype=torch.long, device=self.device).repeat_interleave(tokens_per_row)
+        groups = torch.tensor(row_groups, dtype=torch.long, device=self.device).repeat_interleave(
+            torch.tensor(counts, dtype=torch.long, device=self.device))
         return BatchContext(groups=groups, routes=tuple(routes), strategy=strategy, cost=self.config.cost,
                             calls=calls)
 

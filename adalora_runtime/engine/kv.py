@@ -118,6 +118,12 @@ class HfDecoder:
     def rows(self) -> int:
         return 0 if self.kv is None else self.kv.rows
 
+    @staticmethod
+    def prefill_tokens(lengths: list[int]) -> list[int]:
+        """Tokens the adapter context routes for each row of a prefill of prompts of these lengths: every row is
+        left-padded to the longest."""
+        return [max(lengths)] * len(lengths)
+
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
         """New rows for `prompts` after the running ones -> logits (n, vocab) of each prompt's last token. The
         adapter context routes n * P tokens (P = the longest prompt, shorter ones left-padded)."""

@@ -11,11 +11,14 @@ Built once over a model the AdapterEngine serves; the transformers model stays t
   it cannot run, every dense weight is reordered once for oneDNN instead;
 - the KV cache is preallocated with per-row lengths (`engine.row_cache.RowCache`): a prefill writes its own rows,
   a decode step one column per row, and no step re-pads or concatenates the cache;
+- a prefill packs its prompts one after the other, unpadded, so its matmuls run over the prompts' own tokens;
+  each prompt attends causally over its own tokens;
 - attention is `scaled_dot_product_attention` over each row's own length; only each prompt's last position goes
   through the LM head.
 
-Norms, the rotary embedding and the activation are the model's own modules, so every rope variant and eps
-the model's config sets applies unchanged. The base weights are read when the path is built: where they are not
+The rotary embedding's cos and sin and the activation are the model's own modules, so every rope variant the
+model's config sets applies unchanged; norms are too, except on a CPU in float32, where `engine.native`'s RMSNorm
+(with the module's weight and eps) and rotation by cos and sin take the place of their 6-9 small ops each. The base weights are read when the path is built: where they are not
 reordered, the model's q/k/v and gate/up weights become views of the fused ones (held once); where they are (CPU,
 float32 without the native kernel), the reordered copy is a second copy of the weights, and so is the int8 copy of
 `weights='int8'`: a later change to the model's weights (an edge merge) is not seen by a path built before it.
@@ -38,8 +41,9 @@ from adalora.engine.multi_linear import ContextHolder, MultiAdapterLinear, add_d
 from adalora.engine.row_cache import RowCache
 from adalora.engine.slots import SlotBank
 
-Write = Callable[[int, torch.Tensor, torch.Tensor], None]
-"""Stores one layer's new keys and values (layer index, keys, values (n, kv_heads, T, head_dim)) in the cache."""
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""One layer's attention of a forward: (layer index, queries (n, heads, T, head_dim), the new tokens' keys and
+values (n, kv_heads, T, head_dim)) -> (n, heads, T, head_dim); it stores the keys and values in the cache."""
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 """Configs whose decoder layers have the Llama layout: RMSNorm, q/k/v/o attention with rope, a SiLU gate/up MLP."""
 
@@ -158,6 +162,24 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + rotate_half(x) * sin
 
 
+class Norm:
+    """A layer's RMSNorm: `native.rms_norm` with the module's weight and eps where the kernels run (CPU float32),
+    else the model's own module (any other RMSNorm variant too)."""
+
+    def __init__(self, module: nn.Module, fast: bool) -> None:
+        self.module = module
+        self.eps = getattr(module, "variance_epsilon", None)
+        weight = getattr(module, "weight", None)
+        self.fast = fast and isinstance(self.eps, float) and isinstance(weight, torch.Tensor) and weight.dim() == 1 \
+            and weight.is_contiguous() and native.applies(weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., hidden) -> normed, the same shape."""
+        if not self.fast:
+            return self.module(x)
+        return native.rms_norm(x.reshape(-1, x.shape[-1]), self.module.weight, self.eps).view(x.shape)
+
+
 @dataclass(frozen=True)
 class _Shape:
     heads: int
@@ -169,14 +191,14 @@ class _Shape:
 class LeanLayer:
     """One decoder layer: fused projections, the model's own norms and activation."""
 
-    def __init__(self, layer: nn.Module, holder: ContextHolder, weights: str = "float") -> None:
+    def __init__(self, layer: nn.Module, holder: ContextHolder, weights: str = "float", fast: bool = False) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.qkv = Projection([attn.q_proj, attn.k_proj, attn.v_proj], holder, weights)
         self.o = Projection([attn.o_proj], holder, weights)
         self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], holder, weights)
         self.down = Projection([mlp.down_proj], holder, weights)
         self.act = mlp.act_fn
-        self.norm_in, self.norm_post = layer.input_layernorm, layer.post_attention_layernorm
+        self.norm_in, self.norm_post = Norm(layer.input_layernorm, fast), Norm(layer.post_attention_layernorm, fast)
         self.q_width = _base(attn.q_proj).weight.shape[0]
         self.kv_width = _base(attn.k_proj).weight.shape[0]
         self.intermediate = _base(mlp.gate_proj).weight.shape[0]
@@ -203,10 +225,13 @@ class LeanLlama:
         attn = body.layers[0].self_attn
         head_dim = getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.shape = _Shape(config.num_attention_heads, config.num_key_value_heads, head_dim, attn.scaling)
-        self.embed, self.norm, self.rotary = body.embed_tokens, body.norm, body.rotary_emb
-        self.layers = [LeanLayer(layer, holder, weights) for layer in body.layers[: config.num_hidden_layers]]
         head = _base(model.lm_head)  # never adapted (engine targets exclude heads)
         weight = head.weight
+        self.fast = native.applies(weight)
+        """The native norm and rope kernels run (CPU float32, kernels built); else the model's modules and torch."""
+        self.embed, self.norm, self.rotary = body.embed_tokens, Norm(body.norm, self.fast), body.rotary_emb
+        self.layers = [LeanLayer(layer, holder, weights, self.fast)
+                       for layer in body.layers[: config.num_hidden_layers]]
         self.head = Dense(weight.detach(), None if head.bias is None else head.bias.detach(), weights)
         self.cache = RowCache(len(self.layers), max_rows, self.shape.kv_heads, head_dim, weight.dtype, weight.device,
                               limit=getattr(config, "max_position_embeddings", None))
@@ -214,32 +239,40 @@ class LeanLlama:
     # ---- one forward over T new tokens of n rows -------------------------------------------------------------
 
     def _attend(self, layer: LeanLayer, index: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                rows: slice, width: int, mask: torch.Tensor, write: Write) -> torch.Tensor:
-        """h (n, T, hidden) normed input -> attention output (n, T, hidden), this layer's new keys written first."""
+                attend: Attend) -> torch.Tensor:
+        """h (n, T, hidden) normed input -> attention output (n, T, hidden)."""
         n, T, _ = h.shape
         s = self.shape
         qkv = layer.qkv(h.reshape(n * T, -1))  # (n T, q + 2 kv)
         qk, v = qkv.split([layer.q_width + layer.kv_width, layer.kv_width], dim=-1)
-        qk = _rope(qk.reshape(n, T, s.heads + s.kv_heads, s.head_dim), *rope)  # q and k heads in one pass
+        if self.fast:  # rope: cos, sin (n T, D), contiguous (_forward)
+            native.rope_(qk, *rope, s.head_dim)
+            qk = qk.view(n, T, s.heads + s.kv_heads, s.head_dim)
+        else:  # rope: cos, sin (n, T, D)
+            qk = _rope(qk.reshape(n, T, s.heads + s.kv_heads, s.head_dim), *rope)  # q and k heads in one pass
         q = qk[:, :, : s.heads].transpose(1, 2)  # (n, H, T, D)
         k = qk[:, :, s.heads:].transpose(1, 2)  # (n, Hkv, T, D)
         v = v.view(n, T, s.kv_heads, s.head_dim).transpose(1, 2)
-        write(index, k, v)
-        keys, values = self.cache.window(index, rows, width)  # (n, Hkv, W, D)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=s.scaling,
-                                             enable_gqa=s.heads != s.kv_heads)  # (n, H, T, D)
+        out = attend(index, q, k, v)  # (n, H, T, D)
         return layer.o(out.transpose(1, 2).reshape(n * T, -1)).view(n, T, -1)
 
-    def _forward(self, ids: torch.Tensor, position_ids: torch.Tensor, rows: slice, width: int, mask: torch.Tensor,
-                 write: Write) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, position_ids: torch.Tensor, attend: Attend) -> torch.Tensor:
         """ids, position_ids (n, T) -> final hidden states (n, T, hidden)."""
         h = self.embed(ids)  # (n, T, hidden)
-        rope = self.rotary(h, position_ids)
+        rope = self.rotary(h, position_ids)  # cos, sin (n, T, D)
         n, T, hidden = h.shape
+        if self.fast:
+            rope = tuple(t.reshape(n * T, -1).contiguous() for t in rope)
         for index, layer in enumerate(self.layers):
-            h = h + self._attend(layer, index, layer.norm_in(h), rope, rows, width, mask, write)
+            h = h + self._attend(layer, index, layer.norm_in(h), rope, attend)
             h = h + layer.mlp(layer.norm_post(h).reshape(n * T, hidden)).view(n, T, hidden)
         return self.norm(h)
+
+    def _sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+              causal: bool = False) -> torch.Tensor:
+        s = self.shape
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=s.scaling,
+                                              enable_gqa=s.heads != s.kv_heads)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n, hidden) -> (n, vocab)."""
@@ -251,29 +284,45 @@ class LeanLlama:
     def rows(self) -> int:
         return self.cache.rows
 
-    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        """New rows for `prompts` (appended after the running rows) -> logits (n, vocab) of each prompt's last
-        token. The adapter context routes n * P tokens (P = the longest prompt, shorter ones right-padded)."""
+    def prefill_hidden(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """New rows for `prompts` (appended after the running rows), their prompts packed one after the other (no
+        padding: a prefill costs the prompts' own tokens) -> (final hidden states (total, hidden) of every prompt
+        token in that order, the index of each prompt's last token (n,)). The adapter context routes each row's
+        own tokens (`prefill_tokens`)."""
         lengths = [len(p) for p in prompts]
-        width = max(lengths)
         device = self.cache.device
-        ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        ids = ids.to(device)
+        starts = [0]
+        for length in lengths:
+            starts.append(starts[-1] + length)
+        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)[None]  # (1, total)
+        positions = torch.cat([torch.arange(length, device=device) for length in lengths])[None]  # (1, total)
         rows = self.cache.join(lengths)
-        columns = torch.arange(width, device=device)
-        position_ids = columns.expand(len(prompts), width)  # (n, P)
-        real = torch.tensor(lengths, device=device)  # (n,)
-        valid = columns[None, :] < real[:, None]  # (n, P) keys that are real tokens
-        mask = (columns[None, :] <= columns[:, None])[None] & valid[:, None, :]  # (n, P, P) causal, real keys
+
+        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            """Each prompt attends causally over its own tokens only; its keys and values go to its cache row."""
+            outs = []
+            for row, (start, end) in enumerate(zip(starts, starts[1:]), start=rows.start):
+                keys, values = k[:, :, start:end], v[:, :, start:end]
+                self.cache.write_row(index, row, keys[0], values[0])
+                outs.append(self._sdpa(q[:, :, start:end], keys, values, None, causal=True))
+            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
         try:
-            hidden = self._forward(ids, position_ids, rows, width, mask[:, None],
-                                   lambda index, k, v: self.cache.write_prefill(index, rows, k, v))
+            hidden = self._forward(ids, positions, attend)[0]  # (total, hidden)
         except BaseException:
             self.cache.keep(list(range(rows.start)))  # the rows it opened close again
             raise
-        return self.logits(hidden[torch.arange(len(prompts), device=device), real - 1])  # (n, vocab): last tokens
+        return hidden, torch.tensor(starts[1:], device=device) - 1
+
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        """New rows for `prompts` (prefill_hidden) -> logits (n, vocab) of each prompt's last token."""
+        hidden, last = self.prefill_hidden(prompts)
+        return self.logits(hidden[last])
+
+    @staticmethod
+    def prefill_tokens(lengths: list[int]) -> list[int]:
+        """Tokens the adapter context routes for each row of a prefill of prompts of these lengths: their own."""
+        return list(lengths)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B,) long, one per running row -> logits (B, vocab); each row's cache grows by one."""
@@ -282,8 +331,14 @@ class LeanLlama:
         width = max(self.cache.lengths) + 1
         mask = torch.arange(width, device=columns.device)[None, :] <= columns[:, None]  # (B, W)
         rows = slice(0, self.cache.rows)
-        hidden = self._forward(tokens[:, None], columns[:, None], rows, width, mask[:, None, None],
-                               lambda index, k, v: self.cache.write_step(index, columns, k, v))
+        mask = mask[:, None, None]  # (B, 1, 1, W)
+
+        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            self.cache.write_step(index, columns, k, v)
+            keys, values = self.cache.window(index, rows, width)  # (B, Hkv, W, D)
+            return self._sdpa(q, keys, values, mask)
+
+        hidden = self._forward(tokens[:, None], columns[:, None], attend)
         self.cache.advance()
         return self.logits(hidden[:, 0])
 

@@ -14,10 +14,16 @@
 // (tokens with g < 0 add nothing). Every group's factors are stacked once (A (R, in), BT (R, out)), so a token
 // multiplies only its own ranks, with nothing padded and one call per layer.
 //
+// rms_norm(x, w, eps) and rope_(qk, cos, sin, head_dim): a decode step's RMSNorm and rotary embedding, one call each
+// instead of the 6-9 small PyTorch ops (each a dispatch, some an OpenMP region) that transformers' modules run.
+//
 // engine/native.py builds this file with torch.utils.cpp_extension and checks every result against the
 // reference (tests/test_engine_native.py).
 
 #include <immintrin.h>
+
+#include <cmath>
+#include <vector>
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
@@ -276,7 +282,9 @@ void segment_lora_add_(at::Tensor y, const at::Tensor& x, const at::Tensor& A, c
   float* yp = y.data_ptr<float>();
   int64_t max_rank = 0;
   for (int64_t g = 0; g < G; ++g) max_rank = std::max(max_rank, off[g + 1] - off[g]);
-  at::parallel_for(0, N, 32, [&](int64_t i0, int64_t i1) {
+  // one token is enough work to split on (r * (in + out) FMAs over its own factors): a decode step's few tokens
+  // run on every thread, each thread reading only its tokens' adapters
+  at::parallel_for(0, N, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> h(max_rank);
     for (int64_t i = i0; i < i1; ++i) {
       if (grp[i] < 0) continue;
@@ -287,16 +295,87 @@ void segment_lora_add_(at::Tensor y, const at::Tensor& x, const at::Tensor& A, c
   });
 }
 
+// y[m] = x[m] * rsqrt(mean(x[m]^2) + eps) * w for each row m of x (M, H): the RMSNorm of Llama-family models, in
+// the order of transformers' LlamaRMSNorm (normalize, then scale). Rows are independent: split across threads.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  const char* op = "rms_norm";
+  check_float_cpu(x, op, "x");
+  check_float_cpu(w, op, "w");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, op, ": x must be (M, H) with unit column stride, got ", x.sizes());
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(1) && w.is_contiguous(), op, ": w must be a contiguous (H,)");
+  const int64_t M = x.size(0), H = x.size(1), ldx = x.stride(0);
+  at::Tensor y = at::empty({M, H}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* xr = xp + m * ldx;
+      float* yr = yp + m * H;
+      __m256 acc = _mm256_setzero_ps();
+      int64_t k = 0;
+      for (; k + 8 <= H; k += 8) {
+        const __m256 v = _mm256_loadu_ps(xr + k);
+        acc = _mm256_fmadd_ps(v, v, acc);
+      }
+      float sum = hsum(acc);
+      for (; k < H; ++k) sum += xr[k] * xr[k];
+      const float r = 1.f / std::sqrt(sum / static_cast<float>(H) + static_cast<float>(eps));
+      for (int64_t c = 0; c < H; ++c) yr[c] = wp[c] * (xr[c] * r);
+    }
+  });
+  return y;
+}
+
+// In place, for each token t and each head h of qk (T, heads * D) (rows any stride apart): the rotary embedding
+// x * cos[t] + rotate_half(x) * sin[t] of x = qk[t, h * D : + D], rotate_half(x) = (-x[D/2:], x[:D/2]), with
+// cos, sin (T, D): transformers' apply_rotary_pos_emb.
+void rope_(at::Tensor qk, const at::Tensor& cos, const at::Tensor& sin, int64_t head_dim) {
+  const char* op = "rope_";
+  check_float_cpu(qk, op, "qk");
+  check_float_cpu(cos, op, "cos");
+  check_float_cpu(sin, op, "sin");
+  const int64_t D = head_dim, T = qk.size(0);
+  TORCH_CHECK(D > 0 && D % 2 == 0, op, ": head_dim must be even and positive, got ", D);
+  TORCH_CHECK(qk.dim() == 2 && qk.stride(1) == 1 && qk.size(1) % D == 0, op,
+              ": qk must be (T, heads * head_dim) with unit column stride, got ", qk.sizes());
+  TORCH_CHECK(cos.dim() == 2 && cos.is_contiguous() && sin.sizes() == cos.sizes() && sin.is_contiguous() &&
+              cos.size(0) == T && cos.size(1) == D, op, ": cos and sin must be contiguous (T, head_dim)");
+  at::assert_no_internal_overlap(qk);
+  const int64_t heads = qk.size(1) / D, half = D / 2, ld = qk.stride(0);
+  float* qp = qk.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* c = cp + t * D;
+      const float* s = sp + t * D;
+      for (int64_t h = 0; h < heads; ++h) {
+        float* x = qp + t * ld + h * D;
+        for (int64_t j = 0; j < half; ++j) {
+          const float a = x[j], b = x[j + half];
+          x[j] = a * c[j] + (-b) * s[j];
+          x[j + half] = b * c[j + half] + a * s[j + half];
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(adalora_native, m) {
   m.def("skinny_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor q, Tensor scales, Tensor? bias) -> Tensor");
   m.def("segment_lora_add_(Tensor(a!) y, Tensor x, Tensor A, Tensor BT, Tensor offsets, Tensor groups) -> ()");
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("rope_(Tensor(a!) qk, Tensor cos, Tensor sin, int head_dim) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(adalora_native, CPU, m) {
   m.impl("skinny_linear", skinny_linear);
   m.impl("int8_linear", int8_linear);
   m.impl("segment_lora_add_", segment_lora_add_);
+  m.impl("rms_norm", rms_norm);
+  m.impl("rope_", rope_);
 }

@@ -10,6 +10,7 @@ the callers keep their PyTorch paths, which compute the same thing.
   per 32 weights of a row); activations stay float32.
 - `segment_lora_add_(y, x, A, BT, offsets, groups)`: y[i] += (x[i] @ A[r0:r1].T) @ BT[r0:r1] with r0, r1 =
   offsets[g], offsets[g + 1] of token i's group g = groups[i] (nothing where g < 0), in place.
+- `rms_norm(x, w, eps)`, `rope_(qk, cos, sin, head_dim)`: a Llama-family layer's RMSNorm and rotary embedding.
 """
 
 from __future__ import annotations
@@ -119,3 +120,15 @@ def segment_lora_add_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, BT: tor
     """y (N, out) += each token's own group's delta (module docstring); x (N, in), A (R, in), BT (R, out),
     offsets (G + 1,) and groups (N,) long, all contiguous but y (unit column stride, any row stride)."""
     torch.ops.adalora_native.segment_lora_add_(y, x, A, BT, offsets, groups)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (M, H) (unit column stride) -> x * rsqrt(mean(x ** 2, -1) + eps) * w, (M, H) contiguous: transformers'
+    LlamaRMSNorm in float32."""
+    return torch.ops.adalora_native.rms_norm(x, w, eps)
+
+
+def rope_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> None:
+    """In place: each head_dim-wide head of each row t of qk (T, heads * head_dim) (unit column stride) becomes
+    x * cos[t] + rotate_half(x) * sin[t]; cos, sin (T, head_dim) contiguous."""
+    torch.ops.adalora_native.rope_(qk, cos, sin, head_dim)

@@ -88,11 +88,11 @@ class RowCache:
         """Room for one more column in every running row (call before a decode step)."""
         self.reserve(max(self.lengths, default=0) + 1)
 
-    def write_prefill(self, layer: int, rows: slice, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """keys, values (n, kv_heads, P, head_dim) of new rows' prompts (right-padded to P) into columns [0, P)."""
-        width = keys.shape[2]
-        self.keys[layer, rows, :, :width] = keys
-        self.values[layer, rows, :, :width] = values
+    def write_row(self, layer: int, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """keys, values (kv_heads, P, head_dim) of a new row's prompt into its columns [0, P)."""
+        width = keys.shape[1]
+        self.keys[layer, row, :, :width] = keys
+        self.values[layer, row, :, :width] = values
 
     def write_step(self, layer: int, columns: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """keys, values (B, kv_heads, 1, head_dim) of one new token per running row, at each row's `columns` (B,)."""

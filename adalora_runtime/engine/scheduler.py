@@ -7,9 +7,10 @@
     handle.result  # GenerationResult(token_ids=[...], finish_reason='length', ...)
 
 Each `step()`: (1) admits waiting requests up to max_batch_size and prefills them in one forward of the decoder
-(prompts padded to the longest), which also gives their first token; (2) one decode forward of one token for every
-running row, each row with its own adapter through the engine's routing context; (3) samples per row; (4) retires
-rows that finished (eos, stop sequence, max_new_tokens) so the others go on without them.
+(prompts packed on the lean path, padded to the longest on the hf one), which also gives their first token; (2)
+one decode forward of one token for every running row, each row with its own adapter through the engine's routing
+context; (3) samples per row; (4) retires rows that finished (eos, stop sequence, max_new_tokens) so the others go
+on without them.
 
 Before (1), each step drops the requests `cancel()`led since the last one (waiting or running: the row and its
 cache leave the batch) and, while admitting, every waiting request whose `deadline` (time.monotonic() seconds)
@@ -299,8 +300,8 @@ class Generator:
             return dropped
         try:
             rows = [_Row(h, request_generator(h.request.params.seed), list(h.request.prompt)) for h in new]
-            width = max(len(r.seen) for r in rows)  # every prompt is padded to the longest
-            context = self.engine.context([h.request.adapter for h in new], width, self.config.strategy)
+            tokens = self.decoder.prefill_tokens([len(r.seen) for r in rows])  # packed (lean) or padded (hf)
+            context = self.engine.context([h.request.adapter for h in new], tokens, self.config.strategy)
             with self.engine.batch(context):
                 logits = self.decoder.prefill([r.seen for r in rows])  # (n, V)
         except BaseException as error:  # off the queue and not in a row yet: fail_all would never end them
