@@ -9,7 +9,8 @@ from adalora.engine.apply import PLANS
 from adalora.engine.cost import COST_PARAMETERS, CostModel, cost_terms
 from adalora.engine.calibrate import fit_cost_model
 
-TRUE = CostModel(launch=180.0, gather=45.0, bmm=7.5, build_group=900.0, build_column=30.0)
+TRUE = CostModel(launch=180.0, gather=45.0, bmm=7.5, build=700.0, build_group=900.0, build_segment=400.0,
+                 build_column=30.0)
 
 
 def measurements(model, unit_us=0.05, seed=0):
@@ -44,10 +45,10 @@ def test_fit_clips_a_negative_parameter_to_zero():
 
 
 @pytest.mark.parametrize("data,message", [
-    ([({"work": 1.0}, 1.0)] * 5, "at least 6 measurements"),
-    ([({"work": 1.0, "latency": 2.0}, 1.0)] * 6, r"unknown cost terms \['latency'\]"),
-    ([({"work": 1.0}, 0.0)] * 6, "must be positive"),
-    ([({"work": 1.0, "launch": 1.0}, 1.0), ({"work": 2.0, "launch": 1.0}, 0.5)] * 3, "no positive cost per unit"),
+    ([({"work": 1.0}, 1.0)] * 7, "at least 8 measurements"),
+    ([({"work": 1.0, "latency": 2.0}, 1.0)] * 8, r"unknown cost terms \['latency'\]"),
+    ([({"work": 1.0}, 0.0)] * 8, "must be positive"),
+    ([({"work": 1.0, "launch": 1.0}, 1.0), ({"work": 2.0, "launch": 1.0}, 0.5)] * 4, "no positive cost per unit"),
 ])
 def test_fit_refuses(data, message):
     with pytest.raises(ConfigError, match=message):

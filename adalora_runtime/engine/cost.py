@@ -17,17 +17,19 @@ def _group_terms(tokens: int, groups: int, sum_rank: int, max_rank: int) -> dict
 STRATEGY_TERMS = {
     "group": (_group_terms, lambda tokens, groups, sum_rank, max_rank: {}),
     "packed": (lambda tokens, groups, sum_rank, max_rank: {"launch": 3, "work": tokens * sum_rank},
-               lambda tokens, groups, sum_rank, max_rank: {"build_group": groups, "build_column": sum_rank}),
+               lambda tokens, groups, sum_rank, max_rank: {"build": 1, "build_group": groups,
+                                                           "build_column": sum_rank}),
     "padded": (lambda tokens, groups, sum_rank, max_rank: {"launch": 2, "bmm": tokens * max_rank},
-               lambda tokens, groups, sum_rank, max_rank: {"build_group": groups,
+               lambda tokens, groups, sum_rank, max_rank: {"build": 1, "build_group": groups,
                                                            "build_column": (groups + 1 + tokens) * max_rank}),
     "segment": (lambda tokens, groups, sum_rank, max_rank: {"launch": 1, "work": tokens * sum_rank / groups},
-                lambda tokens, groups, sum_rank, max_rank: {"build_group": groups, "build_column": sum_rank}),
+                lambda tokens, groups, sum_rank, max_rank: {"build": 1, "build_segment": groups,
+                                                            "build_column": sum_rank}),
 }
 """strategy -> (terms of one call of its plan, terms of building it), in tie-break order: CostModel's formulas."""
 
 
-COST_PARAMETERS = ("launch", "gather", "bmm", "build_group", "build_column")
+COST_PARAMETERS = ("launch", "gather", "bmm", "build", "build_group", "build_segment", "build_column")
 
 
 def cost_terms(strategy: str, tokens: int, distinct: int, sum_rank: int, max_rank: int,
@@ -60,26 +62,31 @@ class CostModel:
     Building a plan, paid once per batch composition (a decode batch keeps its plans until a request joins
     or leaves):
     - group:  nothing (its row indices are the batch's, shared by every layer)
-    - packed: build_group * G  +  build_column * S  (concatenate every group's factors once)
-    - padded: build_group * G  +  build_column * (G + 1 + N) * M  (pad each group to M, then gather a copy
-      per token)
-    - segment: build_group * G  +  build_column * S  (stack every group's factors once, as packed)
+    - packed: build  +  build_group * G  +  build_column * S  (concatenate every group's factors once)
+    - padded: build  +  build_group * G  +  build_column * (G + 1 + N) * M  (pad each group to M, then gather a
+      copy per token)
+    - segment: build  +  build_segment * G  +  build_column * S  (stack every group's factors once, as packed,
+      with no mask or per-call index to prepare: its own per-group price)
+    (`build`: the fixed ops of any build, whatever its size)
 
     A plan expected to serve `calls` forwards costs call + build / calls per forward: a prefill (1 call)
     or a decode batch that changes at every step pays the whole build, a batch that decodes 64 tokens
-    unchanged hardly any. So group, which builds nothing, wins a single forward; packed and padded, whose
-    calls are cheaper over several adapters, win once a composition lives a few steps, padded (the cheapest
-    call over many adapters) from about 8 of them. `launch` is the fixed cost of one operator call
-    (dispatch, kernel launch) in the same units. The defaults are the fit that `benchmarks/engine_apply.py`
-    printed on SmolLM2-135M's layer shapes, float32, 2 threads of a 2-core CPU (docs/BENCHMARKS.md), to two
-    digits; there a plan's build cost is all per-group work (build_column fitted to 0). Ties go to group,
-    then packed. Another device wants its own numbers: rerun that benchmark and pass the CostModel it prints.
+    unchanged hardly any. So group, which builds nothing, wins a single forward of one adapter; segment, whose
+    build is cheap and call cheapest, wins from a few adapters even for one forward (a prefill) where its kernel
+    runs; without it packed and padded win once a composition lives a few steps. `launch` is the fixed cost of
+    one operator call (dispatch, kernel launch) in the same units. The defaults are the fit that
+    `benchmarks/engine_apply.py` printed on SmolLM2-135M's layer shapes, float32, 2 threads of a 2-core CPU
+    (docs/BENCHMARKS.md), to two digits; there a build's cost is a fixed part and per-group work for packed and
+    padded (build_column fitted to 0, and build_segment to 0: segment's stacking is all fixed cost at these
+    sizes). Ties go to group, then packed. Another device wants its own numbers: rerun that benchmark and pass the CostModel it prints.
     """
 
-    launch: float = 150.0
-    gather: float = 47.0
-    bmm: float = 4.9
-    build_group: float = 1300.0
+    launch: float = 140.0
+    gather: float = 37.0
+    bmm: float = 5.9
+    build: float = 960.0
+    build_group: float = 1100.0
+    build_segment: float = 0.0
     build_column: float = 0.0
 
     def __post_init__(self) -> None:
