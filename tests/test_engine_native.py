@@ -240,6 +240,43 @@ def test_norm_and_rope_refuse_what_they_cannot_compute(call, message):
         call()
 
 
+# ---- decode_attention ------------------------------------------------------------------------------------------------
+
+# (rows, heads, kv heads, head_dim, cache width, each row's length): grouped-query and plain heads, D % 8 tails,
+# a row at the full width, a one-token row
+ATTENTION_CASES = [(2, 9, 3, 64, 12, [12, 5]), (3, 4, 4, 8, 6, [1, 6, 3]), (1, 6, 2, 13, 4, [4]),
+                   (8, 2, 1, 16, 40, [1, 2, 3, 10, 20, 33, 39, 40])]
+
+
+@needs_native
+@pytest.mark.parametrize("B,H,Hkv,D,W,lengths", ATTENTION_CASES)
+def test_decode_attention_equals_sdpa_over_each_rows_own_keys(B, H, Hkv, D, W, lengths):
+    """Keys and values are a strided window of a wider cache, as the lean path passes them."""
+    gen = torch.Generator().manual_seed(B * 7 + D)
+    cache_k, cache_v = torch.randn(2, B + 1, Hkv, W + 5, D, generator=gen), torch.randn(2, B + 1, Hkv, W + 5, D, generator=gen)
+    keys, values = cache_k[1, :B, :, :W], cache_v[1, :B, :, :W]
+    q = torch.randn(B, 1, H, D, generator=gen).transpose(1, 2)[:, :, 0]  # (B, H, D), strided
+    scale = D ** -0.5
+    got = native.decode_attention(q, keys, values, torch.tensor(lengths), scale)
+    assert got.shape == (B, H, D)
+    for b, n in enumerate(lengths):
+        want = F.scaled_dot_product_attention(q[b, :, None].double(), keys[b, :, :n].double(), values[b, :, :n].double(),
+                                              scale=scale, enable_gqa=H != Hkv)[:, 0]
+        torch.testing.assert_close(got[b].double(), want, rtol=0, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("q,kv,lengths,message", [
+    ((2, 4, 8), (2, 2, 5, 8), [6, 1], r"length 6 of row 0 is outside \[1, 5\]"),
+    ((2, 4, 8), (2, 2, 5, 8), [0, 1], r"length 0 of row 0 is outside"),
+    ((2, 3, 8), (2, 2, 5, 8), [1, 1], "heads a multiple of kv heads"),
+    ((2, 4, 8), (2, 2, 5, 8), [1], r"lengths must be a contiguous \(B,\)"),
+], ids=["past-width", "empty-row", "heads", "lengths"])
+def test_decode_attention_refuses_what_it_cannot_compute(q, kv, lengths, message):
+    with pytest.raises(RuntimeError, match=message):
+        native.decode_attention(torch.randn(*q), torch.randn(*kv), torch.randn(*kv), torch.tensor(lengths), 0.1)
+
+
 # ---- the loader ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("env,message", [

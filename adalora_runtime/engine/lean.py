@@ -13,7 +13,8 @@ Built once over a model the AdapterEngine serves; the transformers model stays t
   a decode step one column per row, and no step re-pads or concatenates the cache;
 - a prefill packs its prompts one after the other, unpadded, so its matmuls run over the prompts' own tokens;
   each prompt attends causally over its own tokens;
-- attention is `scaled_dot_product_attention` over each row's own length; only each prompt's last position goes
+- attention is `scaled_dot_product_attention` over each row's own length (a decode step on a CPU in float32:
+  `native.decode_attention`, the same over each row's cached tokens); only each prompt's last position goes
   through the LM head.
 
 The rotary embedding's cos and sin and the activation are the model's own modules, so every rope variant the
@@ -228,7 +229,8 @@ class LeanLlama:
         head = _base(model.lm_head)  # never adapted (engine targets exclude heads)
         weight = head.weight
         self.fast = native.applies(weight)
-        """The native norm and rope kernels run (CPU float32, kernels built); else the model's modules and torch."""
+        """The native norm, rope and decode-attention kernels run (CPU float32, kernels built); else the model's
+        modules and torch."""
         self.embed, self.norm, self.rotary = body.embed_tokens, Norm(body.norm, self.fast), body.rotary_emb
         self.layers = [LeanLayer(layer, holder, weights, self.fast)
                        for layer in body.layers[: config.num_hidden_layers]]
@@ -333,9 +335,13 @@ class LeanLlama:
         rows = slice(0, self.cache.rows)
         mask = mask[:, None, None]  # (B, 1, 1, W)
 
+        lengths = columns + 1  # (B,) each row's tokens once this one is written
+
         def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self.cache.write_step(index, columns, k, v)
             keys, values = self.cache.window(index, rows, width)  # (B, Hkv, W, D)
+            if self.fast:
+                return native.decode_attention(q[:, :, 0], keys, values, lengths, self.shape.scaling)[:, :, None]
             return self._sdpa(q, keys, values, mask)
 
         hidden = self._forward(tokens[:, None], columns[:, None], attend)

@@ -16,6 +16,8 @@
 //
 // rms_norm(x, w, eps) and rope_(qk, cos, sin, head_dim): a decode step's RMSNorm and rotary embedding, one call each
 // instead of the 6-9 small PyTorch ops (each a dispatch, some an OpenMP region) that transformers' modules run.
+// decode_attention(q, keys, values, lengths, scale): a decode step's attention (one query per row over its own
+// cached tokens), where PyTorch's CPU flash attention spends ~100 us a call on its setup at these sizes.
 //
 // engine/native.py builds this file with torch.utils.cpp_extension and checks every result against the
 // reference (tests/test_engine_native.py).
@@ -362,6 +364,72 @@ void rope_(at::Tensor qk, const at::Tensor& cos, const at::Tensor& sin, int64_t 
   });
 }
 
+// out[b, h] = softmax(q[b, h] . keys[b, g, j] * scale over j < lengths[b]) @ values[b, g, :lengths[b]] with
+// g = h / (H / Hkv) (grouped-query heads): a decode step's attention, one query token per row over that row's own
+// cached tokens. q (B, H, D), keys and values (B, Hkv, W, D) with unit stride on D (views of the cache), lengths
+// (B,) long in [1, W]. Each (row, head) is independent: split across threads; the scores live on the stack.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                            const at::Tensor& lengths, double scale) {
+  const char* op = "decode_attention";
+  check_float_cpu(q, op, "q");
+  check_float_cpu(keys, op, "keys");
+  check_float_cpu(values, op, "values");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, op, ": q must be (B, H, D) with unit stride on D, got ", q.sizes());
+  TORCH_CHECK(keys.dim() == 4 && keys.sizes() == values.sizes() && keys.stride(3) == 1 && values.stride(3) == 1, op,
+              ": keys and values must be (B, Hkv, W, D) alike, with unit stride on D");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = keys.size(1), W = keys.size(2);
+  TORCH_CHECK(keys.size(0) == B && keys.size(3) == D && Hkv > 0 && H % Hkv == 0, op, ": q ", q.sizes(),
+              " does not match keys ", keys.sizes(), " (rows, head_dim, or heads a multiple of kv heads)");
+  TORCH_CHECK(lengths.device().is_cpu() && lengths.scalar_type() == at::kLong && lengths.dim() == 1 &&
+              lengths.numel() == B && lengths.is_contiguous(), op, ": lengths must be a contiguous (B,) long CPU tensor");
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(1 <= len[b] && len[b] <= W, op, ": length ", len[b], " of row ", b, " is outside [1, ", W, "]");
+  at::Tensor out = at::empty({B, H, D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = keys.data_ptr<float>();
+  const float* vp = values.data_ptr<float>();
+  float* op_ = out.data_ptr<float>();
+  const int64_t group = H / Hkv;
+  const int64_t qb = q.stride(0), qh = q.stride(1);
+  const int64_t kb = keys.stride(0), kh = keys.stride(1), kw = keys.stride(2);
+  const int64_t vb = values.stride(0), vh = values.stride(1), vw = values.stride(2);
+  const float s = static_cast<float>(scale);
+  at::parallel_for(0, B * H, 8, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(W);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H, g = h / group, n = len[b];
+      const float* qv = qp + b * qb + h * qh;
+      const float* k = kp + b * kb + g * kh;
+      const float* v = vp + b * vb + g * vh;
+      float top = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) {
+        const float* kj = k + j * kw;
+        __m256 acc = _mm256_setzero_ps();
+        int64_t d = 0;
+        for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qv + d), _mm256_loadu_ps(kj + d), acc);
+        float dot = hsum(acc);
+        for (; d < D; ++d) dot += qv[d] * kj[d];
+        p[j] = dot * s;
+        top = std::max(top, p[j]);
+      }
+      float total = 0.f;
+      for (int64_t j = 0; j < n; ++j) {
+        p[j] = std::exp(p[j] - top);
+        total += p[j];
+      }
+      float* o = op_ + i * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+      for (int64_t j = 0; j < n; ++j) {
+        const float w = p[j] / total;
+        const float* vj = v + j * vw;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * vj[d];
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(adalora_native, m) {
@@ -370,6 +438,7 @@ TORCH_LIBRARY(adalora_native, m) {
   m.def("segment_lora_add_(Tensor(a!) y, Tensor x, Tensor A, Tensor BT, Tensor offsets, Tensor groups) -> ()");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope_(Tensor(a!) qk, Tensor cos, Tensor sin, int head_dim) -> ()");
+  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor lengths, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(adalora_native, CPU, m) {
@@ -378,4 +447,5 @@ TORCH_LIBRARY_IMPL(adalora_native, CPU, m) {
   m.impl("segment_lora_add_", segment_lora_add_);
   m.impl("rms_norm", rms_norm);
   m.impl("rope_", rope_);
+  m.impl("decode_attention", decode_attention);
 }

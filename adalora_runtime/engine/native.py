@@ -11,6 +11,8 @@ the callers keep their PyTorch paths, which compute the same thing.
 - `segment_lora_add_(y, x, A, BT, offsets, groups)`: y[i] += (x[i] @ A[r0:r1].T) @ BT[r0:r1] with r0, r1 =
   offsets[g], offsets[g + 1] of token i's group g = groups[i] (nothing where g < 0), in place.
 - `rms_norm(x, w, eps)`, `rope_(qk, cos, sin, head_dim)`: a Llama-family layer's RMSNorm and rotary embedding.
+- `decode_attention(q, keys, values, lengths, scale)`: one query token per row over its first lengths[b] cached
+  keys and values, grouped-query heads.
 """
 
 from __future__ import annotations
@@ -132,3 +134,10 @@ def rope_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int)
     """In place: each head_dim-wide head of each row t of qk (T, heads * head_dim) (unit column stride) becomes
     x * cos[t] + rotate_half(x) * sin[t]; cos, sin (T, head_dim) contiguous."""
     torch.ops.adalora_native.rope_(qk, cos, sin, head_dim)
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """q (B, H, D), keys and values (B, Hkv, W, D) (unit stride on D; H a multiple of Hkv), lengths (B,) long in
+    [1, W] -> (B, H, D): softmax(q . keys[:, h // (H / Hkv), :lengths[b]] * scale) @ the same rows of values."""
+    return torch.ops.adalora_native.decode_attention(q, keys, values, lengths, scale)
