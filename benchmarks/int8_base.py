@@ -2,6 +2,8 @@
 int8, adapters unquantized on top, against the float32 base (the native kernel, engine/native.cpp).
 
 Variants:
+- bf16 (ours, `--weights bf16`): a bfloat16 copy of the weights, widened exactly to float32 in engine/native.cpp's
+  bf16_linear (what llama.cpp's bf16 GGUF does on a CPU without bfloat16 arithmetic); activations float32;
 - int8 block-32 (ours, `--weights int8`): int8 weights with a float32 scale per 32 weights of a row (llama.cpp's
   q8_0 scales), activations float32, through engine/native.cpp's int8_linear; the LM head too;
 - int8 weight-only per channel (the QLoRA-style row in PyTorch): weights int8 per output channel, activations float32, through PyTorch's
@@ -70,14 +72,15 @@ class Dynamic:
         return torch.ops.quantized.linear_dynamic(x.contiguous(), self.packed, True)
 
 
-NATIVE_INT8 = "int8"
-VARIANTS = {"float32 (native)": None, "int8 block-32 (native, --weights int8)": NATIVE_INT8,
+VARIANTS = {"float32 (native)": None, "bf16 (native, --weights bf16)": "bf16",
+            "int8 block-32 (native, --weights int8)": "int8",
             "int8 weight-only per channel (PyTorch)": WeightOnly, "int8 dynamic (W8A8, fbgemm)": Dynamic}
+"""Layer weights compared: a str is a lean path `weights` option (engine.lean.WEIGHTS), a class wraps each Dense."""
 
 
 def lean_with(model, variant, rows: int) -> LeanLlama:
-    if variant == NATIVE_INT8:
-        return LeanLlama(model, ContextHolder(), rows, "int8")
+    if isinstance(variant, str):
+        return LeanLlama(model, ContextHolder(), rows, variant)
     lean = LeanLlama(model, ContextHolder(), rows)
     if variant is not None:
         for layer in lean.layers:
@@ -150,7 +153,7 @@ def kernels(batch: int) -> tuple[list[str], list[list[str]]]:
         weight, x = torch.randn(out_f, in_f) * 0.05, torch.randn(batch, in_f)
         row = [f"{in_f}x{out_f}"]
         for variant in VARIANTS.values():
-            kernel = Dense(weight, None, "int8") if variant == NATIVE_INT8 else (variant or Dense)(weight, None)
+            kernel = Dense(weight, None, variant) if isinstance(variant, str) else (variant or Dense)(weight, None)
             row.append(f"{timed(lambda: kernel(x), 5 if variant is WeightOnly else 20):.2f}")
         if quantize_:
             linear = torch.nn.Linear(in_f, out_f, bias=False)

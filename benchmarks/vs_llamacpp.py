@@ -23,7 +23,8 @@ client sees it); the table shows medians over --rounds, after one warm-up round.
 
     make peer                                   # builds .peer/bin/llama-server once (minutes)
     python benchmarks/vs_llamacpp.py [--rounds 5] [--batch 8] [--new-tokens 64] [--ours float32 bfloat16]
-                                     [--peer-weights f32 bf16 q8_0] [--peer .peer] [--int8] [--pytorch-too]
+                                     [--peer-weights f32 bf16 q8_0] [--peer .peer] [--int8] [--bf16-weights]
+                                     [--pytorch-too]
 """
 
 from __future__ import annotations
@@ -230,7 +231,7 @@ async def measure(servers: list[Server], ids, args) -> dict:
     for config in ("base", "one"):
         if check[config]["equal"] != check[config]["rows"]:
             raise SystemExit(f"the float32 servers disagree on {config}: {check[config]}")
-    for label in [w for w in f32 if w.startswith("int8")]:  # information: quantized against our float32
+    for label in [w for w in f32 if w.startswith(("int8", "bf16"))]:  # information: rounded against our float32
         for config in ("base", "one"):
             texts = (await round_of(f32[label], ids, config, args.check_tokens, ignore_eos=False))["texts"]
             check[f"{label} equal to float32 ({config})"] = sum(a == b for a, b in zip(texts, check[config]["texts"]))
@@ -297,6 +298,8 @@ def main() -> None:
     ap.add_argument("--peer-weights", nargs="+", default=["f32", "bf16", "q8_0"], help="GGUF types (f32 always)")
     ap.add_argument("--decoder", default="auto", help="our --decoder (auto, lean, hf)")
     ap.add_argument("--int8", action="store_true", help="also run our server over int8 weights (--weights int8)")
+    ap.add_argument("--bf16-weights", action="store_true",
+                    help="also run our server over bfloat16 weights, float32 activations (--weights bf16)")
     ap.add_argument("--pytorch-too", action="store_true",
                     help="also run our float32 server without the native CPU kernels (ADALORA_NATIVE=0)")
     args = ap.parse_args()
@@ -322,6 +325,8 @@ def main() -> None:
         ours = [(dtype, "float", dtype, None) for dtype in dict.fromkeys(["float32", *args.ours])]
         if args.int8:
             ours.append(("float32", "int8", "int8 (block 32)", None))
+        if args.bf16_weights:
+            ours.append(("float32", "bf16", "bf16 weights", None))
         if args.pytorch_too:
             ours.append(("float32", "float", "float32 no-native", {"ADALORA_NATIVE": "0"}))
         for dtype, weights, label, env in ours:

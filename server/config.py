@@ -44,8 +44,9 @@ class ServerConfig:
     """The generation forward (adalora.engine.scheduler.DECODERS): lean (Llama-family models: fused projections,
     a preallocated KV cache), hf (the transformers forward, any causal LM), auto = lean where it runs the model."""
     weights: str = "float"
-    """The lean decoder's dense weights (adalora.engine.lean.WEIGHTS): float (the model's), or int8 (quantized once
-    at start, a float32 scale per 32 weights; CPU float32 with the native kernels)."""
+    """The lean decoder's dense weights (adalora.engine.lean.WEIGHTS): float (the model's), int8 (quantized once
+    at start, a float32 scale per 32 weights) or bf16 (a bfloat16 copy made at start); CPU float32 with the native
+    kernels."""
     max_batch_size: int = 8
     """Generation rows decoded together; further requests wait for a free row."""
     max_queue: int = 256

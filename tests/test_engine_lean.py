@@ -637,6 +637,25 @@ def test_int8_weights_equal_the_reference_over_the_dequantized_weights(name):
     h.decode("decode after a keep and a join")
 
 
+@pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable()}")
+@pytest.mark.parametrize("name", ["varied-llama", "qwen2"])
+def test_bf16_weights_equal_the_reference_over_the_rounded_weights(name):
+    """The lean path over bfloat16 weights computes the transformers forward of a model whose weights are those
+    bfloat16 values (widened exactly), adapters and mixes included, through joins and leaves."""
+    h = Harness.make(BY_NAME[name] if name in BY_NAME else Case(name, INT8_CASES[name]), weights="bf16")
+    with torch.no_grad():
+        for dense in denses(h.lean):
+            assert dense.w16 is not None and dense.w16.dtype == torch.bfloat16
+            assert (dense.weight - dense.w16.float()).abs().max().item() > 0  # rounded: not the float32 weights
+            dense.weight.copy_(dense.w16.float())  # the model's weights are these views
+    h.prefill(PROMPTS, SELECTIONS)
+    for step in range(3):
+        h.decode(f"decode step {step}")
+    h.keep([0, 2])
+    h.prefill([[12, 13, 50, 2, 9]], ["b"])
+    h.decode("decode after a keep and a join")
+
+
 def test_int8_weights_are_refused_where_they_cannot_run(monkeypatch):
     model = build(LlamaConfig, LlamaForCausalLM)  # down_proj's input is 48 wide: not a multiple of 32
     if native.available():
@@ -648,6 +667,8 @@ def test_int8_weights_are_refused_where_they_cannot_run(monkeypatch):
     monkeypatch.setattr(native, "applies", lambda *tensors: False)
     with pytest.raises(EngineError, match="int8 weights need the native CPU kernels"):
         LeanLlama(fits, ContextHolder(), 2, "int8")
+    with pytest.raises(EngineError, match="bf16 weights need the native CPU kernels"):
+        LeanLlama(fits, ContextHolder(), 2, "bf16")
 
 
 @pytest.mark.parametrize("fields,message", [

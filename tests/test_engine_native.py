@@ -42,6 +42,12 @@ def test_skinny_linear_refuses_what_it_cannot_compute(x, w, bias, message):
         native.skinny_linear(x, w, bias)
 
 
+@needs_native
+def test_bf16_linear_refuses_float32_weights():
+    with pytest.raises(RuntimeError, match=r"w must be a contiguous \(N, K\) bfloat16"):
+        native.bf16_linear(torch.randn(2, 4), torch.randn(3, 4), None)
+
+
 # ---- int8_linear ---------------------------------------------------------------------------------------------------
 
 INT8_CASES = [(1, 32, 1), (2, 32, 3), (3, 64, 5), (4, 32, 4), (5, 64, 2), (6, 96, 7), (7, 32, 9), (8, 576, 960),
@@ -53,13 +59,17 @@ def run_kernel(kernel, x, w, b):
     """(the kernel's x @ W.T + b, the weights W it multiplied by: w, or int8's dequantized w)."""
     if kernel == "skinny_linear":
         return native.skinny_linear(x, w, b), w
+    if kernel == "bf16_linear":
+        w16 = w.to(torch.bfloat16)
+        return native.bf16_linear(x, w16, b), w16.float()
     q, scales = native.quantize_int8(w)
     return native.int8_linear(x, q, scales, b), native.dequantize_int8(q, scales)
 
 
 @needs_native
 @pytest.mark.parametrize("kernel,M,K,N", [("skinny_linear", *case) for case in LINEAR_CASES]
-                         + [("int8_linear", *case) for case in INT8_CASES])
+                         + [("int8_linear", *case) for case in INT8_CASES]
+                         + [("bf16_linear", *case) for case in LINEAR_CASES])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_linear_kernels_equal_f_linear(kernel, M, K, N, bias):
     gen = torch.Generator().manual_seed(M * 1000 + K * 10 + N)

@@ -140,29 +140,33 @@ def test_each_decoder_serves_the_reference_tokens(setup, decoder):
 
 
 @pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable()}")
-def test_int8_weights_serve_the_engines_tokens(tmp_path):
-    """--weights int8: the server answers with the in-process Generator's tokens over the same int8 weights (the
-    lean tests check those against the dequantized reference); a base the kernel cannot take is refused at start."""
+@pytest.mark.parametrize("weights", ["int8", "bf16"])
+def test_int8_and_bf16_weights_serve_the_engines_tokens(tmp_path, weights):
+    """--weights int8 / bf16: the server answers with the in-process Generator's tokens over the same weights (the
+    lean tests check those against the dequantized / rounded reference); a base the int8 kernel cannot take is
+    refused at start."""
     torch.manual_seed(0)
     config = tiny_llama_config()
     config.intermediate_size, config.initializer_range = 64, 0.3  # every linear's input a multiple of 32 wide
     base, tokenizer = LlamaForCausalLM(config).eval(), word_tokenizer()
     adapters = {"ad": random_adapter(base, 5, init_r=3)}
-    served = ServerConfig(base_model=str(write_base(base, tmp_path / "base", tokenizer)), weights="int8",
+    served = ServerConfig(base_model=str(write_base(base, tmp_path / "base", tokenizer)), weights=weights,
                           adapter_dir=str(write_store(tmp_path / "adapters", adapters)), preload=("ad",), port=0)
     server = ServerThread(served)
     try:
-        assert server.backend.generator.decoder.weights == "int8"
+        assert server.backend.generator.decoder.weights == weights
         for adapter in ("ad", None):
             reply = server.client.stub.Generate(generate_request([5, 9, 13], adapter, max_new_tokens=8, temperature=0),
                                                 timeout=60)
-            generator = Generator(reference_engine(base, adapters), GeneratorConfig(max_batch_size=1, weights="int8"))
+            generator = Generator(reference_engine(base, adapters), GeneratorConfig(max_batch_size=1, weights=weights))
             handle = generator.submit(GenerationRequest([5, 9, 13], adapter, SamplingParams(8, temperature=0)))
             while generator.has_work():
                 generator.step()
             assert list(reply.token_ids) == handle.result.token_ids, adapter
     finally:
         server.stop()
+    if weights != "int8":
+        return
     refused = dataclasses.replace(served, base_model=str(write_base(varied_llama(), tmp_path / "b48", tokenizer)),
                                   preload=())
     with pytest.raises(EngineError, match="multiple of 32"):

@@ -22,7 +22,7 @@ model's config sets applies unchanged; norms are too, except on a CPU in float32
 (with the module's weight and eps) and rotation by cos and sin take the place of their 6-9 small ops each. The base weights are read when the path is built: where they are not
 reordered, the model's q/k/v and gate/up weights become views of the fused ones (held once); where they are (CPU,
 float32 without the native kernel), the reordered copy is a second copy of the weights, and so is the int8 copy of
-`weights='int8'`: a later change to the model's weights (an edge merge) is not seen by a path built before it.
+`weights='int8'` or 'bf16': a later change to the model's weights (an edge merge) is not seen by a path built before it.
 """
 
 from __future__ import annotations
@@ -71,22 +71,29 @@ def _base(module: nn.Module) -> nn.Module:
     return module.base if isinstance(module, MultiAdapterLinear) else module
 
 
-WEIGHTS = ("float", "int8")
+WEIGHTS = ("float", "int8", "bf16")
 """How the lean path holds its dense weights: 'float' (the model's own), 'int8' (`native.quantize_int8`: a float32
-scale per 32 weights of a row, activations and adapters in float32; CPU float32 with the native kernels)."""
+scale per 32 weights of a row), 'bf16' (a bfloat16 copy, widened exactly in the kernel); with int8 and bf16 the
+activations and adapters stay float32 (CPU float32 with the native kernels)."""
 
 
 class Dense:
     """y = x @ W.T + b over a weight prepared once for the device's fastest matmul. On a CPU in float32: the native
     kernel (`engine.native.skinny_linear`) at decode sizes, over the plain weight, and the default matmul for
     longer inputs (a prefill); where the kernel does not run, a copy of W reordered for oneDNN. Elsewhere: the plain
-    weight. With `weights='int8'`: an int8 copy of W (`native.int8_linear` at every size)."""
+    weight. With `weights='int8'`: an int8 copy of W (`native.int8_linear` at every size); 'bf16': a bfloat16 copy
+    (`native.bf16_linear` at every size)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, weights: str = "float") -> None:
         self.weight, self.bias = weight, bias
         self.native = native.applies(weight) and weight.is_contiguous()
-        self.packed = self.q = self.scales = None
-        if weights == "int8":
+        self.packed = self.q = self.scales = self.w16 = None
+        if weights == "bf16":
+            if not self.native:
+                raise EngineError(f"bf16 weights need the native CPU kernels on float32 weights (got {weight.dtype} "
+                                  f"on {weight.device}; kernels: {native.unavailable() or 'available'})")
+            self.w16 = weight.to(torch.bfloat16).contiguous()
+        elif weights == "int8":
             if not self.native or weight.shape[1] % native.BLOCK:
                 raise EngineError(f"int8 weights need the native CPU kernels on float32 weights whose rows are a "
                                   f"multiple of {native.BLOCK} long (got {weight.dtype} {tuple(weight.shape)} on "
@@ -101,6 +108,8 @@ class Dense:
         """x (N, in) -> (N, out), contiguous."""
         if self.q is not None:
             return native.int8_linear(x, self.q, self.scales, self.bias)
+        if self.w16 is not None:
+            return native.bf16_linear(x, self.w16, self.bias)
         if self.native and x.shape[0] <= native.SKINNY_ROWS:
             return native.skinny_linear(x, self.weight, self.bias)
         if self.packed is None:

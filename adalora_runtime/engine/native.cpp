@@ -9,6 +9,9 @@
 // per 32 consecutive weights of a row (llama.cpp's q8_0 layout of scales; the activations stay float32): the same
 // walk as skinny_linear over a quarter of the bytes, each 8 weights widened and scaled in registers.
 //
+// bf16_linear(x, w, bias) = x @ float32(w).T + bias over bfloat16 weights (llama.cpp's bf16 GGUF on a CPU without
+// bfloat16 arithmetic does the same): half of float32's bytes, each 8 weights widened exactly in registers.
+//
 // segment_lora_add_(y, x, A, BT, offsets, groups) adds each token's own adapter in place:
 //     y[i] += (x[i] @ A[r0:r1].T) @ BT[r0:r1]     with g = groups[i], r0 = offsets[g], r1 = offsets[g + 1]
 // (tokens with g < 0 add nothing). Every group's factors are stacked once (A (R, in), BT (R, out)), so a token
@@ -25,6 +28,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include <ATen/MemoryOverlap.h>
@@ -199,6 +203,63 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
       by_rows(M, [&]<int R>(int64_t m) {
         tile_int8<R>(xp + m * K, qp + n * K, sp + n * (K / kBlock), K, yp + m * N + n, N, bn);
       });
+    }
+  });
+  return y;
+}
+
+// 8 bfloat16 weights at w as float32 (exact: a bfloat16 is the top half of a float32).
+inline __m256 widen_bf16(const uint16_t* w) {
+  const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+}
+
+inline float bf16_value(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// y[m * ldy] = dot(x[m * K : + K], float32(w[0 : K])) (+ *bias) for MT rows of x and one bfloat16 row of w.
+template <int MT>
+inline void tile_bf16(const float* __restrict x, const uint16_t* __restrict w, int64_t K, float* __restrict y,
+                      int64_t ldy, const float* __restrict bias) {
+  __m256 acc[MT];
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + 2 * kPrefetch), _MM_HINT_T0);  // the same bytes ahead
+    const __m256 wv = widen_bf16(w + k);
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k), wv, acc[m]);
+  }
+  float tail[MT];
+  for (int m = 0; m < MT; ++m) tail[m] = 0.f;
+  for (; k < K; ++k)
+    for (int m = 0; m < MT; ++m) tail[m] += x[m * K + k] * bf16_value(w[k]);
+  for (int m = 0; m < MT; ++m) y[m * ldy] = hsum(acc[m]) + tail[m] + (bias ? *bias : 0.f);
+}
+
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  const char* op = "bf16_linear";
+  check_float_cpu(x, op, "x");
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.is_contiguous(), op,
+              ": w must be a contiguous (N, K) bfloat16 CPU tensor");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1), op, ": x (M, K) and w (N, K), got ", x.sizes(), " and ",
+              w.sizes());
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const float* b = bias_data(bias, N, op);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = xc.data_ptr<float>();
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* bn = b ? b + n : nullptr;
+      by_rows(M, [&]<int R>(int64_t m) { tile_bf16<R>(xp + m * K, wp + n * K, K, yp + m * N + n, N, bn); });
     }
   });
   return y;
@@ -435,6 +496,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
 TORCH_LIBRARY(adalora_native, m) {
   m.def("skinny_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor q, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("bf16_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("segment_lora_add_(Tensor(a!) y, Tensor x, Tensor A, Tensor BT, Tensor offsets, Tensor groups) -> ()");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope_(Tensor(a!) qk, Tensor cos, Tensor sin, int head_dim) -> ()");
@@ -444,6 +506,7 @@ TORCH_LIBRARY(adalora_native, m) {
 TORCH_LIBRARY_IMPL(adalora_native, CPU, m) {
   m.impl("skinny_linear", skinny_linear);
   m.impl("int8_linear", int8_linear);
+  m.impl("bf16_linear", bf16_linear);
   m.impl("segment_lora_add_", segment_lora_add_);
   m.impl("rms_norm", rms_norm);
   m.impl("rope_", rope_);

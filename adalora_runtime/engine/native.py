@@ -8,6 +8,7 @@ the callers keep their PyTorch paths, which compute the same thing.
 - `skinny_linear(x, w, bias)`: x @ w.T + bias for float32 CPU tensors, fastest at `SKINNY_ROWS` rows or fewer.
 - `int8_linear(x, q, scales, bias)`: the same over weights quantized by `quantize_int8` (int8, a float32 scale
   per 32 weights of a row); activations stay float32.
+- `bf16_linear(x, w, bias)`: x @ w.float().T + bias over bfloat16 weights; activations stay float32.
 - `segment_lora_add_(y, x, A, BT, offsets, groups)`: y[i] += (x[i] @ A[r0:r1].T) @ BT[r0:r1] with r0, r1 =
   offsets[g], offsets[g + 1] of token i's group g = groups[i] (nothing where g < 0), in place.
 - `rms_norm(x, w, eps)`, `rope_(qk, cos, sin, head_dim)`: a Llama-family layer's RMSNorm and rotary embedding.
@@ -115,6 +116,11 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x (M, K) @ dequantize_int8(q, scales).T + bias (N,) -> (M, N), float32."""
     return torch.ops.adalora_native.int8_linear(x, q, scales, bias)
+
+
+def bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (M, K) float32 @ w (N, K) bfloat16 (contiguous), widened exactly, .T + bias (N,) -> (M, N) float32."""
+    return torch.ops.adalora_native.bf16_linear(x, w, bias)
 
 
 def segment_lora_add_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, BT: torch.Tensor, offsets: torch.Tensor,

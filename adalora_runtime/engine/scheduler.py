@@ -59,8 +59,9 @@ class GeneratorConfig:
     decoder: str = "auto"
     """The forward path (DECODERS): 'auto' takes the lean one where it runs the model."""
     weights: str = "float"
-    """The lean path's dense weights (engine.lean.WEIGHTS): 'float' (the model's), or 'int8' (quantized once, a
-    float32 scale per 32 weights; CPU float32 with the native kernels, the lean decoder only)."""
+    """The lean path's dense weights (engine.lean.WEIGHTS): 'float' (the model's), 'int8' (quantized once, a
+    float32 scale per 32 weights) or 'bf16' (a bfloat16 copy); CPU float32 with the native kernels, the lean
+    decoder only."""
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:
