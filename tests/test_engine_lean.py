@@ -616,38 +616,33 @@ def denses(lean):
     yield lean.head
 
 
-@pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable()}")
-@pytest.mark.parametrize("name", sorted(INT8_CASES))
-def test_int8_weights_equal_the_reference_over_the_dequantized_weights(name):
-    """The lean path over int8 weights computes the transformers forward of a model whose weights are the
-    dequantized ones (the reference runs after they are written into the model), adapters and mixes included,
-    through joins and leaves."""
-    h = Harness.make(Case(name, INT8_CASES[name]), weights="int8")
-    with torch.no_grad():
-        for dense in denses(h.lean):
-            assert dense.q is not None and dense.q.dtype == torch.int8
-            moved = (dense.weight - native.dequantize_int8(dense.q, dense.scales)).abs().max().item()
-            assert 0 < moved <= dense.scales.max().item() / 2 + 1e-6  # quantized: close, but not the same weights
-            dense.weight.copy_(native.dequantize_int8(dense.q, dense.scales))  # the model's weights are these views
-    h.prefill(PROMPTS, SELECTIONS)
-    for step in range(3):
-        h.decode(f"decode step {step}")
-    h.keep([0, 2])
-    h.prefill([[12, 13, 50, 2, 9]], ["b"])
-    h.decode("decode after a keep and a join")
+def held_weights(dense):
+    """(the float32 weights a Dense of int8 or bf16 weights multiplies by, how far from the model's they may be)."""
+    if dense.q is not None:
+        assert dense.q.dtype == torch.int8
+        return native.dequantize_int8(dense.q, dense.scales), dense.scales.max().item() / 2 + 1e-6
+    assert dense.w16 is not None and dense.w16.dtype == torch.bfloat16
+    return dense.w16.float(), dense.weight.abs().max().item() * 2 ** -8  # bfloat16 keeps 8 significant bits
+
+
+# (weights, model): int8 on models whose linear inputs are multiples of 32 wide, bf16 on any
+ROUNDED_CASES = [("int8", Case(name, build_)) for name, build_ in sorted(INT8_CASES.items())] \
+    + [("bf16", BY_NAME[name]) for name in ("varied-llama", "qwen2")]
 
 
 @pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable()}")
-@pytest.mark.parametrize("name", ["varied-llama", "qwen2"])
-def test_bf16_weights_equal_the_reference_over_the_rounded_weights(name):
-    """The lean path over bfloat16 weights computes the transformers forward of a model whose weights are those
-    bfloat16 values (widened exactly), adapters and mixes included, through joins and leaves."""
-    h = Harness.make(BY_NAME[name] if name in BY_NAME else Case(name, INT8_CASES[name]), weights="bf16")
+@pytest.mark.parametrize("weights,case", ROUNDED_CASES, ids=[f"{w}-{c.name}" for w, c in ROUNDED_CASES])
+def test_int8_and_bf16_weights_equal_the_reference_over_the_weights_they_hold(weights, case):
+    """The lean path over int8 (dequantized) or bf16 (widened) weights computes the transformers forward of a model
+    whose weights are those values (the reference runs after they are written into the model), adapters and mixes
+    included, through joins and leaves."""
+    h = Harness.make(case, weights=weights)
     with torch.no_grad():
         for dense in denses(h.lean):
-            assert dense.w16 is not None and dense.w16.dtype == torch.bfloat16
-            assert (dense.weight - dense.w16.float()).abs().max().item() > 0  # rounded: not the float32 weights
-            dense.weight.copy_(dense.w16.float())  # the model's weights are these views
+            held, bound = held_weights(dense)
+            moved = (dense.weight - held).abs().max().item()
+            assert 0 < moved <= bound  # rounded: close, but not the same weights
+            dense.weight.copy_(held)  # the model's weights are these views
     h.prefill(PROMPTS, SELECTIONS)
     for step in range(3):
         h.decode(f"decode step {step}")

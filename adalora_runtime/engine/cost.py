@@ -78,7 +78,8 @@ class CostModel:
     `benchmarks/engine_apply.py` printed on SmolLM2-135M's layer shapes, float32, 2 threads of a 2-core CPU
     (docs/BENCHMARKS.md), to two digits; there a build's cost is a fixed part and per-group work for packed and
     padded (build_column fitted to 0, and build_segment to 0: segment's stacking is all fixed cost at these
-    sizes). Ties go to group, then packed. Another device wants its own numbers: rerun that benchmark and pass the CostModel it prints.
+    sizes). Ties go to group, then packed. Another device wants its own numbers: rerun that benchmark and pass
+    the CostModel it prints.
     """
 
     launch: float = 140.0
