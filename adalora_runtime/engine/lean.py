@@ -19,10 +19,11 @@ Built once over a model the AdapterEngine serves; the transformers model stays t
 
 The rotary embedding's cos and sin and the activation are the model's own modules, so every rope variant the
 model's config sets applies unchanged; norms are too, except on a CPU in float32, where `engine.native`'s RMSNorm
-(with the module's weight and eps) and rotation by cos and sin take the place of their 6-9 small ops each. The base weights are read when the path is built: where they are not
-reordered, the model's q/k/v and gate/up weights become views of the fused ones (held once); where they are (CPU,
-float32 without the native kernel), the reordered copy is a second copy of the weights, and so is the int8 copy of
-`weights='int8'` or 'bf16': a later change to the model's weights (an edge merge) is not seen by a path built before it.
+(with the module's weight and eps) and rotation by cos and sin take the place of their 6-9 small ops each. The base
+weights are read when the path is built: where they are not reordered, the model's q/k/v and gate/up weights become
+views of the fused ones (held once); where they are (CPU, float32 without the native kernel), the reordered copy is
+a second copy of the weights, and so is the int8 or bfloat16 copy of `weights='int8'` or 'bf16': a later change to
+the model's weights (an edge merge) is not seen by a path built before it.
 """
 
 from __future__ import annotations
