@@ -341,18 +341,21 @@ class LeanLlama:
         self.cache.ensure_next()
         columns = self.cache.step_positions()  # (B,) where each new token goes
         width = max(self.cache.lengths) + 1
-        mask = torch.arange(width, device=columns.device)[None, :] <= columns[:, None]  # (B, W)
         rows = slice(0, self.cache.rows)
-        mask = mask[:, None, None]  # (B, 1, 1, W)
+        if self.fast:
+            lengths = columns + 1  # (B,) each row's tokens once this one is written
 
-        lengths = columns + 1  # (B,) each row's tokens once this one is written
+            def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+                return native.decode_attention(q[:, :, 0], keys, values, lengths, self.shape.scaling)[:, :, None]
+        else:
+            mask = (torch.arange(width, device=columns.device)[None, :] <= columns[:, None])[:, None, None]
+
+            def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+                return self._sdpa(q, keys, values, mask)  # mask (B, 1, 1, W): each row's own columns
 
         def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self.cache.write_step(index, columns, k, v)
-            keys, values = self.cache.window(index, rows, width)  # (B, Hkv, W, D)
-            if self.fast:
-                return native.decode_attention(q[:, :, 0], keys, values, lengths, self.shape.scaling)[:, :, None]
-            return self._sdpa(q, keys, values, mask)
+            return attention(q, *self.cache.window(index, rows, width))  # keys, values (B, Hkv, W, D)
 
         hidden = self._forward(tokens[:, None], columns[:, None], attend)
         self.cache.advance()

@@ -117,6 +117,19 @@ void linear_rows(const float* x, int64_t M, int64_t K, const float* w, float* y,
   }
 }
 
+// tile.template operator()<R>(m, n, bias of row n or nullptr) for every row n of a weight (N rows) against the M
+// rows of x in runs of R (by_rows): the walk of the kernels over a weight layout of their own (int8, bfloat16);
+// threads split the weight's rows, so each weight row is read once.
+template <class Tile>
+void over_weight_rows(int64_t M, int64_t N, const float* bias, Tile&& tile) {
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* bn = bias ? bias + n : nullptr;
+      by_rows(M, [&]<int R>(int64_t m) { tile.template operator()<R>(m, n, bn); });
+    }
+  });
+}
+
 constexpr int64_t kBlock = 32;  // int8 weights: one float32 scale per 32 consecutive weights of a row
 
 // 8 int8 weights at q, as float32 times the block's scale.
@@ -197,13 +210,8 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const float* bn = b ? b + n : nullptr;
-      by_rows(M, [&]<int R>(int64_t m) {
-        tile_int8<R>(xp + m * K, qp + n * K, sp + n * (K / kBlock), K, yp + m * N + n, N, bn);
-      });
-    }
+  over_weight_rows(M, N, b, [&]<int R>(int64_t m, int64_t n, const float* bn) {
+    tile_int8<R>(xp + m * K, qp + n * K, sp + n * (K / kBlock), K, yp + m * N + n, N, bn);
   });
   return y;
 }
@@ -256,11 +264,8 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const std::opti
   const float* xp = xc.data_ptr<float>();
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const float* bn = b ? b + n : nullptr;
-      by_rows(M, [&]<int R>(int64_t m) { tile_bf16<R>(xp + m * K, wp + n * K, K, yp + m * N + n, N, bn); });
-    }
+  over_weight_rows(M, N, b, [&]<int R>(int64_t m, int64_t n, const float* bn) {
+    tile_bf16<R>(xp + m * K, wp + n * K, K, yp + m * N + n, N, bn);
   });
   return y;
 }
@@ -428,7 +433,7 @@ void rope_(at::Tensor qk, const at::Tensor& cos, const at::Tensor& sin, int64_t 
 // out[b, h] = softmax(q[b, h] . keys[b, g, j] * scale over j < lengths[b]) @ values[b, g, :lengths[b]] with
 // g = h / (H / Hkv) (grouped-query heads): a decode step's attention, one query token per row over that row's own
 // cached tokens. q (B, H, D), keys and values (B, Hkv, W, D) with unit stride on D (views of the cache), lengths
-// (B,) long in [1, W]. Each (row, head) is independent: split across threads; the scores live on the stack.
+// (B,) long in [1, W]. Each (row, head) is independent: split across threads, each with one buffer of scores.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                             const at::Tensor& lengths, double scale) {
   const char* op = "decode_attention";
