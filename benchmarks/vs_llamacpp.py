@@ -21,10 +21,19 @@ we go on past them as vLLM does -- so the equivalence check runs with natural st
 completion tokens of the B requests / wall time from the first send to the last answer (prefill included, as a
 client sees it); the table shows medians over --rounds, after one warm-up round.
 
+On a GPU (--device cuda; the peer built with CUDA and run with every layer offloaded, -ngl 999) the same
+table runs over a model built from the packaged SmolLM2 config at random weights (--random-weights 135m), or a
+1B-class one from the same config with wider and fewer layers (--random-weights 1b: hidden 2048, 16 layers, 32
+heads / 8 KV heads, MLP 8192; 1.07B parameters, saved in bfloat16, so that every server reads the same weights).
+Random weights make near-ties common, so there the equivalence check is reported and does not stop the run.
+--model-dir names the folder whose config and tokenizer are used (default: the packaged SmolLM2 folder);
+--prompts a JSON list of prompt texts (default: the packaged movie dialogs).
+
     make peer                                   # builds .peer/bin/llama-server once (minutes)
     python benchmarks/vs_llamacpp.py [--rounds 5] [--batch 8] [--new-tokens 64] [--ours float32 bfloat16]
                                      [--peer-weights f32 bf16 q8_0] [--peer .peer] [--int8] [--bf16-weights]
-                                     [--pytorch-too]
+                                     [--pytorch-too] [--device cuda] [--random-weights 135m|1b]
+                                     [--model-dir DIR] [--prompts FILE]
 """
 
 from __future__ import annotations
@@ -43,7 +52,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx2  # noqa: E402
-from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM  # noqa: E402
 
 from _common import RESULTS, markdown_table, median, write_json  # noqa: E402
 from adalora.adapter import Adapter  # noqa: E402
@@ -60,6 +70,12 @@ PEER_VERSION = "0.3.36"
 CONFIGS = ("base", "one", "distinct")
 FACTOR_STD, LAMBDA_STD = 0.3, 0.1
 """Of the generated adapters' factors: large enough that every adapter changes the greedy tokens (checked)."""
+RANDOM_SIZES = {"135m": ({}, torch.float32),
+                "1b": (dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                            num_key_value_heads=8, head_dim=64), torch.bfloat16)}
+"""--random-weights: config fields replaced in the packaged SmolLM2 config, and the dtype the weights are saved in."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja")
 
 
 # ---------------------------------------------------------------- assets
@@ -76,8 +92,28 @@ def run_converter(src: Path, script: str, *args: str) -> None:
         raise SystemExit(f"{script} failed ({done.returncode}):\n{done.stderr[-3000:]}")
 
 
+def random_model(source: Path, size: str, out: Path, device: str) -> Path:
+    """A model folder (config, tokenizer, seeded random weights) from `source`'s config with RANDOM_SIZES[size]'s
+    fields replaced; built once."""
+    folder = out / f"random-{size}"
+    if (folder / "config.json").exists() and any(folder.glob("*.safetensors")):
+        return folder
+    fields, dtype = RANDOM_SIZES[size]
+    config = AutoConfig.from_pretrained(source)
+    for key, value in fields.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    with torch.device(device):  # the init of a 1B model is seconds on the GPU, a minute on a few cores
+        model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copy(source / name, folder / name)
+    return folder
+
+
 def base_gguf(src: Path, model_dir: Path, out: Path, outtype: str) -> Path:
-    path = out / f"smollm2-135m-{outtype}.gguf"
+    path = out / f"{model_dir.name}-{outtype}.gguf"
     if not path.exists():
         run_converter(src, "convert_hf_to_gguf.py", str(model_dir), "--outtype", outtype, "--outfile", str(path))
     return path
@@ -98,11 +134,15 @@ def lora_gguf(src: Path, model_dir: Path, adapter: Adapter, out: Path, name: str
     return path
 
 
-def prompts(tokenizer, count: int) -> list[list[int]]:
-    """`count` prompts of real dialogue lines from the packaged movie-dialog data, as token ids."""
+def prompt_texts(count: int) -> list[str]:
+    """The first `count` dialogue lines of the packaged movie-dialog data."""
     rows = [json.loads(line) for line in dataset_path("moviedialog", "train").read_text().splitlines()[:count * 4]]
-    texts = [r["prompt"] for r in rows]
-    return [tokenizer(t)["input_ids"][:48] for t in texts[:count]]
+    return [r["prompt"] for r in rows][:count]
+
+
+def prompts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """The texts as token ids, at most 48 each."""
+    return [tokenizer(t)["input_ids"][:48] for t in texts]
 
 
 # ---------------------------------------------------------------- servers
@@ -159,6 +199,8 @@ def start_peer(binary: Path, gguf: Path, loras: list[Path], args, log: Path) -> 
     port = free_port()
     cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(args.threads),
            "-np", str(args.batch), "-c", str(args.batch * 256), "--lora-init-without-apply", "--no-webui"]
+    if args.device != "cpu":
+        cmd += ["-ngl", "999"]  # every layer on the GPU
     for lora in loras:
         cmd += ["--lora", str(lora)]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -227,16 +269,16 @@ async def measure(servers: list[Server], ids, args) -> dict:
     for server in servers:
         server.client = httpx2.AsyncClient(base_url=server.url, timeout=600)
     f32 = {s.weights: s for s in servers}
-    check = await equivalence(f32["float32"], f32["f32"], ids, args)
-    for config in ("base", "one"):
-        if check[config]["equal"] != check[config]["rows"]:
+    check = await equivalence(f32["float32"], f32["f32"], ids, args) if "f32" in f32 else {}
+    for config in ("base", "one") if check else ():
+        if check[config]["equal"] != check[config]["rows"] and not args.random_weights:
             raise SystemExit(f"the float32 servers disagree on {config}: {check[config]}")
-    rounded = [s.weights for s in servers if isinstance(s, Ours) and s.weights.startswith(("int8", "bf16"))]
+    rounded = [s.weights for s in servers if isinstance(s, Ours) and s.weights.startswith(("int8", "bf16")) and check]
     for label in rounded:  # information: our rounded weights against our float32
         for config in ("base", "one"):
             texts = (await round_of(f32[label], ids, config, args.check_tokens, ignore_eos=False))["texts"]
             check[f"{label} equal to float32 ({config})"] = sum(a == b for a, b in zip(texts, check[config]["texts"]))
-    if check["adapter_changes"] == 0:
+    if check and check["adapter_changes"] == 0:
         raise SystemExit("adapter a0 changes no greedy text: the check would not tell adapters apart")
     results = {f"{s.name} {s.weights}": {c: [] for c in CONFIGS} for s in servers}
     for r in range(args.rounds + 1):
@@ -260,9 +302,12 @@ def table(results: dict) -> str:
     for name, res in results["tok_s"].items():
         rows.append([name, f"{res['base']:.0f}", f"{res['one']:.0f}", f"{res['distinct']:.0f}",
                      f"{res['distinct'] / res['base']:.2f}"])
-    best_peer = max(v["distinct"] for k, v in results["tok_s"].items() if k.startswith("llama"))
     out = markdown_table(["server, weights", "base xB tok/s", "one adapter xB", "B distinct adapters",
                           "distinct / base"], rows)
+    peers = [v["distinct"] for k, v in results["tok_s"].items() if k.startswith("llama")]
+    if not peers:
+        return out
+    best_peer = max(peers)
     ratios = [f"{k}: distinct {results['tok_s'][k]['distinct'] / best_peer:.2f}x the peer's best distinct"
               for k in ours_base]
     return out + "\n\n" + "\n".join(ratios)
@@ -301,26 +346,35 @@ def main() -> None:
     ap.add_argument("--int8", action="store_true", help="also run our server over int8 weights (--weights int8)")
     ap.add_argument("--bf16-weights", action="store_true",
                     help="also run our server over bfloat16 weights, float32 activations (--weights bf16)")
+    ap.add_argument("--no-peer", action="store_true", help="time our servers alone (no llama-server)")
+    ap.add_argument("--device", default="cpu", help="ours: --device; the peer: -ngl 999 unless cpu")
+    ap.add_argument("--random-weights", choices=tuple(RANDOM_SIZES), default=None,
+                    help="a model from the packaged config at random weights (see above) instead of SmolLM2's own")
+    ap.add_argument("--model-dir", type=Path, default=None, help="config and tokenizer folder (default: SmolLM2)")
+    ap.add_argument("--prompts", type=Path, default=None, help="JSON list of prompt texts (default: movie dialogs)")
     ap.add_argument("--pytorch-too", action="store_true",
                     help="also run our float32 server without the native CPU kernels (ADALORA_NATIVE=0)")
     args = ap.parse_args()
     binary, src = args.peer / "bin" / "llama-server", peer_source(args.peer)
-    if not binary.exists() or not src.exists():
+    if not args.no_peer and (not binary.exists() or not src.exists()):
         print(f"skipped: llama-server is not built under {args.peer}; run `make peer` first (builds it from the "
               f"llama-cpp-python {PEER_VERSION} sdist, minutes)")
         return
     work = args.peer / "work"
     work.mkdir(parents=True, exist_ok=True)
-    model_dir = model_path("smollm2-135m")
-    model = LlamaForCausalLM.from_pretrained(model_dir)
+    model_dir = args.model_dir or model_path("smollm2-135m")
+    if args.random_weights:
+        model_dir = random_model(model_dir, args.random_weights, work, args.device)
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     shapes = {p: linear_dims(model.get_submodule(p)) for p in resolve_targets(model, TARGETS)}
     store = work / "store"
     shutil.rmtree(store, ignore_errors=True)
     adapters = [make_adapter(model, shapes, i, FACTOR_STD, LAMBDA_STD) for i in range(args.batch)]
     for i, adapter in enumerate(adapters):
         save_adapter(adapter, store / f"a{i}")
-    loras = [lora_gguf(src, model_dir, a, work, f"a{i}") for i, a in enumerate(adapters)]
-    ids = prompts(AutoTokenizer.from_pretrained(model_dir), args.batch)
+    loras = [] if args.no_peer else [lora_gguf(src, model_dir, a, work, f"a{i}") for i, a in enumerate(adapters)]
+    texts = json.loads(args.prompts.read_text())[: args.batch] if args.prompts else prompt_texts(args.batch)
+    ids = prompts(AutoTokenizer.from_pretrained(model_dir), texts)
     servers: list[Server] = []
     try:
         ours = [(dtype, "float", dtype, None) for dtype in dict.fromkeys(["float32", *args.ours])]
@@ -331,14 +385,14 @@ def main() -> None:
         if args.pytorch_too:
             ours.append(("float32", "float", "float32 no-native", {"ADALORA_NATIVE": "0"}))
         for dtype, weights, label, env in ours:
-            config = ServerConfig(base_model=str(model_dir), adapter_dir=str(store), weights=weights,
+            config = ServerConfig(base_model=str(model_dir), adapter_dir=str(store), weights=weights, device=args.device,
                                   preload=tuple(f"a{i}" for i in range(args.batch)), dtype=dtype,
                                   decoder=args.decoder, max_batch_size=args.batch, max_slots=args.batch,
                                   max_new_tokens=max(args.new_tokens, 64))
             proc, ready = start_server(config, work / f"ours-{label.replace(' ', '-')}.log", env)
             servers.append(Ours("adalora", label, f"http://127.0.0.1:{ready['http_port']}",
                                 [f"a{i}" for i in range(args.batch)], proc, base_name=model_dir.name))
-        for outtype in dict.fromkeys(["f32", *args.peer_weights]):
+        for outtype in [] if args.no_peer else dict.fromkeys(["f32", *args.peer_weights]):
             gguf = base_gguf(src, model_dir, work, outtype)
             proc, url = start_peer(binary, gguf, loras, args, work / f"peer-{outtype}.log")
             servers.append(Peer("llama-server", outtype, url, [f"a{i}" for i in range(args.batch)], proc))
@@ -347,13 +401,16 @@ def main() -> None:
         for server in servers:
             stop_server(server.proc)
     results.update(batch=args.batch, new_tokens=args.new_tokens, rounds=args.rounds, threads=args.threads,
-                   peer=f"llama.cpp from llama-cpp-python {PEER_VERSION}", decoder=args.decoder)
+                   peer=f"llama.cpp from llama-cpp-python {PEER_VERSION}", decoder=args.decoder, device=args.device,
+                   model=model_dir.name, gpu=torch.cuda.get_device_name() if args.device != "cpu" else None)
     print(json.dumps(results["equivalence"], indent=1))
     print(table(results))
     RESULTS.mkdir(exist_ok=True)
-    write_json("vs_llamacpp", results)
-    plot(results, RESULTS / "vs_llamacpp.png")
-    print(f"wrote {RESULTS / 'vs_llamacpp.json'} and {RESULTS / 'vs_llamacpp.png'}")
+    name = "vs_llamacpp" if args.device == "cpu" and not args.random_weights else \
+        f"vs_llamacpp-{args.device.split(':')[0]}-{model_dir.name}"
+    write_json(name, results)
+    plot(results, RESULTS / f"{name}.png")
+    print(f"wrote {RESULTS / name}.json and .png")
 
 
 if __name__ == "__main__":
