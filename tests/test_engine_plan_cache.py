@@ -228,3 +228,71 @@ def test_engine_config_cost_model_decides_auto(setup):
 def test_engine_config_refuses_a_cost_that_is_not_a_cost_model():
     with pytest.raises(ConfigError, match="cost must be an engine.cost.CostModel, got str"):
         EngineConfig(cost="fast")
+
+
+# ---- a bank's stack of its slots: what segment runs on when every group is one adapter ----------------------------
+
+SINGLE_ROWS = ["a", None, "c", "a", None]
+"""Every route one adapter: a segment plan runs on each bank's stack as is."""
+
+
+def test_bank_stack_holds_each_slot_in_slot_order_and_the_slots_become_views_of_it(setup):
+    engine = engine_with(setup, names=("a", "b", "c"))
+    engine.unload("b")  # an empty slot between two loaded ones
+    reference = {name: engine.slots.slot(name) for name in ("a", "c")}
+    groups = torch.tensor([0, -1, 2])
+    for path, bank in engine.slots.banks.items():
+        before = {s: tuple(t.clone() for t in bank.get(s)) for s in reference.values()}
+        stack = bank.stacked(groups)
+        assert stack.groups is groups and stack.offsets.tolist()[0] == 0
+        assert stack.offsets[2] == stack.offsets[1]  # slot 1 is empty: no rows
+        for slot, (A, B) in before.items():
+            r0, r1 = stack.offsets[slot].item(), stack.offsets[slot + 1].item()
+            assert torch.equal(stack.A[r0:r1], A) and torch.equal(stack.BT[r0:r1], B.T), (path, slot)
+            held = bank.get(slot)  # the slot's factors are now views of the stack, with the same values
+            assert torch.equal(held.A, A) and torch.equal(held.B, B)
+            assert held.A.untyped_storage().data_ptr() == stack.A.untyped_storage().data_ptr()
+        assert bank.stacked(groups).A is stack.A  # built once per write
+
+
+@pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable()}")
+def test_segment_over_the_stack_builds_nothing_and_equals_the_reference(setup):
+    engine = engine_with(setup, names=("a", "b", "c"))
+    ids = ids_for(SINGLE_ROWS)
+    context = engine.context(SINGLE_ROWS, T, "segment")
+    got = forward(engine, context, ids)
+    for bank, plan in context.built_plans().items():
+        if plan is not None:
+            assert plan.A is bank.stacked(context.token_slots).A  # the bank's own stack, nothing stacked per batch
+    torch.testing.assert_close(got, forward(engine, engine.context(SINGLE_ROWS, T, "group"), ids),
+                               atol=1e-5, rtol=1e-5)
+    mixed = engine.context(ROWS, T, "segment")  # a mixture: the plan stacks its groups itself
+    assert mixed.token_slots is None
+    torch.testing.assert_close(forward(engine, mixed, ids_for(ROWS)),
+                               forward(engine, engine.context(ROWS, T, "group"), ids_for(ROWS)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable()}")
+def test_a_load_after_the_stack_rebuilds_it_and_keeps_older_plans_right(setup):
+    engine = engine_with(setup, names=("a", "b"))
+    ids = ids_for(["a", "b"])
+    context = engine.context(["a", "b"], T, "segment")
+    before = forward(engine, context, ids)
+    stacks = {bank: bank.stacked(context.token_slots).A for bank in engine.slots.banks.values()}
+    engine.load("c", setup[1]["c"])  # another slot: a's and b's plans stay, over the stack they were built on
+    torch.testing.assert_close(forward(engine, context, ids), before, atol=0, rtol=0)
+    with_c = engine.context(["c", "a"], T, "segment")
+    got = forward(engine, with_c, ids_for(["c", "a"]))
+    assert all(bank.stacked(with_c.token_slots).A is not stacks[bank] for bank in engine.slots.banks.values())
+    torch.testing.assert_close(got, forward(engine, engine.context(["c", "a"], T, "group"), ids_for(["c", "a"])),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens,distinct,calls", [(8, 8, 1), (8, 8, 2), (200, 8, 1), (3, 3, 1)])
+def test_stacked_makes_segments_build_free(tokens, distinct, calls):
+    from adalora.engine.cost import DEFAULT_COST
+    plain = DEFAULT_COST.costs(tokens, distinct, 8 * distinct, 12, calls=calls, segment=True)
+    stacked = DEFAULT_COST.costs(tokens, distinct, 8 * distinct, 12, calls=calls, segment=True, stacked=True)
+    build = DEFAULT_COST.cost({"build": 1, "build_segment": distinct, "build_column": 8 * distinct})
+    assert stacked["segment"] == pytest.approx(plain["segment"] - build / calls)
+    assert {k: v for k, v in stacked.items() if k != "segment"} == {k: v for k, v in plain.items() if k != "segment"}

@@ -40,6 +40,20 @@ class Factors(NamedTuple):
         return self.A.shape[0]
 
 
+class Stack(NamedTuple):
+    """One bank's factors of every slot stacked in slot order (`SlotBank.stacked`), with each token's slot: what a
+    segment plan runs on as is when every group of a batch is one adapter at weight 1, stacking nothing itself."""
+
+    A: torch.Tensor
+    """(R, in): slot s's rows are offsets[s]:offsets[s + 1] (none for an empty slot or a rank-0 layer)."""
+    BT: torch.Tensor
+    """(R, out), the same rows."""
+    offsets: torch.Tensor
+    """(slots + 1,) long."""
+    groups: torch.Tensor
+    """(N,) long: each token's slot, -1 on the base model."""
+
+
 class Routing:
     """A batch's per-token groups and the indices derived from them once, shared by every layer's plan.
 
@@ -168,19 +182,27 @@ class PaddedPlan:
 class SegmentPlan:
     """Every group's factors stacked once, A (R, in) and BT (R, out), with each group's row offsets; a call is one
     native kernel (`engine.native.segment_lora_add_`) in which each token multiplies its own group's rows only:
-    nothing padded or masked, one launch per layer. Cost ~ N * S / G in one launch. The kernel runs on a CPU in
-    float32; elsewhere the plan runs each group's rows as two matmuls over its slice of the stack (group's work,
-    and `make_plan`'s auto never picks it there)."""
+    nothing padded or masked, one launch per layer. Cost ~ N * S / G in one launch. Given a bank's `Stack` (every
+    group one adapter), the plan runs on it as is, tokens routed by slot, and builds nothing. The kernel runs on a
+    CPU in float32; elsewhere the plan runs each group's rows as two matmuls over its slice of the stack (group's
+    work, and `make_plan`'s auto never picks it there)."""
 
     strategy = "segment"
 
-    def __init__(self, routing: Routing, factors: list[Factors]) -> None:
+    def __init__(self, routing: Routing, factors: list[Factors], stack: Stack | None = None) -> None:
+        self.routing = routing
+        self.stacked = stack is not None
+        """Whether the plan runs on its bank's stack (groups are then each token's slot)."""
+        if stack is not None:
+            self.A, self.BT, self.offsets, self.groups = stack
+            self.native = True  # make_plan passes a stack only where the kernel runs
+            return
         self.A = torch.cat([f.A for f in factors]).contiguous()  # (R, in)
         self.BT = torch.cat([f.B.T for f in factors]).contiguous()  # (R, out)
         ranks = torch.tensor([0] + [f.rank for f in factors])
         self.offsets = ranks.cumsum(0).to(routing.groups.device)  # (G + 1,) group g's rows are offsets[g]:[g + 1]
         self.bounds = ranks.cumsum(0).tolist()  # the same on the host, for the PyTorch path
-        self.routing = routing
+        self.groups = routing.groups
         self.native = native.applies(self.A, routing.groups)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +213,7 @@ class SegmentPlan:
     def add_to(self, y: torch.Tensor, x: torch.Tensor) -> None:
         """y (N, out) += delta, in place (x, y and the factors in one dtype)."""
         if self.native:
-            native.segment_lora_add_(y, x.contiguous(), self.A, self.BT, self.offsets, self.routing.groups)
+            native.segment_lora_add_(y, x.contiguous(), self.A, self.BT, self.offsets, self.groups)
             return
         for g, rows in enumerate(self.routing.rows):
             r0, r1 = self.bounds[g], self.bounds[g + 1]
@@ -221,18 +243,23 @@ if set(PLANS) != set(STRATEGY_TERMS):
 
 
 def make_plan(routing: Routing, factors: list[Factors], strategy: str = "auto",
-              cost: CostModel = DEFAULT_COST, calls: int = 1) -> Plan | None:
+              cost: CostModel = DEFAULT_COST, calls: int = 1, stack: Callable[[], Stack] | None = None) -> Plan | None:
     """The prepared tensors of one layer for one batch, by the named strategy or the cost model's choice for a
     plan expected to serve `calls` forwards; None when no group has a nonzero rank (the layer adds nothing).
-    Call the plan on x (N, in)."""
+    `stack`: where every group is one adapter, the bank's stack of them (called only if segment runs, and only
+    where its kernel runs): segment then builds nothing. Call the plan on x (N, in)."""
     ranks = [f.rank for f in factors]
     if sum(ranks) == 0:
         return None
+    A = factors[0].A
+    segment = native.applies(A, routing.groups)
+    stacked = stack is not None and segment
     if strategy == "auto":
-        A = factors[0].A
         padded = PaddedPlan.pregathers(routing.tokens, max(ranks), A.shape[1], factors[0].B.shape[0], A.element_size())
-        segment = native.applies(A, routing.groups)
-        strategy = choose_strategy(routing.tokens, len(factors), sum(ranks), max(ranks), cost, padded, calls, segment)
+        strategy = choose_strategy(routing.tokens, len(factors), sum(ranks), max(ranks), cost, padded, calls, segment,
+                                   stacked)
+    if strategy == "segment" and stacked:
+        return SegmentPlan(routing, factors, stack())
     return PLANS[strategy](routing, factors)
 
 

@@ -66,7 +66,8 @@ class CostModel:
     - padded: build  +  build_group * G  +  build_column * (G + 1 + N) * M  (pad each group to M, then gather a
       copy per token)
     - segment: build  +  build_segment * G  +  build_column * S  (stack every group's factors once, as packed,
-      with no mask or per-call index to prepare: its own per-group price)
+      with no mask or per-call index to prepare: its own per-group price); nothing where every group is one
+      adapter (`stacked`: the plan runs on the bank's own stack of its slots, `SlotBank.stacked`)
     (`build`: the fixed ops of any build, whatever its size)
 
     A plan expected to serve `calls` forwards costs call + build / calls per forward: a prefill (1 call)
@@ -101,14 +102,20 @@ class CostModel:
         return terms.get("work", 0.0) + sum(getattr(self, name) * c for name, c in terms.items() if name != "work")
 
     def costs(self, tokens: int, distinct: int, sum_rank: int, max_rank: int, padded: bool = True,
-              calls: int = 1, segment: bool = False) -> dict[str, float]:
+              calls: int = 1, segment: bool = False, stacked: bool = False) -> dict[str, float]:
         """Cost per forward of each strategy over a plan that serves `calls` forwards (its build shared);
         `padded` False leaves padded out (its plan would not pre-gather), `segment` False leaves segment out
-        (the native kernel does not run on these tensors)."""
+        (the native kernel does not run on these tensors), `stacked` True makes segment's build free (every
+        group is one adapter: the plan runs on the bank's stack)."""
         if not is_int(calls, 1):
             raise ValueError(f"calls must be a positive integer, got {calls!r}")
-        return {name: (self.cost(cost_terms(name, tokens, distinct, sum_rank, max_rank))
-                       + self.cost(cost_terms(name, tokens, distinct, sum_rank, max_rank, build=True)) / calls)
+
+        def build(name: str) -> float:
+            if stacked and name == "segment":
+                return 0.0
+            return self.cost(cost_terms(name, tokens, distinct, sum_rank, max_rank, build=True))
+
+        return {name: self.cost(cost_terms(name, tokens, distinct, sum_rank, max_rank)) + build(name) / calls
                 for name in STRATEGY_TERMS if (padded or name != "padded") and (segment or name != "segment")}
 
 
@@ -116,11 +123,11 @@ DEFAULT_COST = CostModel()
 
 
 def choose_strategy(tokens: int, distinct: int, sum_rank: int, max_rank: int, cost: CostModel = DEFAULT_COST,
-                    padded: bool = True, calls: int = 1, segment: bool = False) -> str:
+                    padded: bool = True, calls: int = 1, segment: bool = False, stacked: bool = False) -> str:
     """The cheapest strategy under `cost` for N tokens, G distinct groups, their summed and max rank, over a
     plan expected to serve `calls` forwards; `padded` False when a padded plan would not pre-gather, `segment`
-    True where the native kernel runs."""
-    costs = cost.costs(tokens, distinct, sum_rank, max_rank, padded, calls, segment)
+    True where the native kernel runs, `stacked` True where segment would run on the bank's stack."""
+    costs = cost.costs(tokens, distinct, sum_rank, max_rank, padded, calls, segment, stacked)
     return min(costs, key=lambda name: (costs[name], list(STRATEGY_TERMS).index(name)))
 
 

@@ -71,6 +71,15 @@ class BatchContext:
         return Routing(self.groups, len(self.routes))
 
     @cached_property
+    def token_slots(self) -> torch.Tensor | None:
+        """(N,) each token's slot (-1: base) where every route is one adapter at weight 1, so that a bank's stack
+        serves the batch as is (`SlotBank.stacked`); None where a route is a mixture."""
+        if not all(len(route) == 1 and route[0][1] == 1.0 for route in self.routes):
+            return None
+        lookup = torch.tensor([route[0][0] for route in self.routes] + [-1], device=self.groups.device)
+        return lookup[self.groups]  # group -1 reads the last entry
+
+    @cached_property
     def slots(self) -> tuple[int, ...]:
         """Every slot the routes read, once each."""
         return tuple(dict.fromkeys(s for route in self.routes for s, _ in route))
@@ -83,9 +92,11 @@ class BatchContext:
             return cached.plan
         versions = bank.versions(self.slots)
         if cached is None or cached.versions != versions:
+            slots = self.token_slots
+            stack = None if slots is None else lambda: bank.stacked(slots)
             cached = CachedPlan(bank.generation, versions,
                                 make_plan(self.routing, [bank.route(r) for r in self.routes], self.strategy,
-                                          self.cost, self.calls))
+                                          self.cost, self.calls, stack))
             self._plans[bank] = cached
         cached.generation = bank.generation  # a write elsewhere in the bank leaves this plan as it was
         return cached.plan

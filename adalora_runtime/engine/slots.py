@@ -3,7 +3,9 @@
 Storage per (layer, slot) is `Factors(A, B)` with A (r, in) = Q * lam[:, None] * scale and B (out, r) = P,
 where r is that adapter's kept rank in that layer (0 for a layer it does not adapt: zero-width tensors).
 Lambda and scale are folded into A once, at load, in float32, then cast to the model's dtype and device;
-nothing is padded to a common rank. Loading or unloading writes only the adapter's own slot.
+nothing is padded to a common rank. Loading or unloading writes only the adapter's own slot. A bank also offers
+every slot's factors stacked in slot order (`SlotBank.stacked`, built on first use after a write), which a
+segment plan runs on as is; once built, each slot's factors are views of it, so the factors are held once.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 from adalora import delta
 from adalora.adapter import Adapter, base_mismatch
-from adalora.engine.apply import Factors
+from adalora.engine.apply import Factors, Stack
 from adalora.engine.errors import AdapterExists, AdapterMismatch, AdapterNotFound, SlotsFull
 
 Route = tuple[tuple[int, float], ...]
@@ -57,6 +59,10 @@ class SlotBank:
         self.generation = 0
         """Bumped on every write of any slot: while it is unchanged, no plan of this bank can be stale (the one
         integer compare a layer call makes)."""
+        self._stack: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        """(generation it was built at, A, BT, offsets) of `stacked`."""
+        self._narrow: dict[torch.dtype, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        """dtype -> (generation, A, BT): `stacked` in another dtype than the bank's, a copy."""
 
     def set(self, slot: int, factors: Factors) -> None:
         self._slots[slot] = factors
@@ -84,6 +90,33 @@ class SlotBank:
     def nbytes(self, slot: int) -> int:
         A, B = self.get(slot)
         return A.numel() * A.element_size() + B.numel() * B.element_size()
+
+    def stacked(self, groups: torch.Tensor, dtype: torch.dtype | None = None) -> Stack:
+        """Every slot's factors stacked in slot order, A (R, in) and BT (R, out), slot s's rows offsets[s]:
+        offsets[s + 1] (none where a slot is empty or its adapter has rank 0 here), with `groups` (N,) each token's
+        slot (-1: base). Built once per write of the bank; each slot's factors then become views of the stack (the
+        bytes held once; a plan built from the old ones keeps them alive until it is dropped). `dtype` other than
+        the bank's: a rounded copy of that stack (the lean path's bfloat16 factors), also built once per write."""
+        if self._stack is None or self._stack[0] != self.generation:
+            held = [f for f in self._slots if f is not None]
+            if held:
+                A = torch.cat([f.A for f in held]).contiguous()
+                BT = torch.cat([f.B.T for f in held]).contiguous()
+            else:
+                A = torch.zeros(0, self.in_features, device=self.device, dtype=self.dtype)
+                BT = torch.zeros(0, self.out_features, device=self.device, dtype=self.dtype)
+            offsets = torch.tensor([0] + [0 if f is None else f.rank for f in self._slots]).cumsum(0)
+            for slot, (r0, r1) in enumerate(zip(offsets.tolist(), offsets[1:].tolist())):
+                if self._slots[slot] is not None:
+                    self._slots[slot] = Factors(A[r0:r1], BT[r0:r1].T)
+            self._stack = (self.generation, A, BT, offsets.to(self.device))
+        _, A, BT, offsets = self._stack
+        if dtype is not None and dtype != self.dtype:
+            narrow = self._narrow.get(dtype)
+            if narrow is None or narrow[0] != self.generation:
+                narrow = self._narrow[dtype] = (self.generation, A.to(dtype), BT.to(dtype))
+            _, A, BT = narrow
+        return Stack(A, BT, offsets, groups)
 
     def route(self, route: Route) -> Factors:
         """Folded factors of one group: an adapter's own, or a mixture's concatenated with weights in A
