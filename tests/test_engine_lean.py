@@ -646,10 +646,11 @@ ROUNDED_CASES = [("int8", Case(name, build_)) for name, build_ in sorted(INT8_CA
 
 @pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable()}")
 @pytest.mark.parametrize("weights,case", ROUNDED_CASES, ids=[f"{w}-{c.name}" for w, c in ROUNDED_CASES])
-def test_int8_and_bf16_weights_equal_the_reference_over_the_weights_they_hold(weights, case):
+def test_int8_and_bf16_weights_equal_the_reference_over_the_weights_they_hold(weights, case, monkeypatch):
     """The lean path over int8 (dequantized) or bf16 (widened) weights computes the transformers forward of a model
     whose weights are those values (the reference runs after they are written into the model), adapters and mixes
-    included, through joins and leaves."""
+    included, through joins and leaves; the adapters' factors are bfloat16 values in both (the lean path reads a
+    bank's bfloat16 stack where every group is one adapter)."""
     h = Harness.make(case, weights=weights)
     with torch.no_grad():
         for dense in denses(h.lean):
@@ -657,12 +658,28 @@ def test_int8_and_bf16_weights_equal_the_reference_over_the_weights_they_hold(we
             moved = (dense.weight - held).abs().max().item()
             assert 0 < moved <= bound  # rounded: close, but not the same weights
             dense.weight.copy_(held)  # the model's weights are these views
+        for bank in h.engine.slots.banks.values():  # the factors a bank's bfloat16 stack holds, in the reference too
+            for slot in h.engine.slots.loaded().values():
+                for t in bank.get(slot):
+                    t.copy_(t.bfloat16().float())
+    factor_dtypes = []
+    parts_add = native.segment_lora_parts_add_
+
+    def recording(y, x, parts, groups):
+        factor_dtypes.extend(A.dtype for A, *_ in parts)
+        return parts_add(y, x, parts, groups)
+
+    monkeypatch.setattr(native, "segment_lora_parts_add_", recording)
     h.prefill(PROMPTS, SELECTIONS)
     for step in range(3):
         h.decode(f"decode step {step}")
     h.keep([0, 2])
     h.prefill([[12, 13, 50, 2, 9]], ["b"])
     h.decode("decode after a keep and a join")
+    h.keep([1])  # one adapter alone: every group one adapter, so segment runs on the banks' bfloat16 stacks
+    for step in range(2):
+        h.decode(f"decode step {step} of b alone")
+    assert torch.bfloat16 in factor_dtypes
 
 
 def test_int8_weights_are_refused_where_they_cannot_run(monkeypatch):

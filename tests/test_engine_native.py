@@ -142,6 +142,56 @@ def test_segment_kernel_adds_each_tokens_own_delta(tokens, in_f, out_f, ranks):
     assert torch.equal(wide[:, :3], before[:, :3]) and torch.equal(wide[:, 3 + out_f:], before[:, 3 + out_f:])
 
 
+# (widths of the parts, their ranks per group, factor dtype): one part and three (a fused q/k/v), float32 and
+# bfloat16 factors, widths not a multiple of 8
+PARTS_CASES = [([48], [8, 0, 5], torch.float32), ([576, 192, 192], [8, 5, 12], torch.float32),
+               ([20, 13, 7], [3, 1, 0, 9], torch.bfloat16), ([960], [8, 5, 7, 8], torch.bfloat16)]
+
+
+@needs_native
+@pytest.mark.parametrize("widths,ranks,dtype", PARTS_CASES)
+def test_segment_kernel_adds_each_parts_delta_into_its_columns(widths, ranks, dtype):
+    """Several parts over one x and one groups in one call, each into its own columns of y, equal the reference
+    over the factors' values (bfloat16 widened exactly, float32 arithmetic); columns past the parts unchanged."""
+    tokens, in_f = 9, 40
+    gen = torch.Generator().manual_seed(len(widths))
+    groups = torch.randint(-1, len(ranks), (tokens,), generator=gen)
+    x = torch.randn(tokens, in_f, generator=gen)
+    y = torch.randn(tokens, sum(widths) + 5, generator=gen)
+    want, parts, column = y.double().clone(), [], 0
+    for width in widths:
+        factors = [Factors(torch.randn(r, in_f, generator=gen).to(dtype), torch.randn(width, r, generator=gen).to(dtype))
+                   for r in ranks]
+        plan = SegmentPlan(Routing(groups, len(factors)), [Factors(f.A.float(), f.B.float()) for f in factors])
+        parts.append((plan.A.to(dtype), plan.BT.to(dtype), plan.offsets, column))
+        want[:, column: column + width] = reference(y[:, column: column + width], x, factors, groups)
+        column += width
+    native.segment_lora_parts_add_(y, x, parts, groups)
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-4 * in_f ** 0.5)
+
+
+@needs_native
+@pytest.mark.parametrize("make,message", [
+    (lambda A, BT: (A.double(), BT.double()), "both float32 or both bfloat16"),
+    (lambda A, BT: (A, BT.bfloat16()), "both float32 or both bfloat16"),
+], ids=["float64", "mixed"])
+def test_segment_kernel_refuses_factors_of_other_dtypes(make, message):
+    y = torch.zeros(2, 6)
+    A, BT = make(torch.randn(8, 5), torch.randn(8, 6))
+    with pytest.raises(RuntimeError, match=message):
+        native.segment_lora_add_(y, torch.randn(2, 5), A, BT, torch.tensor([0, 4, 8]), torch.tensor([0, 1]))
+    assert torch.equal(y, torch.zeros(2, 6))
+
+
+@needs_native
+def test_segment_kernel_refuses_a_part_past_ys_columns():
+    y = torch.zeros(2, 6)
+    part = (torch.randn(8, 5), torch.randn(8, 4), torch.tensor([0, 4, 8]), 3)  # columns 3..7 of 6
+    with pytest.raises(RuntimeError, match=r"columns \[3, 7\) are not within y's 6"):
+        native.segment_lora_parts_add_(y, torch.randn(2, 5), [part], torch.tensor([0, 1]))
+    assert torch.equal(y, torch.zeros(2, 6))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_segment_plan_without_the_kernel_computes_the_same(dtype, monkeypatch):
     """Where the kernel does not run (another dtype or device, or no build) the plan's PyTorch path is the same

@@ -38,6 +38,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
 from adalora.engine import native
+from adalora.engine.apply import SegmentPlan
 from adalora.engine.errors import BatchError, EngineError
 from adalora.engine.multi_linear import ContextHolder, MultiAdapterLinear, add_delta
 from adalora.engine.row_cache import RowCache
@@ -75,7 +76,9 @@ def _base(module: nn.Module) -> nn.Module:
 WEIGHTS = ("float", "int8", "bf16")
 """How the lean path holds its dense weights: 'float' (the model's own), 'int8' (`native.quantize_int8`: a float32
 scale per 32 weights of a row), 'bf16' (a bfloat16 copy, widened exactly in the kernel); with int8 and bf16 the
-activations and adapters stay float32 (CPU float32 with the native kernels)."""
+activations stay float32 (CPU float32 with the native kernels), and the adapters' factors are read in bfloat16
+where a segment plan runs on a bank's stack (every group one adapter; a mixture's, and the other strategies',
+stay float32): widened exactly, float32 arithmetic, half the bytes a step of distinct adapters reads."""
 
 
 class Dense:
@@ -138,6 +141,9 @@ class Projection:
         if any(b.bias is not None for b in bases):
             bias = torch.cat([b.bias if b.bias is not None else b.weight.new_zeros(b.weight.shape[0]) for b in bases])
         self.dense = Dense(weight.detach(), None if bias is None else bias.detach(), weights)
+        self.factors = torch.bfloat16 if weights in ("int8", "bf16") else None
+        """The dtype the adapters' factors are read in where a segment plan runs on a bank's stack: with rounded
+        weights, bfloat16 (half the bytes of a decode step's adapters; widened exactly in the kernel)."""
         if self.dense.packed is None and len(bases) > 1:
             _share(bases, self.dense.weight)
         self.holder = holder
@@ -159,10 +165,22 @@ class Projection:
         if x.shape[0] != context.tokens:
             raise BatchError(f"the batch context routes {context.tokens} tokens, the lean forward has {x.shape[0]}; "
                              f"build the context for this batch's shape")
+        segments, groups = [], None
         for bank, columns in self.parts:
             plan = context.plan(bank)
-            if plan is not None:
+            if plan is None:
+                continue
+            if isinstance(plan, SegmentPlan) and plan.native and x.dtype == y.dtype == plan.A.dtype \
+                    and (groups is None or plan.groups is groups):
+                A, BT, offsets = plan.A, plan.BT, plan.offsets
+                if self.factors is not None and plan.stacked:
+                    A, BT, offsets, _ = bank.stacked(plan.groups, self.factors)
+                segments.append((A, BT, offsets, columns.start))  # the parts' kernels: one call
+                groups = plan.groups
+            else:
                 add_delta(plan, bank, y[:, columns], x)
+        if segments:
+            native.segment_lora_parts_add_(y, x.contiguous(), segments, groups)
         return y
 
 

@@ -12,10 +12,13 @@
 // bf16_linear(x, w, bias) = x @ float32(w).T + bias over bfloat16 weights (llama.cpp's bf16 GGUF on a CPU without
 // bfloat16 arithmetic does the same): half of float32's bytes, each 8 weights widened exactly in registers.
 //
-// segment_lora_add_(y, x, A, BT, offsets, groups) adds each token's own adapter in place:
-//     y[i] += (x[i] @ A[r0:r1].T) @ BT[r0:r1]     with g = groups[i], r0 = offsets[g], r1 = offsets[g + 1]
-// (tokens with g < 0 add nothing). Every group's factors are stacked once (A (R, in), BT (R, out)), so a token
-// multiplies only its own ranks, with nothing padded and one call per layer.
+// segment_lora_add_(y, x, A[], BT[], offsets[], groups, columns[]) adds each token's own adapter in place, for each
+// part p (several adapted layers of one input, as the lean path's fused q/k/v projection has):
+//     y[i, c:c + out] += (x[i] @ A[r0:r1].T) @ BT[r0:r1]
+// with A, BT, offsets = A[p], BT[p], offsets[p], c = columns[p], out = BT[p].size(1), g = groups[i], r0 =
+// offsets[g], r1 = offsets[g + 1] (tokens with g < 0 add nothing). Every group's factors are stacked once
+// (A (R, in), BT (R, out)), so a token multiplies only its own ranks, with nothing padded and one call per input.
+// A part's factors may be bfloat16 (half the bytes; widened exactly, float32 arithmetic).
 //
 // rms_norm(x, w, eps) and rope_(qk, cos, sin, head_dim): a decode step's RMSNorm and rotary embedding, one call each
 // instead of the 6-9 small PyTorch ops (each a dispatch, some an OpenMP region) that transformers' modules run.
@@ -270,95 +273,146 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const std::opti
   return y;
 }
 
+// 8 factors at p as float32: float32 as is, bfloat16 (stored as uint16_t) widened exactly.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) { return widen_bf16(p); }
+inline float value(float v) { return v; }
+inline float value(uint16_t h) { return bf16_value(h); }
+
 // h[j] = dot(x[0:K], A[j * K : + K]) for j < r: four rows of A at a time against one load of x (four independent
-// accumulators, so the sums do not wait on one FMA chain), then the last r % 4 rows alone.
-inline void dot_rows(const float* __restrict x, const float* __restrict A, int64_t K, int64_t r, float* __restrict h) {
+// accumulators, so the sums do not wait on one FMA chain), then the last r % 4 rows one at a time.
+template <class T>
+inline void dot_rows(const float* __restrict x, const T* __restrict A, int64_t K, int64_t r, float* __restrict h) {
   int64_t j = 0;
   for (; j + 4 <= r; j += 4) {
-    const float* a = A + j * K;
+    const T* a = A + j * K;
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
       const __m256 xv = _mm256_loadu_ps(x + k);
 #pragma GCC unroll 4
-      for (int t = 0; t < 4; ++t) acc[t] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(a + t * K + k), acc[t]);
+      for (int t = 0; t < 4; ++t) acc[t] = _mm256_fmadd_ps(xv, load8(a + t * K + k), acc[t]);
     }
     for (int t = 0; t < 4; ++t) {
       float sum = hsum(acc[t]);
-      for (int64_t kk = k; kk < K; ++kk) sum += x[kk] * a[t * K + kk];
+      for (int64_t kk = k; kk < K; ++kk) sum += x[kk] * value(a[t * K + kk]);
       h[j + t] = sum;
     }
   }
-  if (j < r) linear_rows(x, 1, K, A + j * K, h + j, 1, nullptr, 0, r - j);
+  for (; j < r; ++j) {
+    const T* a = A + j * K;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load8(a + k), acc);
+    float sum = hsum(acc);
+    for (; k < K; ++k) sum += x[k] * value(a[k]);
+    h[j] = sum;
+  }
 }
 
 // y[0:n] += sum over j < r of h[j] * BT[j * n : + n], four rows of BT per pass over y.
-inline void add_rows(float* __restrict y, const float* __restrict h, const float* __restrict BT, int64_t r,
-                     int64_t n) {
+template <class T>
+inline void add_rows(float* __restrict y, const float* __restrict h, const T* __restrict BT, int64_t r, int64_t n) {
   int64_t j = 0;
   for (; j + 4 <= r; j += 4) {
-    const float* b = BT + j * n;
+    const T* b = BT + j * n;
     const __m256 h0 = _mm256_set1_ps(h[j]), h1 = _mm256_set1_ps(h[j + 1]);
     const __m256 h2 = _mm256_set1_ps(h[j + 2]), h3 = _mm256_set1_ps(h[j + 3]);
     int64_t c = 0;
     for (; c + 8 <= n; c += 8) {
-      __m256 v = _mm256_fmadd_ps(h0, _mm256_loadu_ps(b + c), _mm256_loadu_ps(y + c));
-      v = _mm256_fmadd_ps(h1, _mm256_loadu_ps(b + n + c), v);
-      v = _mm256_fmadd_ps(h2, _mm256_loadu_ps(b + 2 * n + c), v);
-      _mm256_storeu_ps(y + c, _mm256_fmadd_ps(h3, _mm256_loadu_ps(b + 3 * n + c), v));
+      __m256 v = _mm256_fmadd_ps(h0, load8(b + c), _mm256_loadu_ps(y + c));
+      v = _mm256_fmadd_ps(h1, load8(b + n + c), v);
+      v = _mm256_fmadd_ps(h2, load8(b + 2 * n + c), v);
+      _mm256_storeu_ps(y + c, _mm256_fmadd_ps(h3, load8(b + 3 * n + c), v));
     }
-    for (; c < n; ++c) y[c] += h[j] * b[c] + h[j + 1] * b[n + c] + h[j + 2] * b[2 * n + c] + h[j + 3] * b[3 * n + c];
+    for (; c < n; ++c)
+      y[c] += h[j] * value(b[c]) + h[j + 1] * value(b[n + c]) + h[j + 2] * value(b[2 * n + c]) +
+              h[j + 3] * value(b[3 * n + c]);
   }
   for (; j < r; ++j) {
     const __m256 hv = _mm256_set1_ps(h[j]);
-    const float* b = BT + j * n;
+    const T* b = BT + j * n;
     int64_t c = 0;
-    for (; c + 8 <= n; c += 8) _mm256_storeu_ps(y + c, _mm256_fmadd_ps(hv, _mm256_loadu_ps(b + c), _mm256_loadu_ps(y + c)));
-    for (; c < n; ++c) y[c] += h[j] * b[c];
+    for (; c + 8 <= n; c += 8) _mm256_storeu_ps(y + c, _mm256_fmadd_ps(hv, load8(b + c), _mm256_loadu_ps(y + c)));
+    for (; c < n; ++c) y[c] += h[j] * value(b[c]);
   }
 }
 
-void segment_lora_add_(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& BT,
-                       const at::Tensor& offsets, const at::Tensor& groups) {
+// One part's delta for token row x into y: h = x @ A[r0:r0 + r].T, y += h @ BT[r0:r0 + r].
+template <class T>
+inline void segment_row(const float* x, const T* A, const T* BT, int64_t in, int64_t out, int64_t r0, int64_t r,
+                        float* h, float* y) {
+  dot_rows(x, A + r0 * in, in, r, h);
+  add_rows(y, h, BT + r0 * out, r, out);
+}
+
+void segment_lora_add_(at::Tensor y, const at::Tensor& x, at::TensorList A, at::TensorList BT, at::TensorList offsets,
+                       const at::Tensor& groups, at::IntArrayRef columns) {
   const char* op = "segment_lora_add_";
   check_float_cpu(y, op, "y");
   check_float_cpu(x, op, "x");
-  check_float_cpu(A, op, "A");
-  check_float_cpu(BT, op, "BT");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous (N, in) tensor");
   TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.stride(1) == 1, op,
               ": y must be (N, out) with unit column stride, got ", y.sizes(), " strides ", y.strides());
-  TORCH_CHECK(A.dim() == 2 && A.is_contiguous() && A.size(1) == x.size(1), op, ": A must be a contiguous (R, in)");
-  TORCH_CHECK(BT.dim() == 2 && BT.is_contiguous() && BT.size(0) == A.size(0) && BT.size(1) == y.size(1), op,
-              ": BT must be a contiguous (R, out)");
-  TORCH_CHECK(offsets.device().is_cpu() && offsets.scalar_type() == at::kLong && offsets.is_contiguous() &&
-              offsets.dim() == 1 && offsets.numel() >= 1, op, ": offsets must be a contiguous (G + 1,) long CPU tensor");
   TORCH_CHECK(groups.device().is_cpu() && groups.scalar_type() == at::kLong && groups.is_contiguous() &&
               groups.numel() == x.size(0), op, ": groups must be a contiguous (N,) long CPU tensor");
+  const int64_t P = static_cast<int64_t>(A.size());
+  TORCH_CHECK(static_cast<int64_t>(BT.size()) == P && static_cast<int64_t>(offsets.size()) == P &&
+              static_cast<int64_t>(columns.size()) == P, op, ": A, BT, offsets and columns must have one entry per part");
   at::assert_no_internal_overlap(y);  // rows that share memory would race between threads
   at::assert_no_partial_overlap(y, x);
-  const int64_t N = x.size(0), in = x.size(1), out = y.size(1), ldy = y.stride(0), G = offsets.numel() - 1;
-  const int64_t R = A.size(0);
-  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t N = x.size(0), in = x.size(1), ldy = y.stride(0);
   const int64_t* grp = groups.data_ptr<int64_t>();
-  for (int64_t g = 0; g < G; ++g)
-    TORCH_CHECK(0 <= off[g] && off[g] <= off[g + 1] && off[g + 1] <= R, op, ": offsets must rise within [0, R]");
-  for (int64_t i = 0; i < N; ++i) TORCH_CHECK(grp[i] < G, op, ": group ", grp[i], " of token ", i, " >= G = ", G);
-  const float* xp = x.data_ptr<float>();
-  const float* ap = A.data_ptr<float>();
-  const float* bp = BT.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  struct Part {
+    const void* a;
+    const void* b;
+    bool bf16;  // the factors' dtype: float32, or bfloat16 widened in the kernel
+    const int64_t* off;
+    int64_t out, column;
+  };
+  std::vector<Part> parts;
   int64_t max_rank = 0;
-  for (int64_t g = 0; g < G; ++g) max_rank = std::max(max_rank, off[g + 1] - off[g]);
+  for (int64_t p = 0; p < P; ++p) {
+    const bool bf16 = A[p].scalar_type() == at::kBFloat16;
+    TORCH_CHECK(A[p].device().is_cpu() && BT[p].device().is_cpu() && BT[p].scalar_type() == A[p].scalar_type() &&
+                (bf16 || A[p].scalar_type() == at::kFloat), op,
+                ": A and BT must be CPU tensors, both float32 or both bfloat16, got ", A[p].scalar_type(), " and ",
+                BT[p].scalar_type());
+    TORCH_CHECK(A[p].dim() == 2 && A[p].is_contiguous() && A[p].size(1) == in, op, ": A must be a contiguous (R, in)");
+    TORCH_CHECK(BT[p].dim() == 2 && BT[p].is_contiguous() && BT[p].size(0) == A[p].size(0), op,
+                ": BT must be a contiguous (R, out)");
+    TORCH_CHECK(columns[p] >= 0 && columns[p] + BT[p].size(1) <= y.size(1), op, ": part ", p, "'s columns [",
+                columns[p], ", ", columns[p] + BT[p].size(1), ") are not within y's ", y.size(1));
+    const at::Tensor& o = offsets[p];
+    TORCH_CHECK(o.device().is_cpu() && o.scalar_type() == at::kLong && o.is_contiguous() && o.dim() == 1 &&
+                o.numel() >= 1, op, ": offsets must be a contiguous (G + 1,) long CPU tensor");
+    const int64_t G = o.numel() - 1, R = A[p].size(0);
+    const int64_t* off = o.data_ptr<int64_t>();
+    for (int64_t g = 0; g < G; ++g) {
+      TORCH_CHECK(0 <= off[g] && off[g] <= off[g + 1] && off[g + 1] <= R, op, ": offsets must rise within [0, R]");
+      max_rank = std::max(max_rank, off[g + 1] - off[g]);
+    }
+    for (int64_t i = 0; i < N; ++i) TORCH_CHECK(grp[i] < G, op, ": group ", grp[i], " of token ", i, " >= G = ", G);
+    parts.push_back({A[p].data_ptr(), BT[p].data_ptr(), bf16, off, BT[p].size(1), columns[p]});
+  }
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
   // one token is enough work to split on (r * (in + out) FMAs over its own factors): a decode step's few tokens
   // run on every thread, each thread reading only its tokens' adapters
   at::parallel_for(0, N, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> h(max_rank);
     for (int64_t i = i0; i < i1; ++i) {
       if (grp[i] < 0) continue;
-      const int64_t r0 = off[grp[i]], r = off[grp[i] + 1] - r0;
-      dot_rows(xp + i * in, ap + r0 * in, in, r, h.data());  // h = x[i] @ A[r0:r1].T
-      add_rows(yp + i * ldy, h.data(), bp + r0 * out, r, out);  // y[i] += h @ BT[r0:r1]
+      for (const Part& part : parts) {
+        const int64_t r0 = part.off[grp[i]], r = part.off[grp[i] + 1] - r0;
+        float* yi = yp + i * ldy + part.column;
+        if (part.bf16)
+          segment_row(xp + i * in, static_cast<const uint16_t*>(part.a), static_cast<const uint16_t*>(part.b), in,
+                      part.out, r0, r, h.data(), yi);
+        else
+          segment_row(xp + i * in, static_cast<const float*>(part.a), static_cast<const float*>(part.b), in,
+                      part.out, r0, r, h.data(), yi);
+      }
     }
   });
 }
@@ -502,7 +556,8 @@ TORCH_LIBRARY(adalora_native, m) {
   m.def("skinny_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor q, Tensor scales, Tensor? bias) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
-  m.def("segment_lora_add_(Tensor(a!) y, Tensor x, Tensor A, Tensor BT, Tensor offsets, Tensor groups) -> ()");
+  m.def("segment_lora_add_(Tensor(a!) y, Tensor x, Tensor[] A, Tensor[] BT, Tensor[] offsets, Tensor groups, "
+        "int[] columns) -> ()");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope_(Tensor(a!) qk, Tensor cos, Tensor sin, int head_dim) -> ()");
   m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor lengths, float scale) -> Tensor");

@@ -10,7 +10,9 @@ the callers keep their PyTorch paths, which compute the same thing.
   per 32 weights of a row); activations stay float32.
 - `bf16_linear(x, w, bias)`: x @ w.float().T + bias over bfloat16 weights; activations stay float32.
 - `segment_lora_add_(y, x, A, BT, offsets, groups)`: y[i] += (x[i] @ A[r0:r1].T) @ BT[r0:r1] with r0, r1 =
-  offsets[g], offsets[g + 1] of token i's group g = groups[i] (nothing where g < 0), in place.
+  offsets[g], offsets[g + 1] of token i's group g = groups[i] (nothing where g < 0), in place;
+  `segment_lora_parts_add_(y, x, parts, groups)` the same for several parts (A, BT, offsets, first column of y)
+  in one call (the lean path's fused projections: one call per input instead of one per adapted layer).
 - `rms_norm(x, w, eps)`, `rope_(qk, cos, sin, head_dim)`: a Llama-family layer's RMSNorm and rotary embedding.
 - `decode_attention(q, keys, values, lengths, scale)`: one query token per row over its first lengths[b] cached
   keys and values, grouped-query heads.
@@ -127,7 +129,16 @@ def segment_lora_add_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, BT: tor
                       groups: torch.Tensor) -> None:
     """y (N, out) += each token's own group's delta (module docstring); x (N, in), A (R, in), BT (R, out),
     offsets (G + 1,) and groups (N,) long, all contiguous but y (unit column stride, any row stride)."""
-    torch.ops.adalora_native.segment_lora_add_(y, x, A, BT, offsets, groups)
+    torch.ops.adalora_native.segment_lora_add_(y, x, [A], [BT], [offsets], groups, [0])
+
+
+def segment_lora_parts_add_(y: torch.Tensor, x: torch.Tensor,
+                            parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]],
+                            groups: torch.Tensor) -> None:
+    """For each part (A (R, in), BT (R, out), offsets (G + 1,), column c): y[:, c:c + out] += the part's delta of
+    x (N, in), as segment_lora_add_, all parts in one call over the same groups (N,)."""
+    A, BT, offsets, columns = zip(*parts)
+    torch.ops.adalora_native.segment_lora_add_(y, x, list(A), list(BT), list(offsets), groups, list(columns))
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
