@@ -19,7 +19,7 @@ from adalora.engine import native
 from adalora.engine.apply import PLANS
 from adalora.engine.errors import BatchError, EngineError, RequestCancelled
 from adalora.engine.kv import HfDecoder
-from adalora.engine.lean import Dense, LeanLlama, unsupported
+from adalora.engine.lean import WIDEN_ROWS, Dense, LeanLlama, unsupported
 from adalora.engine.multi_linear import ContextHolder
 from adalora.engine.row_cache import RowCache
 from adalora.engine.sampling import SamplingParams
@@ -639,6 +639,20 @@ def held_weights(dense):
     return dense.w16.float(), dense.weight.abs().max().item() * 2 ** -8  # bfloat16 keeps 8 significant bits
 
 
+@pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable()}")
+@pytest.mark.parametrize("weights", ["int8", "bf16"])
+@pytest.mark.parametrize("rows", [1, 8, WIDEN_ROWS, WIDEN_ROWS + 1, 200])
+def test_rounded_dense_equals_f_linear_over_the_weights_it_holds(weights, rows):
+    """At every size (the kernels up to WIDEN_ROWS rows, the widened weights past it) the same values multiply."""
+    gen = torch.Generator().manual_seed(rows)
+    weight, bias = torch.randn(40, 64, generator=gen), torch.randn(40, generator=gen)
+    dense = Dense(weight, bias, weights)
+    held, _ = held_weights(dense)
+    assert torch.equal(dense.held(), held)
+    x = torch.randn(rows, 64, generator=gen)
+    torch.testing.assert_close(dense(x), F.linear(x, held, bias), rtol=1e-5, atol=1e-5)
+
+
 # (weights, model): int8 on models whose linear inputs are multiples of 32 wide, bf16 on any
 ROUNDED_CASES = [("int8", Case(name, build_)) for name, build_ in sorted(INT8_CASES.items())] \
     + [("bf16", BY_NAME[name]) for name in ("varied-llama", "qwen2")]
@@ -680,6 +694,9 @@ def test_int8_and_bf16_weights_equal_the_reference_over_the_weights_they_hold(we
     for step in range(2):
         h.decode(f"decode step {step} of b alone")
     assert torch.bfloat16 in factor_dtypes
+    long_prompt = [(7 * i) % 60 + 2 for i in range(WIDEN_ROWS + 5)]  # a prefill past WIDEN_ROWS: widened weights
+    h.prefill([long_prompt], ["a"])
+    h.decode("decode after a long prefill")
 
 
 def test_int8_weights_are_refused_where_they_cannot_run(monkeypatch):
