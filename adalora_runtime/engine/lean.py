@@ -40,7 +40,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 from adalora.engine import native
 from adalora.engine.apply import SegmentPlan
 from adalora.engine.errors import BatchError, EngineError
-from adalora.engine.multi_linear import ContextHolder, MultiAdapterLinear, add_delta
+from adalora.engine.multi_linear import BatchContext, ContextHolder, MultiAdapterLinear, add_delta
 from adalora.engine.row_cache import RowCache
 from adalora.engine.slots import SlotBank
 
@@ -161,6 +161,8 @@ class Projection:
         if self.dense.packed is None and len(bases) > 1:
             _share(bases, self.dense.weight)
         self.holder = holder
+        self._prepared: tuple | None = None
+        """(context, its banks' generations, input dtype, *_prepare's result) of the last call."""
         self.parts: list[tuple[SlotBank, slice]] = []
         """(bank, its columns of the output) of each adapted module."""
         start = 0
@@ -179,12 +181,26 @@ class Projection:
         if x.shape[0] != context.tokens:
             raise BatchError(f"the batch context routes {context.tokens} tokens, the lean forward has {x.shape[0]}; "
                              f"build the context for this batch's shape")
-        segments, groups = [], None
+        generations = [bank.generation for bank, _ in self.parts]
+        if self._prepared is None or self._prepared[0] is not context or self._prepared[1] != generations \
+                or self._prepared[2] != x.dtype:
+            self._prepared = (context, generations, x.dtype, *self._prepare(context, x.dtype))
+        _, _, _, segments, groups, others = self._prepared
+        for plan, bank, columns in others:
+            add_delta(plan, bank, y[:, columns], x)
+        if segments:
+            native.segment_lora_parts_add_(y, x.contiguous(), segments, groups)
+        return y
+
+    def _prepare(self, context: BatchContext, dtype: torch.dtype) -> tuple[list, torch.Tensor | None, list]:
+        """(the segment kernel's parts, their groups, the other parts' (plan, bank, columns)) of this context's plans
+        for inputs of `dtype`: what every call of the context runs until a bank is written (its generation)."""
+        segments, groups, others = [], None, []
         for bank, columns in self.parts:
             plan = context.plan(bank)
             if plan is None:
                 continue
-            if isinstance(plan, SegmentPlan) and plan.native and x.dtype == y.dtype == plan.A.dtype \
+            if isinstance(plan, SegmentPlan) and plan.native and dtype == plan.A.dtype == bank.dtype \
                     and (groups is None or plan.groups is groups):
                 A, BT, offsets = plan.A, plan.BT, plan.offsets
                 if self.factors is not None and plan.stacked:
@@ -192,10 +208,8 @@ class Projection:
                 segments.append((A, BT, offsets, columns.start))  # the parts' kernels: one call
                 groups = plan.groups
             else:
-                add_delta(plan, bank, y[:, columns], x)
-        if segments:
-            native.segment_lora_parts_add_(y, x.contiguous(), segments, groups)
-        return y
+                others.append((plan, bank, columns))
+        return segments, groups, others
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
