@@ -10,7 +10,7 @@ import torch
 from adalora.engine import AdapterEngine, EngineConfig, native
 from adalora.config import ConfigError
 from adalora.engine.apply import Routing
-from adalora.engine.cost import CostModel
+from adalora.engine.cost import DEFAULT_COST, CostModel
 from adalora.engine.errors import AdapterNotFound, BatchError
 from adalora.engine.sampling import SamplingParams
 from adalora.engine.scheduler import CompositionLife, GenerationRequest, Generator, GeneratorConfig
@@ -290,7 +290,6 @@ def test_a_load_after_the_stack_rebuilds_it_and_keeps_older_plans_right(setup):
 
 @pytest.mark.parametrize("tokens,distinct,calls", [(8, 8, 1), (8, 8, 2), (200, 8, 1), (3, 3, 1)])
 def test_stacked_makes_segments_build_free(tokens, distinct, calls):
-    from adalora.engine.cost import DEFAULT_COST
     plain = DEFAULT_COST.costs(tokens, distinct, 8 * distinct, 12, calls=calls, segment=True)
     stacked = DEFAULT_COST.costs(tokens, distinct, 8 * distinct, 12, calls=calls, segment=True, stacked=True)
     build = DEFAULT_COST.cost({"build": 1, "build_segment": distinct, "build_column": 8 * distinct})
