@@ -273,8 +273,8 @@ async def measure(servers: list[Server], ids, args) -> dict:
     for config in ("base", "one") if check else ():
         if check[config]["equal"] != check[config]["rows"] and not args.random_weights:
             raise SystemExit(f"the float32 servers disagree on {config}: {check[config]}")
-    rounded = [s.weights for s in servers if isinstance(s, Ours) and s.weights.startswith(("int8", "bf16")) and check]
-    for label in rounded:  # information: our rounded weights against our float32
+    rounded = [s.weights for s in servers if isinstance(s, Ours) and s.weights.startswith(("int8", "bf16"))]
+    for label in rounded if check else ():  # information: our rounded weights against our float32
         for config in ("base", "one"):
             texts = (await round_of(f32[label], ids, config, args.check_tokens, ignore_eos=False))["texts"]
             check[f"{label} equal to float32 ({config})"] = sum(a == b for a, b in zip(texts, check[config]["texts"]))
