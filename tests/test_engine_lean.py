@@ -677,13 +677,13 @@ def test_int8_and_bf16_weights_equal_the_reference_over_the_weights_they_hold(we
                 for t in bank.get(slot):
                     t.copy_(t.bfloat16().float())
     factor_dtypes = []
-    parts_add = native.segment_lora_parts_add_
+    segments = native.segments
 
-    def recording(y, x, parts, groups):
+    def recording(groups, parts):
         factor_dtypes.extend(A.dtype for A, *_ in parts)
-        return parts_add(y, x, parts, groups)
+        return segments(groups, parts)
 
-    monkeypatch.setattr(native, "segment_lora_parts_add_", recording)
+    monkeypatch.setattr(native, "segments", recording)
     h.prefill(PROMPTS, SELECTIONS)
     for step in range(3):
         h.decode(f"decode step {step}")

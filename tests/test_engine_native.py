@@ -121,6 +121,11 @@ SEGMENT_CASES = [(8, 64, 48, [8, 4, 0, 12]), (1, 16, 16, [3]), (5, 37, 21, [1, 2
                  (8, 576, 960, [8, 5, 7, 8, 2, 8, 3, 8])]
 
 
+def add(y, x, A, BT, offsets, groups):
+    """One part's segment_lora_add_, its segments built for this call."""
+    native.segment_lora_add_(y, x, native.segments(groups, [(A, BT, offsets, 0)]))
+
+
 def segment_case(tokens, in_f, out_f, ranks, seed=0):
     gen = torch.Generator().manual_seed(seed)
     factors = [Factors(torch.randn(r, in_f, generator=gen), torch.randn(out_f, r, generator=gen)) for r in ranks]
@@ -166,8 +171,52 @@ def test_segment_kernel_adds_each_parts_delta_into_its_columns(widths, ranks, dt
         parts.append((plan.A.to(dtype), plan.BT.to(dtype), plan.offsets, column))
         want[:, column: column + width] = reference(y[:, column: column + width], x, factors, groups)
         column += width
-    native.segment_lora_parts_add_(y, x, parts, groups)
+    native.segment_lora_add_(y, x, native.segments(groups, parts))
     torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-4 * in_f ** 0.5)
+
+
+@needs_native
+@pytest.mark.parametrize("kernel", ["skinny_linear", "int8_linear", "bf16_linear"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_kernels_add_their_lora_in_the_same_call(kernel, dtype):
+    """A linear kernel given segments returns its own output plus their deltas (each part into its columns):
+    equal to the kernel alone followed by segment_lora_add_."""
+    tokens, in_f, widths = 8, 64, [40, 24, 32]
+    gen = torch.Generator().manual_seed(7)
+    x, w = torch.randn(tokens, in_f, generator=gen), torch.randn(sum(widths), in_f, generator=gen)
+    b = torch.randn(sum(widths), generator=gen)
+    groups = torch.tensor([0, 1, 2, -1, 2, 1, 0, 0])
+    parts, column = [], 0
+    for width in widths:
+        ranks = torch.tensor([0, 5, 0, 4])  # group 1 has rank 0
+        parts.append((torch.randn(9, in_f, generator=gen).to(dtype), torch.randn(9, width, generator=gen).to(dtype),
+                      ranks.cumsum(0), column))
+        column += width
+    lora = native.segments(groups, parts)
+    alone, _ = run_kernel(kernel, x, w, b)
+    native.segment_lora_add_(alone, x, lora)
+    if kernel == "skinny_linear":
+        got = native.skinny_linear(x, w, b, lora)
+    elif kernel == "bf16_linear":
+        got = native.bf16_linear(x, w.bfloat16(), b, lora)
+    else:
+        got = native.int8_linear(x, *native.quantize_int8(w), b, lora)
+    torch.testing.assert_close(got, alone, rtol=0, atol=1e-5)
+    assert not torch.equal(got, run_kernel(kernel, x, w, b)[0])  # the deltas are there
+
+
+@needs_native
+@pytest.mark.parametrize("call,message", [
+    (lambda lora: native.skinny_linear(torch.randn(3, 5), torch.randn(6, 5), None, lora), r"\(2, 5\) tensor"),
+    (lambda lora: native.bf16_linear(torch.randn(2, 5), torch.randn(3, 5).bfloat16(), None, lora),
+     "columns end at 6, past y's 3"),
+    (lambda lora: native.segment_lora_add_(torch.zeros(2, 6), torch.randn(2, 4), lora), r"\(2, 5\) tensor"),
+    (lambda lora: native.segment_lora_add_(torch.zeros(2, 6), torch.randn(2, 5).double(), lora), "x must be a float32"),
+], ids=["tokens", "columns", "in", "dtype"])
+def test_segments_refuse_inputs_they_do_not_fit(call, message):
+    lora = native.segments(torch.tensor([0, 1]), [(torch.randn(8, 5), torch.randn(8, 6), torch.tensor([0, 4, 8]), 0)])
+    with pytest.raises(RuntimeError, match=message):
+        call(lora)
 
 
 @needs_native
@@ -179,7 +228,7 @@ def test_segment_kernel_refuses_factors_of_other_dtypes(make, message):
     y = torch.zeros(2, 6)
     A, BT = make(torch.randn(8, 5), torch.randn(8, 6))
     with pytest.raises(RuntimeError, match=message):
-        native.segment_lora_add_(y, torch.randn(2, 5), A, BT, torch.tensor([0, 4, 8]), torch.tensor([0, 1]))
+        add(y, torch.randn(2, 5), A, BT, torch.tensor([0, 4, 8]), torch.tensor([0, 1]))
     assert torch.equal(y, torch.zeros(2, 6))
 
 
@@ -187,8 +236,8 @@ def test_segment_kernel_refuses_factors_of_other_dtypes(make, message):
 def test_segment_kernel_refuses_a_part_past_ys_columns():
     y = torch.zeros(2, 6)
     part = (torch.randn(8, 5), torch.randn(8, 4), torch.tensor([0, 4, 8]), 3)  # columns 3..7 of 6
-    with pytest.raises(RuntimeError, match=r"columns \[3, 7\) are not within y's 6"):
-        native.segment_lora_parts_add_(y, torch.randn(2, 5), [part], torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match=r"columns end at 7, past y's 6"):
+        native.segment_lora_add_(y, torch.randn(2, 5), native.segments(torch.tensor([0, 1]), [part]))
     assert torch.equal(y, torch.zeros(2, 6))
 
 
@@ -207,6 +256,22 @@ def test_segment_plan_without_the_kernel_computes_the_same(dtype, monkeypatch):
 
 
 @needs_native
+@pytest.mark.parametrize("groups,parts,message", [
+    (torch.tensor([0, 1]), [], "one entry per part, at least one"),
+    (torch.tensor([0, 1]), [(torch.randn(8, 5), torch.randn(8, 6), torch.tensor([0, 4, 8]), 0),
+                            (torch.randn(8, 4), torch.randn(8, 6), torch.tensor([0, 4, 8]), 6)], "one in for every part"),
+    (torch.tensor([0, 1]), [(torch.randn(8, 5), torch.randn(8, 6), torch.tensor([0, 4, 8]), -1)], "is negative"),
+    (torch.tensor([0, 1]), [(torch.randn(8, 5), torch.randn(6, 8).T, torch.tensor([0, 4, 8]), 0)],
+     r"BT must be a contiguous \(R, out\)"),
+    (torch.tensor([[0, 1]]), [(torch.randn(8, 5), torch.randn(8, 6), torch.tensor([0, 4, 8]), 0)],
+     r"groups must be a contiguous \(N,\) long"),
+], ids=["no-parts", "two-ins", "negative-column", "strided-BT", "2-D-groups"])
+def test_segments_refuse_what_the_kernel_cannot_read(groups, parts, message):
+    with pytest.raises(RuntimeError, match=message):
+        native.segments(groups, parts)
+
+
+@needs_native
 @pytest.mark.parametrize("offsets,groups,message", [
     ([0, 4, 2], [0, 1], "offsets must rise within"),
     ([0, 4, 9], [0, 1], "offsets must rise within"),  # past R = 8 rows
@@ -216,8 +281,7 @@ def test_segment_kernel_refuses_bad_indices(offsets, groups, message):
     """Indices that would read outside the factors are refused before any read."""
     y, x = torch.zeros(2, 6), torch.randn(2, 5)
     with pytest.raises(RuntimeError, match=message):
-        native.segment_lora_add_(y, x, torch.randn(8, 5), torch.randn(8, 6), torch.tensor(offsets),
-                                 torch.tensor(groups))
+        add(y, x, torch.randn(8, 5), torch.randn(8, 6), torch.tensor(offsets), torch.tensor(groups))
     assert torch.equal(y, torch.zeros(2, 6))
 
 
@@ -226,16 +290,14 @@ def test_segment_kernel_refuses_rows_of_y_that_share_memory():
     """An expanded y (every row the same memory) would race between threads: refused."""
     y = torch.zeros(1, 6).expand(2, 6)
     with pytest.raises(RuntimeError, match="internal overlap|single memory location"):
-        native.segment_lora_add_(y, torch.randn(2, 5), torch.randn(8, 5), torch.randn(8, 6),
-                                 torch.tensor([0, 4, 8]), torch.tensor([0, 1]))
+        add(y, torch.randn(2, 5), torch.randn(8, 5), torch.randn(8, 6), torch.tensor([0, 4, 8]), torch.tensor([0, 1]))
 
 
 @needs_native
 def test_segment_kernel_refuses_a_y_with_strided_columns():
     y = torch.zeros(6, 2).T  # (2, 6) with column stride 2
     with pytest.raises(RuntimeError, match="unit column stride"):
-        native.segment_lora_add_(y, torch.randn(2, 5), torch.randn(8, 5), torch.randn(8, 6),
-                                 torch.tensor([0, 4, 8]), torch.tensor([0, 1]))
+        add(y, torch.randn(2, 5), torch.randn(8, 5), torch.randn(8, 6), torch.tensor([0, 4, 8]), torch.tensor([0, 1]))
 
 
 # ---- rms_norm, rope_ ------------------------------------------------------------------------------------------------

@@ -196,14 +196,23 @@ class SegmentPlan:
         if stack is not None:
             self.A, self.BT, self.offsets, self.groups = stack
             self.native = True  # make_plan passes a stack only where the kernel runs
-            return
-        self.A = torch.cat([f.A for f in factors]).contiguous()  # (R, in)
-        self.BT = torch.cat([f.B.T for f in factors]).contiguous()  # (R, out)
-        ranks = torch.tensor([0] + [f.rank for f in factors])
-        self.offsets = ranks.cumsum(0).to(routing.groups.device)  # (G + 1,) group g's rows are offsets[g]:[g + 1]
-        self.bounds = ranks.cumsum(0).tolist()  # the same on the host, for the PyTorch path
-        self.groups = routing.groups
-        self.native = native.applies(self.A, routing.groups)
+        else:
+            self.A = torch.cat([f.A for f in factors]).contiguous()  # (R, in)
+            self.BT = torch.cat([f.B.T for f in factors]).contiguous()  # (R, out)
+            ranks = torch.tensor([0] + [f.rank for f in factors])
+            self.offsets = ranks.cumsum(0).to(routing.groups.device)  # (G + 1,) group g's rows: offsets[g]:[g + 1]
+            self.bounds = ranks.cumsum(0).tolist()  # the same on the host, for the PyTorch path
+            self.groups = routing.groups
+            self.native = native.applies(self.A, routing.groups)
+
+    @cached_property
+    def segments(self) -> native.Segments | None:
+        """The kernel's form of the plan, checked once (native.segments); None where the kernel does not run."""
+        return native.segments(self.groups, [self.part()]) if self.native else None
+
+    def part(self, column: int = 0) -> native.Part:
+        """The plan as one part of the kernel's segments, adding into y's columns from `column`."""
+        return self.A, self.BT, self.offsets, column
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         delta = x.new_zeros(x.shape[0], self.BT.shape[1], dtype=self.A.dtype)  # (N, out) in the factors' dtype
@@ -212,8 +221,8 @@ class SegmentPlan:
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor) -> None:
         """y (N, out) += delta, in place (x, y and the factors in one dtype)."""
-        if self.native:
-            native.segment_lora_add_(y, x.contiguous(), self.A, self.BT, self.offsets, self.groups)
+        if self.segments is not None:
+            native.segment_lora_add_(y, x.contiguous(), self.segments)
             return
         for g, rows in enumerate(self.routing.rows):
             r0, r1 = self.bounds[g], self.bounds[g + 1]

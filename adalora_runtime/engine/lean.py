@@ -120,19 +120,24 @@ class Dense:
             return native.dequantize_int8(self.q, self.scales)
         return self.weight if self.w16 is None else self.w16.float()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, in) -> (N, out), contiguous."""
+    def __call__(self, x: torch.Tensor, lora: native.Segments | None = None) -> torch.Tensor:
+        """x (N, in) -> (N, out), contiguous, plus `lora`'s adapters (`native.segments`) where given: in the kernel's
+        own call where one runs, else through `native.segment_lora_add_`."""
         if (self.q is not None or self.w16 is not None) and x.shape[0] > WIDEN_ROWS:
-            return F.linear(x, self.held(), self.bias)
-        if self.q is not None:
-            return native.int8_linear(x, self.q, self.scales, self.bias)
-        if self.w16 is not None:
-            return native.bf16_linear(x, self.w16, self.bias)
-        if self.native and x.shape[0] <= native.SKINNY_ROWS:
-            return native.skinny_linear(x, self.weight, self.bias)
-        if self.packed is None:
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            y = F.linear(x, self.held(), self.bias)
+        elif self.q is not None:
+            return native.int8_linear(x, self.q, self.scales, self.bias, lora)
+        elif self.w16 is not None:
+            return native.bf16_linear(x, self.w16, self.bias, lora)
+        elif self.native and x.shape[0] <= native.SKINNY_ROWS:
+            return native.skinny_linear(x, self.weight, self.bias, lora)
+        elif self.packed is None:
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if lora is not None:
+            native.segment_lora_add_(y, x.contiguous(), lora)
+        return y
 
 
 def _share(bases: Sequence[nn.Module], fused: torch.Tensor) -> None:
@@ -174,27 +179,26 @@ class Projection:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, in) -> (N, sum of out)."""
-        y = self.dense(x)
         context = self.holder.current
         if context is None or not context.routes or not self.parts:
-            return y
+            return self.dense(x)
         if x.shape[0] != context.tokens:
             raise BatchError(f"the batch context routes {context.tokens} tokens, the lean forward has {x.shape[0]}; "
                              f"build the context for this batch's shape")
-        generations = [bank.generation for bank, _ in self.parts]
-        if self._prepared is None or self._prepared[0] is not context or self._prepared[1] != generations \
-                or self._prepared[2] != x.dtype:
-            self._prepared = (context, generations, x.dtype, *self._prepare(context, x.dtype))
-        _, _, _, segments, groups, others = self._prepared
-        for plan, bank, columns in others:
+        prepared = self._prepared
+        if prepared is None or prepared[0] is not context or prepared[2] != x.dtype \
+                or prepared[1] != [bank.generation for bank, _ in self.parts]:
+            prepared = self._prepared = (context, [bank.generation for bank, _ in self.parts], x.dtype,
+                                         *self._prepare(context, x.dtype))
+        y = self.dense(x, prepared[3])
+        for plan, bank, columns in prepared[4]:
             add_delta(plan, bank, y[:, columns], x)
-        if segments:
-            native.segment_lora_parts_add_(y, x.contiguous(), segments, groups)
         return y
 
-    def _prepare(self, context: BatchContext, dtype: torch.dtype) -> tuple[list, torch.Tensor | None, list]:
-        """(the segment kernel's parts, their groups, the other parts' (plan, bank, columns)) of this context's plans
-        for inputs of `dtype`: what every call of the context runs until a bank is written (its generation)."""
+    def _prepare(self, context: BatchContext, dtype: torch.dtype) -> tuple[native.Segments | None, list]:
+        """(the segment kernel's form of the parts it runs (`native.segments`, None if none), the other parts'
+        (plan, bank, columns)) of this context's plans for inputs of `dtype`: what every call of the context runs
+        until a bank is written (its generation)."""
         segments, groups, others = [], None, []
         for bank, columns in self.parts:
             plan = context.plan(bank)
@@ -202,14 +206,15 @@ class Projection:
                 continue
             if isinstance(plan, SegmentPlan) and plan.native and dtype == plan.A.dtype == bank.dtype \
                     and (groups is None or plan.groups is groups):
-                A, BT, offsets = plan.A, plan.BT, plan.offsets
+                part = plan.part(columns.start)
                 if self.factors is not None and plan.stacked:
                     A, BT, offsets, _ = bank.stacked(plan.groups, self.factors)
-                segments.append((A, BT, offsets, columns.start))  # the parts' kernels: one call
+                    part = (A, BT, offsets, columns.start)
+                segments.append(part)  # the parts' kernels: one call
                 groups = plan.groups
             else:
                 others.append((plan, bank, columns))
-        return segments, groups, others
+        return (native.segments(groups, segments) if segments else None), others
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

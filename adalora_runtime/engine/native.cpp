@@ -1,4 +1,4 @@
-// CPU kernels of the lean decode path (float32, AVX2 + FMA), registered as torch.ops.adalora_native.*.
+// CPU kernels of the lean decode path (float32, AVX2 + FMA), bound to Python with pybind11 (the end of the file).
 //
 // skinny_linear(x, w, bias) = x @ w.T + bias for the few rows of a decode step. oneDNN and MKL tile for large
 // batches; at 1-16 rows a step only has to stream each weight once, and this kernel does that from the weight's
@@ -12,13 +12,16 @@
 // bf16_linear(x, w, bias) = x @ float32(w).T + bias over bfloat16 weights (llama.cpp's bf16 GGUF on a CPU without
 // bfloat16 arithmetic does the same): half of float32's bytes, each 8 weights widened exactly in registers.
 //
-// segment_lora_add_(y, x, A[], BT[], offsets[], groups, columns[]) adds each token's own adapter in place, for each
-// part p (several adapted layers of one input, as the lean path's fused q/k/v projection has):
+// Segments(groups, A[], BT[], offsets[], columns[]) holds one batch's adapters of one input, checked once, and
+// segment_lora_add_(y, x, segments) adds each token's own adapter in place, for each part p (several adapted layers
+// of one input, as the lean path's fused q/k/v projection has):
 //     y[i, c:c + out] += (x[i] @ A[r0:r1].T) @ BT[r0:r1]
 // with A, BT, offsets = A[p], BT[p], offsets[p], c = columns[p], out = BT[p].size(1), g = groups[i], r0 =
 // offsets[g], r1 = offsets[g + 1] (tokens with g < 0 add nothing). Every group's factors are stacked once
 // (A (R, in), BT (R, out)), so a token multiplies only its own ranks, with nothing padded and one call per input.
-// A part's factors may be bfloat16 (half the bytes; widened exactly, float32 arithmetic).
+// A part's factors may be bfloat16 (half the bytes; widened exactly, float32 arithmetic). The three linear kernels
+// take the same Segments and add them to their output before returning: one call per projection of a decode step,
+// where a call's fixed cost (the dispatch and the checks, ~8 us) is as large as its adapters' work.
 //
 // rms_norm(x, w, eps) and rope_(qk, cos, sin, head_dim): a decode step's RMSNorm and rotary embedding, one call each
 // instead of the 6-9 small PyTorch ops (each a dispatch, some an OpenMP region) that transformers' modules run.
@@ -38,7 +41,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
+#include <ATen/record_function.h>
+#include <pybind11/stl.h>
+#include <torch/python.h>
 
 namespace {
 
@@ -174,51 +179,6 @@ const float* bias_data(const std::optional<at::Tensor>& bias, int64_t N, const c
   return bias->data_ptr<float>();
 }
 
-at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
-  check_float_cpu(x, "skinny_linear", "x");
-  check_float_cpu(w, "skinny_linear", "w");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "skinny_linear: x (M, K) and w (N, K), got ",
-              x.sizes(), " and ", w.sizes());
-  TORCH_CHECK(w.is_contiguous(), "skinny_linear: w must be contiguous");
-  const at::Tensor xc = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  const float* b = bias_data(bias, N, "skinny_linear");
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = xc.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {  // each thread a contiguous run of w's rows
-    linear_rows(xp, M, K, wp, yp, N, b, n0, n1);
-  });
-  return y;
-}
-
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
-                       const std::optional<at::Tensor>& bias) {
-  const char* op = "int8_linear";
-  check_float_cpu(x, op, "x");
-  check_float_cpu(scales, op, "scales");
-  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(), op,
-              ": q must be a contiguous (N, K) int8 CPU tensor");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == q.size(1), op, ": x (M, K) and q (N, K), got ", x.sizes(), " and ",
-              q.sizes());
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  TORCH_CHECK(K % kBlock == 0, op, ": K = ", K, " must be a multiple of ", kBlock);
-  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == K / kBlock && scales.is_contiguous(), op,
-              ": scales must be a contiguous (N, K / 32)");
-  const float* b = bias_data(bias, N, op);
-  const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = xc.data_ptr<float>();
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const float* sp = scales.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  over_weight_rows(M, N, b, [&]<int R>(int64_t m, int64_t n, const float* bn) {
-    tile_int8<R>(xp + m * K, qp + n * K, sp + n * (K / kBlock), K, yp + m * N + n, N, bn);
-  });
-  return y;
-}
-
 // 8 bfloat16 weights at w as float32 (exact: a bfloat16 is the top half of a float32).
 inline __m256 widen_bf16(const uint16_t* w) {
   const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
@@ -251,26 +211,6 @@ inline void tile_bf16(const float* __restrict x, const uint16_t* __restrict w, i
   for (; k < K; ++k)
     for (int m = 0; m < MT; ++m) tail[m] += x[m * K + k] * bf16_value(w[k]);
   for (int m = 0; m < MT; ++m) y[m * ldy] = hsum(acc[m]) + tail[m] + (bias ? *bias : 0.f);
-}
-
-at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
-  const char* op = "bf16_linear";
-  check_float_cpu(x, op, "x");
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.is_contiguous(), op,
-              ": w must be a contiguous (N, K) bfloat16 CPU tensor");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1), op, ": x (M, K) and w (N, K), got ", x.sizes(), " and ",
-              w.sizes());
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  const float* b = bias_data(bias, N, op);
-  const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = xc.data_ptr<float>();
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  float* yp = y.data_ptr<float>();
-  over_weight_rows(M, N, b, [&]<int R>(int64_t m, int64_t n, const float* bn) {
-    tile_bf16<R>(xp + m * K, wp + n * K, K, yp + m * N + n, N, bn);
-  });
-  return y;
 }
 
 // 8 factors at p as float32: float32 as is, bfloat16 (stored as uint16_t) widened exactly.
@@ -346,23 +286,9 @@ inline void segment_row(const float* x, const T* A, const T* BT, int64_t in, int
   add_rows(y, h, BT + r0 * out, r, out);
 }
 
-void segment_lora_add_(at::Tensor y, const at::Tensor& x, at::TensorList A, at::TensorList BT, at::TensorList offsets,
-                       const at::Tensor& groups, at::IntArrayRef columns) {
-  const char* op = "segment_lora_add_";
-  check_float_cpu(y, op, "y");
-  check_float_cpu(x, op, "x");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous (N, in) tensor");
-  TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.stride(1) == 1, op,
-              ": y must be (N, out) with unit column stride, got ", y.sizes(), " strides ", y.strides());
-  TORCH_CHECK(groups.device().is_cpu() && groups.scalar_type() == at::kLong && groups.is_contiguous() &&
-              groups.numel() == x.size(0), op, ": groups must be a contiguous (N,) long CPU tensor");
-  const int64_t P = static_cast<int64_t>(A.size());
-  TORCH_CHECK(static_cast<int64_t>(BT.size()) == P && static_cast<int64_t>(offsets.size()) == P &&
-              static_cast<int64_t>(columns.size()) == P, op, ": A, BT, offsets and columns must have one entry per part");
-  at::assert_no_internal_overlap(y);  // rows that share memory would race between threads
-  at::assert_no_partial_overlap(y, x);
-  const int64_t N = x.size(0), in = x.size(1), ldy = y.stride(0);
-  const int64_t* grp = groups.data_ptr<int64_t>();
+// One batch's adapters of one input (the file's header): checked once when built, so that each call checks only
+// its x and y against them. Holds its tensors, so the factors it points into live as long as it does.
+struct Segments {
   struct Part {
     const void* a;
     const void* b;
@@ -370,56 +296,178 @@ void segment_lora_add_(at::Tensor y, const at::Tensor& x, at::TensorList A, at::
     const int64_t* off;
     int64_t out, column;
   };
+  std::vector<at::Tensor> held;  // groups, then each part's A, BT and offsets
   std::vector<Part> parts;
-  int64_t max_rank = 0;
-  for (int64_t p = 0; p < P; ++p) {
-    const bool bf16 = A[p].scalar_type() == at::kBFloat16;
-    TORCH_CHECK(A[p].device().is_cpu() && BT[p].device().is_cpu() && BT[p].scalar_type() == A[p].scalar_type() &&
-                (bf16 || A[p].scalar_type() == at::kFloat), op,
-                ": A and BT must be CPU tensors, both float32 or both bfloat16, got ", A[p].scalar_type(), " and ",
-                BT[p].scalar_type());
-    TORCH_CHECK(A[p].dim() == 2 && A[p].is_contiguous() && A[p].size(1) == in, op, ": A must be a contiguous (R, in)");
-    TORCH_CHECK(BT[p].dim() == 2 && BT[p].is_contiguous() && BT[p].size(0) == A[p].size(0), op,
-                ": BT must be a contiguous (R, out)");
-    TORCH_CHECK(columns[p] >= 0 && columns[p] + BT[p].size(1) <= y.size(1), op, ": part ", p, "'s columns [",
-                columns[p], ", ", columns[p] + BT[p].size(1), ") are not within y's ", y.size(1));
-    const at::Tensor& o = offsets[p];
-    TORCH_CHECK(o.device().is_cpu() && o.scalar_type() == at::kLong && o.is_contiguous() && o.dim() == 1 &&
-                o.numel() >= 1, op, ": offsets must be a contiguous (G + 1,) long CPU tensor");
-    const int64_t G = o.numel() - 1, R = A[p].size(0);
-    const int64_t* off = o.data_ptr<int64_t>();
-    for (int64_t g = 0; g < G; ++g) {
-      TORCH_CHECK(0 <= off[g] && off[g] <= off[g + 1] && off[g + 1] <= R, op, ": offsets must rise within [0, R]");
-      max_rank = std::max(max_rank, off[g + 1] - off[g]);
-    }
-    for (int64_t i = 0; i < N; ++i) TORCH_CHECK(grp[i] < G, op, ": group ", grp[i], " of token ", i, " >= G = ", G);
-    parts.push_back({A[p].data_ptr(), BT[p].data_ptr(), bf16, off, BT[p].size(1), columns[p]});
-  }
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  // one token is enough work to split on (r * (in + out) FMAs over its own factors): a decode step's few tokens
-  // run on every thread, each thread reading only its tokens' adapters
-  at::parallel_for(0, N, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> h(max_rank);
-    for (int64_t i = i0; i < i1; ++i) {
-      if (grp[i] < 0) continue;
-      for (const Part& part : parts) {
-        const int64_t r0 = part.off[grp[i]], r = part.off[grp[i] + 1] - r0;
-        float* yi = yp + i * ldy + part.column;
-        if (part.bf16)
-          segment_row(xp + i * in, static_cast<const uint16_t*>(part.a), static_cast<const uint16_t*>(part.b), in,
-                      part.out, r0, r, h.data(), yi);
-        else
-          segment_row(xp + i * in, static_cast<const float*>(part.a), static_cast<const float*>(part.b), in,
-                      part.out, r0, r, h.data(), yi);
+  const int64_t* groups = nullptr;
+  int64_t tokens = 0, in = -1, width = 0, max_rank = 0;
+
+  Segments(at::Tensor groups_, std::vector<at::Tensor> A, std::vector<at::Tensor> BT,
+           std::vector<at::Tensor> offsets, std::vector<int64_t> columns) {
+    const char* op = "Segments";
+    TORCH_CHECK(groups_.device().is_cpu() && groups_.scalar_type() == at::kLong && groups_.is_contiguous() &&
+                groups_.dim() == 1, op, ": groups must be a contiguous (N,) long CPU tensor");
+    const size_t P = A.size();
+    TORCH_CHECK(P >= 1 && BT.size() == P && offsets.size() == P && columns.size() == P, op,
+                ": A, BT, offsets and columns must have one entry per part, at least one");
+    held.push_back(groups_);
+    groups = groups_.data_ptr<int64_t>();
+    tokens = groups_.numel();
+    for (size_t p = 0; p < P; ++p) {
+      const bool bf16 = A[p].scalar_type() == at::kBFloat16;
+      TORCH_CHECK(A[p].device().is_cpu() && BT[p].device().is_cpu() && BT[p].scalar_type() == A[p].scalar_type() &&
+                  (bf16 || A[p].scalar_type() == at::kFloat), op,
+                  ": A and BT must be CPU tensors, both float32 or both bfloat16, got ", A[p].scalar_type(), " and ",
+                  BT[p].scalar_type());
+      TORCH_CHECK(A[p].dim() == 2 && A[p].is_contiguous() && (p == 0 || A[p].size(1) == in), op,
+                  ": A must be a contiguous (R, in), one in for every part");
+      in = A[p].size(1);
+      TORCH_CHECK(BT[p].dim() == 2 && BT[p].is_contiguous() && BT[p].size(0) == A[p].size(0), op,
+                  ": BT must be a contiguous (R, out)");
+      TORCH_CHECK(columns[p] >= 0, op, ": part ", p, "'s first column ", columns[p], " is negative");
+      const at::Tensor& o = offsets[p];
+      TORCH_CHECK(o.device().is_cpu() && o.scalar_type() == at::kLong && o.is_contiguous() && o.dim() == 1 &&
+                  o.numel() >= 1, op, ": offsets must be a contiguous (G + 1,) long CPU tensor");
+      const int64_t G = o.numel() - 1, R = A[p].size(0);
+      const int64_t* off = o.data_ptr<int64_t>();
+      for (int64_t g = 0; g < G; ++g) {
+        TORCH_CHECK(0 <= off[g] && off[g] <= off[g + 1] && off[g + 1] <= R, op, ": offsets must rise within [0, R]");
+        max_rank = std::max(max_rank, off[g + 1] - off[g]);
       }
+      for (int64_t i = 0; i < tokens; ++i)
+        TORCH_CHECK(groups[i] < G, op, ": group ", groups[i], " of token ", i, " >= G = ", G);
+      held.insert(held.end(), {A[p], BT[p], o});
+      parts.push_back({A[p].data_ptr(), BT[p].data_ptr(), bf16, off, BT[p].size(1), columns[p]});
+      width = std::max(width, columns[p] + BT[p].size(1));
     }
+  }
+
+  // x (N, in) and y (N, >= width) fit these segments, and y's rows can be written by threads apart.
+  void check(const at::Tensor& y, const at::Tensor& x, const char* op) const {
+    check_float_cpu(x, op, "x");
+    check_float_cpu(y, op, "y");
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(0) == tokens && x.size(1) == in, op,
+                ": x must be a contiguous (", tokens, ", ", in, ") tensor for these segments, got ", x.sizes());
+    TORCH_CHECK(y.dim() == 2 && y.size(0) == tokens && y.stride(1) == 1, op,
+                ": y must be (N, out) with unit column stride, got ", y.sizes(), " strides ", y.strides());
+    TORCH_CHECK(width <= y.size(1), op, ": the parts' columns end at ", width, ", past y's ", y.size(1));
+    at::assert_no_internal_overlap(y);  // rows that share memory would race between threads
+    at::assert_no_partial_overlap(y, x);
+  }
+
+  // y[i] += token i's delta for every part (after check(y, x)).
+  void add(float* y, int64_t ldy, const float* x) const {
+    // one token is enough work to split on (r * (in + out) FMAs over its own factors): a decode step's few tokens
+    // run on every thread, each thread reading only its tokens' adapters
+    at::parallel_for(0, tokens, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> h(max_rank);
+      for (int64_t i = i0; i < i1; ++i) {
+        if (groups[i] < 0) continue;
+        for (const Part& part : parts) {
+          const int64_t r0 = part.off[groups[i]], r = part.off[groups[i] + 1] - r0;
+          float* yi = y + i * ldy + part.column;
+          if (part.bf16)
+            segment_row(x + i * in, static_cast<const uint16_t*>(part.a), static_cast<const uint16_t*>(part.b), in,
+                        part.out, r0, r, h.data(), yi);
+          else
+            segment_row(x + i * in, static_cast<const float*>(part.a), static_cast<const float*>(part.b), in,
+                        part.out, r0, r, h.data(), yi);
+        }
+      }
+    });
+  }
+};
+
+using Lora = const Segments*;  // none: nullptr
+
+void segment_lora_add_(at::Tensor y, const at::Tensor& x, const Segments& segments) {
+  RECORD_FUNCTION("adalora_native::segment_lora_add_", c10::ArrayRef<const c10::IValue>{});
+  segments.check(y, x, "segment_lora_add_");
+  segments.add(y.data_ptr<float>(), y.stride(0), x.data_ptr<float>());
+}
+
+// A linear kernel's output y (M, N) plus its adapters, when it has any (`lora` of the three kernels below).
+at::Tensor with_lora(at::Tensor y, const at::Tensor& x, Lora lora, const char* op) {
+  if (lora != nullptr) {
+    lora->check(y, x, op);
+    lora->add(y.data_ptr<float>(), y.stride(0), x.data_ptr<float>());
+  }
+  return y;
+}
+
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                         Lora lora) {
+  RECORD_FUNCTION("adalora_native::skinny_linear", c10::ArrayRef<const c10::IValue>{});
+  check_float_cpu(x, "skinny_linear", "x");
+  check_float_cpu(w, "skinny_linear", "w");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "skinny_linear: x (M, K) and w (N, K), got ",
+              x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(w.is_contiguous(), "skinny_linear: w must be contiguous");
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const float* b = bias_data(bias, N, "skinny_linear");
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {  // each thread a contiguous run of w's rows
+    linear_rows(xp, M, K, wp, yp, N, b, n0, n1);
   });
+  return with_lora(y, xc, lora, "skinny_linear");
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& bias, Lora lora) {
+  RECORD_FUNCTION("adalora_native::int8_linear", c10::ArrayRef<const c10::IValue>{});
+  const char* op = "int8_linear";
+  check_float_cpu(x, op, "x");
+  check_float_cpu(scales, op, "scales");
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(), op,
+              ": q must be a contiguous (N, K) int8 CPU tensor");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == q.size(1), op, ": x (M, K) and q (N, K), got ", x.sizes(), " and ",
+              q.sizes());
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  TORCH_CHECK(K % kBlock == 0, op, ": K = ", K, " must be a multiple of ", kBlock);
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == K / kBlock && scales.is_contiguous(), op,
+              ": scales must be a contiguous (N, K / 32)");
+  const float* b = bias_data(bias, N, op);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = xc.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  over_weight_rows(M, N, b, [&]<int R>(int64_t m, int64_t n, const float* bn) {
+    tile_int8<R>(xp + m * K, qp + n * K, sp + n * (K / kBlock), K, yp + m * N + n, N, bn);
+  });
+  return with_lora(y, xc, lora, op);
+}
+
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                       Lora lora) {
+  RECORD_FUNCTION("adalora_native::bf16_linear", c10::ArrayRef<const c10::IValue>{});
+  const char* op = "bf16_linear";
+  check_float_cpu(x, op, "x");
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.is_contiguous(), op,
+              ": w must be a contiguous (N, K) bfloat16 CPU tensor");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1), op, ": x (M, K) and w (N, K), got ", x.sizes(), " and ",
+              w.sizes());
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const float* b = bias_data(bias, N, op);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = xc.data_ptr<float>();
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  float* yp = y.data_ptr<float>();
+  over_weight_rows(M, N, b, [&]<int R>(int64_t m, int64_t n, const float* bn) {
+    tile_bf16<R>(xp + m * K, wp + n * K, K, yp + m * N + n, N, bn);
+  });
+  return with_lora(y, xc, lora, op);
 }
 
 // y[m] = x[m] * rsqrt(mean(x[m]^2) + eps) * w for each row m of x (M, H): the RMSNorm of Llama-family models, in
 // the order of transformers' LlamaRMSNorm (normalize, then scale). Rows are independent: split across threads.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  RECORD_FUNCTION("adalora_native::rms_norm", c10::ArrayRef<const c10::IValue>{});
   const char* op = "rms_norm";
   check_float_cpu(x, op, "x");
   check_float_cpu(w, op, "w");
@@ -453,6 +501,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
 // x * cos[t] + rotate_half(x) * sin[t] of x = qk[t, h * D : + D], rotate_half(x) = (-x[D/2:], x[:D/2]), with
 // cos, sin (T, D): transformers' apply_rotary_pos_emb.
 void rope_(at::Tensor qk, const at::Tensor& cos, const at::Tensor& sin, int64_t head_dim) {
+  RECORD_FUNCTION("adalora_native::rope_", c10::ArrayRef<const c10::IValue>{});
   const char* op = "rope_";
   check_float_cpu(qk, op, "qk");
   check_float_cpu(cos, op, "cos");
@@ -490,6 +539,7 @@ void rope_(at::Tensor qk, const at::Tensor& cos, const at::Tensor& sin, int64_t 
 // (B,) long in [1, W]. Each (row, head) is independent: split across threads, each with one buffer of scores.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                             const at::Tensor& lengths, double scale) {
+  RECORD_FUNCTION("adalora_native::decode_attention", c10::ArrayRef<const c10::IValue>{});
   const char* op = "decode_attention";
   check_float_cpu(q, op, "q");
   check_float_cpu(keys, op, "keys");
@@ -552,23 +602,25 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
 
 }  // namespace
 
-TORCH_LIBRARY(adalora_native, m) {
-  m.def("skinny_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
-  m.def("int8_linear(Tensor x, Tensor q, Tensor scales, Tensor? bias) -> Tensor");
-  m.def("bf16_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
-  m.def("segment_lora_add_(Tensor(a!) y, Tensor x, Tensor[] A, Tensor[] BT, Tensor[] offsets, Tensor groups, "
-        "int[] columns) -> ()");
-  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
-  m.def("rope_(Tensor(a!) qk, Tensor cos, Tensor sin, int head_dim) -> ()");
-  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor lengths, float scale) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(adalora_native, CPU, m) {
-  m.impl("skinny_linear", skinny_linear);
-  m.impl("int8_linear", int8_linear);
-  m.impl("bf16_linear", bf16_linear);
-  m.impl("segment_lora_add_", segment_lora_add_);
-  m.impl("rms_norm", rms_norm);
-  m.impl("rope_", rope_);
-  m.impl("decode_attention", decode_attention);
+// Python bindings (pybind11, not torch.ops: a decode step makes ~400 of these calls, and a torch.ops call costs
+// ~2 us more than a pybind11 one). The GIL is released where a call does a step's real work, so the server's other
+// threads run meanwhile; the names stay in the profiler through RECORD_FUNCTION.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  using release = py::call_guard<py::gil_scoped_release>;
+  py::class_<Segments>(m, "Segments")
+      .def(py::init<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                    std::vector<int64_t>>(), py::arg("groups"), py::arg("A"), py::arg("BT"), py::arg("offsets"),
+           py::arg("columns"));
+  m.def("skinny_linear", &skinny_linear, release(), py::arg("x"), py::arg("w"), py::arg("bias"),
+        py::arg("lora") = nullptr);
+  m.def("int8_linear", &int8_linear, release(), py::arg("x"), py::arg("q"), py::arg("scales"), py::arg("bias"),
+        py::arg("lora") = nullptr);
+  m.def("bf16_linear", &bf16_linear, release(), py::arg("x"), py::arg("w"), py::arg("bias"),
+        py::arg("lora") = nullptr);
+  m.def("segment_lora_add_", &segment_lora_add_, release(), py::arg("y"), py::arg("x"), py::arg("segments"));
+  m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("w"), py::arg("eps"));
+  m.def("rope_", &rope_, py::arg("qk"), py::arg("cos"), py::arg("sin"), py::arg("head_dim"));
+  m.def("decode_attention", &decode_attention, release(), py::arg("q"), py::arg("keys"), py::arg("values"),
+        py::arg("lengths"), py::arg("scale"));
 }

@@ -1,18 +1,19 @@
-"""The lean path's CPU kernels (native.cpp), built once per machine and loaded as torch.ops.adalora_native.
+"""The lean path's CPU kernels (native.cpp), built once per machine and loaded as a Python module.
 
 `torch.utils.cpp_extension` compiles native.cpp with the machine's C++ compiler and ninja on first use (about 15 s;
 cached under $TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions, and rebuilt when the source changes).
 Where they cannot run (no x86 AVX2, no compiler, a failed build, or ADALORA_NATIVE=0) `unavailable()` says why and
 the callers keep their PyTorch paths, which compute the same thing.
 
-- `skinny_linear(x, w, bias)`: x @ w.T + bias for float32 CPU tensors, fastest at `SKINNY_ROWS` rows or fewer.
-- `int8_linear(x, q, scales, bias)`: the same over weights quantized by `quantize_int8` (int8, a float32 scale
+- `skinny_linear(x, w, bias, lora)`: x @ w.T + bias for float32 CPU tensors, fastest at `SKINNY_ROWS` rows or fewer.
+- `int8_linear(x, q, scales, bias, lora)`: the same over weights quantized by `quantize_int8` (int8, a float32 scale
   per 32 weights of a row); activations stay float32.
-- `bf16_linear(x, w, bias)`: x @ w.float().T + bias over bfloat16 weights; activations stay float32.
-- `segment_lora_add_(y, x, A, BT, offsets, groups)`: y[i] += (x[i] @ A[r0:r1].T) @ BT[r0:r1] with r0, r1 =
-  offsets[g], offsets[g + 1] of token i's group g = groups[i] (nothing where g < 0), in place;
-  `segment_lora_parts_add_(y, x, parts, groups)` the same for several parts (A, BT, offsets, first column of y)
-  in one call (the lean path's fused projections: one call per input instead of one per adapted layer).
+- `bf16_linear(x, w, bias, lora)`: x @ w.float().T + bias over bfloat16 weights; activations stay float32.
+- `segments(groups, parts)`: one batch's adapters of one input, checked once: for each part (A (R, in), BT (R, out),
+  offsets (G + 1,), first column c of y), token i of group g = groups[i] adds (x[i] @ A[r0:r1].T) @ BT[r0:r1] to
+  y[i, c:c + out], r0, r1 = offsets[g], offsets[g + 1] (nothing where g < 0): several parts (the lean path's fused
+  q/k/v, gate/up) in one pass. `segment_lora_add_(y, x, segments)` adds them in place; the three linear kernels
+  add them to their output when given as `lora`, in the same call (a decode step's projection: one call).
 - `rms_norm(x, w, eps)`, `rope_(qk, cos, sin, head_dim)`: a Llama-family layer's RMSNorm and rotary embedding.
 - `decode_attention(q, keys, values, lengths, scale)`: one query token per row over its first lengths[b] cached
   keys and values, grouped-query heads.
@@ -26,6 +27,7 @@ import os
 import platform
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,6 +41,10 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 """-fopenmp: at::parallel_for runs on torch's own OpenMP threads (the same libgomp, loaded by torch first)."""
 
 log = logging.getLogger(__name__)
+_kernels = None
+"""The built module (native.cpp's pybind11 bindings), once `unavailable()` has loaded it."""
+Segments = Any
+"""One batch's adapters of one input, checked once (`segments`): a native.cpp Segments object of the built module."""
 
 
 def _ninja_on_path() -> bool:
@@ -69,10 +75,11 @@ def unavailable() -> str | None:
         return "ninja is not installed (pip install ninja)"
     from torch.utils import cpp_extension
 
-    log.info("loading the CPU kernels (%s; the first use on a machine builds them, about 15 s)", SOURCE.name)
+    global _kernels
+    log.info("loading the CPU kernels (%s; the first use on a machine builds them, about 30 s)", SOURCE.name)
     try:
-        cpp_extension.load(name="adalora_native", sources=[str(SOURCE)], extra_cflags=FLAGS,
-                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        _kernels = cpp_extension.load(name="adalora_native", sources=[str(SOURCE)], extra_cflags=FLAGS,
+                                      extra_ldflags=["-fopenmp"], is_python_module=True, verbose=False)
     except Exception as e:  # a compiler error or a missing header: the PyTorch paths stay
         detail = str(e).strip().splitlines()
         return f"building {SOURCE.name} failed: {detail[-1] if detail else type(e).__name__}"
@@ -90,9 +97,10 @@ def applies(*tensors: torch.Tensor) -> bool:
                for t in tensors) and available()
 
 
-def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (M, K) @ w (N, K).T + bias (N,) -> (M, N); w contiguous."""
-    return torch.ops.adalora_native.skinny_linear(x, w, bias)
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                  lora: Segments | None = None) -> torch.Tensor:
+    """x (M, K) @ w (N, K).T + bias (N,) (+ lora's deltas, `segments`) -> (M, N); w contiguous."""
+    return _kernels.skinny_linear(x, w, bias, lora)
 
 
 BLOCK = 32
@@ -115,46 +123,51 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (q.float().reshape(N, K // BLOCK, BLOCK) * scales[..., None]).reshape(N, K)
 
 
-def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (M, K) @ dequantize_int8(q, scales).T + bias (N,) -> (M, N), float32."""
-    return torch.ops.adalora_native.int8_linear(x, q, scales, bias)
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                lora: Segments | None = None) -> torch.Tensor:
+    """x (M, K) @ dequantize_int8(q, scales).T + bias (N,) (+ lora's deltas) -> (M, N), float32."""
+    return _kernels.int8_linear(x, q, scales, bias, lora)
 
 
-def bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (M, K) float32 @ w (N, K) bfloat16 (contiguous), widened exactly, .T + bias (N,) -> (M, N) float32."""
-    return torch.ops.adalora_native.bf16_linear(x, w, bias)
+def bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                lora: Segments | None = None) -> torch.Tensor:
+    """x (M, K) float32 @ w (N, K) bfloat16 (contiguous), widened exactly, .T + bias (N,) (+ lora's deltas) -> (M, N)
+    float32."""
+    return _kernels.bf16_linear(x, w, bias, lora)
 
 
-def segment_lora_add_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, BT: torch.Tensor, offsets: torch.Tensor,
-                      groups: torch.Tensor) -> None:
-    """y (N, out) += each token's own group's delta (module docstring); x (N, in), A (R, in), BT (R, out),
-    offsets (G + 1,) and groups (N,) long, all contiguous but y (unit column stride, any row stride)."""
-    torch.ops.adalora_native.segment_lora_add_(y, x, [A], [BT], [offsets], groups, [0])
+Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
+"""One adapted layer of an input: (A (R, in), BT (R, out), offsets (G + 1,) long, first column of y)."""
 
 
-def segment_lora_parts_add_(y: torch.Tensor, x: torch.Tensor,
-                            parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]],
-                            groups: torch.Tensor) -> None:
-    """For each part (A (R, in), BT (R, out), offsets (G + 1,), column c): y[:, c:c + out] += the part's delta of
-    x (N, in), as segment_lora_add_, all parts in one call over the same groups (N,)."""
-    A, BT, offsets, columns = zip(*parts)
-    torch.ops.adalora_native.segment_lora_add_(y, x, list(A), list(BT), list(offsets), groups, list(columns))
+def segments(groups: torch.Tensor, parts: list[Part]) -> Segments:
+    """The adapters of one input for tokens of `groups` (N,) long (module docstring), checked once (every part's
+    factors float32 or bfloat16, contiguous, one `in`; offsets rising within [0, R]; every group < G): pass it to
+    segment_lora_add_ or a linear kernel's `lora` for each call of the batch."""
+    A, BT, offsets, columns = zip(*parts) if parts else ((), (), (), ())
+    return _kernels.Segments(groups, list(A), list(BT), list(offsets), list(columns))
+
+
+def segment_lora_add_(y: torch.Tensor, x: torch.Tensor, lora: Segments) -> None:
+    """y (N, >= the parts' last column) += each token's own group's delta of x (N, in), in place; x contiguous,
+    y with unit column stride (any row stride: a column slice of a wider output)."""
+    _kernels.segment_lora_add_(y, x, lora)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """x (M, H) (unit column stride) -> x * rsqrt(mean(x ** 2, -1) + eps) * w, (M, H) contiguous: transformers'
     LlamaRMSNorm in float32."""
-    return torch.ops.adalora_native.rms_norm(x, w, eps)
+    return _kernels.rms_norm(x, w, eps)
 
 
 def rope_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> None:
     """In place: each head_dim-wide head of each row t of qk (T, heads * head_dim) (unit column stride) becomes
     x * cos[t] + rotate_half(x) * sin[t]; cos, sin (T, head_dim) contiguous."""
-    torch.ops.adalora_native.rope_(qk, cos, sin, head_dim)
+    _kernels.rope_(qk, cos, sin, head_dim)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
                      scale: float) -> torch.Tensor:
     """q (B, H, D), keys and values (B, Hkv, W, D) (unit stride on D; H a multiple of Hkv), lengths (B,) long in
     [1, W] -> (B, H, D): softmax(q . keys[:, h // (H / Hkv), :lengths[b]] * scale) @ the same rows of values."""
-    return torch.ops.adalora_native.decode_attention(q, keys, values, lengths, scale)
+    return _kernels.decode_attention(q, keys, values, lengths, scale)
