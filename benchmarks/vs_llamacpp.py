@@ -293,7 +293,7 @@ async def measure(servers: list[Server], ids, args) -> dict:
     return {"equivalence": {k: {kk: vv for kk, vv in v.items() if kk != "texts"} if isinstance(v, dict) else v
                             for k, v in check.items()},
             "tok_s": {name: {c: median(v) for c, v in res.items()} for name, res in results.items()},
-            "per_round": results}
+            "per_round": results, "batch": len(ids)}
 
 
 def table(results: dict) -> str:
@@ -302,7 +302,8 @@ def table(results: dict) -> str:
     for name, res in results["tok_s"].items():
         rows.append([name, f"{res['base']:.0f}", f"{res['one']:.0f}", f"{res['distinct']:.0f}",
                      f"{res['distinct'] / res['base']:.2f}"])
-    out = markdown_table(["server, weights", "base xB tok/s", "one adapter xB", "B distinct adapters",
+    B = results.get("batch", "B")
+    out = markdown_table(["server, weights", f"base x{B} tok/s", f"one adapter x{B}", f"{B} distinct adapters",
                           "distinct / base"], rows)
     peers = [v["distinct"] for k, v in results["tok_s"].items() if k.startswith("llama")]
     if not peers:
@@ -325,7 +326,7 @@ def plot(results: dict, path: Path) -> None:
         ax.bar([c + i * width for c in range(len(CONFIGS))], [results["tok_s"][name][c] for c in CONFIGS], width,
                label=name)
     ax.set_xticks([c + 0.4 - width / 2 for c in range(len(CONFIGS))], CONFIGS)
-    ax.set_ylabel("tokens/s (B concurrent requests)")
+    ax.set_ylabel(f"tokens/s ({results.get('batch', 'B')} concurrent requests)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
