@@ -258,10 +258,23 @@ def test_an_admission_writes_only_its_own_rows(capacity):
     h.decode()
 
 
-def _raise_in_layer_1(h):
-    def hook(module, args, output):
+class _Raising:
+    """Stands in for layer 1's MLP on the lean path (after its attention wrote the layer's keys); `remove` puts it
+    back."""
+
+    def __init__(self, layer) -> None:
+        self.layer = layer
+        layer.mlp = self
+
+    def __call__(self, h):
         raise RuntimeError("layer 1 failed")
-    return h.engine.model.model.layers[1].mlp.act_fn.register_forward_hook(hook)  # a module the lean path runs
+
+    def remove(self) -> None:
+        del self.layer.mlp  # the class's method again
+
+
+def _raise_in_layer_1(h):
+    return _Raising(h.lean.layers[1])
 
 
 # (what fails, how the prefill is made to fail, the error it raises)

@@ -362,6 +362,30 @@ def test_norm_and_rope_refuse_what_they_cannot_compute(call, message):
         call()
 
 
+# ---- silu_mul ---------------------------------------------------------------------------------------------------------
+
+@needs_native
+@pytest.mark.parametrize("M,I", [(1, 8), (3, 13), (8, 1536), (40, 64), (0, 16)])
+def test_silu_mul_equals_the_models_silu_times_up(M, I):
+    """silu(gate) * up from [gate | up] rows (a strided view, as a wider output's columns), within a few ulp of
+    transformers' SiLU (exp is a polynomial here), including gates far out in both tails."""
+    gen = torch.Generator().manual_seed(M * 100 + I)
+    x = torch.randn(M, 2 * I + 3, generator=gen) * 4
+    if M:  # both tails of exp's clamp, and zero
+        x[0, :4] = torch.tensor([-100.0, -88.0, 90.0, 0.0])
+    x = x[:, : 2 * I]
+    want = torch.nn.SiLU()(x[:, :I]) * x[:, I:]
+    got = native.silu_mul(x, I)
+    assert got.shape == (M, I) and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=4e-7, atol=1e-30)
+
+
+@needs_native
+def test_silu_mul_refuses_a_row_that_is_not_gate_and_up():
+    with pytest.raises(RuntimeError, match=r"x must be \(M, 2 \* I\)"):
+        native.silu_mul(torch.randn(2, 10), 4)
+
+
 # ---- decode_attention ------------------------------------------------------------------------------------------------
 
 # (rows, heads, kv heads, head_dim, cache width, each row's length): grouped-query and plain heads, D % 8 tails,
@@ -385,6 +409,39 @@ def test_decode_attention_equals_sdpa_over_each_rows_own_keys(B, H, Hkv, D, W, l
         want = F.scaled_dot_product_attention(q[b, :, None].double(), keys[b, :, :n].double(), values[b, :, :n].double(),
                                               scale=scale, enable_gqa=H != Hkv)[:, 0]
         torch.testing.assert_close(got[b].double(), want, rtol=0, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("B,H,Hkv,D,W,lengths", [(3, 4, 2, 8, 6, [1, 6, 3]), (2, 9, 3, 64, 40, [17, 40])])
+def test_decode_attention_writes_the_new_tokens_then_attends(B, H, Hkv, D, W, lengths):
+    """Given the step's new keys and values, each row's land in its column lengths[b] - 1 of the layer's cache rows
+    (more rows than B, nothing else written) and the attention includes them: the cache write, then the same
+    attention as without them."""
+    gen = torch.Generator().manual_seed(B * 11 + D)
+    cache_k, cache_v = torch.randn(2, B + 2, Hkv, W, D, generator=gen), torch.randn(2, B + 2, Hkv, W, D, generator=gen)
+    new_k = torch.randn(B, 1, Hkv, D, generator=gen).transpose(1, 2)[:, :, 0]  # (B, Hkv, D), strided as the lean path's
+    new_v = torch.randn(B, 1, Hkv, D, generator=gen).transpose(1, 2)[:, :, 0]
+    q = torch.randn(B, H, D, generator=gen)
+    want_k, want_v = cache_k.clone(), cache_v.clone()
+    for b, n in enumerate(lengths):
+        want_k[1, b, :, n - 1], want_v[1, b, :, n - 1] = new_k[b], new_v[b]
+    want = native.decode_attention(q, want_k[1], want_v[1], torch.tensor(lengths), D ** -0.5)
+    got = native.decode_attention(q, cache_k[1], cache_v[1], torch.tensor(lengths), D ** -0.5, new_k, new_v)
+    assert torch.equal(cache_k, want_k) and torch.equal(cache_v, want_v)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@needs_native
+@pytest.mark.parametrize("new_k,new_v,message", [
+    ((2, 2, 8), None, "give both new_keys and new_values, or neither"),
+    ((2, 1, 8), (2, 1, 8), r"new_keys and new_values must be \(2, 2, 8\)"),
+], ids=["one-of-two", "shape"])
+def test_decode_attention_refuses_new_tokens_that_do_not_fit(new_k, new_v, message):
+    keys, values = torch.zeros(2, 2, 5, 8), torch.zeros(2, 2, 5, 8)
+    with pytest.raises(RuntimeError, match=message):
+        native.decode_attention(torch.randn(2, 4, 8), keys, values, torch.tensor([1, 2]), 0.1, torch.randn(*new_k),
+                                None if new_v is None else torch.randn(*new_v))
+    assert not keys.any() and not values.any()  # nothing written
 
 
 @needs_native

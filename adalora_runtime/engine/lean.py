@@ -251,7 +251,8 @@ class _Shape:
 
 
 class LeanLayer:
-    """One decoder layer: fused projections, the model's own norms and activation."""
+    """One decoder layer: fused projections, the model's own norms and activation (on the fast path, the native
+    RMSNorm and silu(gate) * up in their place)."""
 
     def __init__(self, layer: nn.Module, holder: ContextHolder, weights: str = "float", fast: bool = False) -> None:
         attn, mlp = layer.self_attn, layer.mlp
@@ -260,12 +261,15 @@ class LeanLayer:
         self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], holder, weights)
         self.down = Projection([mlp.down_proj], holder, weights)
         self.act = mlp.act_fn
+        self.fast = fast
         self.norm_in, self.norm_post = Norm(layer.input_layernorm, fast), Norm(layer.post_attention_layernorm, fast)
         self.q_width = _base(attn.q_proj).weight.shape[0]
         self.kv_width = _base(attn.k_proj).weight.shape[0]
         self.intermediate = _base(mlp.gate_proj).weight.shape[0]
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        if self.fast:  # SiLU (`unsupported` admits no other activation), in one native call
+            return self.down(native.silu_mul(self.gate_up(h), self.intermediate))
         gate, up = self.gate_up(h).split(self.intermediate, dim=-1)  # (N, I) each
         return self.down(self.act(gate) * up)
 
@@ -396,17 +400,17 @@ class LeanLlama:
         if self.fast:
             lengths = columns + 1  # (B,) each row's tokens once this one is written
 
-            def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-                return native.decode_attention(q[:, :, 0], keys, values, lengths, self.shape.scaling)[:, :, None]
+            def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                # the cache write and the attention in one call, over the layer's cache rows as they are
+                return native.decode_attention(q[:, :, 0], self.cache.keys[index], self.cache.values[index], lengths,
+                                               self.shape.scaling, k[:, :, 0], v[:, :, 0])[:, :, None]
         else:
             mask = (torch.arange(width, device=columns.device)[None, :] <= columns[:, None])[:, None, None]
 
-            def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                self.cache.write_step(index, columns, k, v)
+                keys, values = self.cache.window(index, rows, width)  # (B, Hkv, W, D)
                 return self._sdpa(q, keys, values, mask)  # mask (B, 1, 1, W): each row's own columns
-
-        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self.cache.write_step(index, columns, k, v)
-            return attention(q, *self.cache.window(index, rows, width))  # keys, values (B, Hkv, W, D)
 
         hidden = self._forward(tokens[:, None], columns[:, None], attend)
         self.cache.advance()

@@ -25,8 +25,10 @@
 //
 // rms_norm(x, w, eps) and rope_(qk, cos, sin, head_dim): a decode step's RMSNorm and rotary embedding, one call each
 // instead of the 6-9 small PyTorch ops (each a dispatch, some an OpenMP region) that transformers' modules run.
-// decode_attention(q, keys, values, lengths, scale): a decode step's attention (one query per row over its own
-// cached tokens), where PyTorch's CPU flash attention spends ~100 us a call on its setup at these sizes.
+// silu_mul(x, I): a Llama MLP's silu(gate) * up from the fused gate/up output, with a vectorized exp.
+// decode_attention(q, keys, values, lengths, scale, new_keys, new_values): a decode step's cache write and attention
+// (one query per row over its own cached tokens), where PyTorch's CPU flash attention spends ~100 us a call on its
+// setup at these sizes and the cache write by index ~30 us a layer.
 //
 // engine/native.py builds this file with torch.utils.cpp_extension and checks every result against the
 // reference (tests/test_engine_native.py).
@@ -533,12 +535,66 @@ void rope_(at::Tensor qk, const at::Tensor& cos, const at::Tensor& sin, int64_t 
   });
 }
 
+// exp(x) for 8 floats, within ~2 ulp of the correctly rounded value: Cephes' expf (x = n ln 2 + r, |r| <= ln 2 / 2,
+// a degree-6 polynomial for exp(r), times 2^n built in the exponent bits); x is clamped to [-87.3, 88.7] first,
+// where the result stays a normal float (an underflowing exp only ever meets 1 + exp(-x) below).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts: x - n ln 2 exactly
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// y[m] = silu(x[m, :I]) * x[m, I:2I] with silu(g) = g / (1 + exp(-g)) (transformers' SiLU gate of a Llama MLP), for
+// x (M, 2I) with unit column stride -> (M, I) contiguous: one call instead of a split and two ops over the rows.
+at::Tensor silu_mul(const at::Tensor& x, int64_t I) {
+  RECORD_FUNCTION("adalora_native::silu_mul", c10::ArrayRef<const c10::IValue>{});
+  const char* op = "silu_mul";
+  check_float_cpu(x, op, "x");
+  TORCH_CHECK(I > 0 && x.dim() == 2 && x.size(1) == 2 * I && x.stride(1) == 1, op,
+              ": x must be (M, 2 * I) with unit column stride for I = ", I, ", got ", x.sizes());
+  const int64_t M = x.size(0), ldx = x.stride(0);
+  at::Tensor y = at::empty({M, I}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // a decode step's few rows run inline (a few us of work, less than a thread's fork and join); a prefill's split
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* g = xp + m * ldx;
+      const float* u = g + I;
+      float* out = yp + m * I;
+      int64_t k = 0;
+      for (; k + 8 <= I; k += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + k);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        const __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+        _mm256_storeu_ps(out + k, _mm256_mul_ps(silu, _mm256_loadu_ps(u + k)));
+      }
+      for (; k < I; ++k) out[k] = g[k] / (1.f + std::exp(-g[k])) * u[k];
+    }
+  });
+  return y;
+}
+
 // out[b, h] = softmax(q[b, h] . keys[b, g, j] * scale over j < lengths[b]) @ values[b, g, :lengths[b]] with
 // g = h / (H / Hkv) (grouped-query heads): a decode step's attention, one query token per row over that row's own
-// cached tokens. q (B, H, D), keys and values (B, Hkv, W, D) with unit stride on D (views of the cache), lengths
-// (B,) long in [1, W]. Each (row, head) is independent: split across threads, each with one buffer of scores.
+// cached tokens. q (B, H, D), keys and values (>= B, Hkv, W, D) with unit stride on D (the cache's rows of one
+// layer), lengths (B,) long in [1, W]. Given new_keys and new_values (B, Hkv, D), each row's new token is first
+// written to its column lengths[b] - 1 (the step's cache write, in the same call). Each (row, head) is
+// independent: split across threads, each with one buffer of scores.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                            const at::Tensor& lengths, double scale) {
+                            const at::Tensor& lengths, double scale, const std::optional<at::Tensor>& new_keys,
+                            const std::optional<at::Tensor>& new_values) {
   RECORD_FUNCTION("adalora_native::decode_attention", c10::ArrayRef<const c10::IValue>{});
   const char* op = "decode_attention";
   check_float_cpu(q, op, "q");
@@ -548,13 +604,33 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   TORCH_CHECK(keys.dim() == 4 && keys.sizes() == values.sizes() && keys.stride(3) == 1 && values.stride(3) == 1, op,
               ": keys and values must be (B, Hkv, W, D) alike, with unit stride on D");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = keys.size(1), W = keys.size(2);
-  TORCH_CHECK(keys.size(0) == B && keys.size(3) == D && Hkv > 0 && H % Hkv == 0, op, ": q ", q.sizes(),
+  TORCH_CHECK(keys.size(0) >= B && keys.size(3) == D && Hkv > 0 && H % Hkv == 0, op, ": q ", q.sizes(),
               " does not match keys ", keys.sizes(), " (rows, head_dim, or heads a multiple of kv heads)");
   TORCH_CHECK(lengths.device().is_cpu() && lengths.scalar_type() == at::kLong && lengths.dim() == 1 &&
               lengths.numel() == B && lengths.is_contiguous(), op, ": lengths must be a contiguous (B,) long CPU tensor");
   const int64_t* len = lengths.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(1 <= len[b] && len[b] <= W, op, ": length ", len[b], " of row ", b, " is outside [1, ", W, "]");
+  TORCH_CHECK(new_keys.has_value() == new_values.has_value(), op, ": give both new_keys and new_values, or neither");
+  if (new_keys.has_value()) {
+    const at::Tensor& nk = *new_keys;
+    const at::Tensor& nv = *new_values;
+    check_float_cpu(nk, op, "new_keys");
+    check_float_cpu(nv, op, "new_values");
+    TORCH_CHECK(nk.dim() == 3 && nk.size(0) == B && nk.size(1) == Hkv && nk.size(2) == D && nk.stride(2) == 1 &&
+                nv.sizes() == nk.sizes() && nv.stride(2) == 1, op, ": new_keys and new_values must be (", B, ", ",
+                Hkv, ", ", D, ") with unit stride on D, got ", nk.sizes(), " and ", nv.sizes());
+    at::assert_no_partial_overlap(keys, nk);
+    at::assert_no_partial_overlap(values, nv);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t g = 0; g < Hkv; ++g) {
+        const int64_t column = len[b] - 1;
+        std::memcpy(keys.data_ptr<float>() + b * keys.stride(0) + g * keys.stride(1) + column * keys.stride(2),
+                    nk.data_ptr<float>() + b * nk.stride(0) + g * nk.stride(1), D * sizeof(float));
+        std::memcpy(values.data_ptr<float>() + b * values.stride(0) + g * values.stride(1) + column * values.stride(2),
+                    nv.data_ptr<float>() + b * nv.stride(0) + g * nv.stride(1), D * sizeof(float));
+      }
+  }
   at::Tensor out = at::empty({B, H, D}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* kp = keys.data_ptr<float>();
@@ -620,7 +696,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lora") = nullptr);
   m.def("segment_lora_add_", &segment_lora_add_, release(), py::arg("y"), py::arg("x"), py::arg("segments"));
   m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("w"), py::arg("eps"));
+  m.def("silu_mul", &silu_mul, py::arg("x"), py::arg("intermediate"));
   m.def("rope_", &rope_, py::arg("qk"), py::arg("cos"), py::arg("sin"), py::arg("head_dim"));
   m.def("decode_attention", &decode_attention, release(), py::arg("q"), py::arg("keys"), py::arg("values"),
-        py::arg("lengths"), py::arg("scale"));
+        py::arg("lengths"), py::arg("scale"), py::arg("new_keys") = py::none(), py::arg("new_values") = py::none());
 }

@@ -15,8 +15,9 @@ the callers keep their PyTorch paths, which compute the same thing.
   q/k/v, gate/up) in one pass. `segment_lora_add_(y, x, segments)` adds them in place; the three linear kernels
   add them to their output when given as `lora`, in the same call (a decode step's projection: one call).
 - `rms_norm(x, w, eps)`, `rope_(qk, cos, sin, head_dim)`: a Llama-family layer's RMSNorm and rotary embedding.
-- `decode_attention(q, keys, values, lengths, scale)`: one query token per row over its first lengths[b] cached
-  keys and values, grouped-query heads.
+- `silu_mul(x, intermediate)`: a Llama MLP's silu(gate) * up from its fused gate/up output.
+- `decode_attention(q, keys, values, lengths, scale, new_keys, new_values)`: one query token per row over its first
+  lengths[b] cached keys and values, grouped-query heads, after writing the step's new ones where given.
 """
 
 from __future__ import annotations
@@ -166,8 +167,17 @@ def rope_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int)
     _kernels.rope_(qk, cos, sin, head_dim)
 
 
+def silu_mul(x: torch.Tensor, intermediate: int) -> torch.Tensor:
+    """x (M, 2 * intermediate) (unit column stride: [gate | up]) -> silu(gate) * up, (M, intermediate) contiguous,
+    silu(g) = g / (1 + exp(-g)) with exp within ~2 ulp (transformers' SiLU computes the same formula)."""
+    return _kernels.silu_mul(x, intermediate)
+
+
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """q (B, H, D), keys and values (B, Hkv, W, D) (unit stride on D; H a multiple of Hkv), lengths (B,) long in
-    [1, W] -> (B, H, D): softmax(q . keys[:, h // (H / Hkv), :lengths[b]] * scale) @ the same rows of values."""
-    return _kernels.decode_attention(q, keys, values, lengths, scale)
+                     scale: float, new_keys: torch.Tensor | None = None,
+                     new_values: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, H, D), keys and values (>= B, Hkv, W, D) (unit stride on D; H a multiple of Hkv), lengths (B,) long in
+    [1, W] -> (B, H, D): softmax(q . keys[b, h // (H / Hkv), :lengths[b]] * scale) @ the same rows of values. Given
+    new_keys and new_values (B, Hkv, D) (unit stride on D), each row's are first written to column lengths[b] - 1 of
+    keys and values (a decode step's cache write)."""
+    return _kernels.decode_attention(q, keys, values, lengths, scale, new_keys, new_values)
