@@ -272,6 +272,28 @@ def test_segments_refuse_what_the_kernel_cannot_read(groups, parts, message):
 
 
 @needs_native
+def test_segments_hold_their_own_copy_of_the_routing():
+    """Editing the groups or offsets passed in, after the segments were checked, changes nothing they compute (a
+    group past the factors would otherwise be read unchecked)."""
+    groups, offsets = torch.tensor([0, 1]), torch.tensor([0, 4, 8])
+    A, BT, x = torch.randn(8, 5), torch.randn(8, 6), torch.randn(2, 5)
+    lora = native.segments(groups, [(A, BT, offsets, 0)])
+    want = torch.zeros(2, 6)
+    native.segment_lora_add_(want, x, lora)
+    groups[0], offsets[1] = 99, 50
+    got = torch.zeros(2, 6)
+    native.segment_lora_add_(got, x, lora)
+    assert torch.equal(got, want)
+
+
+def test_a_kernel_call_where_they_do_not_run_says_why(monkeypatch):
+    monkeypatch.setattr(native, "_kernels", None)
+    monkeypatch.setattr(native, "unavailable", lambda: "ADALORA_NATIVE=0")
+    with pytest.raises(RuntimeError, match="the native CPU kernels do not run here: ADALORA_NATIVE=0"):
+        native.rms_norm(torch.randn(2, 4), torch.ones(4), 1e-5)
+
+
+@needs_native
 @pytest.mark.parametrize("offsets,groups,message", [
     ([0, 4, 2], [0, 1], "offsets must rise within"),
     ([0, 4, 9], [0, 1], "offsets must rise within"),  # past R = 8 rows
@@ -371,8 +393,8 @@ def test_silu_mul_equals_the_models_silu_times_up(M, I):
     transformers' SiLU (exp is a polynomial here), including gates far out in both tails."""
     gen = torch.Generator().manual_seed(M * 100 + I)
     x = torch.randn(M, 2 * I + 3, generator=gen) * 4
-    if M:  # both tails of exp's clamp, and zero
-        x[0, :4] = torch.tensor([-100.0, -88.0, 90.0, 0.0])
+    if M:  # both tails of exp's clamp (-88.5: just past where 2^n would overflow), and zero
+        x[0, :4] = torch.tensor([-100.0, -88.5, 90.0, 0.0])
     x = x[:, : 2 * I]
     want = torch.nn.SiLU()(x[:, :I]) * x[:, I:]
     got = native.silu_mul(x, I)
@@ -442,6 +464,14 @@ def test_decode_attention_refuses_new_tokens_that_do_not_fit(new_k, new_v, messa
         native.decode_attention(torch.randn(2, 4, 8), keys, values, torch.tensor([1, 2]), 0.1, torch.randn(*new_k),
                                 None if new_v is None else torch.randn(*new_v))
     assert not keys.any() and not values.any()  # nothing written
+
+
+@needs_native
+def test_decode_attention_refuses_to_write_a_cache_whose_rows_share_memory():
+    keys = torch.zeros(1, 2, 5, 8).expand(2, 2, 5, 8)  # both rows the same memory: two writes to one place
+    with pytest.raises(RuntimeError, match="internal overlap|single memory location"):
+        native.decode_attention(torch.randn(2, 4, 8), keys, torch.zeros(2, 2, 5, 8), torch.tensor([1, 2]), 0.1,
+                                torch.randn(2, 2, 8), torch.randn(2, 2, 8))
 
 
 @needs_native

@@ -35,7 +35,9 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstring>
 #include <vector>
 
@@ -311,8 +313,8 @@ struct Segments {
     const size_t P = A.size();
     TORCH_CHECK(P >= 1 && BT.size() == P && offsets.size() == P && columns.size() == P, op,
                 ": A, BT, offsets and columns must have one entry per part, at least one");
-    held.push_back(groups_);
-    groups = groups_.data_ptr<int64_t>();
+    held.push_back(groups_.clone());  // a copy: a later in-place edit of the caller's cannot skip the checks below
+    groups = held.back().data_ptr<int64_t>();
     tokens = groups_.numel();
     for (size_t p = 0; p < P; ++p) {
       const bool bf16 = A[p].scalar_type() == at::kBFloat16;
@@ -325,8 +327,9 @@ struct Segments {
       in = A[p].size(1);
       TORCH_CHECK(BT[p].dim() == 2 && BT[p].is_contiguous() && BT[p].size(0) == A[p].size(0), op,
                   ": BT must be a contiguous (R, out)");
-      TORCH_CHECK(columns[p] >= 0, op, ": part ", p, "'s first column ", columns[p], " is negative");
-      const at::Tensor& o = offsets[p];
+      TORCH_CHECK(columns[p] >= 0 && columns[p] <= std::numeric_limits<int64_t>::max() - BT[p].size(1), op,
+                  ": part ", p, "'s first column ", columns[p], " is negative or past any width");
+      const at::Tensor o = offsets[p].clone();  // a copy, as groups
       TORCH_CHECK(o.device().is_cpu() && o.scalar_type() == at::kLong && o.is_contiguous() && o.dim() == 1 &&
                   o.numel() >= 1, op, ": offsets must be a contiguous (G + 1,) long CPU tensor");
       const int64_t G = o.numel() - 1, R = A[p].size(0);
@@ -536,10 +539,10 @@ void rope_(at::Tensor qk, const at::Tensor& cos, const at::Tensor& sin, int64_t 
 }
 
 // exp(x) for 8 floats, within ~2 ulp of the correctly rounded value: Cephes' expf (x = n ln 2 + r, |r| <= ln 2 / 2,
-// a degree-6 polynomial for exp(r), times 2^n built in the exponent bits); x is clamped to [-87.3, 88.7] first,
-// where the result stays a normal float (an underflowing exp only ever meets 1 + exp(-x) below).
+// a degree-6 polynomial for exp(r), times 2^n built in the exponent bits); x is clamped to [-87.3, 88.376] first,
+// where n stays within [-126, 127] and so 2^n a normal float (an underflowing exp only ever meets 1 + exp(-x)).
 inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3762626647949f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts: x - n ln 2 exactly
@@ -620,8 +623,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
     TORCH_CHECK(nk.dim() == 3 && nk.size(0) == B && nk.size(1) == Hkv && nk.size(2) == D && nk.stride(2) == 1 &&
                 nv.sizes() == nk.sizes() && nv.stride(2) == 1, op, ": new_keys and new_values must be (", B, ", ",
                 Hkv, ", ", D, ") with unit stride on D, got ", nk.sizes(), " and ", nv.sizes());
-    at::assert_no_partial_overlap(keys, nk);
-    at::assert_no_partial_overlap(values, nv);
+    at::assert_no_internal_overlap(keys);  // rows or columns that share memory would take several writes
+    at::assert_no_internal_overlap(values);
+    for (const at::Tensor* cache : {&keys, &values}) {
+      at::assert_no_partial_overlap(*cache, nk);
+      at::assert_no_partial_overlap(*cache, nv);
+    }
     for (int64_t b = 0; b < B; ++b)
       for (int64_t g = 0; g < Hkv; ++g) {
         const int64_t column = len[b] - 1;
@@ -642,7 +649,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   const int64_t vb = values.stride(0), vh = values.stride(1), vw = values.stride(2);
   const float s = static_cast<float>(scale);
   at::parallel_for(0, B * H, 8, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(W);
+    std::vector<float> p(*std::max_element(len, len + B));
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H, g = h / group, n = len[b];
       const float* qv = qp + b * qb + h * qh;
