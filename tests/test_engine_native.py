@@ -287,7 +287,7 @@ def test_segments_hold_their_own_copy_of_the_routing():
 
 
 def test_a_kernel_call_where_they_do_not_run_says_why(monkeypatch):
-    monkeypatch.setattr(native, "_kernels", None)
+    monkeypatch.setattr(native, "_kernels", native._Unbuilt())
     monkeypatch.setattr(native, "unavailable", lambda: "ADALORA_NATIVE=0")
     with pytest.raises(RuntimeError, match="the native CPU kernels do not run here: ADALORA_NATIVE=0"):
         native.rms_norm(torch.randn(2, 4), torch.ones(4), 1e-5)

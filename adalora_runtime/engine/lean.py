@@ -395,8 +395,6 @@ class LeanLlama:
         """tokens (B,) long, one per running row -> logits (B, vocab); each row's cache grows by one."""
         self.cache.ensure_next()
         columns = self.cache.step_positions()  # (B,) where each new token goes
-        width = max(self.cache.lengths) + 1
-        rows = slice(0, self.cache.rows)
         if self.fast:
             lengths = columns + 1  # (B,) each row's tokens once this one is written
 
@@ -405,6 +403,7 @@ class LeanLlama:
                 return native.decode_attention(q[:, :, 0], self.cache.keys[index], self.cache.values[index], lengths,
                                                self.shape.scaling, k[:, :, 0], v[:, :, 0])[:, :, None]
         else:
+            width, rows = max(self.cache.lengths) + 1, slice(0, self.cache.rows)
             mask = (torch.arange(width, device=columns.device)[None, :] <= columns[:, None])[:, None, None]
 
             def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

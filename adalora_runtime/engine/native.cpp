@@ -359,6 +359,12 @@ struct Segments {
     at::assert_no_partial_overlap(y, x);
   }
 
+  // y[i] += token i's delta for every part, x and y checked first.
+  void add_to(const at::Tensor& y, const at::Tensor& x, const char* op) const {
+    check(y, x, op);
+    add(y.data_ptr<float>(), y.stride(0), x.data_ptr<float>());
+  }
+
   // y[i] += token i's delta for every part (after check(y, x)).
   void add(float* y, int64_t ldy, const float* x) const {
     // one token is enough work to split on (r * (in + out) FMAs over its own factors): a decode step's few tokens
@@ -386,16 +392,12 @@ using Lora = const Segments*;  // none: nullptr
 
 void segment_lora_add_(at::Tensor y, const at::Tensor& x, const Segments& segments) {
   RECORD_FUNCTION("adalora_native::segment_lora_add_", c10::ArrayRef<const c10::IValue>{});
-  segments.check(y, x, "segment_lora_add_");
-  segments.add(y.data_ptr<float>(), y.stride(0), x.data_ptr<float>());
+  segments.add_to(y, x, "segment_lora_add_");
 }
 
 // A linear kernel's output y (M, N) plus its adapters, when it has any (`lora` of the three kernels below).
 at::Tensor with_lora(at::Tensor y, const at::Tensor& x, Lora lora, const char* op) {
-  if (lora != nullptr) {
-    lora->check(y, x, op);
-    lora->add(y.data_ptr<float>(), y.stride(0), x.data_ptr<float>());
-  }
+  if (lora != nullptr) lora->add_to(y, x, op);
   return y;
 }
 

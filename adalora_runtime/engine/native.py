@@ -42,7 +42,20 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 """-fopenmp: at::parallel_for runs on torch's own OpenMP threads (the same libgomp, loaded by torch first)."""
 
 log = logging.getLogger(__name__)
-_kernels = None
+
+
+class _Unbuilt:
+    """Stands for the module until `unavailable()` has built and loaded it: the first kernel called loads it, or
+    says why it cannot run (the engine checks `applies` first); once loaded, a call costs nothing extra."""
+
+    def __getattr__(self, name: str):
+        reason = unavailable()  # builds and loads the module where it can
+        if reason is not None or isinstance(_kernels, _Unbuilt):
+            raise RuntimeError(f"the native CPU kernels do not run here: {reason or 'their module is not loaded'}")
+        return getattr(_kernels, name)
+
+
+_kernels = _Unbuilt()
 """The built module (native.cpp's pybind11 bindings), once `unavailable()` has loaded it."""
 Segments = Any
 """One batch's adapters of one input, checked once (`segments`): a native.cpp Segments object of the built module."""
@@ -87,13 +100,6 @@ def unavailable() -> str | None:
     return None
 
 
-def _module():
-    """The built module; a clear error where the kernels do not run (the engine checks `applies` first)."""
-    if _kernels is None and unavailable() is not None:
-        raise RuntimeError(f"the native CPU kernels do not run here: {unavailable()}")
-    return _kernels
-
-
 def available() -> bool:
     """Whether the kernels run here (building them on the first call)."""
     return unavailable() is None
@@ -108,7 +114,7 @@ def applies(*tensors: torch.Tensor) -> bool:
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
                   lora: Segments | None = None) -> torch.Tensor:
     """x (M, K) @ w (N, K).T + bias (N,) (+ lora's deltas, `segments`) -> (M, N); w contiguous."""
-    return _module().skinny_linear(x, w, bias, lora)
+    return _kernels.skinny_linear(x, w, bias, lora)
 
 
 BLOCK = 32
@@ -134,14 +140,14 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                 lora: Segments | None = None) -> torch.Tensor:
     """x (M, K) @ dequantize_int8(q, scales).T + bias (N,) (+ lora's deltas) -> (M, N), float32."""
-    return _module().int8_linear(x, q, scales, bias, lora)
+    return _kernels.int8_linear(x, q, scales, bias, lora)
 
 
 def bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
                 lora: Segments | None = None) -> torch.Tensor:
     """x (M, K) float32 @ w (N, K) bfloat16 (contiguous), widened exactly, .T + bias (N,) (+ lora's deltas) -> (M, N)
     float32."""
-    return _module().bf16_linear(x, w, bias, lora)
+    return _kernels.bf16_linear(x, w, bias, lora)
 
 
 Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
@@ -153,31 +159,31 @@ def segments(groups: torch.Tensor, parts: list[Part]) -> Segments:
     factors float32 or bfloat16, contiguous, one `in`; offsets rising within [0, R]; every group < G): pass it to
     segment_lora_add_ or a linear kernel's `lora` for each call of the batch."""
     A, BT, offsets, columns = zip(*parts) if parts else ((), (), (), ())
-    return _module().Segments(groups, list(A), list(BT), list(offsets), list(columns))
+    return _kernels.Segments(groups, list(A), list(BT), list(offsets), list(columns))
 
 
 def segment_lora_add_(y: torch.Tensor, x: torch.Tensor, lora: Segments) -> None:
     """y (N, >= the parts' last column) += each token's own group's delta of x (N, in), in place; x contiguous,
     y with unit column stride (any row stride: a column slice of a wider output)."""
-    _module().segment_lora_add_(y, x, lora)
+    _kernels.segment_lora_add_(y, x, lora)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """x (M, H) (unit column stride) -> x * rsqrt(mean(x ** 2, -1) + eps) * w, (M, H) contiguous: transformers'
     LlamaRMSNorm in float32."""
-    return _module().rms_norm(x, w, eps)
+    return _kernels.rms_norm(x, w, eps)
 
 
 def rope_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> None:
     """In place: each head_dim-wide head of each row t of qk (T, heads * head_dim) (unit column stride) becomes
     x * cos[t] + rotate_half(x) * sin[t]; cos, sin (T, head_dim) contiguous."""
-    _module().rope_(qk, cos, sin, head_dim)
+    _kernels.rope_(qk, cos, sin, head_dim)
 
 
 def silu_mul(x: torch.Tensor, intermediate: int) -> torch.Tensor:
     """x (M, 2 * intermediate) (unit column stride: [gate | up]) -> silu(gate) * up, (M, intermediate) contiguous,
     silu(g) = g / (1 + exp(-g)) with exp within ~2 ulp (transformers' SiLU computes the same formula)."""
-    return _module().silu_mul(x, intermediate)
+    return _kernels.silu_mul(x, intermediate)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
@@ -187,4 +193,4 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     [1, W] -> (B, H, D): softmax(q . keys[b, h // (H / Hkv), :lengths[b]] * scale) @ the same rows of values. Given
     new_keys and new_values (B, Hkv, D) (unit stride on D), each row's are first written to column lengths[b] - 1 of
     keys and values (a decode step's cache write)."""
-    return _module().decode_attention(q, keys, values, lengths, scale, new_keys, new_values)
+    return _kernels.decode_attention(q, keys, values, lengths, scale, new_keys, new_values)
