@@ -105,10 +105,12 @@ class Backend:
             hooks = StepHooks(lock=self.lock, on_admit=lambda handle: m.inflight.admitted(id(handle.request)),
                               on_decode=m.batch_size.observe)
             self.generator = Generator(self.engine, GeneratorConfig(max_batch_size=config.max_batch_size,
-                                                                    decoder=config.decoder, weights=config.weights),
+                                                                    decoder=config.decoder, weights=config.weights,
+                                                                    cuda_graphs=config.cuda_graphs),
                                        tokenizer, hooks)
-            log.info("generation decoder: %s (--decoder %s, --weights %s)", self.generator.decoder.name,
-                     config.decoder, config.weights)
+            graphs = getattr(self.generator.decoder, "graphs", None) is not None
+            log.info("generation decoder: %s (--decoder %s, --weights %s, CUDA graphs %s)",
+                     self.generator.decoder.name, config.decoder, config.weights, "on" if graphs else "off")
             self.driver = AsyncDriver(self.generator)
         else:
             limit = min(config.max_prompt_tokens, self.max_positions or config.max_prompt_tokens)

@@ -47,6 +47,8 @@ class ServerConfig:
     """The lean decoder's dense weights (adalora.engine.lean.WEIGHTS): float (the model's), int8 (quantized once
     at start, a float32 scale per 32 weights) or bf16 (a bfloat16 copy made at start); CPU float32 with the native
     kernels."""
+    cuda_graphs: bool = True
+    """On CUDA, the lean decoder replays decode steps from CUDA graphs (adalora.engine.graphs); False: eager."""
     max_batch_size: int = 8
     """Generation rows decoded together; further requests wait for a free row."""
     max_queue: int = 256
@@ -165,6 +167,8 @@ class ServerConfig:
             raise ConfigError(f"decoder {self.decoder!r} is not one of {list(DECODERS)}")
         if self.weights not in WEIGHTS:
             raise ConfigError(f"weights {self.weights!r} is not one of {list(WEIGHTS)}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ConfigError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
         if self.weights != "float" and (self.decoder == "hf" or self.dtype != "float32" or self.device != "cpu"):
             raise ConfigError(f"--weights {self.weights} runs on the lean decoder over a float32 model on the CPU; "
                               f"got --decoder {self.decoder} --dtype {self.dtype} --device {self.device}")

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from adalora.assets import NotPreparedError
 from adalora.config import ConfigError
+from adalora.engine import GeneratorConfig
 from adalora.server.adapter_checks import AdapterLimits
 from adalora.server.app import in_daemon_thread
 from adalora.server.commands import serve as serve_command
@@ -105,3 +106,15 @@ def test_adapter_limit_flags_reach_the_config(tmp_path):
 def test_bad_adapter_limit_flags_are_refused(tmp_path, flags, pattern):
     with pytest.raises(ConfigError, match=pattern):
         serve_command.config_from(parse("--base-model", "m", "--adapter-dir", str(tmp_path), *flags))
+
+
+def test_no_cuda_graphs_reaches_the_config_and_a_bad_value_is_refused(tmp_path):
+    """On by default (they run only on CUDA); --no-cuda-graphs turns them off; a config of another type is refused
+    by name, at the server's config and at the Generator's."""
+    flags = ("--base-model", "m", "--adapter-dir", str(tmp_path))
+    assert serve_command.config_from(parse(*flags)).cuda_graphs is True
+    assert serve_command.config_from(parse(*flags, "--no-cuda-graphs")).cuda_graphs is False
+    with pytest.raises(ConfigError, match="cuda_graphs must be True or False, got 'no'"):
+        ServerConfig(base_model="m", adapter_dir=str(tmp_path), cuda_graphs="no")
+    with pytest.raises(ConfigError, match="cuda_graphs must be True or False, got 0"):
+        GeneratorConfig(cuda_graphs=0)

@@ -40,6 +40,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 from adalora.engine import native
 from adalora.engine.apply import SegmentPlan
 from adalora.engine.errors import BatchError, EngineError
+from adalora.engine.graphs import DecodeGraphs, SlotRoute
 from adalora.engine.multi_linear import BatchContext, ContextHolder, MultiAdapterLinear, add_delta
 from adalora.engine.row_cache import RowCache
 from adalora.engine.slots import SlotBank
@@ -180,6 +181,12 @@ class Projection:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, in) -> (N, sum of out)."""
         context = self.holder.current
+        if isinstance(context, SlotRoute):  # a static-shape step (engine.graphs): each row's slot, padded factors
+            y = self.dense(x)
+            factors = context.factors.get(self)
+            if factors is not None:
+                factors.add_to(y, x, context.slots)
+            return y
         if context is None or not context.routes or not self.parts:
             return self.dense(x)
         if x.shape[0] != context.tokens:
@@ -279,7 +286,8 @@ class LeanLlama:
 
     name = "lean"
 
-    def __init__(self, model: nn.Module, holder: ContextHolder, max_rows: int, weights: str = "float") -> None:
+    def __init__(self, model: nn.Module, holder: ContextHolder, max_rows: int, weights: str = "float",
+                 graphs: bool = True) -> None:
         reason = unsupported(model)
         if reason is not None:
             raise EngineError(f"the lean decode path cannot run this model: {reason}; use decoder 'hf'")
@@ -302,6 +310,9 @@ class LeanLlama:
         self.head = Dense(weight.detach(), None if head.bias is None else head.bias.detach(), weights)
         self.cache = RowCache(len(self.layers), max_rows, self.shape.kv_heads, head_dim, weight.dtype, weight.device,
                               limit=getattr(config, "max_position_embeddings", None))
+        self.holder = holder
+        self.graphs = DecodeGraphs(self) if graphs and weight.device.type == "cuda" else None
+        """On CUDA (unless `graphs` is off): decode steps replayed from CUDA graphs (engine.graphs)."""
 
     # ---- one forward over T new tokens of n rows -------------------------------------------------------------
 
@@ -374,11 +385,17 @@ class LeanLlama:
                 outs.append(self._sdpa(q[:, :, start:end], keys, values, None, causal=True))
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
+        saved = self.holder.current
+        route = None if self.graphs is None else self.graphs.route()
+        if route is not None:  # on CUDA: the adapters as the decode graphs run them, two batched matmuls each
+            self.holder.current = route
         try:
             hidden = self._forward(ids, positions, attend)[0]  # (total, hidden)
         except BaseException:
             self.cache.keep(list(range(rows.start)))  # the rows it opened close again
             raise
+        finally:
+            self.holder.current = saved
         return hidden, torch.tensor(starts[1:], device=device) - 1
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
@@ -393,6 +410,10 @@ class LeanLlama:
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B,) long, one per running row -> logits (B, vocab); each row's cache grows by one."""
+        if self.graphs is not None:
+            logits = self.graphs.decode(tokens)
+            if logits is not None:
+                return logits
         self.cache.ensure_next()
         columns = self.cache.step_positions()  # (B,) where each new token goes
         if self.fast:

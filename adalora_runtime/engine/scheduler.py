@@ -62,6 +62,9 @@ class GeneratorConfig:
     """The lean path's dense weights (engine.lean.WEIGHTS): 'float' (the model's), 'int8' (quantized once, a
     float32 scale per 32 weights) or 'bf16' (a bfloat16 copy); CPU float32 with the native kernels, the lean
     decoder only."""
+    cuda_graphs: bool = True
+    """On CUDA, the lean decoder replays its decode steps from CUDA graphs over bucketed batch sizes
+    (engine.graphs); False runs every step eagerly."""
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:
@@ -70,6 +73,8 @@ class GeneratorConfig:
             raise ConfigError(f"unknown weights {self.weights!r}; choose one of {WEIGHTS}")
         if self.weights != "float" and self.decoder == "hf":
             raise ConfigError(f"weights {self.weights!r} are the lean decoder's; decoder 'hf' runs the model's own")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ConfigError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
         if not is_int(self.max_batch_size, 1):
             raise ConfigError(f"max_batch_size must be a positive integer, got {self.max_batch_size!r}")
         if self.eos_token_ids is not None and (not isinstance(self.eos_token_ids, tuple)
@@ -436,4 +441,4 @@ def make_decoder(engine: AdapterEngine, config: GeneratorConfig) -> HfDecoder | 
     if config.decoder == "hf" or (config.decoder == "auto" and unsupported(engine.model) is not None
                                   and config.weights == "float"):
         return HfDecoder(engine.model)
-    return LeanLlama(engine.model, engine.holder, config.max_batch_size, config.weights)
+    return LeanLlama(engine.model, engine.holder, config.max_batch_size, config.weights, config.cuda_graphs)

@@ -87,6 +87,20 @@ class SlotBank:
     def rank(self, slot: int) -> int:
         return self.get(slot).rank
 
+    @property
+    def size(self) -> int:
+        """Slots this bank has (the engine's max_slots)."""
+        return len(self._slots)
+
+    def factors(self, slot: int) -> Factors | None:
+        """The slot's factors, or None while it is empty."""
+        return self._slots[slot]
+
+    def rank_of(self, slot: int) -> int:
+        """The slot's rank here, 0 while it is empty."""
+        factors = self._slots[slot]
+        return 0 if factors is None else factors.rank
+
     def nbytes(self, slot: int) -> int:
         A, B = self.get(slot)
         return A.numel() * A.element_size() + B.numel() * B.element_size()

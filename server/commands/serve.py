@@ -66,6 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the lean decoder's dense weights: float (default, the model's), int8 (quantized at start, "
                         "a float32 scale per 32 weights) or bf16 (a bfloat16 copy); adapters and activations stay "
                         "float32; CPU float32 only")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on CUDA, run every decode step eagerly instead of replaying CUDA graphs of it")
     p.add_argument("--max-batch-size", type=int, default=DEFAULTS.max_batch_size, help="generation rows per step")
     p.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue,
                    help=f"generation requests waiting for a batch row; more are RESOURCE_EXHAUSTED "
@@ -158,6 +160,7 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
                         served_model_name=args.served_model_name, http_timeout_s=args.http_timeout,
                         api_key=args.api_key or os.environ.get("ADALORA_API_KEY") or None, device=args.device,
                         dtype=args.dtype, decoder=args.decoder, weights=args.weights,
+                        cuda_graphs=args.cuda_graphs,
                         max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_slots=args.max_slots,
                         max_device_bytes=args.max_device_bytes, max_host_bytes=args.max_host_bytes,
                         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
