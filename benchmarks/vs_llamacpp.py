@@ -32,7 +32,7 @@ Random weights make near-ties common, so there the equivalence check is reported
     make peer                                   # builds .peer/bin/llama-server once (minutes)
     python benchmarks/vs_llamacpp.py [--rounds 5] [--batch 8] [--new-tokens 64] [--ours float32 bfloat16]
                                      [--peer-weights f32 bf16 q8_0] [--peer .peer] [--int8] [--bf16-weights]
-                                     [--pytorch-too] [--device cuda] [--random-weights 135m|1b]
+                                     [--pytorch-too] [--eager-too] [--device cuda] [--random-weights 135m|1b]
                                      [--model-dir DIR] [--prompts FILE]
 """
 
@@ -353,6 +353,8 @@ def main() -> None:
                     help="a model from the packaged config at random weights (see above) instead of SmolLM2's own")
     ap.add_argument("--model-dir", type=Path, default=None, help="config and tokenizer folder (default: SmolLM2)")
     ap.add_argument("--prompts", type=Path, default=None, help="JSON list of prompt texts (default: movie dialogs)")
+    ap.add_argument("--eager-too", action="store_true",
+                    help="on CUDA, also run each of our dtypes without CUDA graphs (--no-cuda-graphs)")
     ap.add_argument("--pytorch-too", action="store_true",
                     help="also run our float32 server without the native CPU kernels (ADALORA_NATIVE=0)")
     args = ap.parse_args()
@@ -379,6 +381,8 @@ def main() -> None:
     servers: list[Server] = []
     try:
         ours = [(dtype, "float", dtype, None) for dtype in dict.fromkeys(["float32", *args.ours])]
+        if args.eager_too:
+            ours += [(dtype, "float", f"{dtype} eager", None) for dtype in dict.fromkeys(["float32", *args.ours])]
         if args.int8:
             ours.append(("float32", "int8", "int8 (block 32)", None))
         if args.bf16_weights:
@@ -389,7 +393,7 @@ def main() -> None:
             config = ServerConfig(base_model=str(model_dir), adapter_dir=str(store), weights=weights, device=args.device,
                                   preload=tuple(f"a{i}" for i in range(args.batch)), dtype=dtype,
                                   decoder=args.decoder, max_batch_size=args.batch, max_slots=args.batch,
-                                  max_new_tokens=max(args.new_tokens, 64))
+                                  max_new_tokens=max(args.new_tokens, 64), cuda_graphs=not label.endswith("eager"))
             proc, ready = start_server(config, work / f"ours-{label.replace(' ', '-')}.log", env)
             servers.append(Ours("adalora", label, f"http://127.0.0.1:{ready['http_port']}",
                                 [f"a{i}" for i in range(args.batch)], proc, base_name=model_dir.name))
