@@ -31,7 +31,7 @@ Random weights make near-ties common, so there the equivalence check is reported
 
     make peer                                   # builds .peer/bin/llama-server once (minutes)
     python benchmarks/vs_llamacpp.py [--rounds 5] [--batch 8] [--new-tokens 64] [--ours float32 bfloat16]
-                                     [--peer-weights f32 bf16 q8_0] [--peer .peer] [--int8] [--bf16-weights]
+                                     [--peer-weights f32 bf16 q8_0] [--peer .peer] [--bf16-weights]
                                      [--pytorch-too] [--eager-too] [--device cuda] [--random-weights 135m|1b]
                                      [--model-dir DIR] [--prompts FILE]
 """
@@ -273,7 +273,7 @@ async def measure(servers: list[Server], ids, args) -> dict:
     for config in ("base", "one") if check else ():
         if check[config]["equal"] != check[config]["rows"] and not args.random_weights:
             raise SystemExit(f"the float32 servers disagree on {config}: {check[config]}")
-    rounded = [s.weights for s in servers if isinstance(s, Ours) and s.weights.startswith(("int8", "bf16"))]
+    rounded = [s.weights for s in servers if isinstance(s, Ours) and s.weights.startswith("bf16")]
     for label in rounded if check else ():  # information: our rounded weights against our float32
         for config in ("base", "one"):
             texts = (await round_of(f32[label], ids, config, args.check_tokens, ignore_eos=False))["texts"]
@@ -344,7 +344,6 @@ def main() -> None:
     ap.add_argument("--ours", nargs="+", default=["float32", "bfloat16"], help="our dtypes (float32 always runs)")
     ap.add_argument("--peer-weights", nargs="+", default=["f32", "bf16", "q8_0"], help="GGUF types (f32 always)")
     ap.add_argument("--decoder", default="auto", help="our --decoder (auto, lean, hf)")
-    ap.add_argument("--int8", action="store_true", help="also run our server over int8 weights (--weights int8)")
     ap.add_argument("--bf16-weights", action="store_true",
                     help="also run our server over bfloat16 weights, float32 activations (--weights bf16)")
     ap.add_argument("--no-peer", action="store_true", help="time our servers alone (no llama-server)")
@@ -383,8 +382,6 @@ def main() -> None:
         ours = [(dtype, "float", dtype, None) for dtype in dict.fromkeys(["float32", *args.ours])]
         if args.eager_too:
             ours += [(dtype, "float", f"{dtype} eager", None) for dtype in dict.fromkeys(["float32", *args.ours])]
-        if args.int8:
-            ours.append(("float32", "int8", "int8 (block 32)", None))
         if args.bf16_weights:
             ours.append(("float32", "bf16", "bf16 weights", None))
         if args.pytorch_too:

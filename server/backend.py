@@ -86,7 +86,7 @@ class Backend:
             why = native.unavailable()
             log.info("CPU kernels: %s", "native (engine/native.cpp)" if why is None else f"PyTorch's ({why})")
         if self.kind != "causal-lm" and config.weights != "float":
-            raise EngineError(f"--weights {config.weights} quantizes a causal LM's lean decoder; this base is an "
+            raise EngineError(f"--weights {config.weights} is the lean decoder's, for a causal LM; this base is an "
                               f"encoder ({type(model).__name__}): serve it with --weights float")
         self.engine = AdapterEngine(model, EngineConfig(max_slots=config.max_slots))
         self.lock = FairLock()

@@ -44,9 +44,8 @@ class ServerConfig:
     """The generation forward (adalora.engine.scheduler.DECODERS): lean (Llama-family models: fused projections,
     a preallocated KV cache), hf (the transformers forward, any causal LM), auto = lean where it runs the model."""
     weights: str = "float"
-    """The lean decoder's dense weights (adalora.engine.lean.WEIGHTS): float (the model's), int8 (quantized once
-    at start, a float32 scale per 32 weights) or bf16 (a bfloat16 copy made at start); CPU float32 with the native
-    kernels."""
+    """The lean decoder's dense weights (adalora.engine.lean.WEIGHTS): float (the model's) or bf16 (a bfloat16 copy
+    made at start); CPU float32 with the native kernels."""
     cuda_graphs: bool = True
     """On CUDA, the lean decoder replays decode steps from CUDA graphs (adalora.engine.graphs); False: eager."""
     max_batch_size: int = 8

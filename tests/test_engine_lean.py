@@ -628,13 +628,7 @@ def test_row_cache_write_row_and_window():
     assert cache.rows == 0 and cache.lengths == []
 
 
-# ---- int8 weights ---------------------------------------------------------------------------------------------------
-
-INT8_CASES = {
-    "llama-tied": lambda: build(LlamaConfig, LlamaForCausalLM, intermediate_size=64, tie_word_embeddings=True),
-    "qwen2": lambda: build(Qwen2Config, Qwen2ForCausalLM, intermediate_size=96, use_sliding_window=False),
-}
-"""Models whose every linear input width is a multiple of native.BLOCK (32 and 64 or 96)."""
+# ---- bf16 weights ---------------------------------------------------------------------------------------------------
 
 
 def denses(lean):
@@ -644,41 +638,32 @@ def denses(lean):
 
 
 def held_weights(dense):
-    """(the float32 weights a Dense of int8 or bf16 weights multiplies by, how far from the model's they may be)."""
-    if dense.q is not None:
-        assert dense.q.dtype == torch.int8
-        return native.dequantize_int8(dense.q, dense.scales), dense.scales.max().item() / 2 + 1e-6
+    """(the float32 weights a Dense of bf16 weights multiplies by, how far from the model's they may be)."""
     assert dense.w16 is not None and dense.w16.dtype == torch.bfloat16
     return dense.w16.float(), dense.weight.abs().max().item() * 2 ** -8  # bfloat16 keeps 8 significant bits
 
 
 @pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable()}")
-@pytest.mark.parametrize("weights", ["int8", "bf16"])
 @pytest.mark.parametrize("rows", [1, 8, WIDEN_ROWS, WIDEN_ROWS + 1, 200])
-def test_rounded_dense_equals_f_linear_over_the_weights_it_holds(weights, rows):
+def test_rounded_dense_equals_f_linear_over_the_weights_it_holds(rows):
     """At every size (the kernels up to WIDEN_ROWS rows, the widened weights past it) the same values multiply."""
     gen = torch.Generator().manual_seed(rows)
     weight, bias = torch.randn(40, 64, generator=gen), torch.randn(40, generator=gen)
-    dense = Dense(weight, bias, weights)
+    dense = Dense(weight, bias, "bf16")
     held, _ = held_weights(dense)
     assert torch.equal(dense.held(), held)
     x = torch.randn(rows, 64, generator=gen)
     torch.testing.assert_close(dense(x), F.linear(x, held, bias), rtol=1e-5, atol=1e-5)
 
 
-# (weights, model): int8 on models whose linear inputs are multiples of 32 wide, bf16 on any
-ROUNDED_CASES = [("int8", Case(name, build_)) for name, build_ in sorted(INT8_CASES.items())] \
-    + [("bf16", BY_NAME[name]) for name in ("varied-llama", "qwen2")]
-
-
 @pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable()}")
-@pytest.mark.parametrize("weights,case", ROUNDED_CASES, ids=[f"{w}-{c.name}" for w, c in ROUNDED_CASES])
-def test_int8_and_bf16_weights_equal_the_reference_over_the_weights_they_hold(weights, case, monkeypatch):
-    """The lean path over int8 (dequantized) or bf16 (widened) weights computes the transformers forward of a model
-    whose weights are those values (the reference runs after they are written into the model), adapters and mixes
-    included, through joins and leaves; the adapters' factors are bfloat16 values in both (the lean path reads a
-    bank's bfloat16 stack where every group is one adapter)."""
-    h = Harness.make(case, weights=weights)
+@pytest.mark.parametrize("name", ["varied-llama", "qwen2", "llama-tied"])
+def test_bf16_weights_equal_the_reference_over_the_weights_they_hold(name, monkeypatch):
+    """The lean path over bf16 (widened) weights computes the transformers forward of a model whose weights are
+    those values (the reference runs after they are written into the model), adapters and mixes included, through
+    joins and leaves; the adapters' factors are bfloat16 values too (the lean path reads a bank's bfloat16 stack
+    where every group is one adapter)."""
+    h = Harness.make(BY_NAME[name], weights="bf16")
     with torch.no_grad():
         for dense in denses(h.lean):
             held, bound = held_weights(dense)
@@ -712,24 +697,20 @@ def test_int8_and_bf16_weights_equal_the_reference_over_the_weights_they_hold(we
     h.decode("decode after a long prefill")
 
 
-def test_int8_weights_are_refused_where_they_cannot_run(monkeypatch):
-    model = build(LlamaConfig, LlamaForCausalLM)  # down_proj's input is 48 wide: not a multiple of 32
-    if native.available():
-        with pytest.raises(EngineError, match="multiple of 32"):
-            LeanLlama(model, ContextHolder(), 2, "int8")
-    fits = INT8_CASES["llama-tied"]()
-    with pytest.raises(EngineError, match="unknown weights 'int4'"):
-        LeanLlama(fits, ContextHolder(), 2, "int4")
+def test_weights_are_refused_where_they_cannot_run(monkeypatch):
+    model = build(LlamaConfig, LlamaForCausalLM)
+    for unknown in ("int4", "int8"):  # int8 was measured and removed (docs/BENCHMARKS.md): named like any other
+        with pytest.raises(EngineError, match=f"unknown weights '{unknown}'; choose one of \\('float', 'bf16'\\)"):
+            LeanLlama(model, ContextHolder(), 2, unknown)
     monkeypatch.setattr(native, "applies", lambda *tensors: False)
-    with pytest.raises(EngineError, match="int8 weights need the native CPU kernels"):
-        LeanLlama(fits, ContextHolder(), 2, "int8")
     with pytest.raises(EngineError, match="bf16 weights need the native CPU kernels"):
-        LeanLlama(fits, ContextHolder(), 2, "bf16")
+        LeanLlama(model, ContextHolder(), 2, "bf16")
 
 
 @pytest.mark.parametrize("fields,message", [
     (dict(weights="int4"), "unknown weights 'int4'"),
-    (dict(weights="int8", decoder="hf"), "weights 'int8' are the lean decoder's"),
+    (dict(weights="int8"), "unknown weights 'int8'"),
+    (dict(weights="bf16", decoder="hf"), "weights 'bf16' are the lean decoder's"),
 ])
 def test_generator_config_checks_weights(fields, message):
     with pytest.raises(ConfigError, match=message):

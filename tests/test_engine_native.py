@@ -48,27 +48,16 @@ def test_bf16_linear_refuses_float32_weights():
         native.bf16_linear(torch.randn(2, 4), torch.randn(3, 4), None)
 
 
-# ---- int8_linear ---------------------------------------------------------------------------------------------------
-
-INT8_CASES = [(1, 32, 1), (2, 32, 3), (3, 64, 5), (4, 32, 4), (5, 64, 2), (6, 96, 7), (7, 32, 9), (8, 576, 960),
-              (9, 96, 13), (17, 64, 33), (40, 32, 7)]
-"""(M, K, N) of int8_linear: K a multiple of 32."""
-
-
 def run_kernel(kernel, x, w, b):
-    """(the kernel's x @ W.T + b, the weights W it multiplied by: w, or int8's dequantized w)."""
+    """(the kernel's x @ W.T + b, the weights W it multiplied by: w, or bf16's rounded w)."""
     if kernel == "skinny_linear":
         return native.skinny_linear(x, w, b), w
-    if kernel == "bf16_linear":
-        w16 = w.to(torch.bfloat16)
-        return native.bf16_linear(x, w16, b), w16.float()
-    q, scales = native.quantize_int8(w)
-    return native.int8_linear(x, q, scales, b), native.dequantize_int8(q, scales)
+    w16 = w.to(torch.bfloat16)
+    return native.bf16_linear(x, w16, b), w16.float()
 
 
 @needs_native
 @pytest.mark.parametrize("kernel,M,K,N", [("skinny_linear", *case) for case in LINEAR_CASES]
-                         + [("int8_linear", *case) for case in INT8_CASES]
                          + [("bf16_linear", *case) for case in LINEAR_CASES])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_linear_kernels_equal_f_linear(kernel, M, K, N, bias):
@@ -79,29 +68,6 @@ def test_linear_kernels_equal_f_linear(kernel, M, K, N, bias):
     want = F.linear(x.double(), weights.double(), None if b is None else b.double())
     assert got.shape == (M, N) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * K ** 0.5 * 4)
-
-
-def test_quantize_int8_rounds_each_block_to_its_own_scale():
-    gen = torch.Generator().manual_seed(2)
-    w = torch.randn(6, 96, generator=gen) * torch.logspace(-3, 1, 6)[:, None]  # rows of very different sizes
-    w[2, 32:64] = 0  # an all-zero block
-    q, scales = native.quantize_int8(w)
-    assert q.dtype == torch.int8 and scales.shape == (6, 3) and int(q.abs().max()) == 127
-    assert scales[2, 1] == 0 and torch.equal(q[2, 32:64], torch.zeros(32, dtype=torch.int8))
-    back = native.dequantize_int8(q, scales)
-    per_block = (w - back).abs().reshape(6, 3, 32).amax(-1)
-    assert torch.all(per_block <= scales / 2 + 1e-7)  # round to nearest: within half a step of its own block
-
-
-@needs_native
-@pytest.mark.parametrize("q,scales,message", [
-    (torch.zeros(3, 48, dtype=torch.int8), torch.ones(3, 1), "must be a multiple of 32"),
-    (torch.zeros(3, 64, dtype=torch.int16), torch.ones(3, 2), "q must be a contiguous"),
-    (torch.zeros(3, 64, dtype=torch.int8), torch.ones(3, 3), r"scales must be a contiguous \(N, K / 32\)"),
-], ids=["K", "dtype", "scales"])
-def test_int8_linear_refuses_what_it_cannot_compute(q, scales, message):
-    with pytest.raises(RuntimeError, match=message):
-        native.int8_linear(torch.randn(2, q.shape[1]), q, scales, None)
 
 
 # ---- segment_lora_add_ ---------------------------------------------------------------------------------------------
@@ -176,7 +142,7 @@ def test_segment_kernel_adds_each_parts_delta_into_its_columns(widths, ranks, dt
 
 
 @needs_native
-@pytest.mark.parametrize("kernel", ["skinny_linear", "int8_linear", "bf16_linear"])
+@pytest.mark.parametrize("kernel", ["skinny_linear", "bf16_linear"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_kernels_add_their_lora_in_the_same_call(kernel, dtype):
     """A linear kernel given segments returns its own output plus their deltas (each part into its columns):
@@ -197,10 +163,8 @@ def test_linear_kernels_add_their_lora_in_the_same_call(kernel, dtype):
     native.segment_lora_add_(alone, x, lora)
     if kernel == "skinny_linear":
         got = native.skinny_linear(x, w, b, lora)
-    elif kernel == "bf16_linear":
-        got = native.bf16_linear(x, w.bfloat16(), b, lora)
     else:
-        got = native.int8_linear(x, *native.quantize_int8(w), b, lora)
+        got = native.bf16_linear(x, w.bfloat16(), b, lora)
     torch.testing.assert_close(got, alone, rtol=0, atol=1e-5)
     assert not torch.equal(got, run_kernel(kernel, x, w, b)[0])  # the deltas are there
 

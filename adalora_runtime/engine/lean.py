@@ -22,7 +22,7 @@ model's config sets applies unchanged; norms are too, except on a CPU in float32
 (with the module's weight and eps) and rotation by cos and sin take the place of their 6-9 small ops each. The base
 weights are read when the path is built: where they are not reordered, the model's q/k/v and gate/up weights become
 views of the fused ones (held once); where they are (CPU, float32 without the native kernel), the reordered copy is
-a second copy of the weights, and so is the int8 or bfloat16 copy of `weights='int8'` or 'bf16': a later change to
+a second copy of the weights, and so is the bfloat16 copy of `weights='bf16'`: a later change to
 the model's weights (an edge merge) is not seen by a path built before it.
 """
 
@@ -74,60 +74,49 @@ def _base(module: nn.Module) -> nn.Module:
     return module.base if isinstance(module, MultiAdapterLinear) else module
 
 
-WEIGHTS = ("float", "int8", "bf16")
-"""How the lean path holds its dense weights: 'float' (the model's own), 'int8' (`native.quantize_int8`: a float32
-scale per 32 weights of a row), 'bf16' (a bfloat16 copy, widened exactly in the kernel); with int8 and bf16 the
-activations stay float32 (CPU float32 with the native kernels), and the adapters' factors are read in bfloat16
+WEIGHTS = ("float", "bf16")
+"""How the lean path holds its dense weights: 'float' (the model's own) or 'bf16' (a bfloat16 copy, widened exactly
+in the kernel); with bf16 the activations stay float32 (CPU float32 with the native kernels), and the adapters'
+factors are read in bfloat16
 where a segment plan runs on a bank's stack (every group one adapter; a mixture's, and the other strategies',
 stay float32): widened exactly, float32 arithmetic, half the bytes a step of distinct adapters reads."""
 
 
 WIDEN_ROWS = 48
-"""Past this many rows (a prefill), int8 and bf16 weights are widened to float32 for the default matmul: at 64 rows
-and more that is 1.3-2.7x faster than their kernels here, which stream each weight row for a few rows of x."""
+"""Past this many rows (a prefill), bf16 weights are widened to float32 for the default matmul: at 64 rows and more
+that is 1.3-2.7x faster than their kernel here, which streams each weight row for a few rows of x."""
 
 
 class Dense:
     """y = x @ W.T + b over a weight prepared once for the device's fastest matmul. On a CPU in float32: the native
     kernel (`engine.native.skinny_linear`) at decode sizes, over the plain weight, and the default matmul for
     longer inputs (a prefill); where the kernel does not run, a copy of W reordered for oneDNN. Elsewhere: the plain
-    weight. With `weights='int8'`: an int8 copy of W (`native.int8_linear` up to WIDEN_ROWS rows); 'bf16': a
-    bfloat16 copy (`native.bf16_linear` up to WIDEN_ROWS rows); past that, the values they hold widened to float32
-    for the default matmul, one weight at a time."""
+    weight. With `weights='bf16'`: a bfloat16 copy of W (`native.bf16_linear` up to WIDEN_ROWS rows); past that,
+    the values it holds widened to float32 for the default matmul, one weight at a time."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, weights: str = "float") -> None:
         self.weight, self.bias = weight, bias
         self.native = native.applies(weight) and weight.is_contiguous()
-        self.packed = self.q = self.scales = self.w16 = None
+        self.packed = self.w16 = None
         if weights == "bf16":
             if not self.native:
                 raise EngineError(f"bf16 weights need the native CPU kernels on float32 weights (got {weight.dtype} "
                                   f"on {weight.device}; kernels: {native.unavailable() or 'available'})")
             self.w16 = weight.to(torch.bfloat16).contiguous()
-        elif weights == "int8":
-            if not self.native or weight.shape[1] % native.BLOCK:
-                raise EngineError(f"int8 weights need the native CPU kernels on float32 weights whose rows are a "
-                                  f"multiple of {native.BLOCK} long (got {weight.dtype} {tuple(weight.shape)} on "
-                                  f"{weight.device}; kernels: {native.unavailable() or 'available'})")
-            self.q, self.scales = native.quantize_int8(weight)
         elif not self.native and weight.device.type == "cpu" and weight.dtype == torch.float32 \
                 and torch.backends.mkldnn.is_available():
             with contextlib.suppress(RuntimeError, AttributeError):  # a build without this op: the plain matmul
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
     def held(self) -> torch.Tensor:
-        """The float32 values the int8 or bf16 kernel multiplies by (a new tensor; the model's own weight otherwise)."""
-        if self.q is not None:
-            return native.dequantize_int8(self.q, self.scales)
+        """The float32 values the bf16 kernel multiplies by (a new tensor; the model's own weight otherwise)."""
         return self.weight if self.w16 is None else self.w16.float()
 
     def __call__(self, x: torch.Tensor, lora: native.Segments | None = None) -> torch.Tensor:
         """x (N, in) -> (N, out), contiguous, plus `lora`'s adapters (`native.segments`) where given: in the kernel's
         own call where one runs, else through `native.segment_lora_add_`."""
-        if (self.q is not None or self.w16 is not None) and x.shape[0] > WIDEN_ROWS:
+        if self.w16 is not None and x.shape[0] > WIDEN_ROWS:
             y = F.linear(x, self.held(), self.bias)
-        elif self.q is not None:
-            return native.int8_linear(x, self.q, self.scales, self.bias, lora)
         elif self.w16 is not None:
             return native.bf16_linear(x, self.w16, self.bias, lora)
         elif self.native and x.shape[0] <= native.SKINNY_ROWS:
@@ -161,7 +150,7 @@ class Projection:
         if any(b.bias is not None for b in bases):
             bias = torch.cat([b.bias if b.bias is not None else b.weight.new_zeros(b.weight.shape[0]) for b in bases])
         self.dense = Dense(weight.detach(), None if bias is None else bias.detach(), weights)
-        self.factors = torch.bfloat16 if weights in ("int8", "bf16") else None
+        self.factors = torch.bfloat16 if weights == "bf16" else None
         """The dtype the adapters' factors are read in where a segment plan runs on a bank's stack: with rounded
         weights, bfloat16 (half the bytes of a decode step's adapters; widened exactly in the kernel)."""
         if self.dense.packed is None and len(bases) > 1:

@@ -5,10 +5,6 @@
 // own row-major layout (no reordered copy): each thread walks its own rows of w in order, prefetching ahead,
 // and multiplies each weight row with up to 8 rows of x at once, the partial sums in registers.
 //
-// int8_linear(x, q, scales, bias) = x @ (q * scales).T + bias over weights quantized to int8 with one float32 scale
-// per 32 consecutive weights of a row (llama.cpp's q8_0 layout of scales; the activations stay float32): the same
-// walk as skinny_linear over a quarter of the bytes, each 8 weights widened and scaled in registers.
-//
 // bf16_linear(x, w, bias) = x @ float32(w).T + bias over bfloat16 weights (llama.cpp's bf16 GGUF on a CPU without
 // bfloat16 arithmetic does the same): half of float32's bytes, each 8 weights widened exactly in registers.
 //
@@ -19,7 +15,7 @@
 // with A, BT, offsets = A[p], BT[p], offsets[p], c = columns[p], out = BT[p].size(1), g = groups[i], r0 =
 // offsets[g], r1 = offsets[g + 1] (tokens with g < 0 add nothing). Every group's factors are stacked once
 // (A (R, in), BT (R, out)), so a token multiplies only its own ranks, with nothing padded and one call per input.
-// A part's factors may be bfloat16 (half the bytes; widened exactly, float32 arithmetic). The three linear kernels
+// A part's factors may be bfloat16 (half the bytes; widened exactly, float32 arithmetic). The two linear kernels
 // take the same Segments and add them to their output before returning: one call per projection of a decode step,
 // where a call's fixed cost (the dispatch and the checks, ~8 us) is as large as its adapters' work.
 //
@@ -130,7 +126,7 @@ void linear_rows(const float* x, int64_t M, int64_t K, const float* w, float* y,
 }
 
 // tile.template operator()<R>(m, n, bias of row n or nullptr) for every row n of a weight (N rows) against the M
-// rows of x in runs of R (by_rows): the walk of the kernels over a weight layout of their own (int8, bfloat16);
+// rows of x in runs of R (by_rows): the walk of a kernel over a weight layout of its own (bfloat16);
 // threads split the weight's rows, so each weight row is read once.
 template <class Tile>
 void over_weight_rows(int64_t M, int64_t N, const float* bias, Tile&& tile) {
@@ -140,34 +136,6 @@ void over_weight_rows(int64_t M, int64_t N, const float* bias, Tile&& tile) {
       by_rows(M, [&]<int R>(int64_t m) { tile.template operator()<R>(m, n, bn); });
     }
   });
-}
-
-constexpr int64_t kBlock = 32;  // int8 weights: one float32 scale per 32 consecutive weights of a row
-
-// 8 int8 weights at q, as float32 times the block's scale.
-inline __m256 dequant8(const int8_t* q, __m256 scale) {
-  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q));
-  return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), scale);
-}
-
-// y[m * ldy] = dot(x[m * K : + K], dequantized q[0 : K]) (+ *bias) for MT rows of x and one int8 row (K % 32 == 0).
-template <int MT>
-inline void tile_int8(const float* __restrict x, const int8_t* __restrict q, const float* __restrict scales, int64_t K,
-                      float* __restrict y, int64_t ldy, const float* __restrict bias) {
-  __m256 acc[MT];
-#pragma GCC unroll 8
-  for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += kBlock) {
-    _mm_prefetch(reinterpret_cast<const char*>(q + k + 4 * kPrefetch), _MM_HINT_T0);  // the same bytes ahead
-    const __m256 scale = _mm256_set1_ps(scales[k / kBlock]);
-#pragma GCC unroll 4
-    for (int64_t j = k; j < k + kBlock; j += 8) {
-      const __m256 wv = dequant8(q + j, scale);
-#pragma GCC unroll 8
-      for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + j), wv, acc[m]);
-    }
-  }
-  store_sums<MT>(acc, y, ldy, bias ? *bias : 0.f);
 }
 
 void check_float_cpu(const at::Tensor& t, const char* op, const char* name) {
@@ -395,7 +363,7 @@ void segment_lora_add_(at::Tensor y, const at::Tensor& x, const Segments& segmen
   segments.add_to(y, x, "segment_lora_add_");
 }
 
-// A linear kernel's output y (M, N) plus its adapters, when it has any (`lora` of the three kernels below).
+// A linear kernel's output y (M, N) plus its adapters, when it has any (`lora` of the two kernels below).
 at::Tensor with_lora(at::Tensor y, const at::Tensor& x, Lora lora, const char* op) {
   if (lora != nullptr) lora->add_to(y, x, op);
   return y;
@@ -420,33 +388,6 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const std::op
     linear_rows(xp, M, K, wp, yp, N, b, n0, n1);
   });
   return with_lora(y, xc, lora, "skinny_linear");
-}
-
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
-                       const std::optional<at::Tensor>& bias, Lora lora) {
-  RECORD_FUNCTION("adalora_native::int8_linear", c10::ArrayRef<const c10::IValue>{});
-  const char* op = "int8_linear";
-  check_float_cpu(x, op, "x");
-  check_float_cpu(scales, op, "scales");
-  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(), op,
-              ": q must be a contiguous (N, K) int8 CPU tensor");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == q.size(1), op, ": x (M, K) and q (N, K), got ", x.sizes(), " and ",
-              q.sizes());
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  TORCH_CHECK(K % kBlock == 0, op, ": K = ", K, " must be a multiple of ", kBlock);
-  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == K / kBlock && scales.is_contiguous(), op,
-              ": scales must be a contiguous (N, K / 32)");
-  const float* b = bias_data(bias, N, op);
-  const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = xc.data_ptr<float>();
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const float* sp = scales.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  over_weight_rows(M, N, b, [&]<int R>(int64_t m, int64_t n, const float* bn) {
-    tile_int8<R>(xp + m * K, qp + n * K, sp + n * (K / kBlock), K, yp + m * N + n, N, bn);
-  });
-  return with_lora(y, xc, lora, op);
 }
 
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
@@ -698,8 +639,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     std::vector<int64_t>>(), py::arg("groups"), py::arg("A"), py::arg("BT"), py::arg("offsets"),
            py::arg("columns"));
   m.def("skinny_linear", &skinny_linear, release(), py::arg("x"), py::arg("w"), py::arg("bias"),
-        py::arg("lora") = nullptr);
-  m.def("int8_linear", &int8_linear, release(), py::arg("x"), py::arg("q"), py::arg("scales"), py::arg("bias"),
         py::arg("lora") = nullptr);
   m.def("bf16_linear", &bf16_linear, release(), py::arg("x"), py::arg("w"), py::arg("bias"),
         py::arg("lora") = nullptr);

@@ -6,13 +6,11 @@ Where they cannot run (no x86 AVX2, no compiler, a failed build, or ADALORA_NATI
 the callers keep their PyTorch paths, which compute the same thing.
 
 - `skinny_linear(x, w, bias, lora)`: x @ w.T + bias for float32 CPU tensors, fastest at `SKINNY_ROWS` rows or fewer.
-- `int8_linear(x, q, scales, bias, lora)`: the same over weights quantized by `quantize_int8` (int8, a float32 scale
-  per 32 weights of a row); activations stay float32.
 - `bf16_linear(x, w, bias, lora)`: x @ w.float().T + bias over bfloat16 weights; activations stay float32.
 - `segments(groups, parts)`: one batch's adapters of one input, checked once: for each part (A (R, in), BT (R, out),
   offsets (G + 1,), first column c of y), token i of group g = groups[i] adds (x[i] @ A[r0:r1].T) @ BT[r0:r1] to
   y[i, c:c + out], r0, r1 = offsets[g], offsets[g + 1] (nothing where g < 0): several parts (the lean path's fused
-  q/k/v, gate/up) in one pass. `segment_lora_add_(y, x, segments)` adds them in place; the three linear kernels
+  q/k/v, gate/up) in one pass. `segment_lora_add_(y, x, segments)` adds them in place; the two linear kernels
   add them to their output when given as `lora`, in the same call (a decode step's projection: one call).
 - `rms_norm(x, w, eps)`, `rope_(qk, cos, sin, head_dim)`: a Llama-family layer's RMSNorm and rotary embedding.
 - `silu_mul(x, intermediate)`: a Llama MLP's silu(gate) * up from its fused gate/up output.
@@ -115,32 +113,6 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
                   lora: Segments | None = None) -> torch.Tensor:
     """x (M, K) @ w (N, K).T + bias (N,) (+ lora's deltas, `segments`) -> (M, N); w contiguous."""
     return _kernels.skinny_linear(x, w, bias, lora)
-
-
-BLOCK = 32
-"""int8 weights: one float32 scale per BLOCK consecutive weights of a row."""
-
-
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (N, K) float, K a multiple of BLOCK -> (q (N, K) int8, scales (N, K / BLOCK) float32): each block scaled
-    by its largest magnitude / 127 and rounded to nearest (an all-zero block has scale 0)."""
-    N, K = w.shape
-    blocks = w.detach().float().reshape(N, K // BLOCK, BLOCK)
-    scales = blocks.abs().amax(-1) / 127  # (N, K / BLOCK)
-    q = blocks / scales[..., None].clamp_min(torch.finfo(torch.float32).tiny)  # an all-zero block stays 0
-    return q.round().clamp(-127, 127).to(torch.int8).reshape(N, K).contiguous(), scales.contiguous()
-
-
-def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The float32 weights (N, K) that `int8_linear` multiplies by: q * each block's scale."""
-    N, K = q.shape
-    return (q.float().reshape(N, K // BLOCK, BLOCK) * scales[..., None]).reshape(N, K)
-
-
-def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                lora: Segments | None = None) -> torch.Tensor:
-    """x (M, K) @ dequantize_int8(q, scales).T + bias (N,) (+ lora's deltas) -> (M, N), float32."""
-    return _kernels.int8_linear(x, q, scales, bias, lora)
 
 
 def bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,

@@ -59,9 +59,8 @@ class GeneratorConfig:
     decoder: str = "auto"
     """The forward path (DECODERS): 'auto' takes the lean one where it runs the model."""
     weights: str = "float"
-    """The lean path's dense weights (engine.lean.WEIGHTS): 'float' (the model's), 'int8' (quantized once, a
-    float32 scale per 32 weights) or 'bf16' (a bfloat16 copy); CPU float32 with the native kernels, the lean
-    decoder only."""
+    """The lean path's dense weights (engine.lean.WEIGHTS): 'float' (the model's) or 'bf16' (a bfloat16 copy); CPU
+    float32 with the native kernels, the lean decoder only."""
     cuda_graphs: bool = True
     """On CUDA, the lean decoder replays its decode steps from CUDA graphs over bucketed batch sizes
     (engine.graphs); False runs every step eagerly."""

@@ -63,9 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="generation forward: lean (Llama-family: fused projections, preallocated KV cache), hf (the "
                         "transformers forward), auto (default: lean where it runs the model)")
     p.add_argument("--weights", default=DEFAULTS.weights, choices=WEIGHTS,
-                   help="the lean decoder's dense weights: float (default, the model's), int8 (quantized at start, "
-                        "a float32 scale per 32 weights) or bf16 (a bfloat16 copy); adapters and activations stay "
-                        "float32; CPU float32 only")
+                   help="the lean decoder's dense weights: float (default, the model's) or bf16 (a bfloat16 copy "
+                        "made at start); adapters and activations stay float32; CPU float32 only")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on CUDA, run every decode step eagerly instead of replaying CUDA graphs of it")
     p.add_argument("--max-batch-size", type=int, default=DEFAULTS.max_batch_size, help="generation rows per step")
