@@ -97,3 +97,59 @@ def test_padded_factors_equal_each_slots_own_delta(chunk_rows, monkeypatch):
                 want[i, columns] += x[i] @ factors.A.T @ factors.B.T
     assert want.abs().max() > 1e-2
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_windows_narrower_than_the_cache(monkeypatch):
+    """Windows of 4, 8 and 16 columns over a 64-column cache: each row's mask, not the cache's end, bounds what it
+    reads."""
+    monkeypatch.setattr(graphs, "MIN_WIDTH", 4)
+    counts = static_scenario(graphed("varied-llama"), "varied-llama")
+    assert counts["eager"] == 1 and counts["failed"] is None
+
+
+def test_a_row_left_as_nan_does_not_reach_the_next_occupant_of_its_cache_row():
+    """A request whose adapter overflowed leaves NaN keys and values; once it leaves, its columns are zeroed, so a
+    shorter request in that cache row reads zeros, not NaN, under its window's mask (a masked NaN is still NaN)."""
+    h = graphed("varied-llama")
+    h.prefill([[3, 17, 9, 40, 22, 5, 11, 8, 8, 8, 8, 8], [5, 6]], ["a", "b"])
+    h.decode()
+    cache = h.lean.cache
+    cache.keys[:, 0, :, :13] = float("nan")  # row 0 overflowed
+    cache.values[:, 0, :, :13] = float("nan")
+    h.keep([1])  # it leaves; row 1 moves down into its cache row
+    assert torch.isfinite(cache.keys).all() and torch.isfinite(cache.values).all()
+    h.prefill([[4, 4]], ["a"])
+    h.decode("after a NaN row left")  # the reference check fails on a NaN logit
+
+
+def test_a_capture_that_fails_leaves_every_step_eager_and_right():
+    """Where a graph cannot be captured (here: no CUDA at all), the warning names why and each step runs the lean
+    path's own, with the same logits."""
+    h = graphed("varied-llama", capture=True)
+    h.prefill([[3, 17, 9], [5]], ["a", None])
+    h.decode("first step")
+    h.decode("second step")
+    g = h.lean.graphs
+    assert g.failed is not None and g.replays == 0 and g.eager >= 1 and not g.graphs
+
+
+def test_a_refresh_that_fails_halfway_starts_over(monkeypatch):
+    """Out of memory while the padded factors are reallocated: the step raises, and the next refresh rebuilds
+    them from nothing instead of trusting a half-written state."""
+    h = graphed("varied-llama")
+    zeros, calls = torch.zeros, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # BT, after AT of the first projection
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return zeros(*args, **kwargs)
+
+    monkeypatch.setattr(graphs.torch, "zeros", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):  # the prefill's route refreshes first
+        h.prefill([[3, 17, 9], [5]], ["a", "b"])
+    monkeypatch.setattr(graphs.torch, "zeros", zeros)
+    factors = next(iter(h.lean.graphs.factors.values()))
+    assert factors.AT is None and factors.generations == [] and h.lean.cache.rows == 0  # its rows closed again
+    h.prefill([[3, 17, 9], [5]], ["a", "b"])
+    h.decode("after the failed refresh")

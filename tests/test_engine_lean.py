@@ -522,7 +522,7 @@ def filled_cache(lengths, rows=4, capacity=8, limit=None, seed=0):
     ([1, 8, 2, 7], [1, 2, 3]),
     ([6, 1, 5], [0, 2]),
 ])
-def test_row_cache_keep_moves_only_the_kept_rows_own_tokens_in_order(lengths, rows):
+def test_row_cache_keep_moves_only_the_kept_rows_own_tokens_in_order_and_zeroes_what_they_left(lengths, rows):
     cache = filled_cache(lengths)
     keys, values = cache.keys.clone(), cache.values.clone()
     expected_keys, expected_values = keys.clone(), values.clone()
@@ -530,6 +530,10 @@ def test_row_cache_keep_moves_only_the_kept_rows_own_tokens_in_order(lengths, ro
         n = lengths[old]
         expected_keys[:, new, :, :n] = keys[:, old, :, :n]
         expected_values[:, new, :, :n] = values[:, old, :, :n]
+    for row, held in enumerate(lengths):  # then what each row held past what it holds now, one column more, is zero
+        now = lengths[rows[row]] if row < len(rows) else 0
+        expected_keys[:, row, :, now: held + 1] = 0
+        expected_values[:, row, :, now: held + 1] = 0
     cache.keep(rows)
     assert cache.lengths == [lengths[r] for r in rows] and cache.rows == len(rows)
     assert torch.equal(cache.keys, expected_keys) and torch.equal(cache.values, expected_values)

@@ -18,8 +18,16 @@ A prefill is not captured (its shapes vary), but it runs its adapters through th
 two batched matmuls a projection, where the eager plans launch a few per adapter of the batch.
 
 A step whose rows run a weighted mixture of adapters runs eagerly (the lean path's plans): a mixture has no single
-slot per row. So does a step with more rows than the largest bucket, and every step once a capture failed (`failed`
-says why; the server logs it). Without `capture` (a CPU) the same static step runs eagerly: that is how the tests
+slot per row. So does every step once a capture failed (`failed` says why, and a warning is logged); an error of the
+step itself (its eager run before each capture) is raised as the eager step's would be.
+
+Cache rows are read under a mask past each row's length (up to the window), so what a departed row left there must
+be finite: RowCache zeroes the columns rows leave behind (`keep`, `clear`), or a row that ended in NaN would turn the
+next occupant's attention into NaN.
+
+The padded factors are extra device memory beside the slots' own factors, (slots + 1) * R * (in + out) elements a
+projection, R padded to the largest rank loaded (it does not shrink when that adapter unloads); the server's
+--max-device-bytes does not count them. Without `capture` (a CPU) the same static step runs eagerly: that is how the tests
 check it against the lean path's own step here, and a GPU run checks the graphs against both.
 """
 
@@ -37,6 +45,8 @@ log = logging.getLogger(__name__)
 
 MIN_WIDTH = 64
 """The narrowest attention window a graph reads; windows double from it up to the cache's capacity."""
+ROUTE_TOKENS = 1024
+"""The longest prefill (all its prompts' tokens) that runs its adapters through the padded factors."""
 GATHER_BYTES = 64 << 20
 """The most factor bytes one batched matmul of PaddedFactors gathers (rows beyond it go in further chunks)."""
 RANK_STEP = 8
@@ -70,8 +80,8 @@ def width_bucket(columns: int, capacity: int) -> int:
 class PaddedFactors:
     """One fused projection's adapters for a static-shape step: AT (slots + 1, in, R) and BT (slots + 1, R, out),
     part p (a bank and its columns of the output) at rows [r_p, r_p + R_p) of R, each slot's factors zero-padded to
-    R_p (a positive multiple of RANK_STEP, at least its largest rank); the last slot all zeros. x (N, in) of rows on slots s
-    (N,): y += (x @ AT[s]) @ BT[s]."""
+    R_p (a positive multiple of RANK_STEP, at least its largest rank); the last slot all zeros. x (N, in) of rows on
+    slots s (N,): y += (x @ AT[s]) @ BT[s]. Memory: (slots + 1) * R * (in + out) elements."""
 
     def __init__(self, parts: Sequence[tuple[SlotBank, slice]], in_features: int, out_features: int) -> None:
         self.parts = list(parts)
@@ -92,7 +102,17 @@ class PaddedFactors:
         generations = [bank.generation for bank, _ in self.parts]
         if generations == self.generations:
             return False
+        try:
+            grown = self._write()
+        except BaseException:  # (out of memory, say) half written: start over from nothing at the next refresh
+            self.AT = self.BT = None
+            self.widths, self.seen, self.generations = [], [() for _ in self.parts], []
+            raise
         self.generations = generations
+        return grown
+
+    def _write(self) -> bool:
+        """refresh's work: reallocate if a rank outgrew its padding (True), then write every slot written since."""
         widths = [max(1, -(-max(bank.rank_of(s) for s in range(self.slots)) // RANK_STEP)) * RANK_STEP
                   for bank, _ in self.parts]
         grown = self.AT is None or any(w > old for w, old in zip(widths, self.widths))
@@ -121,7 +141,7 @@ class PaddedFactors:
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor) -> None:
         """y (N, out) += each row's delta, in place; x (N, in), slots (N,) long (self.slots: the base model). Rows
-        go in chunks of at most GATHER_BYTES of gathered factors (a long prefill)."""
+        go in chunks of about GATHER_BYTES of gathered factors (a long prefill; at least one row a chunk)."""
         per_row = (self.AT[0].numel() + self.BT[0].numel()) * self.AT.element_size()
         chunk = max(1, GATHER_BYTES // per_row)
         for start in range(0, x.shape[0], chunk):
@@ -158,8 +178,8 @@ class DecodeGraphs:
                         if projection.parts}
         self.zero_slot = next(iter(self.factors.values())).slots if self.factors else 0
         self.graphs: dict[tuple[int, int, bool], tuple[Callable[[], None], torch.Tensor]] = {}
-        self.cache_keys: torch.Tensor | None = None
-        """The cache tensor the graphs write (a grown cache is a new one: the graphs are captured again)."""
+        self.cache_seen: tuple = (None, 0)
+        """(the cache, its growth count) the graphs write into: a grown cache has new tensors, captured again."""
         self.pool = None
         self.replays = self.captures = self.eager = self.routed = 0
         self.failed: str | None = None
@@ -177,9 +197,9 @@ class DecodeGraphs:
             return None
         cache.ensure_next()
         width = width_bucket(max(cache.lengths) + 1, cache.capacity)
-        if cache.keys is not self.cache_keys:
+        if (cache, cache.grown) != self.cache_seen:  # a new or grown cache: new tensors
             self._drop()
-            self.cache_keys = cache.keys
+            self.cache_seen = (cache, cache.grown)
         if routes:
             self._refresh()
         n = tokens.shape[0]
@@ -196,9 +216,10 @@ class DecodeGraphs:
         else:
             entry = self.graphs.get(key)
             if entry is None:
+                self._warm(*key)  # the step, eagerly: its errors are the step's own, as on the eager path
                 try:
                     entry = self.graphs[key] = self._capture(*key)
-                except Exception as error:  # noqa: BLE001 - any capture failure: this and every later step eager
+                except Exception as error:  # noqa: BLE001 - a capture that fails: this and every later step eager
                     self.failed = f"{type(error).__name__}: {error}"
                     log.warning("CUDA graph capture failed (%s); decode steps run eagerly from now on", self.failed)
                     self._drop()
@@ -214,17 +235,25 @@ class DecodeGraphs:
     def route(self) -> SlotRoute | None:
         """The holder's context as a SlotRoute over the padded factors, for an eager forward (a prefill: its
         adapters as two batched matmuls a projection, whatever the composition), or None where the context has no
-        adapters or a mixture."""
+        adapters, a mixture, or more than ROUTE_TOKENS tokens (each token gathers its padded factors, which past
+        that costs more than the eager plans' one read of each adapter)."""
         context = self.lean.holder.current
-        if context is None or isinstance(context, SlotRoute) or not context.routes or context.token_slots is None:
+        if context is None or isinstance(context, SlotRoute) or not context.routes or context.token_slots is None \
+                or context.tokens > ROUTE_TOKENS:
             return None
         self._refresh()
         self.routed += 1
         return SlotRoute(torch.where(context.token_slots < 0, self.zero_slot, context.token_slots), self.factors)
 
     def _refresh(self) -> None:
-        """Bring every projection's padded factors up to its banks; a reallocation makes the graphs stale."""
-        if any([factors.refresh() for factors in self.factors.values()]):  # a list: every one refreshed
+        """Bring every projection's padded factors up to its banks; a reallocation makes the graphs stale, and so
+        does a refresh that failed halfway (it may have reallocated some)."""
+        try:
+            grown = any([factors.refresh() for factors in self.factors.values()])  # a list: every one refreshed
+        except BaseException:
+            self._drop()
+            raise
+        if grown:
             self._drop()
 
     def _drop(self) -> None:
@@ -233,13 +262,20 @@ class DecodeGraphs:
         self.graphs.clear()
         self.pool = None
 
-    def _capture(self, rows: int, width: int, routes: bool) -> tuple[Callable[[], None], torch.Tensor]:
-        """Warm the step up once on a side stream (lazy initialisations stay out of the graph), then capture it."""
+    def _warm(self, rows: int, width: int, routes: bool) -> None:
+        """Run the step once before its capture, on a side stream where CUDA runs (lazy initialisations, cuBLAS's
+        workspace, stay out of the graph). It writes the same keys and values the replay writes next."""
+        if not torch.cuda.is_available():
+            self._step(rows, width, routes)
+            return
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._step(rows, width, routes)
         torch.cuda.current_stream().wait_stream(side)
+
+    def _capture(self, rows: int, width: int, routes: bool) -> tuple[Callable[[], None], torch.Tensor]:
+        """The step captured as a graph (after `_warm`): its replay, and the logits tensor a replay writes."""
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()

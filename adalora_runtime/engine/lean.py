@@ -171,6 +171,9 @@ class Projection:
         """x (N, in) -> (N, sum of out)."""
         context = self.holder.current
         if isinstance(context, SlotRoute):  # a static-shape step (engine.graphs): each row's slot, padded factors
+            if x.shape[0] != context.slots.shape[0]:
+                raise BatchError(f"the slot route has {context.slots.shape[0]} rows, the lean forward has "
+                                 f"{x.shape[0]}")
             y = self.dense(x)
             factors = context.factors.get(self)
             if factors is not None:
@@ -375,10 +378,10 @@ class LeanLlama:
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
         saved = self.holder.current
-        route = None if self.graphs is None else self.graphs.route()
-        if route is not None:  # on CUDA: the adapters as the decode graphs run them, two batched matmuls each
-            self.holder.current = route
         try:
+            route = None if self.graphs is None else self.graphs.route()
+            if route is not None:  # on CUDA: the adapters as the decode graphs run them, two batched matmuls each
+                self.holder.current = route
             hidden = self._forward(ids, positions, attend)[0]  # (total, hidden)
         except BaseException:
             self.cache.keep(list(range(rows.start)))  # the rows it opened close again

@@ -25,6 +25,8 @@ class RowCache:
         self.values = self._empty(capacity)
         self.lengths: list[int] = []
         """Tokens in the cache of each running row, in row order (host copy: no device sync to read)."""
+        self.grown = 0
+        """How many times the tensors were replaced by larger ones (what a CUDA graph over them checks)."""
 
     def _empty(self, capacity: int) -> torch.Tensor:
         layers, rows, kv_heads, head_dim = self.shape
@@ -50,6 +52,7 @@ class RowCache:
         keys[:, :, :, :used] = self.keys[:, :, :, :used]
         values[:, :, :, :used] = self.values[:, :, :, :used]
         self.keys, self.values = keys, values
+        self.grown += 1
 
     def join(self, lengths: list[int]) -> slice:
         """Open rows for requests whose prompts have these lengths (their prefill writes them next); returns
@@ -63,7 +66,7 @@ class RowCache:
 
     def keep(self, rows: list[int]) -> None:
         """Keep only `rows` (ascending), in that order: each moves down into the first free row, copying only its
-        own tokens."""
+        own tokens. The columns left behind are zeroed (`_zero_past`)."""
         if any(b <= a for a, b in zip(rows, rows[1:])):
             raise ValueError(f"rows to keep must ascend, got {rows}")
         for new, old in enumerate(rows):
@@ -71,10 +74,24 @@ class RowCache:
                 length = self.lengths[old]
                 self.keys[:, new, :, :length] = self.keys[:, old, :, :length]
                 self.values[:, new, :, :length] = self.values[:, old, :, :length]
-        self.lengths = [self.lengths[old] for old in rows]
+        before, self.lengths = self.lengths, [self.lengths[old] for old in rows]
+        self._zero_past(before)
 
     def clear(self) -> None:
-        self.lengths = []
+        before, self.lengths = self.lengths, []
+        self._zero_past(before)
+
+    def _zero_past(self, before: list[int]) -> None:
+        """Zero what each row held before (`before`, one column more: a step that failed may have written it) past
+        what it holds now. A decode step on a GPU reads a window of columns under a mask, and a masked NaN (what a
+        request that overflowed leaves) still turns attention into NaN: so the columns past each row's length stay
+        zero for its next occupant."""
+        for row, held in enumerate(before):
+            now = self.lengths[row] if row < len(self.lengths) else 0
+            end = min(held + 1, self.capacity)
+            if end > now:
+                self.keys[:, row, :, now:end] = 0
+                self.values[:, row, :, now:end] = 0
 
     def step_positions(self) -> torch.Tensor:
         """(B,) long: the column (= position id) each running row's next token is written to."""
