@@ -234,7 +234,7 @@ def start_server(config: ServerConfig, log: Path, env: dict[str, str] | None = N
            "--device", config.device, "--decoder", config.decoder, "--weights", config.weights,
            "--dtype", config.dtype, "--max-batch-size", str(config.max_batch_size), "--max-slots",
            str(config.max_slots), "--max-new-tokens", str(config.max_new_tokens), "--preload", *config.preload,
-           *([] if config.cuda_graphs else ["--no-cuda-graphs"])]
+           "--gather-ms", str(config.gather_ms), *([] if config.cuda_graphs else ["--no-cuda-graphs"])]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             env=None if env is None else {**os.environ, **env})
     deadline = time.time() + 600

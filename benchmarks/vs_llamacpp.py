@@ -32,7 +32,8 @@ Random weights make near-ties common, so there the equivalence check is reported
     make peer                                   # builds .peer/bin/llama-server once (minutes)
     python benchmarks/vs_llamacpp.py [--rounds 5] [--batch 8] [--new-tokens 64] [--ours float32 bfloat16]
                                      [--peer-weights f32 bf16 q8_0] [--peer .peer] [--bf16-weights]
-                                     [--pytorch-too] [--eager-too] [--device cuda] [--random-weights 135m|1b]
+                                     [--pytorch-too] [--eager-too] [--no-gather-too] [--device cuda]
+                                     [--random-weights 135m|1b]
                                      [--model-dir DIR] [--prompts FILE]
 """
 
@@ -352,6 +353,8 @@ def main() -> None:
                     help="a model from the packaged config at random weights (see above) instead of SmolLM2's own")
     ap.add_argument("--model-dir", type=Path, default=None, help="config and tokenizer folder (default: SmolLM2)")
     ap.add_argument("--prompts", type=Path, default=None, help="JSON list of prompt texts (default: movie dialogs)")
+    ap.add_argument("--no-gather-too", action="store_true",
+                    help="also run each of our servers with --gather-ms 0 (a burst's first request prefills alone)")
     ap.add_argument("--eager-too", action="store_true",
                     help="on CUDA, also run each of our dtypes without CUDA graphs (--no-cuda-graphs)")
     ap.add_argument("--pytorch-too", action="store_true",
@@ -386,11 +389,14 @@ def main() -> None:
             ours.append(("float32", "bf16", "bf16 weights", None))
         if args.pytorch_too:
             ours.append(("float32", "float", "float32 no-native", {"ADALORA_NATIVE": "0"}))
+        if args.no_gather_too:
+            ours += [(dtype, weights, f"{label} no-gather", env) for dtype, weights, label, env in ours]
         for dtype, weights, label, env in ours:
             config = ServerConfig(base_model=str(model_dir), adapter_dir=str(store), weights=weights, device=args.device,
                                   preload=tuple(f"a{i}" for i in range(args.batch)), dtype=dtype,
                                   decoder=args.decoder, max_batch_size=args.batch, max_slots=args.batch,
-                                  max_new_tokens=max(args.new_tokens, 64), cuda_graphs=not label.endswith("eager"))
+                                  max_new_tokens=max(args.new_tokens, 64), cuda_graphs="eager" not in label,
+                                  gather_ms=0.0 if label.endswith("no-gather") else ServerConfig.gather_ms)
             proc, ready = start_server(config, work / f"ours-{label.replace(' ', '-')}.log", env)
             servers.append(Ours("adalora", label, f"http://127.0.0.1:{ready['http_port']}",
                                 [f"a{i}" for i in range(args.batch)], proc, base_name=model_dir.name))

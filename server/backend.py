@@ -111,7 +111,7 @@ class Backend:
             graphs = getattr(self.generator.decoder, "graphs", None) is not None
             log.info("generation decoder: %s (--decoder %s, --weights %s, CUDA graphs %s)",
                      self.generator.decoder.name, config.decoder, config.weights, "on" if graphs else "off")
-            self.driver = AsyncDriver(self.generator)
+            self.driver = AsyncDriver(self.generator, gather_s=config.gather_ms / 1000)
         else:
             limit = min(config.max_prompt_tokens, self.max_positions or config.max_prompt_tokens)
             self.runner = EncoderRunner(self.engine, tokenizer, max_length=limit)

@@ -11,6 +11,7 @@ from adalora.dtypes import DTYPE_NAMES
 from adalora.engine.lean import WEIGHTS
 from adalora.engine.scheduler import DECODERS
 from adalora.engine.errors import InvalidRequest
+from adalora.engine.stream import GATHER_MAX_S
 from adalora.server import tls
 from adalora.server.adapter_checks import AdapterLimits
 
@@ -50,6 +51,10 @@ class ServerConfig:
     """On CUDA, the lean decoder replays decode steps from CUDA graphs (adalora.engine.graphs); False: eager."""
     max_batch_size: int = 8
     """Generation rows decoded together; further requests wait for a free row."""
+    gather_ms: float = 4.0
+    """An idle server that gets a generation request waits for more while each comes within this many ms of the
+    last (25 ms at most in all), so that a burst prefills in one forward (adalora.engine.stream.AsyncDriver);
+    0 = start at once."""
     max_queue: int = 256
     """Generation requests waiting for a batch row; Generate / GenerateStream past it are RESOURCE_EXHAUSTED at
     once (a client should back off and retry, or the operator raise --max-queue or --max-batch-size)."""
@@ -166,6 +171,10 @@ class ServerConfig:
             raise ConfigError(f"decoder {self.decoder!r} is not one of {list(DECODERS)}")
         if self.weights not in WEIGHTS:
             raise ConfigError(f"weights {self.weights!r} is not one of {list(WEIGHTS)}")
+        if isinstance(self.gather_ms, bool) or not isinstance(self.gather_ms, (int, float)) \
+                or not 0 <= self.gather_ms <= GATHER_MAX_S * 1000:
+            raise ConfigError(f"gather_ms must be a number of milliseconds in [0, {GATHER_MAX_S * 1000:g}], got "
+                              f"{self.gather_ms!r} (check --gather-ms)")
         if not isinstance(self.cuda_graphs, bool):
             raise ConfigError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
         if self.weights != "float" and (self.decoder == "hf" or self.dtype != "float32" or self.device != "cpu"):

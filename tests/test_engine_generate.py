@@ -206,6 +206,54 @@ def test_callbacks_and_async_stream_yield_the_final_tokens(setup):
     assert whole == handles[0].result
 
 
+@pytest.mark.parametrize("gather_s", [0.0, 0.02])
+def test_an_idle_driver_gathers_a_burst_into_one_prefill(setup, gather_s):
+    """Three requests 5 ms apart: gathered (each within 20 ms of the last), one prefill admits all three; not
+    gathered, the first prefills alone. A lone request still runs (it waits one gap), and the tokens are the
+    same either way."""
+    gen = generator(setup)
+    admitted, take = [], gen._take_waiting
+
+    def recording():
+        new, expired = take()
+        if new:
+            admitted.append(len(new))
+        return new, expired
+
+    gen._take_waiting = recording
+    requests = [greedy([3, 17, 9], "a", 4), greedy([5, 6], None, 4), greedy([1, 2], "b", 4)]
+
+    async def main():
+        driver = AsyncDriver(gen, gather_s=gather_s)
+        try:
+            streams = []
+            for request in requests:
+                streams.append(driver.stream(request))
+                await asyncio.sleep(0.005)
+            for stream in streams:
+                async for _ in stream:
+                    pass
+            alone = await driver.generate(requests[0])
+            return [stream.result for stream in streams], alone
+        finally:
+            driver.close()
+
+    results, alone = asyncio.run(main())
+    assert admitted[0] == (3 if gather_s else 1) and admitted[-1] == 1, admitted
+    reference = generator(setup)
+    handles = [reference.submit(r) for r in requests]
+    while reference.has_work():
+        reference.step()
+    assert [r.token_ids for r in results] == [h.result.token_ids for h in handles]
+    assert alone.token_ids == handles[0].result.token_ids
+
+
+@pytest.mark.parametrize("gather_s", [-0.001, 1.0, True, "0.004"])
+def test_a_bad_gather_is_refused(setup, gather_s):
+    with pytest.raises(EngineError, match=r"gather_s must be a number of seconds in \[0, 0.025\]"):
+        AsyncDriver(generator(setup), gather_s=gather_s)
+
+
 def test_a_failing_step_ends_every_stream_with_its_error(setup):
     async def main():
         gen = generator(setup)

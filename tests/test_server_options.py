@@ -118,3 +118,13 @@ def test_no_cuda_graphs_reaches_the_config_and_a_bad_value_is_refused(tmp_path):
         ServerConfig(base_model="m", adapter_dir=str(tmp_path), cuda_graphs="no")
     with pytest.raises(ConfigError, match="cuda_graphs must be True or False, got 0"):
         GeneratorConfig(cuda_graphs=0)
+
+
+def test_gather_ms_reaches_the_config_and_a_bad_value_is_refused(tmp_path):
+    flags = ("--base-model", "m", "--adapter-dir", str(tmp_path))
+    assert serve_command.config_from(parse(*flags)).gather_ms == 4.0
+    assert serve_command.config_from(parse(*flags, "--gather-ms", "0")).gather_ms == 0.0
+    for bad in (-1.0, 26.0, True):
+        with pytest.raises(ConfigError, match=r"gather_ms must be a number of milliseconds in \[0, 25\], got .* "
+                                              r"\(check --gather-ms\)"):
+            ServerConfig(base_model="m", adapter_dir=str(tmp_path), gather_ms=bad)

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 from adalora.engine.errors import EngineError
 from adalora.engine.scheduler import GenerationRequest, GenerationResult, Generator, Handle
 
 _END = object()
+GATHER_MAX_S = 0.025
+"""The longest an idle driver gathers a burst of requests before its first step (see AsyncDriver)."""
 
 
 class TokenStream:
@@ -47,10 +50,18 @@ class TokenStream:
 
 
 class AsyncDriver:
-    """Owns the thread that calls `generator.step()` while any request waits or runs."""
+    """Owns the thread that calls `generator.step()` while any request waits or runs.
 
-    def __init__(self, generator: Generator) -> None:
+    An idle driver (no row running) that gets a request waits for more while they keep coming, each within
+    `gather_s` of the one before (at most GATHER_MAX_S in all, or until they fill the batch), so that a burst
+    prefills in one forward: without it, the first request prefills alone and the rest join a step later, one
+    more forward of the whole model. A lone request waits `gather_s` once; 0 turns it off."""
+
+    def __init__(self, generator: Generator, gather_s: float = 0.004) -> None:
+        if isinstance(gather_s, bool) or not isinstance(gather_s, (int, float)) or not 0 <= gather_s <= GATHER_MAX_S:
+            raise EngineError(f"gather_s must be a number of seconds in [0, {GATHER_MAX_S}], got {gather_s!r}")
         self.generator = generator
+        self.gather_s = float(gather_s)
         self._wake = threading.Event()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="adalora-generate", daemon=True)
@@ -61,11 +72,24 @@ class AsyncDriver:
             if not self.generator.has_work():
                 self._wake.wait()
                 self._wake.clear()
+                self._gather()
                 continue
             try:
                 self.generator.step()
             except Exception as error:  # every request in flight gets the error; the loop goes on
                 self.generator.fail_all(error)
+
+    def _gather(self) -> None:
+        """After an idle wait: while no row runs, wait for requests as long as each comes within gather_s of the
+        last (see the class)."""
+        if self.gather_s <= 0 or self.generator.running:
+            return
+        end = time.monotonic() + GATHER_MAX_S
+        while not self._closed and self.generator.waiting < self.generator.config.max_batch_size:
+            left = min(self.gather_s, end - time.monotonic())
+            if left <= 0 or not self._wake.wait(left):
+                return
+            self._wake.clear()
 
     def stream(self, request: GenerationRequest, deadline: float | None = None) -> TokenStream:
         """Submit `request` (validation errors raise here) and stream its tokens; call from a running event loop.

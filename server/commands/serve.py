@@ -68,6 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on CUDA, run every decode step eagerly instead of replaying CUDA graphs of it")
     p.add_argument("--max-batch-size", type=int, default=DEFAULTS.max_batch_size, help="generation rows per step")
+    p.add_argument("--gather-ms", type=float, default=DEFAULTS.gather_ms,
+                   help=f"an idle server waits for more generation requests while each comes within this many ms of "
+                        f"the last (25 at most in all), so a burst prefills together (default {DEFAULTS.gather_ms:g}; "
+                        f"0: start at once)")
     p.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue,
                    help=f"generation requests waiting for a batch row; more are RESOURCE_EXHAUSTED "
                         f"(default {DEFAULTS.max_queue})")
@@ -159,7 +163,7 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
                         served_model_name=args.served_model_name, http_timeout_s=args.http_timeout,
                         api_key=args.api_key or os.environ.get("ADALORA_API_KEY") or None, device=args.device,
                         dtype=args.dtype, decoder=args.decoder, weights=args.weights,
-                        cuda_graphs=args.cuda_graphs,
+                        cuda_graphs=args.cuda_graphs, gather_ms=args.gather_ms,
                         max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_slots=args.max_slots,
                         max_device_bytes=args.max_device_bytes, max_host_bytes=args.max_host_bytes,
                         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,

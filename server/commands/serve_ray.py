@@ -25,9 +25,9 @@ HELP = ("serve a base model and its adapters on N Ray Serve replicas behind one 
 USER_ERRORS = single.USER_ERRORS
 APP_NAME = "adalora"
 KEPT = ("base_model", "adapter_dir", "preload", "served_model_name", "api_key", "http_timeout", "device",
-        "dtype", "decoder", "weights", "cuda_graphs", "max_batch_size", "max_queue", "admin_token", "max_slots",
-        "max_device_bytes",
-        "max_host_bytes", "max_prompt_tokens", "max_new_tokens", "grace", "max_message_bytes", "max_adapter_rank",
+        "dtype", "decoder", "weights", "cuda_graphs", "gather_ms", "max_batch_size", "max_queue", "admin_token",
+        "max_slots", "max_device_bytes", "max_host_bytes", "max_prompt_tokens", "max_new_tokens", "grace",
+        "max_message_bytes", "max_adapter_rank",
         "max_adapter_bytes", "adapter_dtypes")
 """`adalora serve`'s flags that mean the same per replica here (gRPC, TLS and the metrics port do not exist on Ray:
 the one endpoint is Serve's HTTP proxy, and Ray exports the metrics)."""
