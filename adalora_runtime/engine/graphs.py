@@ -27,8 +27,10 @@ next occupant's attention into NaN.
 
 The padded factors are extra device memory beside the slots' own factors, (slots + 1) * R * (in + out) elements a
 projection, R padded to the largest rank loaded (it does not shrink when that adapter unloads); the server's
---max-device-bytes does not count them. Without `capture` (a CPU) the same static step runs eagerly: that is how the tests
-check it against the lean path's own step here, and a GPU run checks the graphs against both.
+--max-device-bytes does not count them.
+
+Without `capture` (a CPU) the same static step runs eagerly: that is how the tests check it against the transformers
+forward here, and a GPU run (tests/test_cuda.py) checks the captured graphs the same way.
 """
 
 from __future__ import annotations
