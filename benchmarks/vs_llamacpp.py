@@ -382,21 +382,22 @@ def main() -> None:
     ids = prompts(AutoTokenizer.from_pretrained(model_dir), texts)
     servers: list[Server] = []
     try:
-        ours = [(dtype, "float", dtype, None) for dtype in dict.fromkeys(["float32", *args.ours])]
+        # (label, environment, ServerConfig fields beyond the shared ones) of each of our servers
+        dtypes = dict.fromkeys(["float32", *args.ours])
+        ours = [(dtype, None, {"dtype": dtype}) for dtype in dtypes]
         if args.eager_too:
-            ours += [(dtype, "float", f"{dtype} eager", None) for dtype in dict.fromkeys(["float32", *args.ours])]
+            ours += [(f"{dtype} eager", None, {"dtype": dtype, "cuda_graphs": False}) for dtype in dtypes]
         if args.bf16_weights:
-            ours.append(("float32", "bf16", "bf16 weights", None))
+            ours.append(("bf16 weights", None, {"weights": "bf16"}))
         if args.pytorch_too:
-            ours.append(("float32", "float", "float32 no-native", {"ADALORA_NATIVE": "0"}))
+            ours.append(("float32 no-native", {"ADALORA_NATIVE": "0"}, {}))
         if args.no_gather_too:
-            ours += [(dtype, weights, f"{label} no-gather", env) for dtype, weights, label, env in ours]
-        for dtype, weights, label, env in ours:
-            config = ServerConfig(base_model=str(model_dir), adapter_dir=str(store), weights=weights, device=args.device,
-                                  preload=tuple(f"a{i}" for i in range(args.batch)), dtype=dtype,
-                                  decoder=args.decoder, max_batch_size=args.batch, max_slots=args.batch,
-                                  max_new_tokens=max(args.new_tokens, 64), cuda_graphs="eager" not in label,
-                                  gather_ms=0.0 if label.endswith("no-gather") else ServerConfig.gather_ms)
+            ours += [(f"{label} no-gather", env, {**fields, "gather_ms": 0.0}) for label, env, fields in ours]
+        for label, env, fields in ours:
+            config = ServerConfig(base_model=str(model_dir), adapter_dir=str(store), device=args.device,
+                                  preload=tuple(f"a{i}" for i in range(args.batch)), decoder=args.decoder,
+                                  max_batch_size=args.batch, max_slots=args.batch,
+                                  max_new_tokens=max(args.new_tokens, 64), **fields)
             proc, ready = start_server(config, work / f"ours-{label.replace(' ', '-')}.log", env)
             servers.append(Ours("adalora", label, f"http://127.0.0.1:{ready['http_port']}",
                                 [f"a{i}" for i in range(args.batch)], proc, base_name=model_dir.name))

@@ -82,6 +82,12 @@ class Routing:
         return torch.where(self.groups < 0, self.n_groups, self.groups)
 
 
+def gathered_add_(y: torch.Tensor, x: torch.Tensor, AT: torch.Tensor, BT: torch.Tensor) -> None:
+    """y (N, out) += (x[i] @ AT[i]) @ BT[i] for each token i, in place: AT (N, in, r) and BT (N, r, out), each
+    token's own factors zero-padded to one rank r (what a BGMV kernel computes), two batched matmuls."""
+    y[:, None].baddbmm_(torch.bmm(x[:, None], AT), BT)
+
+
 class GroupPlan:
     """Per distinct group: gather its rows, two small matmuls, index_add back. Cost ~ G launches."""
 
@@ -175,8 +181,7 @@ class PaddedPlan:
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor) -> None:
         """y (N, out) += delta, in place (x, y and the factors in one dtype)."""
-        AT, BT = self._token_factors(x.dtype)
-        y[:, None, :].baddbmm_(torch.bmm(x[:, None, :], AT), BT)
+        gathered_add_(y, x, *self._token_factors(x.dtype))
 
 
 class SegmentPlan:

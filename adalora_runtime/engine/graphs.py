@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adalora.engine.apply import gathered_add_
 from adalora.engine.slots import SlotBank
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ class PaddedFactors:
         chunk = max(1, GATHER_BYTES // per_row)
         for start in range(0, x.shape[0], chunk):
             rows = slice(start, start + chunk)
-            y[rows, None].baddbmm_(torch.bmm(x[rows, None], self.AT[slots[rows]]), self.BT[slots[rows]])
+            gathered_add_(y[rows], x[rows], self.AT[slots[rows]], self.BT[slots[rows]])
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,9 @@ class DecodeGraphs:
                         for layer in lean.layers for projection in (layer.qkv, layer.o, layer.gate_up, layer.down)
                         if projection.parts}
         self.zero_slot = next(iter(self.factors.values())).slots if self.factors else 0
+        self.banks = list({bank: None for factors in self.factors.values() for bank, _ in factors.parts})
+        self.generations: list[int] = []
+        """Every bank's generation when the padded factors were last brought up to them: a step compares one list."""
         self.graphs: dict[tuple[int, int, bool], tuple[Callable[[], None], torch.Tensor]] = {}
         self.cache_seen: tuple = (None, 0)
         """(the cache, its growth count) the graphs write into: a grown cache has new tensors, captured again."""
@@ -193,8 +197,8 @@ class DecodeGraphs:
         context = self.lean.holder.current
         routes = context is not None and bool(context.routes)
         slots = context.token_slots if routes else None
-        rows = bucket(tokens.shape[0], self.buckets)
-        if self.failed is not None or rows is None or (routes and slots is None):
+        rows = bucket(tokens.shape[0], self.buckets)  # the largest bucket is the cache's rows: never None here
+        if self.failed is not None or (routes and slots is None):
             self.eager += 1
             return None
         cache.ensure_next()
@@ -249,7 +253,12 @@ class DecodeGraphs:
 
     def _refresh(self) -> None:
         """Bring every projection's padded factors up to its banks; a reallocation makes the graphs stale, and so
-        does a refresh that failed halfway (it may have reallocated some)."""
+        does a refresh that failed halfway (it may have reallocated some). While no bank was written, one
+        comparison (a step's whole cost of this)."""
+        generations = [bank.generation for bank in self.banks]
+        if generations == self.generations:
+            return
+        self.generations = []
         try:
             grown = any([factors.refresh() for factors in self.factors.values()])  # a list: every one refreshed
         except BaseException:
@@ -257,6 +266,7 @@ class DecodeGraphs:
             raise
         if grown:
             self._drop()
+        self.generations = generations
 
     def _drop(self) -> None:
         """Forget every graph, and their memory pool with them: a pool whose graphs are all gone is freed, and
