@@ -141,6 +141,36 @@ def test_segment_kernel_adds_each_parts_delta_into_its_columns(widths, ranks, dt
     torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-4 * in_f ** 0.5)
 
 
+# groups of neighbouring tokens, which the kernel adds run by run (up to 8 tokens a run, each group's factors read
+# once a run): runs of 1 to 11 tokens (11 = 8 + 3), a rank-0 group's run, base tokens between, and a decode step's
+# batch of one adapter
+RUN_CASES = [[0] * 11 + [1] * 3 + [-1] * 2 + [3] * 7 + [0] + [2] * 4 + [1] * 5 + [3] * 2 + [0] * 6,
+             [1] * 8, [3] * 4 + [0] * 4, [0, 0, -1, 0, 0, 1, 1, 3]]
+
+
+@needs_native
+@pytest.mark.parametrize("groups", RUN_CASES, ids=["runs-1-to-11", "one-adapter", "two-runs", "split-runs"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_segment_kernel_adds_runs_of_one_group_as_the_reference(groups, dtype):
+    """Runs of neighbouring tokens of one group (a prefill's prompt, a decode batch of one adapter) equal the
+    reference token by token, in every part; widths, `in` and ranks not multiples of 8 or 4 (every tail)."""
+    in_f, widths, ranks = 37, [20, 13], [5, 3, 0, 9]
+    gen = torch.Generator().manual_seed(len(groups))
+    groups = torch.tensor(groups)
+    x = torch.randn(len(groups), in_f, generator=gen)
+    y = torch.randn(len(groups), sum(widths), generator=gen)
+    want, parts, column = y.double().clone(), [], 0
+    for width in widths:
+        factors = [Factors(torch.randn(r, in_f, generator=gen).to(dtype), torch.randn(width, r, generator=gen).to(dtype))
+                   for r in ranks]
+        parts.append((torch.cat([f.A for f in factors]), torch.cat([f.B.T for f in factors]).contiguous(),
+                      torch.tensor([0] + ranks).cumsum(0), column))
+        want[:, column: column + width] = reference(y[:, column: column + width], x, factors, groups)
+        column += width
+    native.segment_lora_add_(y, x, native.segments(groups, parts))
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-4 * in_f ** 0.5)
+
+
 @needs_native
 @pytest.mark.parametrize("kernel", ["skinny_linear", "bf16_linear"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

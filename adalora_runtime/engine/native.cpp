@@ -115,29 +115,6 @@ inline void by_rows(int64_t M, F&& f) {
   if (m < M) last_rows<kRows - 1>(M - m, m, f);
 }
 
-// y[:, n0:n1] = x (M, K) @ w[n0:n1].T + bias[n0:n1], y's rows `ldy` apart; serial. Each weight row is read from
-// memory once (M <= 8) and streams sequentially.
-void linear_rows(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t ldy, const float* bias,
-                 int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const float* b = bias ? bias + n : nullptr;
-    by_rows(M, [&]<int R>(int64_t m) { tile<R>(x + m * K, w + n * K, K, y + m * ldy + n, ldy, b); });
-  }
-}
-
-// tile.template operator()<R>(m, n, bias of row n or nullptr) for every row n of a weight (N rows) against the M
-// rows of x in runs of R (by_rows): the walk of a kernel over a weight layout of its own (bfloat16);
-// threads split the weight's rows, so each weight row is read once.
-template <class Tile>
-void over_weight_rows(int64_t M, int64_t N, const float* bias, Tile&& tile) {
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const float* bn = bias ? bias + n : nullptr;
-      by_rows(M, [&]<int R>(int64_t m) { tile.template operator()<R>(m, n, bn); });
-    }
-  });
-}
-
 void check_float_cpu(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, op, ": ", name,
               " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
@@ -191,6 +168,14 @@ inline __m256 load8(const uint16_t* p) { return widen_bf16(p); }
 inline float value(float v) { return v; }
 inline float value(uint16_t h) { return bf16_value(h); }
 
+// Prefetches the 32 factors at p (one 64-byte line of bfloat16, two of float32) into L1: a block of rows four
+// rows on, read at the rate the four rows now in use are.
+inline void prefetch_ahead(const uint16_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+inline void prefetch_ahead(const float* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(p + 16), _MM_HINT_T0);
+}
+
 // h[j] = dot(x[0:K], A[j * K : + K]) for j < r: four rows of A at a time against one load of x (four independent
 // accumulators, so the sums do not wait on one FMA chain), then the last r % 4 rows one at a time.
 template <class T>
@@ -201,6 +186,7 @@ inline void dot_rows(const float* __restrict x, const T* __restrict A, int64_t K
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
+      prefetch_ahead(a + 4 * K + 4 * k);  // the next four rows, as fast as these four are read
       const __m256 xv = _mm256_loadu_ps(x + k);
 #pragma GCC unroll 4
       for (int t = 0; t < 4; ++t) acc[t] = _mm256_fmadd_ps(xv, load8(a + t * K + k), acc[t]);
@@ -232,6 +218,7 @@ inline void add_rows(float* __restrict y, const float* __restrict h, const T* __
     const __m256 h2 = _mm256_set1_ps(h[j + 2]), h3 = _mm256_set1_ps(h[j + 3]);
     int64_t c = 0;
     for (; c + 8 <= n; c += 8) {
+      prefetch_ahead(b + 4 * n + 4 * c);
       __m256 v = _mm256_fmadd_ps(h0, load8(b + c), _mm256_loadu_ps(y + c));
       v = _mm256_fmadd_ps(h1, load8(b + n + c), v);
       v = _mm256_fmadd_ps(h2, load8(b + 2 * n + c), v);
@@ -256,6 +243,64 @@ inline void segment_row(const float* x, const T* A, const T* BT, int64_t in, int
                         float* h, float* y) {
   dot_rows(x, A + r0 * in, in, r, h);
   add_rows(y, h, BT + r0 * out, r, out);
+}
+
+// y[m * ldy : + n] += sum over j < r of h[m * r + j] * BT[j * n : + n] for the MT rows m: each four rows of BT
+// loaded once for all MT rows of y, in add_rows' order of sums (so a token's delta is the same whichever run it is in).
+template <int MT, class T>
+inline void add_rows_to(float* __restrict y, int64_t ldy, const float* __restrict h, const T* __restrict BT,
+                        int64_t r, int64_t n) {
+  int64_t j = 0;
+  for (; j + 4 <= r; j += 4) {
+    const T* b = BT + j * n;
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+      const __m256 b0 = load8(b + c), b1 = load8(b + n + c), b2 = load8(b + 2 * n + c), b3 = load8(b + 3 * n + c);
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m) {
+        const float* hm = h + m * r + j;
+        float* ym = y + m * ldy + c;
+        __m256 v = _mm256_fmadd_ps(_mm256_set1_ps(hm[0]), b0, _mm256_loadu_ps(ym));
+        v = _mm256_fmadd_ps(_mm256_set1_ps(hm[1]), b1, v);
+        v = _mm256_fmadd_ps(_mm256_set1_ps(hm[2]), b2, v);
+        _mm256_storeu_ps(ym, _mm256_fmadd_ps(_mm256_set1_ps(hm[3]), b3, v));
+      }
+    }
+    for (; c < n; ++c)
+      for (int m = 0; m < MT; ++m) {
+        const float* hm = h + m * r + j;
+        y[m * ldy + c] += hm[0] * value(b[c]) + hm[1] * value(b[n + c]) + hm[2] * value(b[2 * n + c]) +
+                          hm[3] * value(b[3 * n + c]);
+      }
+  }
+  for (; j < r; ++j) {
+    const T* b = BT + j * n;
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+      const __m256 bv = load8(b + c);
+      for (int m = 0; m < MT; ++m) {
+        float* ym = y + m * ldy + c;
+        _mm256_storeu_ps(ym, _mm256_fmadd_ps(_mm256_set1_ps(h[m * r + j]), bv, _mm256_loadu_ps(ym)));
+      }
+    }
+    for (; c < n; ++c)
+      for (int m = 0; m < MT; ++m) y[m * ldy + c] += h[m * r + j] * value(b[c]);
+  }
+}
+
+// One part's delta for MT token rows of one group (x's rows `in` apart, y's `ldy`): h (MT, r) = x @ A[r0:r0 + r].T
+// as the linear kernels' tiles (each row of A loaded once for all MT rows), then y += h @ BT[r0:r0 + r].
+template <int MT>
+inline void segment_rows(const float* x, const float* A, const float* BT, int64_t in, int64_t out, int64_t r0,
+                         int64_t r, float* h, float* y, int64_t ldy) {
+  for (int64_t j = 0; j < r; ++j) tile<MT>(x, A + (r0 + j) * in, in, h + j, r, nullptr);
+  add_rows_to<MT>(y, ldy, h, BT + r0 * out, r, out);
+}
+template <int MT>
+inline void segment_rows(const float* x, const uint16_t* A, const uint16_t* BT, int64_t in, int64_t out, int64_t r0,
+                         int64_t r, float* h, float* y, int64_t ldy) {
+  for (int64_t j = 0; j < r; ++j) tile_bf16<MT>(x, A + (r0 + j) * in, in, h + j, r, nullptr);
+  add_rows_to<MT>(y, ldy, h, BT + r0 * out, r, out);
 }
 
 // One batch's adapters of one input (the file's header): checked once when built, so that each call checks only
@@ -333,30 +378,62 @@ struct Segments {
     add(y.data_ptr<float>(), y.stride(0), x.data_ptr<float>());
   }
 
+  // f(i, e, g) for each run [i, e) of up to kRows neighbouring tokens of one group g >= 0 within [i0, i1): a
+  // prefill's prompt, or a decode step's rows of one adapter, whose factors are read once per run.
+  template <class F>
+  void runs(int64_t i0, int64_t i1, F&& f) const {
+    for (int64_t i = i0, e; i < i1; i = e) {
+      const int64_t g = groups[i];
+      for (e = i + 1; e < i1 && e - i < kRows && groups[e] == g;) ++e;
+      if (g >= 0) f(i, e, g);
+    }
+  }
+
+  // One part's delta for a run of M (1 <= M <= kRows) tokens of one group.
+  template <class T>
+  void add_run(int64_t M, const float* x, const T* A, const T* BT, int64_t out, int64_t r0, int64_t r, float* h,
+               float* y, int64_t ldy) const {
+    if (M == 1) return segment_row(x, A, BT, in, out, r0, r, h, y);
+    by_rows(M, [&]<int R>(int64_t) { segment_rows<R>(x, A, BT, in, out, r0, r, h, y, ldy); });
+  }
+
   // y[i] += token i's delta for every part (after check(y, x)).
   void add(float* y, int64_t ldy, const float* x) const {
     // one token is enough work to split on (r * (in + out) FMAs over its own factors): a decode step's few tokens
-    // run on every thread, each thread reading only its tokens' adapters
+    // run on every thread, each thread reading only its tokens' adapters, run by run (a run of one token takes the
+    // single-row kernels)
     at::parallel_for(0, tokens, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<float> h(max_rank);
-      for (int64_t i = i0; i < i1; ++i) {
-        if (groups[i] < 0) continue;
+      std::vector<float> h(kRows * max_rank);
+      runs(i0, i1, [&](int64_t i, int64_t e, int64_t g) {
         for (const Part& part : parts) {
-          const int64_t r0 = part.off[groups[i]], r = part.off[groups[i] + 1] - r0;
+          const int64_t r0 = part.off[g], r = part.off[g + 1] - r0;
           float* yi = y + i * ldy + part.column;
           if (part.bf16)
-            segment_row(x + i * in, static_cast<const uint16_t*>(part.a), static_cast<const uint16_t*>(part.b), in,
-                        part.out, r0, r, h.data(), yi);
+            add_run(e - i, x + i * in, static_cast<const uint16_t*>(part.a), static_cast<const uint16_t*>(part.b),
+                    part.out, r0, r, h.data(), yi, ldy);
           else
-            segment_row(x + i * in, static_cast<const float*>(part.a), static_cast<const float*>(part.b), in,
-                        part.out, r0, r, h.data(), yi);
+            add_run(e - i, x + i * in, static_cast<const float*>(part.a), static_cast<const float*>(part.b),
+                    part.out, r0, r, h.data(), yi, ldy);
         }
-      }
+      });
     });
   }
 };
 
 using Lora = const Segments*;  // none: nullptr
+
+// tile.template operator()<R>(m, n, bias of row n or nullptr) for every row n of a weight (N rows) against the M
+// rows of x in runs of R (by_rows): the walk of both linear kernels. Threads split the weight's rows, so each weight
+// row is read from memory once (M <= 8) and streams sequentially.
+template <class Tile>
+void over_weight_rows(int64_t M, int64_t N, const float* bias, Tile&& tile) {
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* bn = bias ? bias + n : nullptr;
+      by_rows(M, [&]<int R>(int64_t m) { tile.template operator()<R>(m, n, bn); });
+    }
+  });
+}
 
 void segment_lora_add_(at::Tensor y, const at::Tensor& x, const Segments& segments) {
   RECORD_FUNCTION("adalora_native::segment_lora_add_", c10::ArrayRef<const c10::IValue>{});
@@ -384,8 +461,8 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const std::op
   const float* xp = xc.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {  // each thread a contiguous run of w's rows
-    linear_rows(xp, M, K, wp, yp, N, b, n0, n1);
+  over_weight_rows(M, N, b, [&]<int R>(int64_t m, int64_t n, const float* bn) {
+    tile<R>(xp + m * K, wp + n * K, K, yp + m * N + n, N, bn);
   });
   return with_lora(y, xc, lora, "skinny_linear");
 }
