@@ -8,7 +8,7 @@ pattern, for a decode step of 8 rows with 8 distinct adapters and with one adapt
 of 40 tokens (8 distinct adapters); factors in float32 and in bfloat16 (what `--weights bf16` reads). A cell is
 the median over --repeats of the 120 calls; both builds' outputs are checked equal to float32 rounding first.
 
-    OMP_NUM_THREADS=2 python benchmarks/native_ab.py [--base HEAD] [--repeats 21]
+    OMP_NUM_THREADS=2 python benchmarks/native_ab.py [--base HEAD] [--repeats 21]   # --base HEAD~1 once committed
     python benchmarks/native_ab.py --quick          # 2 layers, 3 repeats: checks the script
 """
 
@@ -70,7 +70,8 @@ def run(module, segments: list, xs: list, ys: list) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", default="HEAD", help="the git revision whose native.cpp is the baseline")
+    ap.add_argument("--base", default="HEAD", help="the git revision whose native.cpp is the baseline (HEAD before "
+                    "committing a change, HEAD~1 after)")
     ap.add_argument("--repeats", type=int, default=21)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
@@ -80,8 +81,7 @@ def main() -> None:
     source = Path(native.SOURCE)
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "native_base.cpp"
-        relative = source.resolve().relative_to(Path(__file__).resolve().parents[1])
-        old.write_bytes(subprocess.run(["git", "show", f"{args.base}:{relative}"], check=True,
+        old.write_bytes(subprocess.run(["git", "show", f"{args.base}:./{source.name}"], check=True,
                                        capture_output=True, cwd=source.parent).stdout)
         modules = {"base": build("adalora_native_ab_base", old), "work": build("adalora_native_ab_work", source)}
     gen = torch.Generator().manual_seed(0)
@@ -100,9 +100,10 @@ def main() -> None:
             for a, b in zip(ys["base"], ys["work"]):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
             times = {name: [] for name in modules}
-            for _ in range(repeats):
-                for name, m in modules.items():
-                    times[name].append(run(m, segments[name], xs, ys[name]))
+            for repeat in range(repeats):
+                order = list(modules) if repeat % 2 == 0 else list(modules)[::-1]  # ABBA: no build always first
+                for name in order:
+                    times[name].append(run(modules[name], segments[name], xs, ys[name]))
             cell = {name: statistics.median(t) * 1e3 for name, t in times.items()}
             results[f"{dtype} {case}"] = cell
             rows.append([str(dtype).removeprefix("torch."), case, len(groups), f"{cell['base']:.2f}",

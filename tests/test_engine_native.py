@@ -143,22 +143,27 @@ def test_segment_kernel_adds_each_parts_delta_into_its_columns(widths, ranks, dt
 
 # groups of neighbouring tokens, which the kernel adds run by run (up to 8 tokens a run, each group's factors read
 # once a run): runs of 1 to 11 tokens (11 = 8 + 3), a rank-0 group's run, base tokens between, and a decode step's
-# batch of one adapter
-RUN_CASES = [[0] * 11 + [1] * 3 + [-1] * 2 + [3] * 7 + [0] + [2] * 4 + [1] * 5 + [3] * 2 + [0] * 6,
-             [1] * 8, [3] * 4 + [0] * 4, [0, 0, -1, 0, 0, 1, 1, 3]]
+# batch of one adapter. Ranks 5, 3, 0, 9, 6, 8: every r % 4 and a multiple of 4 (each tail of the 4-row blocks).
+RUN_CASES = [[0] * 11 + [4] * 5 + [-1] * 2 + [3] * 7 + [0] + [2] * 4 + [1] * 3 + [5] * 2 + [0] * 6 + [5] * 8,
+             [1] * 8, [3] * 4 + [5] * 4, [0, 0, -1, 0, 0, 1, 1, 3]]
 
 
 @needs_native
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("groups", RUN_CASES, ids=["runs-1-to-11", "one-adapter", "two-runs", "split-runs"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_segment_kernel_adds_runs_of_one_group_as_the_reference(groups, dtype):
+def test_segment_kernel_adds_runs_of_one_group_as_the_reference(groups, dtype, threads):
     """Runs of neighbouring tokens of one group (a prefill's prompt, a decode batch of one adapter) equal the
-    reference token by token, in every part; widths, `in` and ranks not multiples of 8 or 4 (every tail)."""
-    in_f, widths, ranks = 37, [20, 13], [5, 3, 0, 9]
+    reference token by token, in every part; `in`, widths and ranks off multiples of 8 and 4 (every tail); y a
+    column slice of a wider output (the rows `ldy` apart), its other columns untouched; on 3 threads, runs cut
+    where the threads split the tokens."""
+    in_f, widths, ranks = 37, [20, 13, 7], [5, 3, 0, 9, 6, 8]
     gen = torch.Generator().manual_seed(len(groups))
     groups = torch.tensor(groups)
     x = torch.randn(len(groups), in_f, generator=gen)
-    y = torch.randn(len(groups), sum(widths), generator=gen)
+    wide = torch.randn(len(groups), sum(widths) + 9, generator=gen)
+    y = wide[:, 4: 4 + sum(widths)]
+    before = wide.clone()
     want, parts, column = y.double().clone(), [], 0
     for width in widths:
         factors = [Factors(torch.randn(r, in_f, generator=gen).to(dtype), torch.randn(width, r, generator=gen).to(dtype))
@@ -167,8 +172,14 @@ def test_segment_kernel_adds_runs_of_one_group_as_the_reference(groups, dtype):
                       torch.tensor([0] + ranks).cumsum(0), column))
         want[:, column: column + width] = reference(y[:, column: column + width], x, factors, groups)
         column += width
-    native.segment_lora_add_(y, x, native.segments(groups, parts))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        native.segment_lora_add_(y, x, native.segments(groups, parts))
+    finally:
+        torch.set_num_threads(saved)
     torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-4 * in_f ** 0.5)
+    assert torch.equal(wide[:, :4], before[:, :4]) and torch.equal(wide[:, 4 + sum(widths):], before[:, 4 + sum(widths):])
 
 
 @needs_native

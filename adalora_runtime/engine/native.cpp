@@ -15,6 +15,8 @@
 // with A, BT, offsets = A[p], BT[p], offsets[p], c = columns[p], out = BT[p].size(1), g = groups[i], r0 =
 // offsets[g], r1 = offsets[g + 1] (tokens with g < 0 add nothing). Every group's factors are stacked once
 // (A (R, in), BT (R, out)), so a token multiplies only its own ranks, with nothing padded and one call per input.
+// Neighbouring tokens of one group (a prefill's prompt; a decode batch of one adapter, where a thread holds several
+// of its tokens) run up to 8 at a time, each factor row read once for all of them.
 // A part's factors may be bfloat16 (half the bytes; widened exactly, float32 arithmetic). The two linear kernels
 // take the same Segments and add them to their output before returning: one call per projection of a decode step,
 // where a call's fixed cost (the dispatch and the checks, ~8 us) is as large as its adapters' work.
@@ -54,7 +56,8 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-constexpr int kRows = 8;  // rows of x per pass over a weight row: 8 accumulators, and each weight loaded once
+constexpr int kRows = 8;  // rows of x per pass over a weight row (8 accumulators, each weight loaded once); also the
+                          // longest run of one adapter's tokens that the segment kernel takes at once
 constexpr int64_t kPrefetch = 1024;  // floats (4 KiB) ahead of the weights being read, prefetched into L1
 
 // y[m * ldy] = the sum of acc[m]'s lanes + b, for each of the MT rows.
@@ -168,25 +171,39 @@ inline __m256 load8(const uint16_t* p) { return widen_bf16(p); }
 inline float value(float v) { return v; }
 inline float value(uint16_t h) { return bf16_value(h); }
 
-// Prefetches the 32 factors at p (one 64-byte line of bfloat16, two of float32) into L1: a block of rows four
-// rows on, read at the rate the four rows now in use are.
-inline void prefetch_ahead(const uint16_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
-inline void prefetch_ahead(const float* p) {
-  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(p + 16), _MM_HINT_T0);
+// The factor rows a single-token kernel reads after its own: `bytes` bytes from `at` (none: nullptr, 0).
+struct Next {
+  const char* at = nullptr;
+  int64_t bytes = 0;
+};
+
+// Prefetches into L1 the 32 factors (one 64-byte line of bfloat16, two of float32) at block + at, where the rows
+// four on from the four being read are, at the rate these are read; past the block's `end`, the same distance into
+// `next`, the rows the thread reads after these. A token's factors are short streams (a row of bfloat16 A is 1152
+// bytes on SmolLM2), which the hardware prefetcher barely starts on; no address outside the two is formed.
+template <class T>
+inline void prefetch_ahead(const T* block, int64_t at, int64_t end, Next next) {
+  constexpr int64_t line = 64 / sizeof(T);
+  for (int64_t o = at; o < at + 32; o += line) {
+    if (o < end)
+      _mm_prefetch(reinterpret_cast<const char*>(block + o), _MM_HINT_T0);
+    else if ((o - end) * static_cast<int64_t>(sizeof(T)) < next.bytes)
+      _mm_prefetch(next.at + (o - end) * static_cast<int64_t>(sizeof(T)), _MM_HINT_T0);
+  }
 }
 
 // h[j] = dot(x[0:K], A[j * K : + K]) for j < r: four rows of A at a time against one load of x (four independent
 // accumulators, so the sums do not wait on one FMA chain), then the last r % 4 rows one at a time.
 template <class T>
-inline void dot_rows(const float* __restrict x, const T* __restrict A, int64_t K, int64_t r, float* __restrict h) {
+inline void dot_rows(const float* __restrict x, const T* __restrict A, int64_t K, int64_t r, float* __restrict h,
+                     Next next) {
   int64_t j = 0;
   for (; j + 4 <= r; j += 4) {
     const T* a = A + j * K;
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
-      prefetch_ahead(a + 4 * K + 4 * k);  // the next four rows, as fast as these four are read
+      prefetch_ahead(a, 4 * K + 4 * k, (r - j) * K, next);
       const __m256 xv = _mm256_loadu_ps(x + k);
 #pragma GCC unroll 4
       for (int t = 0; t < 4; ++t) acc[t] = _mm256_fmadd_ps(xv, load8(a + t * K + k), acc[t]);
@@ -210,7 +227,8 @@ inline void dot_rows(const float* __restrict x, const T* __restrict A, int64_t K
 
 // y[0:n] += sum over j < r of h[j] * BT[j * n : + n], four rows of BT per pass over y.
 template <class T>
-inline void add_rows(float* __restrict y, const float* __restrict h, const T* __restrict BT, int64_t r, int64_t n) {
+inline void add_rows(float* __restrict y, const float* __restrict h, const T* __restrict BT, int64_t r, int64_t n,
+                     Next next) {
   int64_t j = 0;
   for (; j + 4 <= r; j += 4) {
     const T* b = BT + j * n;
@@ -218,7 +236,7 @@ inline void add_rows(float* __restrict y, const float* __restrict h, const T* __
     const __m256 h2 = _mm256_set1_ps(h[j + 2]), h3 = _mm256_set1_ps(h[j + 3]);
     int64_t c = 0;
     for (; c + 8 <= n; c += 8) {
-      prefetch_ahead(b + 4 * n + 4 * c);
+      prefetch_ahead(b, 4 * n + 4 * c, (r - j) * n, next);
       __m256 v = _mm256_fmadd_ps(h0, load8(b + c), _mm256_loadu_ps(y + c));
       v = _mm256_fmadd_ps(h1, load8(b + n + c), v);
       v = _mm256_fmadd_ps(h2, load8(b + 2 * n + c), v);
@@ -237,16 +255,20 @@ inline void add_rows(float* __restrict y, const float* __restrict h, const T* __
   }
 }
 
-// One part's delta for token row x into y: h = x @ A[r0:r0 + r].T, y += h @ BT[r0:r0 + r].
+// One part's delta for token row x into y: h = x @ A[r0:r0 + r].T, y += h @ BT[r0:r0 + r]; `next`: the A rows
+// the thread reads after these (prefetched as the BT rows end).
 template <class T>
 inline void segment_row(const float* x, const T* A, const T* BT, int64_t in, int64_t out, int64_t r0, int64_t r,
-                        float* h, float* y) {
-  dot_rows(x, A + r0 * in, in, r, h);
-  add_rows(y, h, BT + r0 * out, r, out);
+                        float* h, float* y, Next next) {
+  const T* bt = BT + r0 * out;
+  dot_rows(x, A + r0 * in, in, r, h, {reinterpret_cast<const char*>(bt), r * out * static_cast<int64_t>(sizeof(T))});
+  add_rows(y, h, bt, r, out, next);
 }
 
 // y[m * ldy : + n] += sum over j < r of h[m * r + j] * BT[j * n : + n] for the MT rows m: each four rows of BT
-// loaded once for all MT rows of y, in add_rows' order of sums (so a token's delta is the same whichever run it is in).
+// loaded once for all MT rows of y, summed over j in add_rows' order. (h itself comes from the tiles, whose sums run
+// in another order than dot_rows', so a token's delta can differ in its last bits with the length of its run, as a
+// linear kernel's rows do with M.)
 template <int MT, class T>
 inline void add_rows_to(float* __restrict y, int64_t ldy, const float* __restrict h, const T* __restrict BT,
                         int64_t r, int64_t n) {
@@ -389,31 +411,44 @@ struct Segments {
     }
   }
 
-  // One part's delta for a run of M (1 <= M <= kRows) tokens of one group.
+  // Group g's A rows of a part (Next's form: what a single-token kernel prefetches before it reads them).
+  Next a_rows(const Part& part, int64_t g) const {
+    const int64_t size = part.bf16 ? 2 : 4, r0 = part.off[g];
+    return {static_cast<const char*>(part.a) + r0 * in * size, (part.off[g + 1] - r0) * in * size};
+  }
+
+  // One part's delta for a run of M (1 <= M <= kRows) tokens of one group; `next`: the A rows read after it.
   template <class T>
   void add_run(int64_t M, const float* x, const T* A, const T* BT, int64_t out, int64_t r0, int64_t r, float* h,
-               float* y, int64_t ldy) const {
-    if (M == 1) return segment_row(x, A, BT, in, out, r0, r, h, y);
-    by_rows(M, [&]<int R>(int64_t) { segment_rows<R>(x, A, BT, in, out, r0, r, h, y, ldy); });
+               float* y, int64_t ldy, Next next) const {
+    if (M == 1) return segment_row(x, A, BT, in, out, r0, r, h, y, next);
+    by_rows(M, [&]<int R>(int64_t m) {
+      segment_rows<R>(x + m * in, A, BT, in, out, r0, r, h, y + m * ldy, ldy);
+    });
   }
 
   // y[i] += token i's delta for every part (after check(y, x)).
   void add(float* y, int64_t ldy, const float* x) const {
     // one token is enough work to split on (r * (in + out) FMAs over its own factors): a decode step's few tokens
     // run on every thread, each thread reading only its tokens' adapters, run by run (a run of one token takes the
-    // single-row kernels)
+    // single-row kernels; with as many threads as tokens, every run is one token)
     at::parallel_for(0, tokens, 1, [&](int64_t i0, int64_t i1) {
       std::vector<float> h(kRows * max_rank);
       runs(i0, i1, [&](int64_t i, int64_t e, int64_t g) {
-        for (const Part& part : parts) {
+        int64_t after = e;  // the thread's next adapted token: its first part's A rows follow this run's last part
+        while (after < i1 && groups[after] < 0) ++after;
+        for (size_t p = 0; p < parts.size(); ++p) {
+          const Part& part = parts[p];
           const int64_t r0 = part.off[g], r = part.off[g + 1] - r0;
+          const Next next = p + 1 < parts.size() ? a_rows(parts[p + 1], g)
+                                                 : after < i1 ? a_rows(parts[0], groups[after]) : Next{};
           float* yi = y + i * ldy + part.column;
           if (part.bf16)
             add_run(e - i, x + i * in, static_cast<const uint16_t*>(part.a), static_cast<const uint16_t*>(part.b),
-                    part.out, r0, r, h.data(), yi, ldy);
+                    part.out, r0, r, h.data(), yi, ldy, next);
           else
             add_run(e - i, x + i * in, static_cast<const float*>(part.a), static_cast<const float*>(part.b),
-                    part.out, r0, r, h.data(), yi, ldy);
+                    part.out, r0, r, h.data(), yi, ldy, next);
         }
       });
     });
