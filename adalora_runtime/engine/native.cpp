@@ -310,18 +310,23 @@ inline void add_rows_to(float* __restrict y, int64_t ldy, const float* __restric
   }
 }
 
-// One part's delta for MT token rows of one group (x's rows `in` apart, y's `ldy`): h (MT, r) = x @ A[r0:r0 + r].T
-// as the linear kernels' tiles (each row of A loaded once for all MT rows), then y += h @ BT[r0:r0 + r].
+// h[j * ldh] = dot(x[m], factor row j) for the MT rows m of x, one factor row of either dtype (the linear
+// kernels' tiles: each factor loaded once for all MT rows).
 template <int MT>
-inline void segment_rows(const float* x, const float* A, const float* BT, int64_t in, int64_t out, int64_t r0,
-                         int64_t r, float* h, float* y, int64_t ldy) {
-  for (int64_t j = 0; j < r; ++j) tile<MT>(x, A + (r0 + j) * in, in, h + j, r, nullptr);
-  add_rows_to<MT>(y, ldy, h, BT + r0 * out, r, out);
+inline void factor_tile(const float* x, const float* a, int64_t K, float* h, int64_t ldh) {
+  tile<MT>(x, a, K, h, ldh, nullptr);
 }
 template <int MT>
-inline void segment_rows(const float* x, const uint16_t* A, const uint16_t* BT, int64_t in, int64_t out, int64_t r0,
-                         int64_t r, float* h, float* y, int64_t ldy) {
-  for (int64_t j = 0; j < r; ++j) tile_bf16<MT>(x, A + (r0 + j) * in, in, h + j, r, nullptr);
+inline void factor_tile(const float* x, const uint16_t* a, int64_t K, float* h, int64_t ldh) {
+  tile_bf16<MT>(x, a, K, h, ldh, nullptr);
+}
+
+// One part's delta for MT token rows of one group (x's rows `in` apart, y's `ldy`): h (MT, r) = x @ A[r0:r0 + r].T,
+// each row of A loaded once for all MT rows, then y += h @ BT[r0:r0 + r].
+template <int MT, class T>
+inline void segment_rows(const float* x, const T* A, const T* BT, int64_t in, int64_t out, int64_t r0, int64_t r,
+                         float* h, float* y, int64_t ldy) {
+  for (int64_t j = 0; j < r; ++j) factor_tile<MT>(x, A + (r0 + j) * in, in, h + j, r);
   add_rows_to<MT>(y, ldy, h, BT + r0 * out, r, out);
 }
 
